@@ -1,0 +1,1 @@
+"""mailgate: Odoo's mail rules for an on-premise Postfix."""

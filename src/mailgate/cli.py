@@ -1,0 +1,140 @@
+"""The `mailgate` command line: serving, checking, explaining.
+
+Every subcommand takes `--config FILE` (before or after its name); then `MAILGATE_CONFIG`, then
+/etc/mailgate/mailgate.yaml. JSON goes to stdout as one object; diagnostics go to stderr.
+Configuration errors are printed as `file:line: key: message`, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mailgate.config import DEFAULT_CONFIG_PATH, Config
+from mailgate.configfile import ConfigError, LoadedConfig, load_config
+from mailgate.logfmt import setup_logging
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78  # 78: EX_CONFIG
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "config", None) or os.environ.get("MAILGATE_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def _load(args: argparse.Namespace, *, check_files: bool = True) -> LoadedConfig:
+    loaded = load_config(config_path(args), check_files=check_files)
+    for warning in loaded.warnings:
+        print(warning, file=sys.stderr)
+    return loaded
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    config = loaded.config
+    print(f"{config_path(args)}: OK ({len(config.servers)} server(s), {len(config.aliases)} alias(es))",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # Before any import that may start threads (sqlite-utils pulls in numpy, whose OpenBLAS
+    # starts threads at import): threads inherit the mask, so the stop signals can only reach
+    # libmilter's signal thread, and SIGTERM stops the gateway cleanly instead of killing it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    from mailgate.runtime import Runtime
+    from mailgate.serve import serve
+    config = _load(args).config
+    setup_logging()
+    return serve(Runtime.from_config(config))
+
+
+def cmd_postfix_config(args: argparse.Namespace) -> int:
+    from mailgate.postfixconf import render
+    sys.stdout.write(render(_load(args, check_files=False).config, args.part))
+    return EXIT_OK
+
+
+def cmd_explain_outbound(args: argparse.Namespace) -> int:
+    from mailgate.outbound import OutboundRequest, decide_outbound
+    config: Config = _load(args, check_files=False).config
+    decision = decide_outbound(config, OutboundRequest(args.header_from, args.sender, args.mass))
+    result = {
+        "server": decision.server_name,
+        "header_from": decision.header_from,
+        "envelope_from": decision.envelope_from,
+        "reasons": list(decision.reasons),
+    }
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(f"server:        {result['server'] or '(Postfix default route)'}")
+        print(f"header From:   {result['header_from']}{'  (rewritten)' if decision.rewritten else ''}")
+        print(f"envelope from: {result['envelope_from']}")
+        for reason in result["reasons"]:
+            print(f"  - {reason}")
+        if decision.warning:
+            print(f"warning: {decision.warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mailgate.demo import run_demo
+    return run_demo(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="configuration file (default: $MAILGATE_CONFIG, then /etc/mailgate/mailgate.yaml)")
+    parser = argparse.ArgumentParser(prog="mailgate", parents=[common],
+                                     description="Odoo's mail rules for an on-premise Postfix.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    commands.add_parser("demo", parents=[common], help="a private Postfix wired to mailgate, with example mail"
+                        ).add_argument("--keep", action="store_true", help="keep the demo's directory")
+    commands.add_parser("serve", parents=[common], help="run the milter and lookup listeners")
+    commands.add_parser("check-config", parents=[common], help="validate the configuration")
+    postfix = commands.add_parser("postfix-config", parents=[common], help="print main.cf/master.cf settings")
+    postfix.add_argument("--part", choices=("main", "master"))
+
+    explain = commands.add_parser("explain", parents=[common], help="show a decision without sending")
+    explain_kinds = explain.add_subparsers(dest="kind", metavar="KIND")
+    explain_kinds.required = True
+    outbound = explain_kinds.add_parser("outbound", parents=[common], help="the outbound decision")
+    outbound.add_argument("--from", dest="header_from", required=True, help="the header From")
+    outbound.add_argument("--sender", help="the envelope sender the client used")
+    outbound.add_argument("--mass", action="store_true", help="treat as mass mail")
+    outbound.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    return parser
+
+
+HANDLERS = {
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+    "check-config": cmd_check_config,
+    "postfix-config": cmd_postfix_config,
+    ("explain", "outbound"): cmd_explain_outbound,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = HANDLERS.get((args.command, getattr(args, "kind", None))) or HANDLERS[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Typed, immutable configuration objects.
+
+Every option of the YAML file has one field here with its default, so the rules never see a raw
+dict and never guess a default of their own. Loading and validation live in `configfile`; this
+module only says what a valid configuration looks like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailgate.filters import FromFilter
+
+DEFAULT_CONFIG_PATH = Path("/etc/mailgate/mailgate.yaml")
+
+SECURITY_MODES = ("none", "starttls", "tls")
+SERVER_SELECTIONS = ("odoo", "documented")
+LOOP_ACTIONS = ("reject", "defer", "hold")
+DIRECT_WRITE_ACTIONS = ("pass", "reject")
+QUOTA_SCOPES = ("gateway", "sender_domain", "sasl_user")
+
+
+@dataclass(frozen=True)
+class Server:
+    """One upstream relay, Odoo's `ir.mail_server`."""
+
+    name: str
+    host: str
+    port: int = 587
+    security: str = "starttls"
+    username: str | None = None
+    password_file: Path | None = None
+    from_filter: FromFilter = field(default_factory=FromFilter.empty)
+    priority: int = 10
+    active: bool = True
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
+    position: int = 0  # order in the file: breaks priority ties as Odoo's record order does
+
+    @property
+    def transport_name(self) -> str:
+        """The master.cf service that delivers through this server."""
+        return f"mg-{self.name}"
+
+    @property
+    def nexthop(self) -> str:
+        """Brackets: a relay is reached at its own address, never through its MX records."""
+        return f"[{self.host}]:{self.port}"
+
+    @property
+    def transport(self) -> str:
+        return f"{self.transport_name}:{self.nexthop}"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A business alias (`sales@`, `support@`): Odoo's `mail.alias`."""
+
+    name: str
+    target: str
+    domain: str
+    incoming_local: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.name}@{self.domain}"
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    minutes: int = 120
+    threshold: int = 20
+    action: str = "reject"
+    allowed_senders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BounceSettings:
+    blacklist_after: int = 5
+    window_days: int = 91
+    min_spread_days: int = 7
+    count_soft: bool = False
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    daily: int | None = 200
+    scope: str = "sender_domain"
+
+
+@dataclass(frozen=True)
+class MassMailSettings:
+    """The signs that make a message mass mail, and the server dedicated to it."""
+
+    server: str | None = None
+    listeners: tuple[str, ...] = ()
+    sasl_users: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str | None], ...] = (("precedence", "bulk"),)
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    milter: str = "unix:/run/mailgate/milter.sock"
+    lookup: str = "unix:/run/mailgate/lookup.sock"
+    policy: str = "unix:/run/mailgate/policy.sock"
+    socket_group: str | None = "postfix"
+
+
+@dataclass(frozen=True)
+class OdooSettings:
+    url: str = "http://127.0.0.1:8069"
+    database: str = "odoo"
+    user: str = "admin"
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    alias_domain: str | None = None
+    default_from: str | None = "notifications"
+    default_from_filter: FromFilter = field(default_factory=FromFilter.empty)
+    catchall_alias: str = "catchall"
+    bounce_alias: str = "bounce"
+    allowed_alias_domains: tuple[str, ...] = ()
+    aliases: tuple[Alias, ...] = ()
+    catchall_direct_write: str = "pass"
+    fallback_target: str | None = None
+    loop: LoopSettings = field(default_factory=LoopSettings)
+    bounces: BounceSettings = field(default_factory=BounceSettings)
+    quota: QuotaSettings = field(default_factory=QuotaSettings)
+    servers: tuple[Server, ...] = ()
+    mass_mail: MassMailSettings = field(default_factory=MassMailSettings)
+    inbound_listeners: tuple[str, ...] = ("INBOUND",)
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    odoo: OdooSettings = field(default_factory=OdooSettings)
+    server_selection: str = "odoo"
+    dry_run: bool = False
+    database: str = "/var/lib/mailgate/mailgate.sqlite3"
+    secret_file: Path = Path("/etc/mailgate/secret")
+    source: Path | None = None
+
+    @property
+    def active_servers(self) -> tuple[Server, ...]:
+        """Candidates in Odoo's order: ascending priority, ties in file order."""
+        return tuple(sorted((s for s in self.servers if s.active),
+                            key=lambda s: (s.priority, s.position)))
+
+    def server_named(self, name: str | None) -> Server | None:
+        for server in self.servers:
+            if server.name == name:
+                return server
+        return None
+
+    @property
+    def mass_server(self) -> Server | None:
+        """The dedicated mass-mail server, when one is configured and active."""
+        server = self.server_named(self.mass_mail.server)
+        return server if server is not None and server.active else None
+
+    @property
+    def alias_domains(self) -> tuple[str, ...]:
+        """Every domain that holds our aliases: the alias domain first, then the aliases' own."""
+        domains: list[str] = []
+        for domain in [self.alias_domain, *(a.domain for a in self.aliases)]:
+            if domain and domain not in domains:
+                domains.append(domain)
+        return tuple(domains)

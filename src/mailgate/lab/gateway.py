@@ -1,0 +1,182 @@
+"""A whole gateway on loopback: private Postfix + `mailgate serve` + sinks as upstream servers.
+
+Postfix is wired with what `mailgate postfix-config` prints (main.cf settings and the per-server
+transports), so the demo and the end-to-end tests exercise the operator's wiring, not a copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailgate.configfile import load_config
+from mailgate.lab.certs import make_ca_and_cert
+from mailgate.lab.postfix import PrivatePostfix
+from mailgate.lab.sinks import Sink
+from mailgate.postfixconf import SUBMISSION_LISTENER, main_settings, transport_service
+from mailgate.sockets import parse_socket_spec, socket_is_listening
+
+SASL_USER, SASL_PASSWORD = "odoo@mycompany.com", "relay-password"
+
+
+@dataclass
+class Submitted:
+    queue_id: str
+    reply: str
+
+
+class LabGateway:
+    """Three upstream sinks, like a typical Odoo set-up:
+
+    - `transactional`: STARTTLS + AUTH, may send for mycompany.com (priority 10)
+    - `partner`: plain SMTP, may send only for partner.example (priority 5)
+    - `mass`: TLS on connect, no filter (priority 20), the mass server
+    Postfix listens on `submission` (ORIGINATING, the outbound role) and `mass` (mass listener).
+    """
+
+    def __init__(self, base: Path, extra_config: str = ""):
+        self.base = Path(base)
+        self.extra_config = extra_config
+        self.sinks: dict[str, Sink] = {}
+        self.pf: PrivatePostfix | None = None
+        self.process: subprocess.Popen | None = None
+        self.config_path = self.base / "mailgate.yaml"
+        self.log_path = self.base / "mailgate.log"
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def start(self) -> "LabGateway":
+        certs = make_ca_and_cert(self.base / "tls")
+        cert = (certs.cert, certs.key)
+        self.sinks = {
+            "transactional": Sink(security="starttls", cert=cert, auth=(SASL_USER, SASL_PASSWORD),
+                                  name="transactional"),
+            "partner": Sink(name="partner", reject={"gone@customer.example": "550 5.1.1 no such user"}),
+            "mass": Sink(security="tls", cert=cert, name="mass"),
+            "default": Sink(name="default"),
+        }
+        for sink in self.sinks.values():
+            sink.start()
+        self._write_config(certs.ca_cert)
+        config = load_config(self.config_path).config
+        self.start_mailgate()
+        main_cf = dict(main_settings(config))
+        main_cf["relayhost"] = f"[127.0.0.1]:{self.sinks['default'].port}"
+        self.pf = PrivatePostfix(self.base / "pf", listeners={
+            "submission": {"milter_macro_daemon_name": SUBMISSION_LISTENER},
+            "mass": {"milter_macro_daemon_name": "mass"},
+        }, main_cf=main_cf)
+        for server in config.servers:
+            self.pf.add_master_service("\n".join(transport_service(config, server)) + "\n")
+        self.pf.start()
+        return self
+
+    def _write_config(self, ca_file: Path) -> None:
+        secrets = self.base / "secrets"
+        secrets.mkdir(exist_ok=True)
+        password = secrets / "transactional"
+        password.write_text(SASL_PASSWORD + "\n")
+        password.chmod(0o600)
+        s = self.sinks
+        self.config_path.write_text(textwrap.dedent(f"""\
+            alias_domain: mycompany.com
+            default_from: notifications
+            servers:
+              - {{name: transactional, host: localhost, port: {s['transactional'].port}, security: starttls,
+                  username: "{SASL_USER}", password_file: secrets/transactional, tls_ca_file: {ca_file},
+                  from_filter: mycompany.com, priority: 10}}
+              - {{name: partner, host: 127.0.0.1, port: {s['partner'].port}, security: none,
+                  from_filter: partner.example, priority: 5}}
+              - {{name: mass, host: localhost, port: {s['mass'].port}, security: tls, tls_ca_file: {ca_file},
+                  from_filter: null, priority: 20}}
+            mass_mail: {{server: mass, listeners: [mass]}}
+            listen:
+              milter: unix:{self.base}/milter.sock
+              lookup: unix:{self.base}/lookup.sock
+              policy: unix:{self.base}/policy.sock
+            database: state/mailgate.sqlite3
+            secret_file: secret
+            """) + self.extra_config)
+
+    def start_mailgate(self) -> None:
+        """Start `mailgate serve` and wait until both sockets accept connections."""
+        config = load_config(self.config_path).config
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mailgate", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        specs = [parse_socket_spec(config.listen.milter), parse_socket_spec(config.listen.lookup)]
+        deadline = time.monotonic() + 20
+        while not all(socket_is_listening(spec) for spec in specs):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mailgate serve did not start:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop_mailgate(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(10)
+        self.process = None
+        return code
+
+    def stop(self) -> None:
+        if self.pf is not None:
+            self.pf.stop()
+        self.stop_mailgate()
+        for sink in self.sinks.values():
+            sink.stop()
+
+    def __enter__(self) -> "LabGateway":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- use ----------------------------------------------------------------------------------
+
+    def submit(self, message: bytes, sender: str, recipients: list[str], listener: str = "submission") -> Submitted:
+        """SMTP to a listener; returns the queue id, or raises SMTPResponseException on refusal."""
+        assert self.pf is not None
+        with smtplib.SMTP("127.0.0.1", self.pf.port(listener), timeout=30) as client:
+            client.ehlo("lab.client")
+            code, reply = client.mail(sender)
+            if code != 250:
+                raise smtplib.SMTPResponseException(code, reply)
+            for rcpt in recipients:
+                code, reply = client.rcpt(rcpt)
+                if code not in (250, 251):
+                    raise smtplib.SMTPResponseException(code, reply)
+            code, reply = client.data(message)
+        if code != 250:
+            raise smtplib.SMTPResponseException(code, reply)
+        found = re.search(rb"queued as (\w+)", reply)
+        return Submitted(found.group(1).decode() if found else "", reply.decode(errors="replace"))
+
+    def delivery(self, queue_id: str, recipient: str, timeout: float = 30) -> tuple[str, int]:
+        """(sink name, message index) once Postfix logged the delivery of queue_id to recipient."""
+        assert self.pf is not None
+        found = self.pf.wait_for_log(
+            rf"{queue_id}: to=<{re.escape(recipient)}>, relay=\S+?:(\d+),.*status=sent \(250 saved (\d+)\)", timeout)
+        port, index = int(found.group(1)), int(found.group(2))
+        for name, sink in self.sinks.items():
+            if sink.port == port:
+                return name, index
+        raise LookupError(f"no sink on port {port}")
+
+    def mailgate_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

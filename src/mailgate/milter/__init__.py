@@ -1,0 +1,1 @@
+"""The milter adapter (outbound and inbound roles), built on pymilter."""

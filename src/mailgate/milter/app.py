@@ -1,0 +1,183 @@
+"""The pymilter adapter: protocol in, role decision, milter actions out.
+
+Only the callbacks a rule needs are negotiated, and they answer nothing (`@noreply`) until end
+of message: every round trip Postfix waits for is time taken from its throughput. Any exception
+answers TEMPFAIL with a logged queue id, so Postfix keeps the message and the client retries.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+from typing import Callable
+
+import Milter
+
+from mailgate.logfmt import kv_line
+from mailgate.milter.facts import MessageFacts
+from mailgate.milter.outbound import process_outbound
+from mailgate.replies import SMTP
+from mailgate.runtime import Runtime
+
+# Headers a rule reads; the rest are never kept.
+READ_HEADERS = {"from", "sender", "reply-to", "message-id", "precedence", "list-unsubscribe",
+                "x-mailgate-stream", "to", "cc", "delivered-to", "resent-to", "resent-cc",
+                "references", "in-reply-to", "content-type"}
+
+ACTION_FLAGS = Milter.CHGFROM | Milter.CHGHDRS | Milter.ADDHDRS | Milter.DELRCPT | Milter.QUARANTINE
+
+
+def _strip_brackets(address: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return address
+
+
+class GatewayMilter(Milter.Base):
+    """One instance per SMTP connection (libmilter threads call it one at a time)."""
+
+    runtime: Runtime  # set on the class by `serve_milter`
+
+    def __init__(self) -> None:
+        self.listener: str | None = None
+        self.facts = MessageFacts()
+
+    @Milter.noreply
+    def connect(self, hostname: str, family: int, hostaddr: object) -> int:
+        self.listener = self.getsymval("{daemon_name}")
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envfrom(self, sender: str, *params: str) -> int:
+        self.facts = MessageFacts(listener=self.listener, sasl_user=self.getsymval("{auth_authen}") or None,
+                                  envelope_sender=_strip_brackets(sender))
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envrcpt(self, recipient: str, *params: str) -> int:
+        self.facts.recipients.append(_strip_brackets(recipient))
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def header(self, name: str, value: str) -> int:
+        if name.lower() in READ_HEADERS:
+            self.facts.headers.append((name, value))
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def eoh(self) -> int:
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def body(self, chunk: bytes) -> int:
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def hello(self, hostname: str) -> int:
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def unknown(self, command: str) -> int:
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def data(self) -> int:
+        return Milter.CONTINUE
+
+    def eom(self) -> int:
+        runtime = self.runtime
+        queue_id = self.getsymval("i") or "NOQUEUE"
+        try:
+            if self.facts.listener in runtime.config.inbound_listeners:
+                runtime.logger.info(kv_line(queue_id, role="inbound", action="pass", listener=self.facts.listener))
+                return Milter.CONTINUE
+            effects = process_outbound(runtime, self.facts, queue_id)
+            runtime.logger.info(effects.log_line)
+            if effects.decision.warning:
+                runtime.logger.warning(kv_line(queue_id, role="outbound", warning=effects.decision.warning))
+            if runtime.config.dry_run:
+                return Milter.CONTINUE
+            if effects.new_header_from is not None:
+                self.chgheader("From", 1, effects.new_header_from)
+            for index in range(effects.drop_stream_headers, 0, -1):
+                self.chgheader("X-Mailgate-Stream", index, "")
+            if effects.new_envelope is not None:
+                self.chgfrom(f"<{effects.new_envelope}>")
+            return Milter.CONTINUE
+        except Exception as exc:  # any failure must keep the mail with Postfix, never lose it
+            runtime.logger.error(kv_line(queue_id, role="error", error=type(exc).__name__, detail=str(exc)))
+            runtime.logger.debug("traceback", exc_info=True)
+            reply = SMTP["internal_error"]
+            self.setreply(reply.code, reply.status, reply.text)
+            return Milter.TEMPFAIL
+
+    def abort(self) -> int:
+        self.facts = MessageFacts(listener=self.listener)
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        return Milter.CONTINUE
+
+
+def serve_milter(runtime: Runtime, spec: str, *, group: str | None, timeout: int = 600,
+                 on_ready: Callable[[], None] | None = None) -> None:
+    """Run the milter until libmilter stops (SIGTERM/SIGINT): blocks the calling (main) thread.
+
+    This follows pymilter's own `runmilter`, with one addition: between opening the socket and
+    serving, the socket file is made 0660 and given the Postfix group, so that Postfix (and
+    nobody else) can connect.
+    """
+    GatewayMilter.runtime = runtime
+    Milter.factory = GatewayMilter
+    Milter.set_flags(ACTION_FLAGS)
+    milter = Milter.milter
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(Milter.close_callback)
+    milter.setconn(spec)
+    milter.settimeout(timeout)
+    milter.register("mailgate", data=lambda ctx: ctx.getpriv().data(),
+                    unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+                    negotiate=Milter.negotiate_callback)
+    old_umask = os.umask(0o007)
+    try:
+        milter.opensocket(True)
+    finally:
+        os.umask(old_umask)
+    _secure_socket(spec, group)
+    if on_ready:
+        on_ready()
+    logging.getLogger("mailgate").info(kv_line(None, event="listening", service="milter", socket=spec))
+    try:
+        milter.main()
+    finally:
+        path = _socket_path(spec)
+        if path and os.path.exists(path):
+            os.unlink(path)
+
+
+def _socket_path(spec: str) -> str | None:
+    if spec.startswith(("unix:", "local:")):
+        return spec.split(":", 1)[1]
+    return spec if spec.startswith("/") else None
+
+
+def _secure_socket(spec: str, group: str | None) -> None:
+    path = _socket_path(spec)
+    if not path:
+        return
+    os.chmod(path, 0o660)
+    if group:
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except KeyError:
+            pass

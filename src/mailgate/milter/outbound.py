@@ -1,0 +1,58 @@
+"""The outbound role: from gathered facts to the changes the milter applies.
+
+The decision itself is `mailgate.outbound.decide_outbound`; this module adds what needs the
+runtime (the message row, the signed token) and says which milter actions follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailgate.addresses import domain_of, parse_mailboxes, to_wire
+from mailgate.logfmt import kv_line
+from mailgate.milter.facts import MessageFacts
+from mailgate.outbound import OutboundDecision, OutboundRequest, decide_outbound, is_mass_mail
+from mailgate.runtime import Runtime
+from mailgate.store import OutboundRecord
+
+STREAM_HEADER = "X-Mailgate-Stream"
+
+
+@dataclass(frozen=True)
+class OutboundEffects:
+    decision: OutboundDecision
+    new_header_from: str | None      # chgheader From, 1
+    new_envelope: str | None         # chgfrom
+    drop_stream_headers: int         # internal header removed before the message leaves
+    row_id: int
+    log_line: str
+
+
+def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> OutboundEffects:
+    config = runtime.config
+    mass = is_mass_mail(config, facts.listener, facts.sasl_user, facts.headers)
+    decision = decide_outbound(config, OutboundRequest(facts.first_header("From"), facts.envelope_sender, mass))
+    now = runtime.clock()
+    row_id = runtime.store.record_outbound(OutboundRecord(
+        queue_id=queue_id, message_id=facts.first_header("Message-ID"),
+        envelope_from_original=facts.envelope_sender, envelope_from=decision.envelope_from,
+        header_from_before=decision.original_from, header_from_after=decision.header_from,
+        server=decision.server_name, mass=mass, listener=facts.listener, sasl_user=facts.sasl_user,
+        created_at=now))
+    if decision.envelope_is_bounce:
+        token = runtime.signer.make(row_id, decision.server_name, now)
+        wire = to_wire(f"{config.bounce_alias}+{token}@{domain_of(decision.envelope_from)}")
+    else:
+        wire = to_wire(decision.envelope_from)
+    new_envelope = wire if wire and wire != facts.envelope_sender else None
+    line = kv_line(queue_id, role="outbound", **{"from": facts.envelope_sender or None},
+                   header_from=_address_of(decision.header_from), rewritten=decision.rewritten,
+                   envelope=wire or None, server=decision.server_name, reason=decision.step, mass=mass,
+                   listener=facts.listener, row=row_id, dry_run=config.dry_run)
+    return OutboundEffects(decision, decision.header_from if decision.rewritten else None, new_envelope,
+                           len(facts.header_values(STREAM_HEADER)), row_id, line)
+
+
+def _address_of(header: str | None) -> str | None:
+    boxes = parse_mailboxes(header)
+    return ", ".join(b.address for b in boxes) if boxes else header

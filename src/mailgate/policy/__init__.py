@@ -1,0 +1,1 @@
+"""The socketmap lookup service and the SMTP access policy service."""

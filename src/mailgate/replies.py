@@ -1,0 +1,34 @@
+"""Every answer mailgate gives Postfix, in one table.
+
+SMTP replies (milter), lookup answers (socketmap) and policy actions are data here, so that an
+operator can read in one place what a client or Postfix will be told, and tests can refer to
+the same entries instead of repeating literals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SmtpReply:
+    code: str      # "451"
+    status: str    # enhanced status code, "4.3.0"
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+
+SMTP = {
+    # mailgate itself failed: the client must retry, nothing is accepted and lost.
+    "internal_error": SmtpReply("451", "4.3.0", "mailgate: temporary internal error, try again later"),
+    "store_unavailable": SmtpReply("451", "4.3.0", "mailgate: message store unavailable, try again later"),
+}
+
+# Socketmap answers that are not a route (the route itself is the transport string).
+LOOKUP = {
+    "internal_error": "internal error",
+    "unknown_map": "unknown map name",
+    "no_password": "no password configured",
+}

@@ -1,0 +1,104 @@
+"""Signed bounce tokens: `bounce+TOKEN@alias-domain` names the message row and its server.
+
+The lookup service routes on the token alone, without a database read, and the bounce path
+trusts only tokens it signed itself. The token is lower-case base32 so that it survives remote
+servers that fold the case of local parts, and short enough (32 characters) to keep the local
+part far below the 64-character limit. Twenty bytes make exactly 32 base32 characters, so no
+character carries unused bits and every change to a token is caught by the MAC.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+_VERSION = 1
+_EPOCH = 1_577_836_800  # 2020-01-01: issue days fit two bytes for 179 years
+_LAYOUT = struct.Struct(">B5sHI")  # version, row id (40 bits), issue day, server tag
+_ROW_BYTES = 5
+_MAC_BYTES = 8
+
+
+@dataclass(frozen=True)
+class BounceToken:
+    row_id: int
+    server_tag: int
+    issued_day: int
+
+    def issued_at(self) -> float:
+        return _EPOCH + self.issued_day * 86400
+
+
+def server_tag(name: str | None) -> int:
+    """A 32-bit tag for a server name (0: no server, Postfix's default route)."""
+    if not name:
+        return 0
+    return int.from_bytes(hashlib.blake2s(name.encode("utf-8"), digest_size=4).digest(), "big") or 1
+
+
+class TokenSigner:
+    def __init__(self, secret: bytes):
+        if len(secret) < 16:
+            raise ValueError("the bounce-token secret must hold at least 16 bytes")
+        self._secret = secret
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+
+    def make(self, row_id: int, server_name: str | None, now: float) -> str:
+        day = max(0, int((now - _EPOCH) // 86400)) & 0xFFFF
+        payload = _LAYOUT.pack(_VERSION, row_id.to_bytes(_ROW_BYTES, "big"), day, server_tag(server_name))
+        raw = payload + self._mac(payload)
+        return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+
+    def verify(self, token: str) -> BounceToken | None:
+        """The token's content when we signed it, else None (forged, truncated, foreign)."""
+        if not token or len(token) > 64 or not token.isascii():
+            return None
+        padded = token.upper() + "=" * (-len(token) % 8)
+        try:
+            raw = base64.b32decode(padded)
+        except (ValueError, TypeError):
+            return None
+        if len(raw) != _LAYOUT.size + _MAC_BYTES:
+            return None
+        payload, mac = raw[:_LAYOUT.size], raw[_LAYOUT.size:]
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            return None
+        version, row, day, tag = _LAYOUT.unpack(payload)
+        if version != _VERSION:
+            return None
+        return BounceToken(int.from_bytes(row, "big"), tag, day)
+
+
+def split_tokenised(address: str, bounce_alias: str) -> tuple[str, str] | None:
+    """(token, domain) when the address is `<bounce_alias>+<token>@<domain>`, else None."""
+    local, at, domain = address.rpartition("@")
+    alias, plus, token = local.partition("+")
+    if not (at and plus and token) or alias.lower() != bounce_alias.lower():
+        return None
+    return token, domain
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """Read the HMAC key; create it (0600, 32 random bytes) when missing; refuse it world-readable."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+    if path.stat().st_mode & stat.S_IROTH:
+        raise PermissionError(f"{path} is readable by everybody: chmod 0600 it")
+    secret = path.read_bytes().strip()
+    if len(secret) < 16:
+        raise ValueError(f"{path} holds fewer than 16 bytes: remove it and a new secret is made")
+    return secret

@@ -1,0 +1,50 @@
+"""`mailgate explain outbound`: the JSON shape of design.md and the human-readable form."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CONFIG = """
+alias_domain: mycompany.com
+servers:
+  - {name: transactional, host: smtp.example.net, from_filter: mycompany.com, priority: 10}
+  - {name: mass, host: mass.example.net, port: 465, priority: 20}
+mass_mail: {server: mass}
+"""
+
+
+def explain(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "m.yaml"
+    path.write_text(CONFIG)
+    return subprocess.run([sys.executable, "-m", "mailgate", "explain", "outbound", "--config", str(path), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--from", '"Admin" <admin@example.com>'],
+     {"server": "transactional", "header_from": '"Admin" <notifications@mycompany.com>',
+      "envelope_from": "bounce@mycompany.com"}),
+    (["--from", "jane@mycompany.com", "--sender", "bounce+7-mail@mycompany.com"],
+     {"server": "transactional", "header_from": "jane@mycompany.com",
+      "envelope_from": "bounce+7-mail@mycompany.com"}),
+    (["--from", "News <news@brand.example>", "--mass"],
+     {"server": "mass", "header_from": "News <news@brand.example>", "envelope_from": "bounce@mycompany.com"}),
+])
+def test_json(tmp_path, args, expected):
+    result = explain(tmp_path, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == {"server", "header_from", "envelope_from", "reasons"}
+    assert {k: data[k] for k in expected} == expected
+    assert data["reasons"] and all(isinstance(r, str) for r in data["reasons"])
+
+
+def test_human_readable(tmp_path):
+    result = explain(tmp_path, "--from", '"Admin" <admin@example.com>')
+    assert result.returncode == 0
+    assert "server:        transactional" in result.stdout and "(rewritten)" in result.stdout
+    assert "notification address" in result.stdout

@@ -1,0 +1,204 @@
+"""Configuration loading: defaults, and one clear `file:line: key: message` per problem."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from mailgate.config import Config
+from mailgate.configfile import ConfigError, load_config, parse_config
+
+
+def write(tmp_path: Path, text: str, name: str = "mailgate.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    return [str(p) for p in caught.value.problems]
+
+
+def secret(tmp_path: Path, name: str = "pw", mode: int = 0o600) -> Path:
+    path = tmp_path / name
+    path.write_text("s3cret\n")
+    path.chmod(mode)
+    return path
+
+
+def test_empty_file_gives_every_default(tmp_path):
+    loaded = load_config(write(tmp_path, ""))
+    config = loaded.config
+    assert config.loop.minutes == 120 and config.loop.threshold == 20 and config.loop.action == "reject"
+    assert config.quota.daily == 200 and config.bounces.blacklist_after == 5 and config.bounces.window_days == 91
+    assert config.default_from == "notifications" and config.bounce_alias == "bounce"
+    assert config.server_selection == "odoo" and not config.dry_run and config.servers == ()
+    assert config.listen.milter == "unix:/run/mailgate/milter.sock"
+    assert loaded.warnings == ()
+
+
+def test_shipped_example_is_valid(tmp_path):
+    text = resources.files("mailgate").joinpath("data/mailgate.example.yaml").read_text()
+    config = parse_config(text, "example.yaml", check_files=False).config
+    assert [s.name for s in config.servers] == ["transactional", "mass"]
+    assert config.mass_server.name == "mass" and config.servers[1].security == "tls"
+    assert [a.address for a in config.aliases] == ["sales@mycompany.com", "support@mycompany.com"]
+
+
+def test_typed_and_immutable(tmp_path):
+    config = load_config(write(tmp_path, f"""
+        alias_domain: MyCompany.com
+        servers:
+          - {{name: a, host: h.example.net, port: 465, username: u, password_file: {secret(tmp_path)},
+              from_filter: "mycompany.com, ceo@other.example"}}
+        """)).config
+    server = config.servers[0]
+    assert isinstance(config, Config) and config.alias_domain == "mycompany.com"
+    assert server.security == "tls" and server.port == 465
+    assert server.from_filter.domains == ("mycompany.com",) and server.from_filter.addresses == ("ceo@other.example",)
+    with pytest.raises(AttributeError):
+        config.alias_domain = "x"  # type: ignore[misc]
+
+
+def test_relative_paths_follow_the_file(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    secret(tmp_path / "secrets", "t")
+    config = load_config(write(tmp_path, """
+        database: state/db.sqlite3
+        servers: [{name: a, host: h.example.net, username: u, password_file: secrets/t}]
+        """)).config
+    assert config.servers[0].password_file == tmp_path / "secrets" / "t"
+    assert config.database == str(tmp_path / "state" / "db.sqlite3")
+
+
+def test_unknown_key_did_you_mean(tmp_path):
+    found = problems(tmp_path, """
+        alias_domain: mycompany.com
+        defualt_from: notifications
+        loop: {minutes: 10, treshold: 3}
+        """)
+    path = tmp_path / "mailgate.yaml"
+    assert f"{path}:2: defualt_from: unknown key; did you mean 'default_from'?" in found
+    assert f"{path}:3: loop.treshold: unknown key; did you mean 'threshold'?" in found
+
+
+@pytest.mark.parametrize("text, line, key, words", [
+    ("loop: {minutes: ten}", 1, "loop.minutes", "expected a whole number, got 'ten'"),
+    ("dry_run: maybe", 1, "dry_run", "expected true or false"),
+    ("server_selection: random", 1, "server_selection", "expected one of odoo, documented"),
+    ("alias_domain: not_a_domain", 1, "alias_domain", "expected a domain name"),
+    ("default_from: 'bad address@'", 1, "default_from", "expected"),
+    ("loop:\n  allowed_senders: [ok@example.com, nope]", 2, "loop.allowed_senders", "expected an email address"),
+    ("servers:\n  - name: a\n    host: h\n    port: 70000", 4, "servers[0](a).port",
+     "expected a number from 1 to 65535, got 70000"),
+    ("servers:\n  - name: a\n    host: h\n    from_filter: 'x.com, bad@'", 4, "servers[0](a).from_filter", "is not"),
+    ("servers:\n  - host: h", 2, "servers[0].name", "missing"),
+    ("servers: {name: a}", 1, "servers", "expected a list"),
+    ("listen: {milter: 'tcp:12'}", 1, "listen.milter", ""),
+    ("database: postgresql://u@h/db", 1, "database", "SQLite"),
+    ("mass_mail: {server: mas}\nservers: [{name: mass, host: h}]", 1, "mass_mail.server",
+     "no server named 'mas'; did you mean 'mass'?"),
+    ("aliases:\n  sales: {domain: mycompany.com}", 2, "aliases.sales.target", "missing"),
+    ("alias_domain: a.com\nalias_domain: b.com", 2, "alias_domain", "given twice"),
+    ("loop: [1, 2]", 1, "loop", "expected a mapping"),
+    ("key: [unclosed", 1, "(yaml)", ""),
+])
+def test_errors_name_file_line_and_key(tmp_path, text, line, key, words):
+    found = problems(tmp_path, text)
+    path = tmp_path / "mailgate.yaml"
+    matching = [p for p in found if p.startswith(f"{path}:{line}: {key}:")]
+    assert matching, found
+    assert words in matching[0]
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    found = problems(tmp_path, """
+        dry_run: 3
+        loop: {minutes: x}
+        quota: {daily: -1}
+        """)
+    assert len(found) == 3
+
+
+def test_duplicate_server_names(tmp_path):
+    found = problems(tmp_path, """
+        servers:
+          - {name: relay, host: a.example.net}
+          - {name: relay, host: b.example.net}
+        """)
+    assert any(":3: servers[1](relay).name: duplicate server name (also at line 2)" in p for p in found)
+
+
+def test_password_file_missing_and_world_readable(tmp_path):
+    open_secret = secret(tmp_path, "open", 0o644)
+    found = problems(tmp_path, f"""
+        servers:
+          - name: a
+            host: h.example.net
+            username: u
+            password_file: {tmp_path}/missing
+          - name: b
+            host: h.example.net
+            username: u
+            password_file: {open_secret}
+        """)
+    assert any(":5: servers[0](a).password_file: no such file" in p for p in found)
+    assert any(":9: servers[1](b).password_file:" in p and "readable by everybody" in p for p in found)
+
+
+def test_world_readable_bounce_secret_is_refused(tmp_path):
+    path = secret(tmp_path, "secret", 0o644)
+    assert any("secret_file:" in p and "readable by everybody" in p
+               for p in problems(tmp_path, f"secret_file: {path}"))
+
+
+def test_warnings_do_not_refuse(tmp_path):
+    loaded = load_config(write(tmp_path, """
+        servers:
+          - {name: a, host: h.example.net, port: 587, security: tls}
+          - {name: b, host: h.example.net, port: 465, security: starttls}
+          - {name: c, host: h.example.net, port: 25}
+        """))
+    text = "\n".join(str(w) for w in loaded.warnings)
+    assert ":2: warning: servers[0](a).security: 'tls' (TLS on connect) on port 587" in text
+    assert ":3: warning: servers[1](b).security: 'starttls' on port 465" in text
+    assert "port 25 is blocked by many hosting providers" in text
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mailgate", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_check_config_cli(tmp_path):
+    good = write(tmp_path, "alias_domain: mycompany.com\n", "good.yaml")
+    bad = write(tmp_path, "alias_domain: mycompany.com\nloop: {treshold: 3}\n", "bad.yaml")
+    ok = run_cli("check-config", "--config", str(good))
+    assert ok.returncode == 0, ok.stderr
+    failed = run_cli("check-config", "--config", str(bad))
+    assert failed.returncode != 0
+    assert f"{bad}:2: loop.treshold: unknown key; did you mean 'threshold'?" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    via_env = run_cli("check-config", env={"MAILGATE_CONFIG": str(bad)})
+    assert via_env.returncode != 0 and "treshold" in via_env.stderr
+    before_name = run_cli("--config", str(good), "check-config")
+    assert before_name.returncode == 0
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    result = run_cli("check-config", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode != 0 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_bad_config(tmp_path):
+    bad = write(tmp_path, "servers: [{name: A B, host: h}]\n")
+    result = run_cli("serve", "--config", str(bad))
+    assert result.returncode != 0 and "servers[0]" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,92 @@
+"""`mailgate postfix-config`: main.cf settings and one transport per server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from mailgate.configfile import parse_config
+from mailgate.postfixconf import render
+
+CONFIG = parse_config("""
+alias_domain: mycompany.com
+servers:
+  - {name: tls, host: smtp.tls.example, port: 465}
+  - {name: submission, host: smtp.sub.example, port: 587, username: u@mycompany.com, password_file: /x}
+  - {name: alt, host: smtp.alt.example, port: 2525, tls_verify: false}
+  - {name: plain, host: relay.lan.example, port: 25, security: none}
+mass_mail: {server: alt, listeners: [mass]}
+listen: {lookup: "inet:10027@127.0.0.1", milter: unix:/run/mailgate/milter.sock}
+""", check_files=False).config
+
+
+def services(text: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "#")) and " = " not in line:
+            current = line.split()[0]
+            found[current] = []
+        elif line.startswith("  -o ") and current:
+            found[current].append(line[5:])
+    return found
+
+
+def test_main_settings():
+    text = render(CONFIG, "main")
+    assert "milter_default_action = tempfail" in text
+    assert "smtpd_milters = unix:/run/mailgate/milter.sock" in text
+    assert "non_smtpd_milters = unix:/run/mailgate/milter.sock" in text
+    assert "sender_dependent_default_transport_maps = socketmap:inet:127.0.0.1:10027:transport" in text
+    assert "# master.cf" not in text
+
+
+def test_one_transport_per_server_with_its_tls_and_sasl():
+    found = services(render(CONFIG, "master"))
+    assert "smtp_tls_wrappermode=yes" in found["mg-tls"]
+    assert "smtp_tls_security_level=secure" in found["mg-tls"]
+    assert "smtp_tls_wrappermode=yes" not in found["mg-submission"]
+    assert "smtp_tls_security_level=secure" in found["mg-submission"]
+    assert "smtp_sasl_auth_enable=yes" in found["mg-submission"]
+    assert "smtp_sasl_password_maps=socketmap:inet:127.0.0.1:10027:sasl-submission" in found["mg-submission"]
+    assert "smtp_tls_security_level=encrypt" in found["mg-alt"]
+    assert "smtp_tls_security_level=none" in found["mg-plain"]
+    assert "milter_macro_daemon_name=ORIGINATING" in found["127.0.0.1:10025"]
+    assert "milter_macro_daemon_name=mass" in found["127.0.0.1:10026"]
+    assert not any("password" in o and "maps" not in o for opts in found.values() for o in opts)
+
+
+def test_postconf_accepts_the_output(tmp_path):
+    """Postfix's own parser reads both parts without complaint."""
+    text = render(CONFIG)
+    main, master = text.split("# master.cf")
+    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + main.replace("# main.cf", "#"))
+    (tmp_path / "master.cf").write_text(master)
+    shown = subprocess.run(["postconf", "-c", str(tmp_path), "-n"], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0 and "warning" not in shown.stderr, shown.stderr
+    assert "milter_default_action = tempfail" in shown.stdout
+    masters = subprocess.run(["postconf", "-c", str(tmp_path), "-Mf"], capture_output=True, text=True, timeout=30)
+    assert masters.returncode == 0 and "warning" not in masters.stderr, masters.stderr
+    assert "mg-submission unix" in masters.stdout
+
+
+def test_cli(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("alias_domain: mycompany.com\nservers: [{name: a, host: h.example.net}]\n")
+    result = subprocess.run([sys.executable, "-m", "mailgate", "postfix-config", "--config", str(path),
+                             "--part", "master"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("# master.cf\n")
+    assert "mg-a unix - - n - - smtp" in result.stdout
+
+
+def test_postfix_examples_match_the_command():
+    """postfix-examples/ is what `postfix-config` prints for the shipped example config."""
+    from importlib import resources
+    from pathlib import Path
+    example = parse_config(resources.files("mailgate").joinpath("data/mailgate.example.yaml").read_text(),
+                           check_files=False).config
+    root = Path(__file__).resolve().parent.parent / "postfix-examples"
+    for part in ("main", "master"):
+        expected = [l for l in render(example, part).splitlines() if l and not l.startswith("#")]
+        shown = [l for l in (root / f"{part}.cf").read_text().splitlines() if l and not l.startswith("#")]
+        assert shown == expected, part
