@@ -48,3 +48,32 @@ def test_human_readable(tmp_path):
     assert result.returncode == 0
     assert "server:        transactional" in result.stdout and "(rewritten)" in result.stdout
     assert "notification address" in result.stdout
+
+
+INBOUND_CONFIG = """
+alias_domain: mycompany.com
+aliases: {sales: {target: "odoo:crm.lead"}, commercial: {target: "odoo:crm.lead", incoming_local: true}}
+database: state.sqlite3
+"""
+
+
+@pytest.mark.parametrize("text, rcpts, routes, action, reply", [
+    ("From: c@x.example\nTo: sales@mycompany.com\n\nhi\n", [], ["alias:sales"], "deliver", None),
+    ("From: c@x.example\nTo: someone@mycompany.com\nCc: commercial@gmail.com\n\nhi\n", [], [], "reject", "550 5.1.1"),
+    ("From: c@x.example\nTo: list@lists.example\n\nhi\n", ["catchall@mycompany.com"], ["catchall"], "deliver", None),
+    ("From: MAILER-DAEMON@x.example\nTo: c@mycompany.com\n\nbounce\n", [], ["bounce"], "deliver", None),
+])
+def test_explain_inbound_json(tmp_path, text, rcpts, routes, action, reply):
+    (tmp_path / "m.yaml").write_text(INBOUND_CONFIG)
+    (tmp_path / "msg.eml").write_text(text)
+    args = [sys.executable, "-m", "mailgate", "explain", "inbound", "--config", str(tmp_path / "m.yaml"),
+            "--message", str(tmp_path / "msg.eml"), "--json"]
+    for rcpt in rcpts:
+        args += ["--rcpt", rcpt]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == {"routes", "action", "smtp_reply", "reasons"}
+    assert data["routes"] == routes and data["action"] == action
+    assert (data["smtp_reply"] or "").startswith(reply or "")
+    assert not (tmp_path / "state.sqlite3").exists(), "explain must not create the store"

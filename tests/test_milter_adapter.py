@@ -50,6 +50,12 @@ class FakeContext:
     def chgfrom(self, sender, params=None):
         self.changes.append(("chgfrom", sender))
 
+    def addheader(self, name, value, index=-1):
+        self.changes.append(("addheader", name, value))
+
+    def quarantine(self, reason):
+        self.changes.append(("quarantine", reason))
+
     def setreply(self, code, status, *text):
         self.reply = (code, status, *text)
 
@@ -95,9 +101,12 @@ def test_exception_answers_tempfail_and_logs_queue_id(caplog):
     assert ctx.changes == []
 
 
-def test_inbound_listener_is_left_alone():
+def test_inbound_listener_gets_the_inbound_role():
+    """To: c@customer.example is no alias of ours: the inbound role refuses it (no route)."""
     ctx, result = run(SQLiteStore(":memory:"), listener="INBOUND")
-    assert result == Milter.CONTINUE and ctx.changes == []
+    reply = SMTP["no_route"]
+    assert result == Milter.REJECT and ctx.reply == (reply.code, reply.status, reply.text)
+    assert ("chgheader", "From", 1, '"Admin" <notifications@mycompany.com>') not in ctx.changes
 
 
 def test_dry_run_changes_nothing(caplog):
@@ -117,3 +126,35 @@ def test_only_needed_callbacks_are_negotiated():
                  "P_NR_HDR", "P_NR_CONN", "P_NR_MAIL", "P_NR_RCPT"):
         assert not not_asked & getattr(Milter, flag), flag
     assert not_asked & Milter.P_NOHDRS and not_asked & Milter.P_NOCONNECT
+
+
+def inbound_run(store, loop_action: str, previous: int):
+    """An inbound message from a sender who already sent `previous` messages to sales."""
+    config = parse_config(f"alias_domain: mycompany.com\naliases: {{sales: {{target: 'odoo:crm.lead'}}}}\n"
+                          f"loop: {{action: {loop_action}, threshold: 2}}\n", check_files=False).config
+    GatewayMilter.runtime = Runtime(config, store, TokenSigner(b"s" * 32), clock=lambda: 1.8e9)
+    results = []
+    for number in range(previous + 1):
+        ctx = FakeContext({"{daemon_name}": "INBOUND", "i": f"Q{number}"})
+        milter = GatewayMilter()
+        milter._setctx(ctx)
+        milter.connect("client.example", 4, ("192.0.2.1", 2525))
+        milter.envfrom("<robot@spam.example>")
+        milter.envrcpt("<sales@mycompany.com>")
+        for name, value in [("From", "robot@spam.example"), ("To", "sales@mycompany.com"),
+                            ("Message-ID", f"<{loop_action}-{number}@spam.example>"),
+                            ("X-Mailgate-Route", "alias:forged")]:
+            milter.header(name, value)
+        results.append((ctx, milter.eom()))
+    return results
+
+
+def test_inbound_actions_reach_postfix_as_milter_verdicts():
+    (first, accepted), _, (ctx, refused) = inbound_run(SQLiteStore(":memory:"), "reject", 2)
+    assert accepted == Milter.CONTINUE
+    assert first.changes == [("chgheader", "X-Mailgate-Route", 1, ""), ("addheader", "X-Mailgate-Route", "alias:sales")]
+    assert refused == Milter.REJECT and ctx.reply[:2] == ("550", "5.7.1")
+    *_, (ctx, deferred) = inbound_run(SQLiteStore(":memory:"), "defer", 2)
+    assert deferred == Milter.TEMPFAIL and ctx.reply[:2] == ("450", "4.7.1")
+    *_, (ctx, held) = inbound_run(SQLiteStore(":memory:"), "hold", 2)
+    assert held == Milter.CONTINUE and ("quarantine", "mailgate: mail loop suspected") in ctx.changes

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,7 @@ def test_heavy_pipelining_with_backpressure(client: Client) -> None:
     wire = b"".join(encode(f"echo {k}".encode()) for k in keys)
     sender = threading.Thread(target=client.send, args=(wire,))
     sender.start()
+    time.sleep(0.3)
     replies = [client.reply() for _ in keys]
     sender.join()
     assert replies == [f"OK {k}".encode() for k in keys]

@@ -54,8 +54,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_postfix_config(args: argparse.Namespace) -> int:
-    from mailgate.postfixconf import render
-    sys.stdout.write(render(_load(args, check_files=False).config, args.part))
+    import shutil
+    from mailgate.postfixconf import DEFAULT_BIN, Wiring, render
+    wiring = Wiring(mailgate_bin=args.mailgate_bin or shutil.which("mailgate") or DEFAULT_BIN,
+                    config_path=str(config_path(args).resolve()), pipe_user=args.pipe_user)
+    sys.stdout.write(render(_load(args, check_files=False).config, args.part, wiring))
     return EXIT_OK
 
 
@@ -82,6 +85,46 @@ def cmd_explain_outbound(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_explain_inbound(args: argparse.Namespace) -> int:
+    """Odoo's route for one message file, against the live store when it exists (read only)."""
+    import email
+    from email import policy as email_policy
+
+    from mailgate.inbound import InboundMessage, decide_inbound
+    from mailgate.runtime import read_only_facts
+    config: Config = _load(args, check_files=False).config
+    try:
+        raw = Path(args.message).read_bytes() if args.message != "-" else sys.stdin.buffer.read()
+    except OSError as exc:
+        print(f"mailgate: cannot read {args.message}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    parsed = email.message_from_bytes(raw, policy=email_policy.compat32)
+    message = InboundMessage(tuple((k, str(v)) for k, v in parsed.items()), tuple(args.rcpt or ()))
+    facts = read_only_facts(config)
+    decision = decide_inbound(config, message, **facts)
+    result = {"routes": decision.labels, "action": decision.action, "smtp_reply": decision.reply,
+              "reasons": list(decision.reasons)}
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(f"routes:     {', '.join(result['routes']) or '(none)'}")
+        print(f"action:     {result['action']}{'  ' + result['smtp_reply'] if result['smtp_reply'] else ''}")
+        for reason in result["reasons"]:
+            print(f"  - {reason}")
+    return EXIT_OK
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    """pipe(8) entry point: every failure of ours must defer (75), never bounce the message."""
+    from mailgate.deliver import EX_TEMPFAIL, main_deliver
+    try:
+        config = load_config(config_path(args), check_files=False).config
+    except ConfigError as exc:
+        print(f"mailgate deliver: configuration error, message kept: {exc.problems[0]}", file=sys.stderr)
+        return EX_TEMPFAIL
+    return main_deliver(config, args.alias, sys.stdin.buffer, sys.stderr)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mailgate.demo import run_demo
     return run_demo(keep=args.keep)
@@ -100,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                         ).add_argument("--keep", action="store_true", help="keep the demo's directory")
     commands.add_parser("serve", parents=[common], help="run the milter and lookup listeners")
     commands.add_parser("check-config", parents=[common], help="validate the configuration")
+    commands.add_parser("deliver", parents=[common], help="hand a message on stdin to Odoo (Postfix pipe)"
+                        ).add_argument("--alias", required=True, help="the alias (or catchall, bounce, fallback)")
     postfix = commands.add_parser("postfix-config", parents=[common], help="print main.cf/master.cf settings")
     postfix.add_argument("--part", choices=("main", "master"))
+    postfix.add_argument("--mailgate-bin", help="the mailgate command the delivery pipe runs (default: this one)")
+    postfix.add_argument("--pipe-user", default="mailgate", help="the user the delivery pipe runs as")
 
     explain = commands.add_parser("explain", parents=[common], help="show a decision without sending")
     explain_kinds = explain.add_subparsers(dest="kind", metavar="KIND")
@@ -111,15 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     outbound.add_argument("--sender", help="the envelope sender the client used")
     outbound.add_argument("--mass", action="store_true", help="treat as mass mail")
     outbound.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    inbound = explain_kinds.add_parser("inbound", parents=[common], help="the inbound decision for a message")
+    inbound.add_argument("--message", required=True, metavar="FILE.eml", help="the message (- for stdin)")
+    inbound.add_argument("--rcpt", action="append", metavar="ADDR", help="an envelope recipient (repeatable)")
+    inbound.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return parser
 
 
 HANDLERS = {
     "demo": cmd_demo,
     "serve": cmd_serve,
+    "deliver": cmd_deliver,
     "check-config": cmd_check_config,
     "postfix-config": cmd_postfix_config,
     ("explain", "outbound"): cmd_explain_outbound,
+    ("explain", "inbound"): cmd_explain_inbound,
 }
 
 

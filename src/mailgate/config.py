@@ -19,6 +19,7 @@ SERVER_SELECTIONS = ("odoo", "documented")
 LOOP_ACTIONS = ("reject", "defer", "hold")
 DIRECT_WRITE_ACTIONS = ("pass", "reject")
 QUOTA_SCOPES = ("gateway", "sender_domain", "sasl_user")
+MALFORMED_ACTIONS = ("dunno", "defer")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,13 @@ class ListenSettings:
 
 
 @dataclass(frozen=True)
+class PolicySettings:
+    """What the policy service answers a request it cannot read: let Postfix go on, or defer."""
+
+    on_malformed: str = "dunno"
+
+
+@dataclass(frozen=True)
 class OdooSettings:
     url: str = "http://127.0.0.1:8069"
     database: str = "odoo"
@@ -133,6 +141,7 @@ class Config:
     mass_mail: MassMailSettings = field(default_factory=MassMailSettings)
     inbound_listeners: tuple[str, ...] = ("INBOUND",)
     listen: ListenSettings = field(default_factory=ListenSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     odoo: OdooSettings = field(default_factory=OdooSettings)
     server_selection: str = "odoo"
     dry_run: bool = False

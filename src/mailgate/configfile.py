@@ -19,9 +19,10 @@ from typing import Any, Callable
 import yaml
 
 from mailgate.addresses import is_valid_address, is_valid_domain
-from mailgate.config import (DIRECT_WRITE_ACTIONS, LOOP_ACTIONS, QUOTA_SCOPES, SECURITY_MODES,
-                             SERVER_SELECTIONS, Alias, BounceSettings, Config, ListenSettings,
-                             LoopSettings, MassMailSettings, OdooSettings, QuotaSettings, Server)
+from mailgate.config import (DIRECT_WRITE_ACTIONS, LOOP_ACTIONS, MALFORMED_ACTIONS, QUOTA_SCOPES,
+                             SECURITY_MODES, SERVER_SELECTIONS, Alias, BounceSettings, Config,
+                             ListenSettings, LoopSettings, MassMailSettings, OdooSettings, PolicySettings,
+                             QuotaSettings, Server)
 from mailgate.filters import FromFilter
 
 _SERVER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
@@ -289,10 +290,11 @@ _TOP = {
     "allowed_alias_domains": _domains, "aliases": lambda v: v, "catchall_direct_write": _choice(DIRECT_WRITE_ACTIONS),
     "fallback_target": _opt_str, "loop": lambda v: v, "bounces": lambda v: v, "quota": lambda v: v,
     "servers": lambda v: v, "mass_mail": lambda v: v, "inbound_listeners": _str_list, "listen": lambda v: v,
+    "policy": lambda v: v,
     "odoo": lambda v: v, "server_selection": _choice(SERVER_SELECTIONS), "dry_run": _bool,
     "database": _database, "secret_file": _path,
 }
-_SECTIONS = ("aliases", "loop", "bounces", "quota", "servers", "mass_mail", "listen", "odoo")
+_SECTIONS = ("aliases", "loop", "bounces", "quota", "servers", "mass_mail", "listen", "policy", "odoo")
 
 
 def _local_part(value: Any) -> str:
@@ -314,6 +316,7 @@ _BOUNCES = {"blacklist_after": _int(1, 1000), "window_days": _int(1, 3650), "min
 _QUOTA = {"daily": _opt_int(1, 100_000_000), "scope": _choice(QUOTA_SCOPES)}
 _MASS = {"server": _opt_str, "listeners": _str_list, "sasl_users": _str_list, "headers": _header_signs}
 _LISTEN = {"milter": _socket_spec, "lookup": _socket_spec, "policy": _socket_spec, "socket_group": _opt_str}
+_POLICY = {"on_malformed": _choice(MALFORMED_ACTIONS)}
 _ODOO = {"url": _str, "database": _str, "user": _str, "password_file": _opt_path}
 _ALIAS = {"target": _str, "domain": _domain, "incoming_local": _bool}
 
@@ -355,6 +358,7 @@ def parse_config(text: str, file: str = "<config>", *, check_files: bool = True,
         quota=_build(QuotaSettings, reader.section(nodes["quota"], "quota", _QUOTA)),
         mass_mail=_build(MassMailSettings, mass),
         listen=_build(ListenSettings, reader.section(nodes["listen"], "listen", _LISTEN)),
+        policy=_build(PolicySettings, reader.section(nodes["policy"], "policy", _POLICY)),
         odoo=_build(OdooSettings, reader.section(nodes["odoo"], "odoo", _ODOO)),
         source=Path(file),
     )

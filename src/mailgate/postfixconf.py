@@ -2,38 +2,48 @@
 
 main.cf settings come as `key = value` lines for `postconf -e`; master.cf services as whole
 service entries for `postconf -M` (or pasting). One `smtp` transport per upstream server carries
-that server's TLS and SASL settings, so servers never share credentials or TLS policy.
+that server's TLS and SASL settings, so servers never share credentials or TLS policy. Inbound
+mail for the alias domains is relayed to mailgate's delivery map, checked per recipient by the
+policy service, and handed to Odoo by a pipe(8) service.
 """
 
 from __future__ import annotations
 
-from mailgate.config import Config, Server
+from dataclasses import dataclass
+
+from mailgate.config import DEFAULT_CONFIG_PATH, Config, Server
+from mailgate.inbound import ODOO_TRANSPORT
 from mailgate.sockets import parse_socket_spec
 
 SUBMISSION_LISTENER = "ORIGINATING"
+INBOUND_LISTENER = "INBOUND"
 LOCAL_SUBMISSION = "127.0.0.1:10025"
+DEFAULT_BIN = "/usr/local/bin/mailgate"
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where the pipe finds mailgate and its configuration, and whom it runs as."""
+
+    mailgate_bin: str = DEFAULT_BIN
+    config_path: str = str(DEFAULT_CONFIG_PATH)
+    pipe_user: str = "mailgate"
 
 
 def postfix_map(spec: str, mapname: str) -> str:
     """A socketmap table reference: `socketmap:unix:/run/mailgate/lookup.sock:transport`."""
-    parsed = parse_socket_spec(spec)
-    if parsed.family == "unix":
-        return f"socketmap:unix:{parsed.path}:{mapname}"
-    return f"socketmap:{parsed.family}:{parsed.host}:{parsed.port}:{mapname}"
+    return f"socketmap:{parse_socket_spec(spec).postfix_address()}:{mapname}"
 
 
 def milter_address(spec: str) -> str:
     """Postfix's milter address syntax: `unix:/path` or `inet:host:port`."""
-    parsed = parse_socket_spec(spec)
-    if parsed.family == "unix":
-        return f"unix:{parsed.path}"
-    return f"{parsed.family}:{parsed.host}:{parsed.port}"
+    return parse_socket_spec(spec).postfix_address()
 
 
 def main_settings(config: Config) -> list[tuple[str, str]]:
     """The main.cf settings, in the order an operator reads them."""
     milter = milter_address(config.listen.milter)
-    return [
+    settings = [
         ("smtpd_milters", milter),
         ("non_smtpd_milters", milter),
         ("milter_default_action", "tempfail"),
@@ -43,6 +53,17 @@ def main_settings(config: Config) -> list[tuple[str, str]]:
         ("smtp_tls_CApath", "/etc/ssl/certs"),
         ("smtp_tls_loglevel", "1"),
     ]
+    domains = list(dict.fromkeys([*config.alias_domains, *config.allowed_alias_domains]))
+    if domains:
+        settings += [
+            ("relay_domains", " ".join(domains)),
+            ("transport_maps", postfix_map(config.listen.lookup, "delivery")),
+            ("smtpd_recipient_restrictions",
+             f"check_policy_service {parse_socket_spec(config.listen.policy).postfix_address()}"),
+            ("smtpd_policy_service_default_action", "451 4.3.5 mailgate policy service unavailable"),
+            (f"{ODOO_TRANSPORT}_destination_recipient_limit", "1"),
+        ]
+    return settings
 
 
 def transport_service(config: Config, server: Server) -> list[str]:
@@ -78,15 +99,29 @@ def submission_service(listen: str, daemon_name: str) -> list[str]:
             "  -o smtpd_relay_restrictions=permit_mynetworks,reject"]
 
 
-def master_services(config: Config) -> list[list[str]]:
+def inbound_service() -> list[str]:
+    """The public port-25 listener: the inbound role."""
+    return ["smtp inet n - n - - smtpd", f"  -o milter_macro_daemon_name={INBOUND_LISTENER}"]
+
+
+def odoo_pipe_service(wiring: Wiring) -> list[str]:
+    """pipe(8) into `mailgate deliver`: D adds Delivered-To (Odoo routes on it), R Return-Path."""
+    return [f"{ODOO_TRANSPORT} unix - n n - 4 pipe",
+            f"  flags=DRq user={wiring.pipe_user} argv={wiring.mailgate_bin} deliver "
+            f"--config {wiring.config_path} --alias ${{nexthop}}"]
+
+
+def master_services(config: Config, wiring: Wiring = Wiring()) -> list[list[str]]:
     services = [submission_service(LOCAL_SUBMISSION, SUBMISSION_LISTENER)]
     for offset, listener in enumerate(config.mass_mail.listeners, start=1):
         services.append(submission_service(f"127.0.0.1:{10025 + offset}", listener))
     services += [transport_service(config, server) for server in config.servers]
+    if config.alias_domains:
+        services += [inbound_service(), odoo_pipe_service(wiring)]
     return services
 
 
-def render(config: Config, part: str | None = None) -> str:
+def render(config: Config, part: str | None = None, wiring: Wiring = Wiring()) -> str:
     lines: list[str] = []
     if part in (None, "main"):
         lines.append("# main.cf (postconf -e 'key = value')")
@@ -95,6 +130,6 @@ def render(config: Config, part: str | None = None) -> str:
         if lines:
             lines.append("")
         lines.append("# master.cf")
-        for service in master_services(config):
+        for service in master_services(config, wiring):
             lines += service
     return "\n".join(lines) + "\n"

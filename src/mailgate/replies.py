@@ -24,6 +24,12 @@ SMTP = {
     # mailgate itself failed: the client must retry, nothing is accepted and lost.
     "internal_error": SmtpReply("451", "4.3.0", "mailgate: temporary internal error, try again later"),
     "store_unavailable": SmtpReply("451", "4.3.0", "mailgate: message store unavailable, try again later"),
+    # Inbound, at end of message (odoo-rules I2-I4).
+    "no_route": SmtpReply("550", "5.1.1", "no such alias: no possible route for this message"),
+    "catchall_direct": SmtpReply("550", "5.1.1", "this address only accepts replies to our messages"),
+    "forged_bounce": SmtpReply("550", "5.7.1", "bounce address not issued by this server"),
+    "loop_reject": SmtpReply("550", "5.7.1", "too many messages from this sender: mail loop suspected"),
+    "loop_defer": SmtpReply("450", "4.7.1", "too many messages from this sender: try again later"),
 }
 
 # Socketmap answers that are not a route (the route itself is the transport string).
@@ -31,4 +37,12 @@ LOOKUP = {
     "internal_error": "internal error",
     "unknown_map": "unknown map name",
     "no_password": "no password configured",
+}
+
+# Policy service actions (access(5) syntax), per recipient at RCPT time; {address} is filled in.
+POLICY = {
+    "outside": "DUNNO",
+    "accept": "DUNNO",
+    "no_such_alias": "550 5.1.1 <{address}>: no such alias",
+    "forged_bounce": "550 5.7.1 <{address}>: bounce address not issued by this server",
 }

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from mailgate.clock import gateway_clock
 from mailgate.config import Config
-from mailgate.store import Store, open_store
+from mailgate.store import SQLiteStore, Store, open_store
 from mailgate.tokens import TokenSigner, load_or_create_secret
 
 
@@ -39,4 +40,29 @@ class Runtime:
     @classmethod
     def from_config(cls, config: Config) -> "Runtime":
         secret = load_or_create_secret(Path(config.secret_file))
-        return cls(config, open_store(config.database), TokenSigner(secret), read_passwords(config))
+        return cls(config, open_store(config.database), TokenSigner(secret), read_passwords(config),
+                   clock=gateway_clock())
+
+
+def read_only_facts(config: Config, now: float | None = None) -> dict[str, Callable]:
+    """What `explain inbound` needs from the live gateway, without creating or changing anything.
+
+    With no store file yet, nothing was sent or received; with no readable secret, no token
+    can be verified.
+    """
+    now = time.time() if now is None else now
+    since = now - config.loop.minutes * 60
+    store: Store | None = None
+    if Path(config.database).exists():
+        store = SQLiteStore(config.database, read_only=True)
+    signer: TokenSigner | None = None
+    try:
+        signer = TokenSigner(Path(config.secret_file).read_bytes().strip())
+    except (OSError, ValueError):
+        pass
+    return {
+        "known_outbound": store.known_outbound if store else (lambda ids: None),
+        "already_received": store.already_received if store else (lambda message_id: False),
+        "recent_count": (lambda s, k: store.recent_count(s, k, since)) if store else (lambda s, k: 0),
+        "token_valid": (lambda token: signer.verify(token) is not None) if signer else (lambda token: False),
+    }

@@ -7,6 +7,7 @@ transports), so the demo and the end-to-end tests exercise the operator's wiring
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import signal
 import smtplib
@@ -17,14 +18,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailgate.clock import OFFSET_FILE_VARIABLE
 from mailgate.configfile import load_config
 from mailgate.lab.certs import make_ca_and_cert
+from mailgate.lab.odoo_stub import OdooStub
 from mailgate.lab.postfix import PrivatePostfix
 from mailgate.lab.sinks import Sink
-from mailgate.postfixconf import SUBMISSION_LISTENER, main_settings, transport_service
+from mailgate.postfixconf import (INBOUND_LISTENER, SUBMISSION_LISTENER, Wiring, main_settings,
+                                  odoo_pipe_service, transport_service)
 from mailgate.sockets import parse_socket_spec, socket_is_listening
 
 SASL_USER, SASL_PASSWORD = "odoo@mycompany.com", "relay-password"
+ODOO_PASSWORD = "odoo-admin-password"
+PIPE_USER = "nobody"  # pipe(8) never runs as root; Debian always has this user
 
 
 @dataclass
@@ -39,7 +45,9 @@ class LabGateway:
     - `transactional`: STARTTLS + AUTH, may send for mycompany.com (priority 10)
     - `partner`: plain SMTP, may send only for partner.example (priority 5)
     - `mass`: TLS on connect, no filter (priority 20), the mass server
-    Postfix listens on `submission` (ORIGINATING, the outbound role) and `mass` (mass listener).
+    Postfix listens on `submission` (ORIGINATING, the outbound role), `mass` (mass listener) and
+    `inbound` (INBOUND: the public port-25 role). Accepted alias mail goes through the pipe to
+    `mailgate deliver` and on to `odoo`, a local XML-RPC stand-in for Odoo.
     """
 
     def __init__(self, base: Path, extra_config: str = ""):
@@ -50,6 +58,8 @@ class LabGateway:
         self.process: subprocess.Popen | None = None
         self.config_path = self.base / "mailgate.yaml"
         self.log_path = self.base / "mailgate.log"
+        self.clock_file = self.base / "clock-offset"
+        self.odoo = OdooStub(database="odoo", login="admin", password=ODOO_PASSWORD)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -65,6 +75,7 @@ class LabGateway:
         }
         for sink in self.sinks.values():
             sink.start()
+        self.odoo.start()
         self._write_config(certs.ca_cert)
         config = load_config(self.config_path).config
         self.start_mailgate()
@@ -73,9 +84,13 @@ class LabGateway:
         self.pf = PrivatePostfix(self.base / "pf", listeners={
             "submission": {"milter_macro_daemon_name": SUBMISSION_LISTENER},
             "mass": {"milter_macro_daemon_name": "mass"},
+            "inbound": {"milter_macro_daemon_name": INBOUND_LISTENER},
         }, main_cf=main_cf)
         for server in config.servers:
             self.pf.add_master_service("\n".join(transport_service(config, server)) + "\n")
+        wiring = Wiring(mailgate_bin=str(Path(sys.executable).with_name("mailgate")),
+                        config_path=str(self.config_path), pipe_user=PIPE_USER)
+        self.pf.add_master_service("\n".join(odoo_pipe_service(wiring)) + "\n")
         self.pf.start()
         return self
 
@@ -85,6 +100,12 @@ class LabGateway:
         password = secrets / "transactional"
         password.write_text(SASL_PASSWORD + "\n")
         password.chmod(0o600)
+        odoo_password = secrets / "odoo"
+        odoo_password.write_text(ODOO_PASSWORD + "\n")
+        odoo_password.chmod(0o600)
+        user = pwd.getpwnam(PIPE_USER)
+        os.chown(odoo_password, user.pw_uid, user.pw_gid)
+        self.clock_file.write_text("0\n")
         s = self.sinks
         self.config_path.write_text(textwrap.dedent(f"""\
             alias_domain: mycompany.com
@@ -98,6 +119,12 @@ class LabGateway:
               - {{name: mass, host: localhost, port: {s['mass'].port}, security: tls, tls_ca_file: {ca_file},
                   from_filter: null, priority: 20}}
             mass_mail: {{server: mass, listeners: [mass]}}
+            allowed_alias_domains: [mycompany.com, othercompany.example]
+            aliases:
+              sales: {{target: "odoo:crm.lead"}}
+              support: {{target: "odoo:helpdesk.ticket"}}
+              commercial: {{target: "odoo:crm.lead", incoming_local: true}}
+            odoo: {{url: "{self.odoo.url}", database: odoo, user: admin, password_file: secrets/odoo}}
             listen:
               milter: unix:{self.base}/milter.sock
               lookup: unix:{self.base}/lookup.sock
@@ -112,9 +139,10 @@ class LabGateway:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mailgate", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", OFFSET_FILE_VARIABLE: str(self.clock_file)})
         log.close()
-        specs = [parse_socket_spec(config.listen.milter), parse_socket_spec(config.listen.lookup)]
+        specs = [parse_socket_spec(spec) for spec in (config.listen.milter, config.listen.lookup, config.listen.policy)]
         deadline = time.monotonic() + 20
         while not all(socket_is_listening(spec) for spec in specs):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -138,6 +166,7 @@ class LabGateway:
         if self.pf is not None:
             self.pf.stop()
         self.stop_mailgate()
+        self.odoo.stop()
         for sink in self.sinks.values():
             sink.stop()
 
@@ -177,6 +206,11 @@ class LabGateway:
             if sink.port == port:
                 return name, index
         raise LookupError(f"no sink on port {port}")
+
+    def move_clock(self, seconds: float) -> None:
+        """Move the gateway's clock forward (the loop window, the quota day) without sleeping."""
+        offset = float(self.clock_file.read_text() or 0) + seconds
+        self.clock_file.write_text(f"{offset}\n")
 
     def mailgate_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

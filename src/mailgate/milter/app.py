@@ -16,6 +16,7 @@ import Milter
 
 from mailgate.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
+from mailgate.milter.inbound import ROUTE_HEADER, process_inbound
 from mailgate.milter.outbound import process_outbound
 from mailgate.replies import SMTP
 from mailgate.runtime import Runtime
@@ -23,7 +24,7 @@ from mailgate.runtime import Runtime
 # Headers a rule reads; the rest are never kept.
 READ_HEADERS = {"from", "sender", "reply-to", "message-id", "precedence", "list-unsubscribe",
                 "x-mailgate-stream", "to", "cc", "delivered-to", "resent-to", "resent-cc",
-                "references", "in-reply-to", "content-type"}
+                "references", "in-reply-to", "content-type", "x-mailgate-route"}
 
 ACTION_FLAGS = Milter.CHGFROM | Milter.CHGHDRS | Milter.ADDHDRS | Milter.DELRCPT | Milter.QUARANTINE
 
@@ -91,8 +92,7 @@ class GatewayMilter(Milter.Base):
         queue_id = self.getsymval("i") or "NOQUEUE"
         try:
             if self.facts.listener in runtime.config.inbound_listeners:
-                runtime.logger.info(kv_line(queue_id, role="inbound", action="pass", listener=self.facts.listener))
-                return Milter.CONTINUE
+                return self._inbound(runtime, queue_id)
             effects = process_outbound(runtime, self.facts, queue_id)
             runtime.logger.info(effects.log_line)
             if effects.decision.warning:
@@ -112,6 +112,26 @@ class GatewayMilter(Milter.Base):
             reply = SMTP["internal_error"]
             self.setreply(reply.code, reply.status, reply.text)
             return Milter.TEMPFAIL
+
+    def _inbound(self, runtime: Runtime, queue_id: str) -> int:
+        effects = process_inbound(runtime, self.facts, queue_id)
+        runtime.logger.info(effects.log_line)
+        decision = effects.decision
+        if runtime.config.dry_run:
+            return Milter.CONTINUE
+        for index in range(len(self.facts.header_values(ROUTE_HEADER)), 0, -1):
+            self.chgheader(ROUTE_HEADER, index, "")
+        if decision.action == "deliver":
+            self.addheader(ROUTE_HEADER, effects.route_header)
+            return Milter.CONTINUE
+        if decision.action == "drop":
+            return Milter.DISCARD
+        if decision.action == "hold":
+            self.quarantine("mailgate: mail loop suspected")
+            return Milter.CONTINUE
+        code, status, text = decision.reply.split(" ", 2)
+        self.setreply(code, status, text.replace("%", "%%"))
+        return Milter.REJECT if code.startswith("5") else Milter.TEMPFAIL
 
     def abort(self) -> int:
         self.facts = MessageFacts(listener=self.listener)

@@ -1,0 +1,53 @@
+"""The inbound role: from gathered facts to the milter's verdict on one incoming message.
+
+The decision is `mailgate.inbound.decide_inbound`; this module runs it inside one store
+transaction, so that the duplicate check, the loop counts and the row they lead to are atomic
+even when several deliveries from the same sender arrive at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailgate.inbound import InboundDecision, InboundMessage, decide_inbound
+from mailgate.logfmt import kv_line
+from mailgate.milter.facts import MessageFacts
+from mailgate.runtime import Runtime
+from mailgate.store import InboundRecord
+
+ROUTE_HEADER = "X-Mailgate-Route"
+
+
+@dataclass(frozen=True)
+class InboundEffects:
+    decision: InboundDecision
+    route_header: str | None     # the X-Mailgate-Route value to add when delivering
+    log_line: str
+
+
+def inbound_message(facts: MessageFacts) -> InboundMessage:
+    return InboundMessage(tuple(facts.headers), tuple(facts.recipients), facts.envelope_sender)
+
+
+def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> InboundEffects:
+    config, store = runtime.config, runtime.store
+    message = inbound_message(facts)
+    now = runtime.clock()
+    since = now - config.loop.minutes * 60
+    with store.transaction():
+        decision = decide_inbound(
+            config, message,
+            known_outbound=store.known_outbound,
+            already_received=store.already_received,
+            recent_count=lambda sender, key: store.recent_count(sender, key, since),
+            token_valid=lambda token: runtime.signer.verify(token) is not None)
+        if not config.dry_run:
+            counted = [r.key for r in decision.routes] if decision.action == "deliver" else []
+            store.record_inbound(InboundRecord(queue_id, message.message_id, message.sender,
+                                               ", ".join(decision.labels), decision.action, now), counted)
+    line = kv_line(queue_id, role="inbound", **{"from": facts.envelope_sender or None}, sender=message.sender,
+                   rcpt=",".join(facts.recipients), routes=",".join(decision.labels) or None,
+                   action=decision.action, reply=decision.reply, reason=decision.reasons[-1] if decision.reasons else None,
+                   dry_run=config.dry_run)
+    header = ", ".join(decision.labels) if decision.action == "deliver" else None
+    return InboundEffects(decision, header, line)

@@ -1,0 +1,414 @@
+"""Postfix SMTP access policy delegation server (SMTPD_POLICY_README): ``name=value`` lines
+ending with an empty line in, ``action=<access(5) action>`` and an empty line out.
+
+Postfix asks once per recipient at RCPT time and reuses the connection, so, as in the
+socketmap server, per-request overhead is the whole cost: a ``BufferedProtocol`` answers
+every complete request straight from ``buffer_updated`` (no task, no await). The wire format
+is LF-only like Postfix's own; a request is everything up to the first empty line, so a stray
+empty line is an (empty, malformed) request of its own and every complete request gets
+exactly one reply, which keeps a confused client's replies in step with its requests.
+
+Failures never reach Postfix as silence (which would cost every SMTP client a policy timeout):
+a malformed request is answered with the configured ``on_malformed`` action, a handler error
+with a temporary ``DEFER_IF_PERMIT``; only an oversize request closes the connection, since
+its end can no longer be found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import cast
+
+from mailgate import sockets
+from mailgate.sockets import SocketSpec
+
+MALFORMED_DUNNO = "DUNNO"
+"""Default answer to a malformed request: let Postfix's other restrictions decide."""
+MALFORMED_DEFER = "DEFER_IF_PERMIT 4.3.0 mailgate: malformed policy request"
+"""The fail-closed alternative for ``on_malformed``: tempfail unless something rejects."""
+INTERNAL_ERROR_ACTION = "DEFER_IF_PERMIT 4.3.0 mailgate: temporary internal error"
+"""Answer when the handler raises: the client retries later, nothing is accepted and lost."""
+
+REQUEST_TYPE = "smtpd_access_policy"
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024
+DEFAULT_MAX_ATTRIBUTES = 128
+"""Postfix 3.7 sends about 30 attributes; four times that leaves room for newer versions."""
+
+_BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+_READ_BUFFER = 16 * 1024
+_REPLY_CACHE_SIZE = 256
+_LOG_SNIPPET = 80
+
+
+class PolicyRequest(Mapping[str, str]):
+    """One policy request: an immutable mapping of every attribute Postfix sent.
+
+    Properties give the common attributes with Postfix's own convention for a missing value
+    (empty string, or 0 for numbers), so handlers never need ``.get`` with defaults.
+    """
+
+    __slots__ = ("_attrs",)
+
+    def __init__(self, attrs: Mapping[str, str]) -> None:
+        self._attrs = dict(attrs)
+
+    def __getitem__(self, name: str) -> str:
+        return self._attrs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._attrs)
+
+    def __len__(self) -> int:
+        return len(self._attrs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._attrs
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return self._attrs.get(name, default)
+
+    def __repr__(self) -> str:
+        return f"PolicyRequest({self._attrs!r})"
+
+    def _int(self, name: str) -> int:
+        try:
+            return int(self._attrs.get(name) or 0)
+        except ValueError:
+            return 0
+
+    @property
+    def protocol_state(self) -> str:
+        """``CONNECT``, ``EHLO``, ``HELO``, ``MAIL``, ``RCPT``, ``DATA``, ``END-OF-MESSAGE``, ..."""
+        return self._attrs.get("protocol_state", "")
+
+    @property
+    def protocol_name(self) -> str:
+        return self._attrs.get("protocol_name", "")
+
+    @property
+    def sender(self) -> str:
+        """The envelope sender as the client gave it ("" for the null sender)."""
+        return self._attrs.get("sender", "")
+
+    @property
+    def recipient(self) -> str:
+        return self._attrs.get("recipient", "")
+
+    @property
+    def recipient_count(self) -> int:
+        """Accepted recipients; non-zero only at DATA and END-OF-MESSAGE."""
+        return self._int("recipient_count")
+
+    @property
+    def queue_id(self) -> str:
+        """Empty at RCPT time; set at end of data."""
+        return self._attrs.get("queue_id", "")
+
+    @property
+    def instance(self) -> str:
+        """Same value for every request about one message: the key to correlate them."""
+        return self._attrs.get("instance", "")
+
+    @property
+    def sasl_username(self) -> str:
+        return self._attrs.get("sasl_username", "")
+
+    @property
+    def client_address(self) -> str:
+        return self._attrs.get("client_address", "")
+
+    @property
+    def client_name(self) -> str:
+        return self._attrs.get("client_name", "")
+
+    @property
+    def helo_name(self) -> str:
+        return self._attrs.get("helo_name", "")
+
+    @property
+    def size(self) -> int:
+        """The ``SIZE=`` announced at MAIL FROM (0 if none); the real size at end of data."""
+        return self._int("size")
+
+
+Handler = Callable[[PolicyRequest], str]
+
+
+class MalformedRequest(ValueError):
+    """A complete request that breaks the protocol; the reason goes to the log."""
+
+
+def encode_action(action: str) -> bytes:
+    """The reply for ``action``. An action is one line to Postfix: CR, LF and NUL become
+    spaces so a handler echoing client data can never inject a second reply."""
+    if "\n" in action or "\r" in action or "\0" in action:
+        action = action.replace("\r", " ").replace("\n", " ").replace("\0", " ")
+    line = f"action={action}\n\n"
+    try:
+        return line.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return line.encode("utf-8", "replace")
+
+
+def parse_request(block: bytes | bytearray, max_attributes: int) -> dict[str, str]:
+    """Attributes of one request (``block`` without its final ``\\n\\n``). Bytes that are not
+    UTF-8 survive as surrogate escapes, so values round-trip and never raise."""
+    if block.count(b"\n") >= max_attributes:
+        raise MalformedRequest(f"more than {max_attributes} attributes")
+    attrs: dict[str, str] = {}
+    for line in block.decode("utf-8", "surrogateescape").split("\n"):
+        name, sep, value = line.partition("=")
+        if not sep or not name:
+            what = "no '='" if not sep else "empty attribute name"
+            raise MalformedRequest(f"{what} in line {line[:_LOG_SNIPPET]!r}")
+        attrs[name] = value
+    request = attrs.get("request")
+    if request != REQUEST_TYPE:
+        raise MalformedRequest(f"request={(request or '')[:_LOG_SNIPPET]!r}, not {REQUEST_TYPE}")
+    return attrs
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One Postfix client connection; answers every complete request as soon as it arrives."""
+
+    def __init__(self, server: PolicyServer) -> None:
+        self._server = server
+        self._handler = server.handler
+        self._logger = server.logger
+        self._max_bytes = server.max_request_bytes
+        self._max_attributes = server.max_attributes
+        self._malformed = server._malformed_reply
+        self._cache = server._reply_cache
+        self._pending = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._last_activity = 0.0
+        self._view = memoryview(bytearray(_READ_BUFFER))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._server._connections.add(transport)
+        self._last_activity = self._loop.time()
+        self._timer = self._loop.call_later(self._server.idle_timeout, self._check_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._connections.discard(self._transport)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._pending:
+            self._logger.debug("policyd: dropped %d bytes of an unfinished request at close",
+                               len(self._pending))
+
+    def pause_writing(self) -> None:
+        """A client pipelining without reading replies: stop reading until it catches up."""
+        self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._transport.resume_reading()
+
+    def _check_idle(self) -> None:
+        remaining = self._last_activity + self._server.idle_timeout - self._loop.time()
+        if remaining > 0:
+            self._timer = self._loop.call_later(remaining, self._check_idle)
+        else:
+            self._timer = None
+            self._transport.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._last_activity = self._loop.time()
+        pending = self._pending
+        if pending:
+            # The terminator may straddle the old and new data: search from its last byte.
+            scan = len(pending) - 1
+            pending += self._view[:nbytes]
+            data: bytes | bytearray = pending
+        else:
+            scan = 0
+            data = bytes(self._view[:nbytes])
+        replies = []
+        start = 0
+        while True:
+            if data.startswith(b"\n", start):
+                replies.append(self._reject(MalformedRequest("empty request")))
+                start += 1
+                continue
+            end = data.find(b"\n\n", scan if scan > start else start)
+            if end < 0:
+                break
+            if end + 2 - start > self._max_bytes:
+                self._oversize(replies)
+                return
+            replies.append(self._answer(data[start:end]))
+            start = end + 2
+        if len(data) - start >= self._max_bytes:
+            self._oversize(replies)
+            return
+        if data is pending:
+            del pending[:start]
+        elif start < len(data):
+            pending += data[start:]
+        if replies:
+            self._transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
+
+    def _oversize(self, replies: list[bytes]) -> None:
+        self._logger.warning(
+            "policyd: request over %d bytes; answering %r and closing the connection",
+            self._max_bytes, self._server.on_malformed)
+        self._pending = bytearray()
+        replies.append(self._malformed)
+        self._transport.write(b"".join(replies))
+        self._transport.close()
+
+    def _reject(self, exc: MalformedRequest) -> bytes:
+        self._logger.warning("policyd: malformed request (%s); answering %r",
+                             exc, self._server.on_malformed)
+        return self._malformed
+
+    def _answer(self, block: bytes | bytearray) -> bytes:
+        try:
+            request = PolicyRequest(parse_request(block, self._max_attributes))
+        except MalformedRequest as exc:
+            return self._reject(exc)
+        try:
+            action = self._handler(request)
+            reply = self._cache.get(action)
+            if reply is not None:
+                return reply
+            if not isinstance(action, str) or not action.strip():
+                raise TypeError(f"policy handler returned {action!r}, not an action")
+        except Exception:
+            self._logger.exception(
+                "policyd: handler failed for instance=%s recipient=%r; answering %r",
+                request.instance, request.recipient[:_LOG_SNIPPET], INTERNAL_ERROR_ACTION)
+            return self._server._internal_error_reply
+        reply = encode_action(action)
+        if len(self._cache) >= _REPLY_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[action] = reply
+        return reply
+
+
+class PolicyServer:
+    """Serves ``handler(request) -> action`` over the policy delegation protocol on ``spec``.
+
+    Runs inside an existing event loop (``start``/``close``) or, next to a blocking main
+    program such as libmilter, in its own daemon thread (``start_in_thread``/``stop_thread``).
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        spec: SocketSpec,
+        *,
+        on_malformed: str = MALFORMED_DUNNO,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
+        idle_timeout: float = 300.0,
+        mode: int = 0o660,
+        group: str | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if not on_malformed.strip():
+            raise ValueError("on_malformed must be an access(5) action, e.g. DUNNO")
+        if max_request_bytes < 2 or max_attributes < 1:
+            raise ValueError("max_request_bytes must be >= 2 and max_attributes >= 1")
+        self.handler = handler
+        self.spec = spec
+        self.on_malformed = on_malformed
+        self.max_request_bytes = max_request_bytes
+        self.max_attributes = max_attributes
+        self.idle_timeout = idle_timeout
+        self.mode = mode
+        self.group = group
+        self.logger = logger or logging.getLogger(__name__)
+        self._malformed_reply = encode_action(on_malformed)
+        self._internal_error_reply = encode_action(INTERNAL_ERROR_ACTION)
+        self._reply_cache: dict[str, bytes] = {}
+        self._connections: set[asyncio.BaseTransport] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._file_identity: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def address(self) -> SocketSpec:
+        """The spec actually bound (with the real port if ``spec.port`` was 0)."""
+        if self._server is None:
+            raise RuntimeError("policy server is not started")
+        return sockets.bound_spec(self.spec, self._server)
+
+    async def start(self) -> None:
+        """Bind and start accepting; raises if the socket is unusable (e.g. in use)."""
+        self._server = await sockets.start_protocol_server(
+            self.spec, lambda: _Connection(self), mode=self.mode, group=self.group
+        )
+        self._file_identity = sockets.socket_file_identity(self.spec)
+        self.logger.info("policy server listening on %s", self.address)
+
+    async def close(self) -> None:
+        """Stop listening, close live connections, remove our socket file."""
+        if self._server is None:
+            return
+        self._server.close()
+        for transport in list(self._connections):
+            transport.close()
+        await asyncio.sleep(0)
+        await self._server.wait_closed()
+        self._server = None
+        sockets.remove_socket_file(self.spec, self._file_identity)
+
+    def start_in_thread(self, timeout: float = 10.0) -> None:
+        """Serve from a daemon thread with its own loop; returns once listening (or raises the
+        startup error). The thread blocks the process signals so they reach the main thread,
+        where libmilter waits for them."""
+        if self._thread is not None:
+            raise RuntimeError("policy server thread already running")
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as exc:
+                failure.append(exc)
+                loop.close()
+                started.set()
+                return
+            self._loop = loop
+            started.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self.close())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="policyd", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout):
+            raise TimeoutError("policy server thread did not start")
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+
+    def stop_thread(self, timeout: float = 10.0) -> None:
+        """Stop the thread started by ``start_in_thread`` and wait for it to finish."""
+        thread, loop = self._thread, self._loop
+        if thread is None:
+            return
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError("policy server thread did not stop")
+        self._thread = self._loop = None

@@ -1,0 +1,536 @@
+"""Policy delegation server over real sockets, plus fuzzing of its request framing."""
+
+import asyncio
+import logging
+import os
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailgate.policy.policyd import (
+    INTERNAL_ERROR_ACTION,
+    MALFORMED_DEFER,
+    PolicyRequest,
+    PolicyServer,
+    _Connection,
+)
+from mailgate.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
+
+LOGGER = "test.policyd"
+DUNNO = b"action=DUNNO\n\n"
+INTERNAL = f"action={INTERNAL_ERROR_ACTION}\n\n".encode()
+
+
+def handler(req: PolicyRequest) -> str:
+    rcpt = req.recipient
+    if rcpt == "boom@x":
+        raise RuntimeError("handler bug")
+    if rcpt == "none@x":
+        return None  # type: ignore[return-value]
+    if rcpt == "empty@x":
+        return ""
+    if rcpt == "inject@x":
+        return "REJECT a\nb\r\nc\0d\n\naction=OK"
+    if rcpt.startswith("echo"):
+        return f"OK {rcpt} {req.sender} {req.protocol_state}"
+    if rcpt == "no-such@mycompany.com":
+        return "550 5.1.1 <no-such@mycompany.com>: no such alias"
+    return "DUNNO"
+
+
+def request(recipient: str = "a@b", **attrs: str) -> bytes:
+    """A request as Postfix sends it at RCPT time."""
+    fields = {
+        "request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
+        "client_address": "192.0.2.1", "client_name": "client.example", "helo_name": "helo.example",
+        "sender": "alice@example.org", "recipient": recipient, "recipient_count": "0",
+        "queue_id": "", "instance": "1a.2b.3c.0", "size": "0", "sasl_username": "",
+    } | attrs
+    text = "".join(f"{k}={v}\n" for k, v in fields.items()) + "\n"
+    return text.encode("utf-8", "surrogateescape")
+
+
+class Client:
+    """Blocking policy client, like Postfix's: one request, then wait for its reply."""
+
+    def __init__(self, spec: SocketSpec) -> None:
+        if spec.family == "unix":
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(spec.path)
+        else:
+            self.sock = socket.create_connection((spec.host, spec.port))
+        self.sock.settimeout(5)
+        self.buffer = b""
+
+    def send(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
+
+    def reply(self) -> bytes:
+        while b"\n\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            assert data, f"connection closed while waiting for a reply (have {self.buffer!r})"
+            self.buffer += data
+        reply, self.buffer = self.buffer.split(b"\n\n", 1)
+        return reply + b"\n\n"
+
+    def ask(self, raw: bytes) -> bytes:
+        self.send(raw)
+        return self.reply()
+
+    def closed(self) -> bool:
+        """True once the server has closed (a reset counts: closing with unread input resets)."""
+        if self.buffer:
+            return False
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="mg-", dir="/tmp") as d:
+        yield Path(d)
+
+
+def make_server(spec: SocketSpec, **kwargs: Any) -> PolicyServer:
+    return PolicyServer(handler, spec, logger=logging.getLogger(LOGGER), **kwargs)
+
+
+@pytest.fixture(params=["unix", "inet"])
+def server(request: pytest.FixtureRequest, sockdir: Path) -> Iterator[PolicyServer]:
+    if request.param == "unix":
+        spec = parse_socket_spec(f"unix:{sockdir}/policy.sock")
+    else:
+        spec = SocketSpec("inet", host="127.0.0.1", port=0)
+    srv = make_server(spec, max_request_bytes=2000, max_attributes=20)
+    srv.start_in_thread()
+    yield srv
+    srv.stop_thread()
+
+
+@pytest.fixture
+def client(server: PolicyServer) -> Iterator[Client]:
+    c = Client(server.address)
+    yield c
+    c.close()
+
+
+def test_one_request(client: Client) -> None:
+    assert client.ask(request("no-such@mycompany.com")) == (
+        b"action=550 5.1.1 <no-such@mycompany.com>: no such alias\n\n")
+
+
+def echoed(rcpt: str) -> bytes:
+    return f"action=OK {rcpt} alice@example.org RCPT\n\n".encode()
+
+
+def test_many_requests_per_connection(client: Client) -> None:
+    for i in range(300):
+        assert client.ask(request(f"echo{i}@b")) == echoed(f"echo{i}@b")
+        assert client.ask(request("other@b")) == DUNNO
+
+
+def test_pipelined_requests_answered_in_order(client: Client) -> None:
+    n = 500
+    client.send(b"".join(request(f"echo{i}@b") for i in range(n)))
+    assert [client.reply() for _ in range(n)] == [echoed(f"echo{i}@b") for i in range(n)]
+
+
+def test_heavy_pipelining_with_backpressure(client: Client) -> None:
+    """More replies than socket buffers hold: the server must pause reading, not drop or reorder."""
+    n = 20_000
+    wire = b"".join(request(f"echo{i}") for i in range(n))
+    sender = threading.Thread(target=client.send, args=(wire,))
+    sender.start()
+    replies = [client.reply() for _ in range(n)]
+    sender.join()
+    assert replies == [echoed(f"echo{i}") for i in range(n)]
+
+
+def test_request_split_byte_by_byte(client: Client) -> None:
+    for byte in request("echo@b"):
+        client.send(bytes([byte]))
+    assert client.reply() == echoed("echo@b")
+
+
+def test_empty_line_is_an_empty_request(client: Client) -> None:
+    """A stray empty line gets its own reply, so later replies stay in step with requests."""
+    assert client.ask(b"\n") == DUNNO
+    client.send(request("echo@b") + b"\n" + request("no-such@mycompany.com"))
+    assert client.reply() == echoed("echo@b")
+    assert client.reply() == DUNNO
+    assert client.reply().startswith(b"action=550 5.1.1")
+
+
+def test_duplicate_attribute_last_wins_and_empty_values(client: Client) -> None:
+    raw = b"request=smtpd_access_policy\nrecipient=a@b\nrecipient=echo@b\nsender=\nx==y\n\n"
+    assert client.ask(raw) == b"action=OK echo@b  \n\n"
+
+
+@pytest.mark.parametrize("raw", [
+    b"request=smtpd_access_policy\nrecipient=echo@b\nno equals sign\n\n",
+    b"request=smtpd_access_policy\n=value without a name\n\n",
+    b"recipient=echo@b\nsender=a@b\n\n",
+    b"request=junk\nrecipient=echo@b\n\n",
+    b"REQUEST=smtpd_access_policy\nrecipient=echo@b\n\n",
+    b"request=smtpd_access_policy\n" + b"".join(b"a%d=1\n" % i for i in range(20)) + b"\n",
+], ids=["no-equals", "empty-name", "no-request", "wrong-request", "name-case", "too-many"])
+def test_malformed_answered_and_connection_kept(
+    server: PolicyServer, client: Client, raw: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert client.ask(raw) == DUNNO
+    assert client.ask(request("echo@b")).startswith(b"action=OK echo@b")
+    other = Client(server.address)
+    assert other.ask(request("echo@c")).startswith(b"action=OK echo@c")
+    other.close()
+    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "malformed" in warnings[0].getMessage()
+
+
+def test_max_attributes_is_inclusive(client: Client) -> None:
+    raw = b"request=smtpd_access_policy\nrecipient=echo@b\n"
+    raw += b"".join(b"a%d=1\n" % i for i in range(18)) + b"\n"
+    assert client.ask(raw).startswith(b"action=OK echo@b")
+
+
+def test_malformed_log_line_is_short(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert client.ask(b"x" * 1500 + b"\n\n") == DUNNO
+    (record,) = [r for r in caplog.records if r.name == LOGGER]
+    message = record.getMessage()
+    assert "\n" not in message and len(message) < 300
+
+
+def test_on_malformed_action_configurable(sockdir: Path) -> None:
+    srv = make_server(parse_socket_spec(f"unix:{sockdir}/d.sock"), on_malformed=MALFORMED_DEFER)
+    srv.start_in_thread()
+    try:
+        c = Client(srv.address)
+        assert c.ask(b"garbage\n\n") == f"action={MALFORMED_DEFER}\n\n".encode()
+        assert c.ask(request("x@y")) == DUNNO
+        c.close()
+    finally:
+        srv.stop_thread()
+
+
+def test_oversize_request_answered_then_closed(server: PolicyServer, client: Client) -> None:
+    client.send(request("echo@b") + b"request=smtpd_access_policy\nrecipient=" + b"r" * 3000)
+    assert client.reply().startswith(b"action=OK echo@b")
+    assert client.reply() == DUNNO
+    assert client.closed()
+    fits = Client(server.address)
+    pad = b"x" * (2000 - len(request("echo@b")) - len(b"pad=\n"))
+    wire = request("echo@b")[:-1] + b"pad=" + pad + b"\n\n"
+    assert len(wire) == 2000
+    assert fits.ask(wire).startswith(b"action=OK echo@b")
+    fits.send(wire[:-2] + b"x\n\n")
+    assert fits.reply() == DUNNO
+    assert fits.closed()
+    fits.close()
+
+
+def test_oversize_without_terminator_is_closed(client: Client) -> None:
+    for _ in range(4):
+        client.send(b"recipient=" + b"x" * 600 + b"\n")
+    assert client.reply() == DUNNO
+    assert client.closed()
+
+
+@pytest.mark.parametrize("rcpt", ["boom@x", "none@x", "empty@x"])
+def test_handler_failure_defers_and_keeps_serving(
+    client: Client, rcpt: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        assert client.ask(request(rcpt)) == INTERNAL
+    assert client.ask(request("no-such@mycompany.com")).startswith(b"action=550 5.1.1")
+    (failure,) = [r for r in caplog.records if r.name == LOGGER and r.exc_info]
+    assert rcpt in failure.getMessage()
+    if rcpt == "boom@x":
+        assert "handler bug" in str(failure.exc_info[1])
+
+
+def test_non_utf8_bytes_round_trip(client: Client) -> None:
+    raw = request("echo\udcff\udcfe@b")
+    assert client.ask(raw) == b"action=OK echo\xff\xfe@b alice@example.org RCPT\n\n"
+    assert client.ask(b"request=smtpd_access_policy\n\xc3=\x80\nrecipient=echo\n\n").startswith(
+        b"action=OK echo")
+    assert client.ask(request("jos\u00e9@b\u00fccher.de")) == DUNNO
+
+
+def test_newlines_in_action_cannot_inject(client: Client) -> None:
+    client.send(request("inject@x") + request("x@y"))
+    assert client.reply() == b"action=REJECT a b  c d  action=OK\n\n"
+    assert client.reply() == DUNNO
+
+
+def test_partial_request_at_close_dropped(
+    server: PolicyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        c = Client(server.address)
+        c.send(request("echo@b") + b"request=smtpd_access_policy\nrecip")
+        assert c.reply().startswith(b"action=OK")
+        c.close()
+        fresh = Client(server.address)
+        assert fresh.ask(request("x@y")) == DUNNO
+        fresh.close()
+    assert not [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+
+
+def test_idle_connection_closed(sockdir: Path) -> None:
+    srv = make_server(parse_socket_spec(f"unix:{sockdir}/i.sock"), idle_timeout=0.3)
+    srv.start_in_thread()
+    try:
+        c = Client(srv.address)
+        assert c.ask(request("x@y")) == DUNNO
+        assert c.closed()
+        c.close()
+    finally:
+        srv.stop_thread()
+
+
+def test_start_in_thread_and_stop_thread_clean(sockdir: Path) -> None:
+    spec = parse_socket_spec(f"unix:{sockdir}/t.sock")
+    before = set(threading.enumerate())
+    srv = make_server(spec, group="postfix")
+    srv.start_in_thread()
+    st_ = os.stat(spec.path)
+    assert oct(st_.st_mode & 0o777) == "0o660"
+    with pytest.raises(SocketInUseError):
+        make_server(spec).start_in_thread()
+    c = Client(spec)
+    assert c.ask(request("x@y")) == DUNNO
+    srv.stop_thread()
+    assert c.closed()
+    c.close()
+    assert not os.path.exists(spec.path)
+    assert not socket_is_listening(spec)
+    assert set(threading.enumerate()) == before
+    srv.start_in_thread()
+    c = Client(spec)
+    assert c.ask(request("x@y")) == DUNNO
+    c.close()
+    srv.stop_thread()
+
+
+def test_async_start_close(sockdir: Path) -> None:
+    spec = parse_socket_spec(f"unix:{sockdir}/a.sock")
+
+    async def main() -> None:
+        srv = make_server(spec)
+        await srv.start()
+        reader, writer = await asyncio.open_unix_connection(spec.path)
+        writer.write(request("echo@b") + request("x@y"))
+        assert await reader.readuntil(b"\n\n") == echoed("echo@b")
+        assert await reader.readuntil(b"\n\n") == DUNNO
+        await srv.close()
+        assert await reader.read() == b""
+        writer.close()
+
+    asyncio.run(main())
+    assert not os.path.exists(spec.path)
+
+
+def test_policy_request_mapping() -> None:
+    req = PolicyRequest({"request": "smtpd_access_policy", "recipient": "r@x", "size": "1234",
+                         "recipient_count": "junk", "instance": "i.1", "sasl_username": "bob"})
+    assert (req.recipient, req.size, req.recipient_count, req.instance) == ("r@x", 1234, 0, "i.1")
+    assert (req.sender, req.queue_id, req.client_address, req.protocol_state) == ("", "", "", "")
+    assert req.sasl_username == "bob" and req["recipient"] == "r@x" and "size" in req
+    assert req.get("nope") is None and len(req) == 6 and dict(req)["instance"] == "i.1"
+    with pytest.raises(TypeError):
+        req["recipient"] = "other"  # type: ignore[index]
+
+
+# -- fuzzing ------------------------------------------------------------------------------
+
+FUZZ_MAX_BYTES = 300
+FUZZ_MAX_ATTRIBUTES = 8
+MALFORMED = DUNNO
+
+
+def expected_replies(stream: bytes) -> tuple[list[bytes], bool]:
+    """Reference model: a request is everything up to the first empty line; returns the
+    replies and whether the server must close (oversize)."""
+    replies: list[bytes] = []
+    pos = 0
+    while True:
+        if stream.startswith(b"\n", pos):
+            replies.append(MALFORMED)
+            pos += 1
+            continue
+        end = stream.find(b"\n\n", pos)
+        if end < 0:
+            if len(stream) - pos >= FUZZ_MAX_BYTES:
+                return replies + [MALFORMED], True
+            return replies, False
+        if end + 2 - pos > FUZZ_MAX_BYTES:
+            return replies + [MALFORMED], True
+        replies.append(expected_reply(stream[pos:end]))
+        pos = end + 2
+
+
+def expected_reply(block: bytes) -> bytes:
+    lines = block.split(b"\n")
+    if len(lines) > FUZZ_MAX_ATTRIBUTES or any(not line.split(b"=", 1)[0] or b"=" not in line
+                                                for line in lines):
+        return MALFORMED
+    attrs = dict(line.split(b"=", 1) for line in lines)
+    if attrs.get(b"request") != b"smtpd_access_policy":
+        return MALFORMED
+    rcpt = attrs.get(b"recipient", b"")
+    if rcpt in (b"boom@x", b"none@x", b"empty@x"):
+        return INTERNAL
+    if rcpt == b"inject@x":
+        return b"action=REJECT a b  c d  action=OK\n\n"
+    if rcpt.startswith(b"echo"):
+        action = b"OK " + rcpt + b" " + attrs.get(b"sender", b"") + b" " + attrs.get(
+            b"protocol_state", b"")
+        return b"action=" + action.replace(b"\r", b" ").replace(b"\0", b" ") + b"\n\n"
+    if rcpt == b"no-such@mycompany.com":
+        return b"action=550 5.1.1 <no-such@mycompany.com>: no such alias\n\n"
+    return DUNNO
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def feed(chunks: list[bytes]) -> tuple[bytes, bool]:
+    """Drive one connection's protocol object directly, so chunk boundaries are exact."""
+    server = PolicyServer(handler, SocketSpec("inet", host="127.0.0.1", port=0),
+                          max_request_bytes=FUZZ_MAX_BYTES, max_attributes=FUZZ_MAX_ATTRIBUTES,
+                          logger=logging.getLogger("test.policyd.fuzz"))
+
+    async def run() -> tuple[bytes, bool]:
+        conn = _Connection(server)
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        for chunk in chunks:
+            if transport.closed:
+                break
+            buf = conn.get_buffer(len(chunk))
+            buf[: len(chunk)] = chunk
+            conn.buffer_updated(len(chunk))
+        conn.connection_lost(None)
+        return transport.written, transport.closed
+
+    return asyncio.run(run())
+
+
+_RECIPIENTS = [b"boom@x", b"none@x", b"empty@x", b"inject@x", b"echo\xff\r\0", b"echo@b",
+               b"no-such@mycompany.com", b"other@b"]
+_good_line = st.one_of(
+    st.sampled_from([b"sender=s@x\n", b"protocol_state=RCPT\n", b"\xff\xfe=\x80\n", b"x=\r\n",
+                     b"request=smtpd_access_policy\n", b"a==\n", b"sender=\n"]),
+    st.sampled_from(_RECIPIENTS).map(lambda r: b"recipient=" + r + b"\n"),
+)
+_bad_line = st.one_of(
+    st.sampled_from([b"request=junk\n", b"=x\n", b"noequals\n", b"\n"]),
+    st.binary(max_size=40),
+    st.integers(100, 400).map(lambda n: b"pad=" + b"x" * n + b"\n"),
+)
+# Mostly well-formed requests (some with a bad line, a missing request=, too many lines or too
+# many bytes), stray empty lines and raw garbage, so every branch of the framing is reached.
+_request = st.one_of(
+    st.sampled_from(_RECIPIENTS).map(lambda r: request(r.decode("utf-8", "surrogateescape"))),
+    st.lists(_good_line, min_size=1, max_size=10).map(
+        lambda lines: b"request=smtpd_access_policy\n" + b"".join(lines) + b"\n"),
+    st.lists(st.one_of(_good_line, _bad_line), max_size=10).map(
+        lambda lines: b"".join(lines) + b"\n"),
+    st.binary(max_size=60),
+)
+_stream = st.one_of(st.lists(_request, max_size=12).map(b"".join), st.binary(max_size=800))
+
+
+@st.composite
+def chunked(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    stream = draw(_stream)
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    bounds = [0, *cuts, len(stream)]
+    return stream, [stream[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunked())
+def test_fuzz_framing_any_chunking(case: tuple[bytes, list[bytes]]) -> None:
+    stream, chunks = case
+    written, closed = feed(chunks)
+    replies, must_close = expected_replies(stream)
+    assert written == b"".join(replies)
+    answers = written.split(b"\n\n")
+    assert answers.pop() == b"" and len(answers) == len(replies)
+    assert all(answer.startswith(b"action=") and b"\n" not in answer for answer in answers)
+    assert closed == must_close
+
+
+@pytest.fixture(scope="module")
+def fuzz_server() -> Iterator[PolicyServer]:
+    with tempfile.TemporaryDirectory(prefix="mg-", dir="/tmp") as d:
+        srv = PolicyServer(handler, parse_socket_spec(f"unix:{d}/f.sock"),
+                           max_request_bytes=FUZZ_MAX_BYTES, max_attributes=FUZZ_MAX_ATTRIBUTES,
+                           logger=logging.getLogger("test.policyd.fuzz"))
+        srv.start_in_thread()
+        yield srv
+        srv.stop_thread()
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(chunked())
+def test_fuzz_over_real_socket(fuzz_server: PolicyServer, case: tuple[bytes, list[bytes]]) -> None:
+    """The same property end to end: after the client's EOF the server has answered every
+    complete request exactly once, then closed; and it still serves a new connection."""
+    stream, chunks = case
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(fuzz_server.address.path)
+    sock.settimeout(5)
+    try:
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        received = b""
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
+    assert received == b"".join(expected_replies(stream)[0])
+    fresh = Client(fuzz_server.address)
+    assert fresh.ask(request("x@y")) == DUNNO
+    fresh.close()
