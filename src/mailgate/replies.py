@@ -34,15 +34,21 @@ SMTP = {
 
 # Socketmap answers that are not a route (the route itself is the transport string).
 LOOKUP = {
-    "internal_error": "internal error",
+    "malformed_request": "PERM malformed request",
+    "malformed_netstring": "PERM malformed netstring",
+    "too_long": "PERM request too long",
+    "internal_error": "TEMP internal error",
     "unknown_map": "unknown map name",
-    "no_password": "no password configured",
 }
 
-# Policy service actions (access(5) syntax), per recipient at RCPT time; {address} is filled in.
+# Policy service actions (access(5) syntax). Postfix puts "<rcpt>: Recipient address rejected:"
+# before the text itself, so the texts do not repeat the address.
 POLICY = {
     "outside": "DUNNO",
     "accept": "DUNNO",
-    "no_such_alias": "550 5.1.1 <{address}>: no such alias",
-    "forged_bounce": "550 5.7.1 <{address}>: bounce address not issued by this server",
+    "no_such_alias": "550 5.1.1 no such alias",
+    "forged_bounce": "550 5.7.1 bounce address not issued by this server",
+    "malformed_dunno": "DUNNO",
+    "malformed_defer": "DEFER_IF_PERMIT 4.3.0 mailgate: malformed policy request",
+    "internal_error": "DEFER_IF_PERMIT 4.3.0 mailgate: temporary internal error",
 }

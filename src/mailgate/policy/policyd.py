@@ -16,30 +16,21 @@ its end can no longer be found.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
-import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import cast
 
-from mailgate import sockets
+from mailgate.policy.service import ServiceConnection, StreamService
+from mailgate.replies import POLICY
 from mailgate.sockets import SocketSpec
 
-MALFORMED_DUNNO = "DUNNO"
-"""Default answer to a malformed request: let Postfix's other restrictions decide."""
-MALFORMED_DEFER = "DEFER_IF_PERMIT 4.3.0 mailgate: malformed policy request"
-"""The fail-closed alternative for ``on_malformed``: tempfail unless something rejects."""
-INTERNAL_ERROR_ACTION = "DEFER_IF_PERMIT 4.3.0 mailgate: temporary internal error"
-"""Answer when the handler raises: the client retries later, nothing is accepted and lost."""
-
+MALFORMED_DUNNO = POLICY["malformed_dunno"]
+MALFORMED_DEFER = POLICY["malformed_defer"]
+INTERNAL_ERROR_ACTION = POLICY["internal_error"]
 REQUEST_TYPE = "smtpd_access_policy"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024
 DEFAULT_MAX_ATTRIBUTES = 128
 """Postfix 3.7 sends about 30 attributes; four times that leaves room for newer versions."""
 
-_BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
-_READ_BUFFER = 16 * 1024
 _REPLY_CACHE_SIZE = 256
 _LOG_SNIPPET = 80
 
@@ -172,10 +163,11 @@ def parse_request(block: bytes | bytearray, max_attributes: int) -> dict[str, st
     return attrs
 
 
-class _Connection(asyncio.BufferedProtocol):
+class _Connection(ServiceConnection):
     """One Postfix client connection; answers every complete request as soon as it arrives."""
 
     def __init__(self, server: PolicyServer) -> None:
+        super().__init__(server)
         self._server = server
         self._handler = server.handler
         self._logger = server.logger
@@ -184,43 +176,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._malformed = server._malformed_reply
         self._cache = server._reply_cache
         self._pending = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop = asyncio.get_running_loop()
-        self._last_activity = 0.0
-        self._view = memoryview(bytearray(_READ_BUFFER))
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._server._connections.add(transport)
-        self._last_activity = self._loop.time()
-        self._timer = self._loop.call_later(self._server.idle_timeout, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server._connections.discard(self._transport)
-        if self._timer is not None:
-            self._timer.cancel()
+        super().connection_lost(exc)
         if self._pending:
             self._logger.debug("policyd: dropped %d bytes of an unfinished request at close",
                                len(self._pending))
-
-    def pause_writing(self) -> None:
-        """A client pipelining without reading replies: stop reading until it catches up."""
-        self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._transport.resume_reading()
-
-    def _check_idle(self) -> None:
-        remaining = self._last_activity + self._server.idle_timeout - self._loop.time()
-        if remaining > 0:
-            self._timer = self._loop.call_later(remaining, self._check_idle)
-        else:
-            self._timer = None
-            self._transport.close()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
         self._last_activity = self._loop.time()
@@ -296,12 +257,14 @@ class _Connection(asyncio.BufferedProtocol):
         return reply
 
 
-class PolicyServer:
+class PolicyServer(StreamService):
     """Serves ``handler(request) -> action`` over the policy delegation protocol on ``spec``.
 
     Runs inside an existing event loop (``start``/``close``) or, next to a blocking main
     program such as libmilter, in its own daemon thread (``start_in_thread``/``stop_thread``).
     """
+
+    name = "policy"
 
     def __init__(
         self,
@@ -320,95 +283,15 @@ class PolicyServer:
             raise ValueError("on_malformed must be an access(5) action, e.g. DUNNO")
         if max_request_bytes < 2 or max_attributes < 1:
             raise ValueError("max_request_bytes must be >= 2 and max_attributes >= 1")
+        super().__init__(spec, idle_timeout=idle_timeout, mode=mode, group=group, logger=logger)
         self.handler = handler
-        self.spec = spec
         self.on_malformed = on_malformed
         self.max_request_bytes = max_request_bytes
         self.max_attributes = max_attributes
-        self.idle_timeout = idle_timeout
-        self.mode = mode
-        self.group = group
-        self.logger = logger or logging.getLogger(__name__)
         self._malformed_reply = encode_action(on_malformed)
         self._internal_error_reply = encode_action(INTERNAL_ERROR_ACTION)
         self._reply_cache: dict[str, bytes] = {}
-        self._connections: set[asyncio.BaseTransport] = set()
-        self._server: asyncio.AbstractServer | None = None
-        self._file_identity: tuple[int, int] | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def address(self) -> SocketSpec:
-        """The spec actually bound (with the real port if ``spec.port`` was 0)."""
-        if self._server is None:
-            raise RuntimeError("policy server is not started")
-        return sockets.bound_spec(self.spec, self._server)
+    def connection(self) -> _Connection:
+        return _Connection(self)
 
-    async def start(self) -> None:
-        """Bind and start accepting; raises if the socket is unusable (e.g. in use)."""
-        self._server = await sockets.start_protocol_server(
-            self.spec, lambda: _Connection(self), mode=self.mode, group=self.group
-        )
-        self._file_identity = sockets.socket_file_identity(self.spec)
-        self.logger.info("policy server listening on %s", self.address)
-
-    async def close(self) -> None:
-        """Stop listening, close live connections, remove our socket file."""
-        if self._server is None:
-            return
-        self._server.close()
-        for transport in list(self._connections):
-            transport.close()
-        await asyncio.sleep(0)
-        await self._server.wait_closed()
-        self._server = None
-        sockets.remove_socket_file(self.spec, self._file_identity)
-
-    def start_in_thread(self, timeout: float = 10.0) -> None:
-        """Serve from a daemon thread with its own loop; returns once listening (or raises the
-        startup error). The thread blocks the process signals so they reach the main thread,
-        where libmilter waits for them."""
-        if self._thread is not None:
-            raise RuntimeError("policy server thread already running")
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
-            loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(self.start())
-            except BaseException as exc:
-                failure.append(exc)
-                loop.close()
-                started.set()
-                return
-            self._loop = loop
-            started.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(self.close())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="policyd", daemon=True)
-        self._thread.start()
-        if not started.wait(timeout):
-            raise TimeoutError("policy server thread did not start")
-        if failure:
-            self._thread.join()
-            self._thread = None
-            raise failure[0]
-
-    def stop_thread(self, timeout: float = 10.0) -> None:
-        """Stop the thread started by ``start_in_thread`` and wait for it to finish."""
-        thread, loop = self._thread, self._loop
-        if thread is None:
-            return
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
-        if thread.is_alive():
-            raise TimeoutError("policy server thread did not stop")
-        self._thread = self._loop = None

@@ -1,0 +1,157 @@
+"""What the socketmap and policy servers share: the listener's life and the connection's.
+
+Both are asyncio servers next to libmilter, which owns the main thread and the process signals:
+`start_in_thread` runs the loop in a daemon thread with those signals blocked. Both protocols
+read into a preallocated buffer (`asyncio.BufferedProtocol`), close idle connections, and stop
+reading from a client that pipelines without reading its replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from typing import cast
+
+from mailgate import sockets
+from mailgate.sockets import SocketSpec
+
+BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+READ_BUFFER = 16 * 1024
+
+
+class StreamService:
+    """A listener on `spec` whose connections are made by `connection()`."""
+
+    name = "service"
+
+    def __init__(self, spec: SocketSpec, *, idle_timeout: float = 300.0, mode: int = 0o660,
+                 group: str | None = None, logger: logging.Logger | None = None) -> None:
+        self.spec = spec
+        self.idle_timeout = idle_timeout
+        self.mode = mode
+        self.group = group
+        self.logger = logger or logging.getLogger(__name__)
+        self.connections: set[asyncio.BaseTransport] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._file_identity: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def connection(self) -> asyncio.BaseProtocol:
+        raise NotImplementedError
+
+    @property
+    def address(self) -> SocketSpec:
+        """The spec actually bound (with the real port if ``spec.port`` was 0)."""
+        if self._server is None:
+            raise RuntimeError(f"{self.name} server is not started")
+        return sockets.bound_spec(self.spec, self._server)
+
+    async def start(self) -> None:
+        """Bind and start accepting; raises if the socket is unusable (e.g. in use)."""
+        self._server = await sockets.start_protocol_server(
+            self.spec, self.connection, mode=self.mode, group=self.group)
+        self._file_identity = sockets.socket_file_identity(self.spec)
+        self.logger.info("NOQUEUE: event=listening service=%s socket=%s", self.name, self.address)
+
+    async def close(self) -> None:
+        """Stop listening, close live connections, remove our socket file."""
+        if self._server is None:
+            return
+        self._server.close()
+        for transport in list(self.connections):
+            transport.close()
+        await asyncio.sleep(0)
+        await self._server.wait_closed()
+        self._server = None
+        sockets.remove_socket_file(self.spec, self._file_identity)
+
+    def start_in_thread(self, timeout: float = 10.0) -> None:
+        """Serve from a daemon thread with its own loop; returns once listening (or raises the
+        startup error). The thread blocks the process signals so they reach libmilter."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name} server thread already running")
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_SIGNALS)
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as exc:
+                failure.append(exc)
+                loop.close()
+                started.set()
+                return
+            self._loop = loop
+            started.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self.close())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+        if not started.wait(timeout):
+            raise TimeoutError(f"{self.name} server thread did not start")
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+
+    def stop_thread(self, timeout: float = 10.0) -> None:
+        """Stop the thread started by ``start_in_thread`` and wait for it to finish."""
+        thread, loop = self._thread, self._loop
+        if thread is None:
+            return
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"{self.name} server thread did not stop")
+        self._thread = self._loop = None
+
+
+class ServiceConnection(asyncio.BufferedProtocol):
+    """One client connection: registration, idle timeout, back-pressure, the read buffer."""
+
+    def __init__(self, service: StreamService) -> None:
+        self._service = service
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._last_activity = 0.0
+        self._view = memoryview(bytearray(READ_BUFFER))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._service.connections.add(transport)
+        self._last_activity = self._loop.time()
+        self._timer = self._loop.call_later(self._service.idle_timeout, self._check_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._service.connections.discard(self._transport)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def pause_writing(self) -> None:
+        """A client pipelining without reading replies: stop reading until it catches up."""
+        self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._transport.resume_reading()
+
+    def _check_idle(self) -> None:
+        remaining = self._last_activity + self._service.idle_timeout - self._loop.time()
+        if remaining > 0:
+            self._timer = self._loop.call_later(remaining, self._check_idle)
+        else:
+            self._timer = None
+            self._transport.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
