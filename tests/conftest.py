@@ -1,8 +1,14 @@
-"""Shared pytest hooks."""
+"""Shared pytest hooks and the lab gateway fixture of the end-to-end modules."""
 
 from __future__ import annotations
 
+import shutil
+from typing import Iterator
+
 import pytest
+
+from mailgate.lab.gateway import LabGateway
+from mailgate.lab.postfix import make_basedir
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -11,3 +17,27 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[LabGateway]:
+    """One whole gateway (private Postfix, `mailgate serve`, sinks, Odoo stand-in) per module."""
+    base = make_basedir()
+    gateway = LabGateway(base)
+    try:
+        gateway.start()
+        yield gateway
+    finally:
+        gateway.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def attach_logs(request, gw):
+    """On failure, show what mailgate and Postfix logged."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print("--- mailgate log ---\n" + gw.mailgate_log()[-6000:])
+        if gw.pf:
+            print(gw.pf.log_tail(80))

@@ -5,40 +5,18 @@ the pipe to `mailgate deliver` and a local Odoo stand-in, through a real Postfix
 from __future__ import annotations
 
 import re
-import shutil
 import smtplib
 import time
 import uuid
 from email.message import EmailMessage
-from typing import Iterator
 
 import pytest
 
 from mailgate.lab.gateway import LabGateway
-from mailgate.lab.postfix import make_basedir
 from mailgate.replies import SMTP
 
 
-@pytest.fixture(scope="module")
-def gw() -> Iterator[LabGateway]:
-    base = make_basedir()
-    gateway = LabGateway(base)
-    try:
-        gateway.start()
-        yield gateway
-    finally:
-        gateway.stop()
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def attach_logs(request, gw):
-    yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print("--- mailgate log ---\n" + gw.mailgate_log()[-5000:])
-        if gw.pf:
-            print(gw.pf.log_tail(80))
+pytestmark = pytest.mark.usefixtures("attach_logs")
 
 
 def message(sender: str, to: str, cc: str | None = None, msgid: str | None = None, **headers: str) -> bytes:

@@ -7,7 +7,6 @@ uses its own addresses and finds its mail by queue id, so the tests do not depen
 from __future__ import annotations
 
 import re
-import shutil
 import smtplib
 import sqlite3
 import subprocess
@@ -15,37 +14,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Iterator
 
 import pytest
 
 from mailgate.lab.gateway import SASL_USER, LabGateway
-from mailgate.lab.postfix import make_basedir
 from mailgate.lab.sinks import ReceivedMessage
 from mailgate.tokens import TokenSigner, split_tokenised
 
 
-@pytest.fixture(scope="module")
-def gw() -> Iterator[LabGateway]:
-    base = make_basedir()
-    gateway = LabGateway(base)
-    try:
-        gateway.start()
-        yield gateway
-    finally:
-        gateway.stop()
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def attach_logs(request, gw):
-    """On failure, show what Postfix and mailgate logged."""
-    yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print("--- mailgate log ---\n" + gw.mailgate_log()[-4000:])
-        if gw.pf:
-            print(gw.pf.log_tail(60))
+pytestmark = pytest.mark.usefixtures("attach_logs")
 
 
 def message(header_from: str, to: str, **headers: str) -> tuple[bytes, str]:

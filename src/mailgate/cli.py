@@ -125,6 +125,52 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     return main_deliver(config, args.alias, sys.stdin.buffer, sys.stderr)
 
 
+def _store(args: argparse.Namespace):
+    from mailgate.store import open_store
+    return open_store(_load(args, check_files=False).config.database)
+
+
+def cmd_bounce_parse(args: argparse.Namespace) -> int:
+    from mailgate.bounceparse import find_token, parse_bounce, report_json
+    try:
+        raw = sys.stdin.buffer.read() if args.file in (None, "-") else Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"mailgate: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    alias = "bounce"
+    if getattr(args, "config", None) or os.environ.get("MAILGATE_CONFIG") or DEFAULT_CONFIG_PATH.exists():
+        alias = _load(args, check_files=False).config.bounce_alias
+    print(json.dumps(report_json(parse_bounce(raw), find_token(raw, alias)), ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_bounces(args: argparse.Namespace) -> int:
+    import time
+    from mailgate import views
+    store = _store(args)
+    try:
+        since = views.parse_since(args.since, time.time())
+    except ValueError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.view == "stats":
+        return views.bounces_stats(store, since, args.json)
+    return views.bounces_list(store, since, args.address, args.json)
+
+
+def cmd_blacklist(args: argparse.Namespace) -> int:
+    from mailgate import views
+    store = _store(args)
+    if args.action == "list":
+        return views.blacklist_list(store, args.json)
+    if not args.address:
+        print(f"mailgate: blacklist {args.action} needs an address", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "why":
+        return views.blacklist_why(store, args.address, args.json)
+    return views.blacklist_change(store, args.action, args.address, args.reason, args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mailgate.demo import run_demo
     return run_demo(keep=args.keep)
@@ -150,6 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     postfix.add_argument("--mailgate-bin", help="the mailgate command the delivery pipe runs (default: this one)")
     postfix.add_argument("--pipe-user", default="mailgate", help="the user the delivery pipe runs as")
 
+    bounce = commands.add_parser("bounce", parents=[common], help="delivery reports")
+    bounce_kinds = bounce.add_subparsers(dest="kind", metavar="KIND")
+    bounce_kinds.required = True
+    bounce_kinds.add_parser("parse", parents=[common], help="parse one report (JSON)").add_argument(
+        "file", nargs="?", help="the report (default and -: stdin)")
+
+    bounces = commands.add_parser("bounces", parents=[common], help="recorded bounces")
+    bounces.add_argument("view", choices=("list", "stats"))
+    bounces.add_argument("--since", help="7d, 24h, 30m or a date (default: all)")
+    bounces.add_argument("--address", help="only this recipient (list)")
+    bounces.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    blacklist = commands.add_parser("blacklist", parents=[common], help="the blacklist of bouncing addresses")
+    blacklist.add_argument("action", choices=("list", "add", "remove", "why"))
+    blacklist.add_argument("address", nargs="?")
+    blacklist.add_argument("--reason", help="recorded with add/remove")
+    blacklist.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
     explain = commands.add_parser("explain", parents=[common], help="show a decision without sending")
     explain_kinds = explain.add_subparsers(dest="kind", metavar="KIND")
     explain_kinds.required = True
@@ -173,6 +237,9 @@ HANDLERS = {
     "postfix-config": cmd_postfix_config,
     ("explain", "outbound"): cmd_explain_outbound,
     ("explain", "inbound"): cmd_explain_inbound,
+    ("bounce", "parse"): cmd_bounce_parse,
+    "bounces": cmd_bounces,
+    "blacklist": cmd_blacklist,
 }
 
 

@@ -20,6 +20,8 @@ LOOP_ACTIONS = ("reject", "defer", "hold")
 DIRECT_WRITE_ACTIONS = ("pass", "reject")
 QUOTA_SCOPES = ("gateway", "sender_domain", "sasl_user")
 MALFORMED_ACTIONS = ("dunno", "defer")
+BOUNCE_FORWARDS = ("odoo", "discard")
+QUOTA_ACTIONS = ("defer", "hold")
 
 
 @dataclass(frozen=True)
@@ -78,16 +80,24 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class BounceSettings:
+    """The blacklist rule (odoo-rules B3) and what becomes of a report once recorded."""
+
     blacklist_after: int = 5
     window_days: int = 91
     min_spread_days: int = 7
     count_soft: bool = False
+    token_days: int = 30          # a report on an older token is recorded as stale, never counted
+    forward: str = "odoo"         # odoo: hand the report to Odoo | discard: record only
 
 
 @dataclass(frozen=True)
 class QuotaSettings:
+    """Recipients per rolling 24 hours, per scope; mass mail has its own limit."""
+
     daily: int | None = 200
+    mass_daily: int | None = 200
     scope: str = "sender_domain"
+    action: str = "defer"         # defer: DEFER_IF_PERMIT 4.7.1 | hold: Postfix's hold queue
 
 
 @dataclass(frozen=True)

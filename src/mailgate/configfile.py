@@ -19,7 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from mailgate.addresses import is_valid_address, is_valid_domain
-from mailgate.config import (DIRECT_WRITE_ACTIONS, LOOP_ACTIONS, MALFORMED_ACTIONS, QUOTA_SCOPES,
+from mailgate.config import (BOUNCE_FORWARDS, QUOTA_ACTIONS, DIRECT_WRITE_ACTIONS, LOOP_ACTIONS, MALFORMED_ACTIONS, QUOTA_SCOPES,
                              SECURITY_MODES, SERVER_SELECTIONS, Alias, BounceSettings, Config,
                              ListenSettings, LoopSettings, MassMailSettings, OdooSettings, PolicySettings,
                              QuotaSettings, Server)
@@ -312,8 +312,9 @@ _SERVER = {
 _LOOP = {"minutes": _int(1, 525_600), "threshold": _int(1, 1_000_000), "action": _choice(LOOP_ACTIONS),
          "allowed_senders": _addresses}
 _BOUNCES = {"blacklist_after": _int(1, 1000), "window_days": _int(1, 3650), "min_spread_days": _int(0, 3650),
-            "count_soft": _bool}
-_QUOTA = {"daily": _opt_int(1, 100_000_000), "scope": _choice(QUOTA_SCOPES)}
+            "count_soft": _bool, "token_days": _int(1, 3650), "forward": _choice(BOUNCE_FORWARDS)}
+_QUOTA = {"daily": _opt_int(1, 100_000_000), "mass_daily": _opt_int(1, 100_000_000), "scope": _choice(QUOTA_SCOPES),
+          "action": _choice(QUOTA_ACTIONS)}
 _MASS = {"server": _opt_str, "listeners": _str_list, "sasl_users": _str_list, "headers": _header_signs}
 _LISTEN = {"milter": _socket_spec, "lookup": _socket_spec, "policy": _socket_spec, "socket_group": _opt_str}
 _POLICY = {"on_malformed": _choice(MALFORMED_ACTIONS)}

@@ -308,3 +308,16 @@ def delivery_transport(config: Config, address: str) -> str | None:
     if config.fallback_target:
         return target_transport(config.fallback_target, "fallback")
     return None
+
+
+def takes_inbound_role(config: Config, listener: str | None, envelope_sender: str, recipients: list[str]) -> bool:
+    """Mail on an inbound listener, or a delivery report (null sender) to our bounce addresses.
+
+    The second case is Postfix's own reports on mail it could not deliver upstream: they are
+    made inside Postfix (non_smtpd_milters, `internal_mail_filter_classes = bounce`) and reach
+    the milter on the submission side, but they are inbound reports all the same.
+    """
+    if listener in config.inbound_listeners:
+        return True
+    return (not envelope_sender and bool(recipients)
+            and all(bounce_token_of(config, r) is not None or is_plain_bounce(config, r) for r in recipients))

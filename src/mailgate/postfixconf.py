@@ -62,6 +62,7 @@ def main_settings(config: Config) -> list[tuple[str, str]]:
              f"check_policy_service {parse_socket_spec(config.listen.policy).postfix_address()}"),
             ("smtpd_policy_service_default_action", "451 4.3.5 mailgate policy service unavailable"),
             (f"{ODOO_TRANSPORT}_destination_recipient_limit", "1"),
+            ("internal_mail_filter_classes", "bounce"),
         ]
     return settings
 
@@ -95,13 +96,15 @@ def submission_service(listen: str, daemon_name: str) -> list[str]:
     """A loopback listener for Odoo and local applications, marked for the outbound role."""
     return [f"{listen} inet n - n - - smtpd",
             f"  -o milter_macro_daemon_name={daemon_name}",
+            f"  -o smtpd_policy_service_policy_context={daemon_name}",
             "  -o smtpd_client_restrictions=permit_mynetworks,reject",
             "  -o smtpd_relay_restrictions=permit_mynetworks,reject"]
 
 
 def inbound_service() -> list[str]:
     """The public port-25 listener: the inbound role."""
-    return ["smtp inet n - n - - smtpd", f"  -o milter_macro_daemon_name={INBOUND_LISTENER}"]
+    return ["smtp inet n - n - - smtpd", f"  -o milter_macro_daemon_name={INBOUND_LISTENER}",
+            f"  -o smtpd_policy_service_policy_context={INBOUND_LISTENER}"]
 
 
 def odoo_pipe_service(wiring: Wiring) -> list[str]:

@@ -16,7 +16,7 @@ from mailgate.logfmt import kv_line
 from mailgate.milter.app import serve_milter
 from mailgate.policy.lookup import LookupService
 from mailgate.policy.policyd import MALFORMED_DEFER, MALFORMED_DUNNO, PolicyServer
-from mailgate.policy.recipients import RecipientPolicy
+from mailgate.policy.recipients import GatewayPolicy
 from mailgate.policy.socketmap import SocketmapServer
 from mailgate.runtime import Runtime
 from mailgate.sockets import parse_socket_spec
@@ -50,7 +50,7 @@ def serve(runtime: Runtime) -> int:
     lookup = SocketmapServer(LookupService(runtime), parse_socket_spec(config.listen.lookup),
                              group=config.listen.socket_group, logger=logger)
     malformed = MALFORMED_DEFER if config.policy.on_malformed == "defer" else MALFORMED_DUNNO
-    policy = PolicyServer(RecipientPolicy(runtime), parse_socket_spec(config.listen.policy),
+    policy = PolicyServer(GatewayPolicy(runtime), parse_socket_spec(config.listen.policy),
                           on_malformed=malformed, group=config.listen.socket_group, logger=logger)
     lookup.start_in_thread()
     policy.start_in_thread()

@@ -30,7 +30,8 @@ from mailgate.sockets import parse_socket_spec, socket_is_listening
 
 SASL_USER, SASL_PASSWORD = "odoo@mycompany.com", "relay-password"
 ODOO_PASSWORD = "odoo-admin-password"
-PIPE_USER = "nobody"  # pipe(8) never runs as root; Debian always has this user
+PIPE_USER = "nobody"
+GONE = "gone@customer.example"  # every upstream sink refuses it with 550 5.1.1  # pipe(8) never runs as root; Debian always has this user
 
 
 @dataclass
@@ -66,11 +67,12 @@ class LabGateway:
     def start(self) -> "LabGateway":
         certs = make_ca_and_cert(self.base / "tls")
         cert = (certs.cert, certs.key)
+        gone = {GONE: "550 5.1.1 <gone@customer.example>: Recipient address rejected: User unknown"}
         self.sinks = {
             "transactional": Sink(security="starttls", cert=cert, auth=(SASL_USER, SASL_PASSWORD),
-                                  name="transactional"),
-            "partner": Sink(name="partner", reject={"gone@customer.example": "550 5.1.1 no such user"}),
-            "mass": Sink(security="tls", cert=cert, name="mass"),
+                                  name="transactional", reject=gone),
+            "partner": Sink(name="partner", reject=gone),
+            "mass": Sink(security="tls", cert=cert, name="mass", reject=gone),
             "default": Sink(name="default"),
         }
         for sink in self.sinks.values():
@@ -82,9 +84,8 @@ class LabGateway:
         main_cf = dict(main_settings(config))
         main_cf["relayhost"] = f"[127.0.0.1]:{self.sinks['default'].port}"
         self.pf = PrivatePostfix(self.base / "pf", listeners={
-            "submission": {"milter_macro_daemon_name": SUBMISSION_LISTENER},
-            "mass": {"milter_macro_daemon_name": "mass"},
-            "inbound": {"milter_macro_daemon_name": INBOUND_LISTENER},
+            name: {"milter_macro_daemon_name": role, "smtpd_policy_service_policy_context": role}
+            for name, role in (("submission", SUBMISSION_LISTENER), ("mass", "mass"), ("inbound", INBOUND_LISTENER))
         }, main_cf=main_cf)
         for server in config.servers:
             self.pf.add_master_service("\n".join(transport_service(config, server)) + "\n")

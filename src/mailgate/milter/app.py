@@ -14,6 +14,7 @@ from typing import Callable
 
 import Milter
 
+from mailgate.inbound import takes_inbound_role
 from mailgate.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
 from mailgate.milter.inbound import ROUTE_HEADER, process_inbound
@@ -26,7 +27,8 @@ READ_HEADERS = {"from", "sender", "reply-to", "message-id", "precedence", "list-
                 "x-mailgate-stream", "to", "cc", "delivered-to", "resent-to", "resent-cc",
                 "references", "in-reply-to", "content-type", "x-mailgate-route"}
 
-ACTION_FLAGS = Milter.CHGFROM | Milter.CHGHDRS | Milter.ADDHDRS | Milter.DELRCPT | Milter.QUARANTINE
+ACTION_FLAGS = (Milter.CHGFROM | Milter.CHGHDRS | Milter.ADDHDRS | Milter.ADDRCPT | Milter.DELRCPT
+                | Milter.QUARANTINE)
 
 
 def _strip_brackets(address: str) -> str:
@@ -63,16 +65,25 @@ class GatewayMilter(Milter.Base):
 
     @Milter.noreply
     def header(self, name: str, value: str) -> int:
+        facts = self.facts
+        if facts.inbound is None:
+            facts.inbound = takes_inbound_role(self.runtime.config, facts.listener, facts.envelope_sender,
+                                               facts.recipients)
+        if facts.inbound:
+            facts.all_headers.append((name, value))
         if name.lower() in READ_HEADERS:
-            self.facts.headers.append((name, value))
+            facts.headers.append((name, value))
         return Milter.CONTINUE
 
     @Milter.nocallback
     def eoh(self) -> int:
         return Milter.CONTINUE
 
-    @Milter.nocallback
+    @Milter.noreply
     def body(self, chunk: bytes) -> int:
+        """Kept for inbound mail only (delivery reports are parsed); no reply is awaited either way."""
+        if self.facts.inbound:
+            self.facts.add_body(chunk)
         return Milter.CONTINUE
 
     @Milter.nocallback
@@ -91,21 +102,13 @@ class GatewayMilter(Milter.Base):
         runtime = self.runtime
         queue_id = self.getsymval("i") or "NOQUEUE"
         try:
-            if self.facts.listener in runtime.config.inbound_listeners:
+            facts = self.facts
+            if facts.inbound is None:  # a message without a single header line
+                facts.inbound = takes_inbound_role(runtime.config, facts.listener, facts.envelope_sender,
+                                                   facts.recipients)
+            if facts.inbound:
                 return self._inbound(runtime, queue_id)
-            effects = process_outbound(runtime, self.facts, queue_id)
-            runtime.logger.info(effects.log_line)
-            if effects.decision.warning:
-                runtime.logger.warning(kv_line(queue_id, role="outbound", warning=effects.decision.warning))
-            if runtime.config.dry_run:
-                return Milter.CONTINUE
-            if effects.new_header_from is not None:
-                self.chgheader("From", 1, effects.new_header_from)
-            for index in range(effects.drop_stream_headers, 0, -1):
-                self.chgheader("X-Mailgate-Stream", index, "")
-            if effects.new_envelope is not None:
-                self.chgfrom(f"<{effects.new_envelope}>")
-            return Milter.CONTINUE
+            return self._outbound(runtime, queue_id)
         except Exception as exc:  # any failure must keep the mail with Postfix, never lose it
             runtime.logger.error(kv_line(queue_id, role="error", error=type(exc).__name__, detail=str(exc)))
             runtime.logger.debug("traceback", exc_info=True)
@@ -113,14 +116,44 @@ class GatewayMilter(Milter.Base):
             self.setreply(reply.code, reply.status, reply.text)
             return Milter.TEMPFAIL
 
+    def _outbound(self, runtime: Runtime, queue_id: str) -> int:
+        effects = process_outbound(runtime, self.facts, queue_id)
+        runtime.logger.info(effects.log_line)
+        for line in effects.blacklist_lines:
+            runtime.logger.info(line)
+        if effects.decision.warning:
+            runtime.logger.warning(kv_line(queue_id, role="outbound", warning=effects.decision.warning))
+        if runtime.config.dry_run:
+            return Milter.CONTINUE
+        if effects.discard:
+            return Milter.DISCARD
+        for recipient in effects.removed_recipients:
+            self.delrcpt(f"<{recipient}>")
+        if effects.new_header_from is not None:
+            self.chgheader("From", 1, effects.new_header_from)
+        for index in range(effects.drop_stream_headers, 0, -1):
+            self.chgheader("X-Mailgate-Stream", index, "")
+        if effects.new_envelope is not None:
+            self.chgfrom(f"<{effects.new_envelope}>")
+        return Milter.CONTINUE
+
     def _inbound(self, runtime: Runtime, queue_id: str) -> int:
         effects = process_inbound(runtime, self.facts, queue_id)
         runtime.logger.info(effects.log_line)
         decision = effects.decision
+        bounce = effects.bounce
+        for line in bounce.log_lines if bounce else ():
+            runtime.logger.info(line)
         if runtime.config.dry_run:
             return Milter.CONTINUE
         for index in range(len(self.facts.header_values(ROUTE_HEADER)), 0, -1):
             self.chgheader(ROUTE_HEADER, index, "")
+        if bounce and bounce.destination == "discard":
+            return Milter.DISCARD
+        if bounce and bounce.destination == "original":
+            for recipient in bounce.bounce_recipients:
+                self.delrcpt(f"<{recipient}>")
+            self.addrcpt(f"<{bounce.original}>")
         if decision.action == "deliver":
             self.addheader(ROUTE_HEADER, effects.route_header)
             return Milter.CONTINUE

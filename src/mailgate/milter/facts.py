@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+BODY_LIMIT = 10 * 1024 * 1024  # a delivery report is small; the rest of a huge one is not needed
+
 
 @dataclass
 class MessageFacts:
@@ -12,6 +14,9 @@ class MessageFacts:
     envelope_sender: str = ""
     recipients: list[str] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)  # only the ones a rule reads
+    inbound: bool | None = None        # decided at the first header, once the envelope is known
+    all_headers: list[tuple[str, str]] = field(default_factory=list)  # inbound only: for the report parser
+    body: bytearray = field(default_factory=bytearray)                # inbound only, up to BODY_LIMIT
 
     def header_values(self, name: str) -> list[str]:
         name = name.lower()
@@ -20,3 +25,13 @@ class MessageFacts:
     def first_header(self, name: str) -> str | None:
         values = self.header_values(name)
         return values[0] if values else None
+
+    def add_body(self, chunk: bytes) -> None:
+        room = BODY_LIMIT - len(self.body)
+        if room > 0:
+            self.body += chunk[:room]
+
+    def raw_message(self) -> bytes:
+        """The message as the parser reads it: every header, a blank line, the body kept."""
+        head = "".join(f"{name}: {value}\r\n" for name, value in self.all_headers)
+        return head.encode("utf-8", "surrogateescape") + b"\r\n" + bytes(self.body)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from mailgate.inbound import InboundDecision, InboundMessage, decide_inbound
 from mailgate.logfmt import kv_line
+from mailgate.milter.bounce import BounceEffects, process_bounce
 from mailgate.milter.facts import MessageFacts
 from mailgate.runtime import Runtime
 from mailgate.store import InboundRecord
@@ -23,6 +24,7 @@ class InboundEffects:
     decision: InboundDecision
     route_header: str | None     # the X-Mailgate-Route value to add when delivering
     log_line: str
+    bounce: BounceEffects | None = None
 
 
 def inbound_message(facts: MessageFacts) -> InboundMessage:
@@ -41,13 +43,19 @@ def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Inb
             already_received=store.already_received,
             recent_count=lambda sender, key: store.recent_count(sender, key, since),
             token_valid=lambda token: runtime.signer.verify(token) is not None)
+        is_bounce = bool(decision.routes) and decision.routes[0].kind == "bounce"
         if not config.dry_run:
             counted = [r.key for r in decision.routes] if decision.action == "deliver" else []
             store.record_inbound(InboundRecord(queue_id, message.message_id, message.sender,
                                                ", ".join(decision.labels), decision.action, now), counted)
+            if decision.action == "deliver" and not is_bounce and message.sender:
+                store.reset_bounces(message.sender, now)  # B2: the address is alive
     line = kv_line(queue_id, role="inbound", **{"from": facts.envelope_sender or None}, sender=message.sender,
                    rcpt=",".join(facts.recipients), routes=",".join(decision.labels) or None,
                    action=decision.action, reply=decision.reply, reason=decision.reasons[-1] if decision.reasons else None,
                    dry_run=config.dry_run)
     header = ", ".join(decision.labels) if decision.action == "deliver" else None
-    return InboundEffects(decision, header, line)
+    bounce = None
+    if decision.action == "deliver" and is_bounce and not config.dry_run:
+        bounce = process_bounce(runtime, facts, queue_id)
+    return InboundEffects(decision, header, line, bounce)

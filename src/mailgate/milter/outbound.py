@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.addresses import domain_of, parse_mailboxes, to_wire
+from mailgate.addresses import domain_of, normalize, parse_mailboxes, to_wire
 from mailgate.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
 from mailgate.outbound import OutboundDecision, OutboundRequest, decide_outbound, is_mass_mail
@@ -26,6 +26,9 @@ class OutboundEffects:
     drop_stream_headers: int         # internal header removed before the message leaves
     row_id: int
     log_line: str
+    removed_recipients: tuple[str, ...] = ()   # blacklisted recipients of mass mail (delrcpt)
+    discard: bool = False                      # mass mail left with no recipient
+    blacklist_lines: tuple[str, ...] = ()
 
 
 def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> OutboundEffects:
@@ -44,13 +47,30 @@ def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Ou
         wire = to_wire(f"{config.bounce_alias}+{token}@{domain_of(decision.envelope_from)}")
     else:
         wire = to_wire(decision.envelope_from)
+    if not facts.envelope_sender:
+        wire = ""  # RFC 5321 4.5.5: a report keeps its null sender, or reports could loop
     new_envelope = wire if wire and wire != facts.envelope_sender else None
     line = kv_line(queue_id, role="outbound", **{"from": facts.envelope_sender or None},
                    header_from=_address_of(decision.header_from), rewritten=decision.rewritten,
                    envelope=wire or None, server=decision.server_name, reason=decision.step, mass=mass,
                    listener=facts.listener, row=row_id, dry_run=config.dry_run)
+    removed, blacklist_lines = _blacklisted(runtime, facts, queue_id, mass)
     return OutboundEffects(decision, decision.header_from if decision.rewritten else None, new_envelope,
-                           len(facts.header_values(STREAM_HEADER)), row_id, line)
+                           len(facts.header_values(STREAM_HEADER)), row_id, line, removed,
+                           bool(removed) and len(removed) == len(facts.recipients), blacklist_lines)
+
+
+def _blacklisted(runtime: Runtime, facts: MessageFacts, queue_id: str, mass: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Mass mail loses its blacklisted recipients; transactional mail is never blocked, only logged."""
+    blocked = runtime.store.blacklisted([normalize(r) for r in facts.recipients])
+    if not blocked:
+        return (), ()
+    hits = tuple(r for r in facts.recipients if normalize(r) in blocked)
+    action = "removed" if mass else "logged"
+    lines = tuple(kv_line(queue_id, role="blacklist", rcpt=r, action=action, mass=mass) for r in hits)
+    if mass and len(hits) == len(facts.recipients):
+        lines += (kv_line(queue_id, role="blacklist", action="discard", reason="no recipient left"),)
+    return (hits if mass else ()), lines
 
 
 def _address_of(header: str | None) -> str | None:

@@ -1,0 +1,76 @@
+"""Delivery reports to our bounce addresses: parse, record, blacklist, pass on.
+
+Reports reach here only through a route that has already checked the token (a forged or
+foreign token is refused before this point). Every failed recipient becomes a row; the
+blacklist rule runs for each counted one, in the same transaction as the rows it counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailgate.addresses import normalize
+from mailgate.bounceparse import BounceReport, parse_bounce
+from mailgate.bounces import blacklist_verdict, report_destination, token_is_stale
+from mailgate.inbound import bounce_token_of
+from mailgate.logfmt import kv_line
+from mailgate.milter.facts import MessageFacts
+from mailgate.runtime import Runtime
+from mailgate.store.records import BounceRecord
+from mailgate.tokens import BounceToken
+
+
+@dataclass(frozen=True)
+class BounceEffects:
+    report: BounceReport
+    destination: str              # original | odoo | discard
+    original: str | None          # Odoo's own bounce address, when the report goes back to it
+    bounce_recipients: tuple[str, ...]   # our bounce addresses among the envelope recipients
+    log_lines: tuple[str, ...]
+
+
+def _token(runtime: Runtime, facts: MessageFacts) -> BounceToken | None:
+    for recipient in facts.recipients:
+        text = bounce_token_of(runtime.config, recipient)
+        if text is not None:
+            token = runtime.signer.verify(text)
+            if token is not None:
+                return token
+    return None
+
+
+def process_bounce(runtime: Runtime, facts: MessageFacts, queue_id: str) -> BounceEffects:
+    config, store = runtime.config, runtime.store
+    report = parse_bounce(facts.raw_message())
+    token = _token(runtime, facts)
+    now = runtime.clock()
+    row = store.outbound_message(token.row_id) if token else None
+    if row is None and report.original_message_id:
+        row = store.outbound_by_message_id(report.original_message_id)
+    stale = bool(token) and token_is_stale(token, config.bounces, now)
+    lines: list[str] = []
+    with store.transaction():
+        for failed in report.recipients:
+            address = normalize(failed.address)
+            bounce_id = store.record_bounce(BounceRecord(
+                created_at=now, recipient=address, status=failed.status, action=failed.action,
+                permanent=failed.permanent, reason=failed.reason, reporting_mta=report.reporting_mta,
+                remote_mta=failed.remote_mta, message=row["id"] if row else None,
+                server=row["server"] if row else None, source=report.kind, stale=stale, matched=row is not None))
+            added = None
+            if row is not None and not stale:
+                verdict = blacklist_verdict(store.countable_bounces(address, 0.0), config.bounces, now)
+                if verdict.due and store.blacklist_add(address, now, verdict.reason, "rule", list(verdict.bounce_ids)):
+                    added = verdict.reason
+            lines.append(kv_line(queue_id, role="bounce", rcpt=address, status=failed.status,
+                                 permanent=failed.permanent, message=row["id"] if row else None,
+                                 server=row["server"] if row else None, stale=stale, bounce=bounce_id,
+                                 blacklisted=added is not None))
+            if added:
+                lines.append(kv_line(queue_id, role="blacklist", rcpt=address, action="add", reason=added))
+    original = row["envelope_from_original"] if row else None
+    destination = report_destination(config, original)
+    ours = tuple(r for r in facts.recipients if bounce_token_of(config, r) is not None)
+    lines.append(kv_line(queue_id, role="bounce", report=report.kind, failed=len(report.recipients),
+                         destination=destination, to=original if destination == "original" else None))
+    return BounceEffects(report, destination, original if destination == "original" else None, ours, tuple(lines))

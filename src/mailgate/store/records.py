@@ -1,0 +1,93 @@
+"""The rows the rules and adapters hand to the store, and the interface they see it through.
+
+The interface is named for what the callers need (record a message, count recent messages on
+a route, add a bounce, is this address blacklisted, take from a quota), so that a backend for
+several gateways sharing one state is one more class, not a rewrite.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class OutboundRecord:
+    """One outgoing message as the milter handled it."""
+
+    queue_id: str
+    message_id: str | None
+    envelope_from_original: str
+    envelope_from: str
+    header_from_before: str | None
+    header_from_after: str | None
+    server: str | None
+    mass: bool
+    listener: str | None
+    sasl_user: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class InboundRecord:
+    """One inbound message as accepted (or dropped) by the milter."""
+
+    queue_id: str
+    message_id: str | None
+    sender: str | None
+    routes: str
+    action: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class BounceRecord:
+    """One failed recipient of one delivery report."""
+
+    created_at: float
+    recipient: str
+    status: str | None
+    action: str | None
+    permanent: bool | None
+    reason: str | None
+    reporting_mta: str | None
+    remote_mta: str | None
+    message: int | None          # the outbound message row the report is about
+    server: str | None
+    source: str                  # dsn | flufl | postfix-log | ...
+    stale: bool = False          # the token was older than bounces.token_days: never counted
+    matched: bool = True         # tied to a message of ours (token or attached Message-ID)
+
+
+@dataclass(frozen=True)
+class BounceFact:
+    """What the blacklist rule needs of a recorded bounce."""
+
+    id: int
+    created_at: float
+    permanent: bool | None
+
+
+class Store(Protocol):
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def close(self) -> None: ...
+    # outbound
+    def record_outbound(self, record: OutboundRecord) -> int: ...
+    def outbound_message(self, row_id: int) -> dict | None: ...
+    def known_outbound(self, message_ids: list[str]) -> str | None: ...
+    def outbound_by_message_id(self, message_id: str) -> dict | None: ...
+    # inbound
+    def already_received(self, message_id: str) -> bool: ...
+    def recent_count(self, sender: str, key: str, since: float) -> int: ...
+    def record_inbound(self, record: InboundRecord, route_keys: list[str]) -> int: ...
+    # bounces and the blacklist
+    def record_bounce(self, record: BounceRecord) -> int: ...
+    def countable_bounces(self, address: str, since: float) -> list[BounceFact]: ...
+    def reset_bounces(self, address: str, at: float) -> None: ...
+    def blacklisted(self, addresses: list[str]) -> set[str]: ...
+    def blacklist_add(self, address: str, at: float, reason: str, source: str, bounce_ids: list[int]) -> bool: ...
+    def blacklist_remove(self, address: str, at: float, reason: str) -> bool: ...
+    # quota
+    def quota_count(self, key: str, stream: str, since: float) -> int: ...
+    def quota_take(self, key: str, stream: str, at: float) -> None: ...
