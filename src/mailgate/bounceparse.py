@@ -26,7 +26,7 @@ import email
 import logging
 import quopri
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser, HeaderParser
@@ -132,14 +132,17 @@ def report_json(report: BounceReport, token: str | None) -> dict:
 
 def _parse(msg: Message, bounce_alias: str) -> BounceReport:
     original_id = _safe(lambda: _original_message_id(msg))
-    dsn = _safe(lambda: _from_dsn(msg, original_id, bounce_alias))
-    if dsn is not None:
-        return dsn
-    if _is_autoreply(msg):
+    report = _safe(lambda: _from_dsn(msg, original_id, bounce_alias))
+    if report is None and _is_autoreply(msg):
         return BounceReport(False, "autoreply", (), None, original_id)
-    if _report_type(msg) == "feedback-report":
+    if report is None and _report_type(msg) == "feedback-report":
         return BounceReport(False, "none", (), None, original_id)
-    return _from_text(msg, original_id, bounce_alias)
+    if report is None:
+        report = _from_text(msg, original_id, bounce_alias)
+    if report.original_message_id is None and report.kind in ("dsn", "flufl", "delay"):
+        # Reports that return no copy often still answer the message: Gmail, Exchange.
+        report = replace(report, original_message_id=_message_id(msg.get("in-reply-to")))
+    return report
 
 
 # --- RFC 3464 -----------------------------------------------------------------------------

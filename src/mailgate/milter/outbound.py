@@ -41,7 +41,7 @@ def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Ou
         envelope_from_original=facts.envelope_sender, envelope_from=decision.envelope_from,
         header_from_before=decision.original_from, header_from_after=decision.header_from,
         server=decision.server_name, mass=mass, listener=facts.listener, sasl_user=facts.sasl_user,
-        created_at=now))
+        created_at=now, tokenised=decision.envelope_is_bounce and bool(facts.envelope_sender)))
     if decision.envelope_is_bounce:
         token = runtime.signer.make(row_id, decision.server_name, now)
         wire = to_wire(f"{config.bounce_alias}+{token}@{domain_of(decision.envelope_from)}")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mailgate.store.records import (BounceFact, BounceRecord, InboundRecord, OutboundRecord,  # noqa: F401
-                                    Store)
+from mailgate.store.records import (BounceFact, BounceRecord, DeliveryRecord, InboundRecord,  # noqa: F401
+                                    OutboundRecord, Store)
 from mailgate.store.sqlite import SQLiteStore
 
 

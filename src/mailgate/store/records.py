@@ -27,6 +27,7 @@ class OutboundRecord:
     listener: str | None
     sasl_user: str | None
     created_at: float
+    tokenised: bool = False      # the envelope is our bounce+TOKEN: reports come back to the milter
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,22 @@ class BounceRecord:
 
 
 @dataclass(frozen=True)
+class DeliveryRecord:
+    """One delivery attempt as Postfix logged it (`QID: to=<…>, relay=…, status=…`)."""
+
+    at: float
+    queue_id: str
+    recipient: str
+    relay: str | None
+    status: str                  # sent | deferred | bounced | expired
+    dsn: str | None
+    delay: float | None
+    reason: str | None
+    message: int | None          # the outbound message row with this queue id
+    server: str | None
+
+
+@dataclass(frozen=True)
 class BounceFact:
     """What the blacklist rule needs of a recorded bounce."""
 
@@ -87,7 +104,12 @@ class Store(Protocol):
     def reset_bounces(self, address: str, at: float) -> None: ...
     def blacklisted(self, addresses: list[str]) -> set[str]: ...
     def blacklist_add(self, address: str, at: float, reason: str, source: str, bounce_ids: list[int]) -> bool: ...
-    def blacklist_remove(self, address: str, at: float, reason: str) -> bool: ...
+    def blacklist_remove(self, address: str, at: float, reason: str, source: str | None = None) -> bool: ...
+    # deliveries (from Postfix's log)
+    def outbound_by_queue_id(self, queue_id: str) -> dict | None: ...
+    def record_delivery(self, record: DeliveryRecord) -> int: ...
+    def log_position(self, path: str) -> tuple[int, int] | None: ...
+    def save_log_position(self, path: str, inode: int, offset: int, at: float) -> None: ...
     # quota
     def quota_count(self, key: str, stream: str, since: float) -> int: ...
     def quota_take(self, key: str, stream: str, at: float) -> None: ...

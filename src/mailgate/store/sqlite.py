@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import sqlite_utils
 
-from mailgate.store.records import BounceFact, BounceRecord, InboundRecord, OutboundRecord
+from mailgate.store.records import BounceFact, BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -64,8 +64,22 @@ def _v3(db: sqlite_utils.Database) -> None:
     db["quota_events"].create_index(["key", "stream", "at"])
 
 
+def _v4(db: sqlite_utils.Database) -> None:
+    """Delivery attempts from Postfix's log, where the log reader stands, and whether a message's
+    envelope carried our token (then its reports come back to the milter, not from the log)."""
+    db["messages"].add_column("tokenised", int)
+    db["deliveries"].create({
+        "id": int, "at": float, "queue_id": str, "recipient": str, "relay": str, "status": str, "dsn": str,
+        "delay": float, "reason": str, "message": int, "server": str,
+    }, pk="id", not_null={"at", "queue_id", "status"})
+    db["deliveries"].create_index(["queue_id"])
+    db["deliveries"].create_index(["at"])
+    db["deliveries"].create_index(["server", "at"])
+    db["log_positions"].create({"path": str, "inode": int, "offset": int, "updated_at": float}, pk="path")
+
+
 # Each entry moves the schema one version up; `PRAGMA user_version` says where a file stands.
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4)
 
 
 class SQLiteStore:
@@ -109,6 +123,7 @@ class SQLiteStore:
     def record_outbound(self, record: OutboundRecord) -> int:
         row = asdict(record)
         row["mass"] = int(record.mass)
+        row["tokenised"] = int(record.tokenised)
         row["direction"] = "outbound"
         return self._db()["messages"].insert(row).last_pk
 
@@ -207,11 +222,15 @@ class SQLiteStore:
             [address, at, reason, source, ",".join(str(i) for i in bounce_ids)])
         return True
 
-    def blacklist_remove(self, address: str, at: float, reason: str) -> bool:
-        cursor = self._db().conn.execute(
-            "update blacklist set removed_at = ?, removed_reason = ? where address = ? and removed_at is null",
-            [at, reason, address])
-        return cursor.rowcount > 0
+    def blacklist_remove(self, address: str, at: float, reason: str, source: str | None = None) -> bool:
+        """End the address's active entry; with `source`, only an entry that source made (a
+        delivery that succeeds clears the rule's entries, never the operator's)."""
+        sql = "update blacklist set removed_at = ?, removed_reason = ? where address = ? and removed_at is null"
+        params: list = [at, reason, address]
+        if source is not None:
+            sql += " and source = ?"
+            params.append(source)
+        return self._db().conn.execute(sql, params).rowcount > 0
 
     def blacklist_entries(self, include_removed: bool = False) -> list[dict]:
         where = None if include_removed else "removed_at is null"
@@ -251,6 +270,45 @@ class SQLiteStore:
             "top_domains": rows("select substr(recipient, instr(recipient, '@') + 1) as domain, count(*) as bounces "
                                 "from bounces where created_at >= ? group by domain order by bounces desc limit 10"),
         }
+
+    # -- deliveries (from Postfix's log) ---------------------------------------------------------
+
+    def outbound_by_queue_id(self, queue_id: str) -> dict | None:
+        rows = list(self._db()["messages"].rows_where(
+            "queue_id = ? and direction = 'outbound'", [queue_id], order_by="id desc", limit=1))
+        return rows[0] if rows else None
+
+    def record_delivery(self, record: DeliveryRecord) -> int:
+        row = asdict(record)
+        names = ", ".join(row)
+        cursor = self._db().conn.execute(
+            f"insert into deliveries ({names}) values ({', '.join('?' * len(row))})", list(row.values()))
+        return cursor.lastrowid
+
+    def delivery_stats(self, since: float) -> list[dict]:
+        """Attempts per day, server and status (the last attempt of a recipient counts once per status)."""
+        cursor = self._db().execute(
+            "select date(at, 'unixepoch') as day, coalesce(server, '-') as server, status, count(*) as count "
+            "from deliveries where at >= ? group by day, server, status order by day, server, status", [since])
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+    def delivery_totals(self) -> list[dict]:
+        """All-time counters per server and status (for Prometheus)."""
+        cursor = self._db().execute(
+            "select coalesce(server, '-') as server, status, count(*) as count from deliveries "
+            "group by server, status order by server, status")
+        return [dict(zip(("server", "status", "count"), r)) for r in cursor.fetchall()]
+
+    def log_position(self, path: str) -> tuple[int, int] | None:
+        row = self._db().execute("select inode, offset from log_positions where path = ?", [path]).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def save_log_position(self, path: str, inode: int, offset: int, at: float) -> None:
+        self._db().conn.execute(
+            "insert into log_positions (path, inode, offset, updated_at) values (?, ?, ?, ?) on conflict(path) "
+            "do update set inode = excluded.inode, offset = excluded.offset, updated_at = excluded.updated_at",
+            [path, inode, offset, at])
 
     # -- quota ----------------------------------------------------------------------------------
 

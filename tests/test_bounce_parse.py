@@ -1,0 +1,357 @@
+"""Bounce parsing: one sample per MTA format, flufl.bounce's own samples when installed, fuzzing.
+
+The samples in tests/bounces/ are written in each MTA's real output format; expected.json says
+what the blacklist must learn from each. Precision matters more than recall: a false hard
+bounce blacklists a customer, so auto-replies and delay warnings are tested as non-bounces.
+"""
+
+from __future__ import annotations
+
+import email
+import importlib.resources
+import json
+import random
+from pathlib import Path
+
+import flufl.bounce
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from mailgate import bouncetext
+from mailgate.bounceparse import BounceReport, find_token, parse_bounce, report_json
+
+SAMPLES = Path(__file__).parent / "bounces"
+EXPECTED = json.loads((SAMPLES / "expected.json").read_text())
+REQUIRED_FORMATS = {
+    "postfix-dsn.eml", "postfix-delayed.eml", "exim.eml", "qmail.eml", "exchange.eml", "gmail.eml",
+    "yahoo.eml", "amazon-ses.eml", "sendmail.eml", "soft-mailbox-full.eml", "multi-recipient.eml",
+    "autoreply.eml", "vacation.eml",
+}
+SAMPLE_BYTES = [(SAMPLES / name).read_bytes() for name in sorted(EXPECTED)]
+
+
+def test_every_sample_has_an_expectation():
+    on_disk = {p.name for p in SAMPLES.glob("*.eml")}
+    assert on_disk == set(EXPECTED)
+    assert REQUIRED_FORMATS <= on_disk
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_sample(name):
+    raw = (SAMPLES / name).read_bytes()
+    want = EXPECTED[name]
+    report = parse_bounce(raw)
+    assert report.is_bounce is want["is_bounce"]
+    assert report.kind == want["kind"]
+    got = [{"address": r.address, "permanent": r.permanent, "status": r.status} for r in report.recipients]
+    assert got == want["recipients"]
+    assert [r.address for r in report.delayed] == want["delayed"]
+    assert all(r.action == "failed" for r in report.recipients)
+    assert all(r.action == "delayed" for r in report.delayed)
+    assert report.original_message_id == want["original_message_id"]
+    assert find_token(raw) == want["token"]
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(EXPECTED) if "flufl_finds" in EXPECTED[n]])
+def test_autoreplies_are_not_bounces_even_where_flufl_matches(name):
+    """flufl.bounce's SimpleMatch reads these out-of-office texts as bounces; we must not."""
+    raw = (SAMPLES / name).read_bytes()
+    flufl_says = {a.decode() for a in flufl.bounce.scan_message(email.message_from_bytes(raw))}
+    assert flufl_says == set(EXPECTED[name]["flufl_finds"])
+    report = parse_bounce(raw)
+    assert (report.is_bounce, report.kind, report.recipients) == (False, "autoreply", ())
+
+
+def test_reasons_and_mtas_are_read():
+    exim = parse_bounce((SAMPLES / "exim.eml").read_bytes()).recipients[0]
+    assert "User unknown in local recipient table" in exim.reason
+    assert exim.remote_mta == "mx2.example.org"
+    gmail = parse_bounce((SAMPLES / "gmail.eml").read_bytes())
+    assert gmail.reporting_mta == "googlemail.com"
+    assert gmail.recipients[0].remote_mta == "gmail-smtp-in.l.google.com"
+    assert "\n" not in gmail.recipients[0].reason
+    assert parse_bounce((SAMPLES / "qmail.eml").read_bytes()).reporting_mta == "mail.example.net"
+
+
+def test_report_json_has_exactly_the_agreed_keys():
+    report = parse_bounce((SAMPLES / "multi-recipient.eml").read_bytes())
+    out = report_json(report, "tok")
+    assert set(out) == {"is_bounce", "recipients", "token"}
+    assert all(set(r) == {"address", "permanent", "status", "reason"} for r in out["recipients"])
+    assert out["token"] == "tok" and out["is_bounce"] is True
+    assert json.loads(json.dumps(out)) == out
+    assert report_json(parse_bounce(b""), None) == {"is_bounce": False, "recipients": [], "token": None}
+
+
+# --- hard or soft ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status, text, expected", [
+    ("5.1.1", "User unknown", True),
+    ("4.4.1", "Connection timed out", False),
+    ("5.2.2", "Mailbox full", False),            # the documented exception: full is soft
+    ("4.2.2", None, False),
+    ("5.7.1", "try again later", True),          # the DSN's status class outranks wording
+    (None, "550 Requested action not taken: mailbox unavailable", True),
+    (None, "451 please try again later", False),
+    (None, "552 Requested mail action aborted: exceeded storage allocation", False),
+    (None, "554 delivery error: dd This user doesn't have a example.com account", True),
+    (None, "No such user here", True),
+    (None, "Recipient address rejected: temporarily unavailable", False),
+    (None, "mailbox is over quota", False),
+    (None, "the address does not exist", True),
+    (None, "something odd happened", None),
+    (None, None, None),
+])
+def test_hard_or_soft(status, text, expected):
+    assert bouncetext.is_permanent(status, text) is expected
+
+
+@pytest.mark.parametrize("text, status", [
+    ("550 5.1.1 <a@example.com>", "5.1.1"),
+    ("Sorry, no mailbox here by that name. (#5.1.1)", "5.1.1"),
+    ("550-5.01.01 padded", "5.1.1"),
+    ("host 10.5.1.1 said nothing", None),
+    ("connect to 192.0.2.25: refused", None),
+    ("Exim 4.96", None),
+])
+def test_status_extraction(text, status):
+    assert bouncetext.find_status(text) == status
+
+
+# --- DSN variants seen in the wild --------------------------------------------------------
+
+def _dsn(groups: str, *, encoding: str = "7bit", header_boundary: str = "b1", extra: str = "") -> bytes:
+    return (
+        "From: MAILER-DAEMON@mx.example.org\nTo: bounce+tok@mycompany.example.com\n"
+        "Subject: Undelivered Mail Returned to Sender\nMIME-Version: 1.0\n"
+        f"Content-Type: multipart/report; report-type=delivery-status; boundary=\"{header_boundary}\"\n\n"
+        "--b1\nContent-Type: text/plain\n\nYour message could not be delivered.\n\n"
+        f"--b1\nContent-Type: message/delivery-status\nContent-Transfer-Encoding: {encoding}\n\n"
+        f"{groups}\n--b1\nContent-Type: text/rfc822-headers\n\nMessage-ID: <orig@example.com>\n{extra}\n--b1--\n"
+    ).encode()
+
+
+GROUPS = ("Reporting-MTA: dns; mx.example.org\n\nFinal-Recipient: rfc822; <A@Example.NET>\n"
+          "Action: failed\nStatus: 5.0.0\nDiagnostic-Code: smtp; 550 5.1.1 unknown user\n")
+
+
+def test_dsn_status_refined_from_diagnostic_and_address_normalised():
+    report = parse_bounce(_dsn(GROUPS))
+    assert report.recipients[0].address == "a@example.net"
+    assert report.recipients[0].status == "5.1.1"
+    assert report.original_message_id == "<orig@example.com>"
+
+
+def test_dsn_part_encoded_in_base64():
+    import base64
+    encoded = base64.encodebytes(GROUPS.encode()).decode()
+    report = parse_bounce(_dsn(encoded, encoding="base64"))
+    assert [r.address for r in report.recipients] == ["a@example.net"]
+
+
+def test_groups_without_blank_lines_between_them():
+    groups = ("Reporting-MTA: dns; mx.example.org\nFinal-Recipient: rfc822; one@example.net\n"
+              "Action: failed\nStatus: 5.1.1\nFinal-Recipient: rfc822; two@example.net\n"
+              "Action: failed\nStatus: 5.2.2\n")
+    report = parse_bounce(_dsn(groups))
+    assert [(r.address, r.permanent) for r in report.recipients] == [
+        ("one@example.net", True), ("two@example.net", False)]
+
+
+def test_boundary_in_header_not_matching_the_body():
+    report = parse_bounce(_dsn(GROUPS, header_boundary="rewritten-by-a-relay"))
+    assert [r.address for r in report.recipients] == ["a@example.net"]
+
+
+def test_original_recipient_preferred_over_final():
+    groups = ("Final-Recipient: rfc822; forwarded@elsewhere.example\n"
+              "Original-Recipient: rfc822;customer@example.com\nAction: failed\nStatus: 5.1.1\n")
+    assert parse_bounce(_dsn(groups)).recipients[0].address == "customer@example.com"
+
+
+def test_success_only_dsn_is_not_a_bounce():
+    groups = "Final-Recipient: rfc822; ok@example.com\nAction: delivered\nStatus: 2.0.0\n"
+    assert parse_bounce(_dsn(groups)) .is_bounce is False
+
+
+def test_person_writing_to_the_bounce_address_is_not_a_bounce():
+    """flufl's LLNL detector reads any `, address,` as a bounce; a person's mail is not one."""
+    raw = (b"From: Jane <jane@example.com>\nTo: bounce+tok@mycompany.example.com\nSubject: hello\n\n"
+           b"Please write to me, jane.doe@example.com, or my colleague.\n")
+    assert flufl.bounce.scan_message(email.message_from_bytes(raw))
+    assert parse_bounce(raw).is_bounce is False
+
+
+def test_exim_delay_warning_is_not_a_bounce():
+    raw = (b"From: Mail Delivery System <Mailer-Daemon@mx.example.org>\n"
+           b"Subject: Warning: message 1sEk2m-0004Xy-1a delayed 24 hours\n\n"
+           b"This message was created automatically by mail delivery software.\n"
+           b"A message that you sent has not yet been delivered to one or more of its\n"
+           b"recipients after more than 24 hours on the queue on mx.example.org.\n\n"
+           b"The address to which the message has not yet been delivered is:\n\n"
+           b"  slow@example.net\n    Delay reason: SMTP error from remote mail server after RCPT TO:\n"
+           b"    451 4.7.1 Greylisted, try again later\n\n"
+           b"No action is required on your part. Delivery attempts will continue for some time.\n")
+    report = parse_bounce(raw)
+    assert report.is_bounce is False
+    assert [r.address for r in report.delayed] == ["slow@example.net"]
+
+
+# --- find_token -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers, alias, token", [
+    ("To: bounce+abc123@mycompany.example.com", "bounce", "abc123"),
+    ("To: BOUNCE+ABC123@MyCompany.Example.com", "bounce", "abc123"),
+    ("Delivered-To: Bounce+Zz9@mycompany.example.com\nTo: someone@example.com", "bounce", "zz9"),
+    ("Delivered-To: bounce+fromenvelope@mycompany.example.com\nTo: bounce+fromheader@mycompany.example.com",
+     "bounce", "fromenvelope"),
+    ("X-Original-To: bounce+xo@mycompany.example.com", "bounce", "xo"),
+    ("Envelope-to: bounce+exim@mycompany.example.com", "bounce", "exim"),
+    ('To: "Sales" <sales@mycompany.example.com>, "Bounce" <bounce+42-mail.mail-7@mycompany.example.com>',
+     "bounce", "42-mail.mail-7"),
+    ("To: bounces+tok@mycompany.example.com", "bounces", "tok"),
+    ("To: bounce@mycompany.example.com", "bounce", None),
+    ("To: xbounce+tok@mycompany.example.com", "bounce", None),
+    ("To: bounces+tok@mycompany.example.com", "bounce", None),
+    ("X-Failed-Recipients: bounce+nottheaddressee@mycompany.example.com", "bounce", None),
+    ("From: bounce+sender@mycompany.example.com", "bounce", None),
+    ("Subject: no addressee at all", "bounce", None),
+    ("To: bounce+tok@mycompany.example.com", "", None),
+])
+def test_find_token(headers, alias, token):
+    raw = (headers + "\nSubject: x\n\nbody mentioning bounce+body@mycompany.example.com\n").encode()
+    assert find_token(raw, alias) == token
+
+
+def test_find_token_ignores_the_body_and_garbage():
+    assert find_token(b"Subject: x\n\nTo: bounce+inbody@mycompany.example.com\n") is None
+    assert find_token(b"\xff\xfe\x00garbage") is None
+    assert find_token(b"") is None
+
+
+# --- never a traceback ----------------------------------------------------------------------
+
+EDGE_CASES = [
+    b"",
+    b"\x00" * 100,
+    b"garbage without headers",
+    b"Content-Type: multipart/report; boundary=\"x\"\n\n--x\nContent-Type: message/delivery-status\n\n",
+    b"Content-Type: multipart/report\n\n--missing-boundary-param\n",
+    b"Content-Type: text/plain; charset=x-unknown-charset\nContent-Transfer-Encoding: base64\n\n!!!notbase64",
+    b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n=ZZ=\xff\xfe",
+    b"From: MAILER-DAEMON@x\nSubject: failure notice\n\n" + b"A" * (1 << 20),
+    b"From: MAILER-DAEMON@x\nSubject: failure notice\n\n<" + b"a" * 600_000 + b"@example.com>:\n550 5.1.1\n",
+    b"Subject: " + b"=?utf-8?q?" * 5000 + b"\n\nbody",
+    b"Content-Type: multipart/mixed; boundary=a\n\n" + b"--a\nContent-Type: multipart/mixed; boundary=a\n\n" * 500,
+    b"Content-Type: message/rfc822\nContent-Transfer-Encoding: base64\n\n" + b"TWVzc2FnZS1JRDogPGlkQHg+" * 3,
+    b"Final-Recipient: rfc822; x@example.com\nAction: failed\n\n",
+    b"\r\n\r\n\r\n" * 10,
+]
+
+
+@pytest.mark.parametrize("raw", EDGE_CASES, ids=range(len(EDGE_CASES)))
+def test_never_raises_on_hostile_input(raw):
+    assert isinstance(parse_bounce(raw), BounceReport)
+    find_token(raw)
+
+
+def test_sample_truncated_anywhere_still_reads():
+    raw = (SAMPLES / "postfix-dsn.eml").read_bytes()
+    for cut in range(0, len(raw), 97):
+        report = parse_bounce(raw[:cut])
+        assert isinstance(report, BounceReport)
+        assert all(r.address == "jane.doe@example.net" for r in report.recipients)
+
+
+def _mutate(data: bytes, rnd: random.Random, steps: int) -> bytes:
+    buf = bytearray(data)
+    for _ in range(steps):
+        if not buf:
+            break
+        at = rnd.randrange(len(buf))
+        choice = rnd.randrange(6)
+        if choice == 0:
+            buf[at] = rnd.randrange(256)
+        elif choice == 1:
+            del buf[at:at + rnd.randrange(1, 200)]
+        elif choice == 2:
+            buf[at:at] = rnd.randbytes(rnd.randrange(1, 40))
+        elif choice == 3:
+            buf[at:at] = buf[rnd.randrange(len(buf)):][:rnd.randrange(1, 300)]
+        elif choice == 4:
+            buf[at:at] = rnd.choice([b"\n\n", b"--", b"\r\n", b"Content-Type: multipart/report; boundary=z\n",
+                                     b"Action: failed\n", b"=?utf-8?b?", b"<", b";", b"\x00", b"\xff"])
+        else:
+            del buf[at:]
+    return bytes(buf)
+
+
+FUZZ = settings(max_examples=2500, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.binary(max_size=3000))
+def test_fuzz_arbitrary_bytes(raw):
+    report = parse_bounce(raw)
+    assert isinstance(report, BounceReport)
+    assert report.is_bounce == bool(report.recipients)
+    token = find_token(raw)
+    assert token is None or isinstance(token, str)
+
+
+@FUZZ
+@given(st.sampled_from(SAMPLE_BYTES), st.integers(min_value=0, max_value=2**32), st.integers(1, 12))
+def test_fuzz_mutated_samples(sample, seed, steps):
+    raw = _mutate(sample, random.Random(seed), steps)
+    report = parse_bounce(raw)
+    assert isinstance(report, BounceReport)
+    assert report.is_bounce == bool(report.recipients)
+    for r in report.recipients + report.delayed:
+        assert "@" in r.address and r.address == r.address.lower() and "<" not in r.address
+        assert r.reason is None or len(r.reason) <= 500
+    json.dumps(report_json(report, find_token(raw)))
+
+
+@FUZZ
+@given(st.text(max_size=400), st.sampled_from(["To", "Delivered-To", "Cc", "Subject", "X-Original-To"]))
+def test_fuzz_find_token_headers(value, name):
+    raw = f"{name}: {value}\n\nbody".encode("utf-8", "surrogateescape")
+    token = find_token(raw)
+    assert token is None or (token and token == token.lower())
+
+
+# --- flufl.bounce's own samples, where the installed package ships them ---------------------
+
+def _shipped_samples() -> list[Path]:
+    root = importlib.resources.files("flufl.bounce")
+    found = []
+    for sub in ("tests/data", "_detectors/tests/data", "data"):
+        folder = root.joinpath(*sub.split("/"))
+        if folder.is_dir():
+            found += [Path(str(f)) for f in folder.iterdir() if f.name.endswith((".txt", ".eml"))]
+    return sorted(found)
+
+
+def test_flufl_shipped_samples():
+    """flufl.bounce 6.0's wheel ships no sample messages (its tests stay in the sdist). When a
+    release ships them, they are read from the installed package, and our reading is scored
+    against flufl's own: every sample flufl calls a failure must be one for us too."""
+    samples = _shipped_samples()
+    if not samples:
+        pytest.skip(f"flufl.bounce {flufl.bounce.__version__} ships no sample messages")
+    detected = total = found = expected = 0
+    for path in samples:
+        raw = path.read_bytes()
+        temporary, permanent = flufl.bounce.all_failures(email.message_from_bytes(raw))
+        want = {a.decode("ascii", "replace").lower() for a in permanent | temporary}
+        if not want:
+            continue
+        report = parse_bounce(raw)
+        got = {r.address for r in report.recipients + report.delayed}
+        total += 1
+        expected += len(want)
+        found += len(want & got)
+        detected += bool(got)
+    print(f"flufl.bounce samples: detected {detected}/{total}, recipients {found}/{expected}")
+    assert total and detected / total >= 0.85 and found / expected >= 0.8
