@@ -20,10 +20,11 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="module")
-def gw() -> Iterator[LabGateway]:
-    """One whole gateway (private Postfix, `mailgate serve`, sinks, Odoo stand-in) per module."""
+def gw(request) -> Iterator[LabGateway]:
+    """One whole gateway (private Postfix, `mailgate serve`, sinks, Odoo stand-in) per module;
+    a module may add configuration lines with GATEWAY_EXTRA_CONFIG."""
     base = make_basedir()
-    gateway = LabGateway(base)
+    gateway = LabGateway(base, getattr(request.module, "GATEWAY_EXTRA_CONFIG", ""))
     try:
         gateway.start()
         yield gateway

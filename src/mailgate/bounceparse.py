@@ -8,10 +8,14 @@ address, so a wrong "hard" costs a customer. Hence the order of trust:
    happened (Action) and why (Status, Diagnostic-Code); nothing is guessed.
 2. Auto-replies and vacation notices are screened out next, before any heuristic runs: they
    arrive at the same address and flufl.bounce's looser patterns would read them as failures.
-3. flufl.bounce's detectors (Exim, qmail, Yahoo, Exchange 5.5, SimpleMatch...) for the reports
-   without a DSN part. They only name addresses, so the status and reason of each are read from
-   the report text around that address, and hard/soft from `bouncetext` (its docstring holds the
-   hard/soft rules, including why a full mailbox counts as soft).
+3. Reports without a DSN part (kind "flufl"), only when they look like reports (a daemon
+   sender, or a report subject and failure wording): flufl.bounce's detectors (Exim, qmail,
+   Yahoo, Exchange 5.5, SimpleMatch...), then `bouncetext.RECIPIENT_LINE_RES` for the formats
+   flufl does not know (OpenSMTPD, DragonFly, old Sendmail...). Both only name addresses, so the
+   status and reason of each are read from the report text around that address.
+
+Hard or soft always comes from `bouncetext.is_permanent`; its docstring holds the rules,
+including why a full mailbox counts as soft.
 
 `parse_bounce` and `find_token` never raise: this runs in Postfix's pipe, where an exception
 would bounce the bounce. Input is capped (1 MiB, 998-byte lines) so no pattern meets a
@@ -53,6 +57,8 @@ _ADDRESS_RE = re.compile(r"[^\s<>\"'(),;:\[\]@]{1,64}@[a-z0-9](?:[a-z0-9-]*[a-z0
 _QUOTED_HEADER_RE = re.compile(
     r"^[ \t>]*(?:message-id|references|in-reply-to|from|reply-to|sender|return-path|received|"
     r"dkim-signature|list-[\w-]+)[ \t]*:", re.I)
+_FINAL_RE = re.compile(r"^final-recipient:", re.I | re.M)
+_ACTION_RE = re.compile(r"^(?:action|status):", re.I | re.M)
 _TAG_RE = re.compile(r"<[^>]{0,2000}>")
 
 
@@ -259,7 +265,7 @@ def _dsn_groups_in_text(msg: Message) -> list[Message]:
     for part in _report_parts(msg):
         if part.get_content_maintype() == "text" and not part.is_multipart():
             text = _decoded_text(part)
-            if re.search(r"^final-recipient:", text, re.I | re.M) and re.search(r"^(?:action|status):", text, re.I | re.M):
+            if _FINAL_RE.search(text) and _ACTION_RE.search(text):
                 groups += [b for b in _blocks_of(text) if _field(b, "final-recipient")]
     return groups
 
@@ -292,14 +298,12 @@ def _host(value: str) -> str | None:
 def _from_text(msg: Message, original_id: str | None, bounce_alias: str) -> BounceReport:
     """flufl.bounce's detectors, then our own recipient patterns for reports flufl does not know.
 
-    Only for mail that looks like a report (a daemon sender, a report subject or an Exim
-    X-Failed-Recipients header, and failure wording): some flufl detectors match any comma
-    separated address list, which a person writing to the bounce address would trip.
+    Only for mail that looks like a report (a daemon sender, Exim's X-Failed-Recipients, or a
+    report subject or type with failure wording): some flufl detectors match any comma-separated
+    address list, which a person writing to the bounce address would trip. Our own patterns
+    also need failure wording, even from a daemon.
     """
-    try:
-        temporary, permanent = all_failures(msg)
-    except Exception:  # flufl re-raises what a detector raised: read it as "found nothing"
-        temporary, permanent = frozenset(), frozenset()
+    temporary, permanent = _flufl_failures(msg)
     text = _notification_text(msg)
     if not (msg.get("x-failed-recipients") or _looks_like_report(msg, text)):
         return BounceReport(False, "none", (), None, original_id)
@@ -318,6 +322,20 @@ def _from_text(msg: Message, original_id: str | None, bounce_alias: str) -> Boun
     reporting_mta = next((m.group(1) for r in bt.REPORTING_MTA_RES for m in [r.search(intro)] if m), None)
     kind = "flufl" if recipients else "delay"
     return BounceReport(bool(recipients), kind, recipients, _clean(reporting_mta), original_id, waiting)
+
+
+def _flufl_failures(msg: Message) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    """flufl.bounce's (temporary, permanent) sets. Its detectors call str methods on headers,
+    which the email package returns as Header objects when they hold raw 8-bit bytes; such a
+    message is retried once with those bytes replaced, then read as "found nothing"."""
+    try:
+        return all_failures(msg)
+    except Exception:  # flufl re-raises whatever a detector raised
+        pass
+    try:
+        return all_failures(email.message_from_string(msg.as_bytes().decode("utf-8", "replace")))
+    except Exception:  # still unreadable for flufl: our own patterns may yet read it
+        return frozenset(), frozenset()
 
 
 def _looks_like_report(msg: Message, text: str) -> bool:
@@ -364,14 +382,14 @@ def _not_recipients(msg: Message) -> set[str]:
 
 
 def _usable(found: list[bytes], bounce_alias: str) -> list[str]:
+    """Candidate addresses that are plain addresses, not ours, not a daemon's; first seen first."""
     addresses = []
     for item in found:
         text = item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
         address = _clean_address(text)
         if address is None or address != text.strip().strip("<>").strip().lower():
-            continue
-        if (address and not _is_ours(address, bounce_alias) and not bt.is_daemon_address(address)
-                and address not in addresses):
+            continue  # flufl's looser detectors return whole phrases, not addresses
+        if not _is_ours(address, bounce_alias) and not bt.is_daemon_address(address) and address not in addresses:
             addresses.append(address)
     return addresses
 
@@ -462,7 +480,9 @@ def _is_autoreply(msg: Message) -> bool:
 
 
 def _report_type(msg: Message) -> str:
-    return str(msg.get_param("report-type", "") or "").strip().lower() if msg.get_content_type() == "multipart/report" else ""
+    if msg.get_content_type() != "multipart/report":
+        return ""
+    return str(msg.get_param("report-type", "") or "").strip().lower()
 
 
 # --- the returned message ----------------------------------------------------------------------
@@ -629,11 +649,10 @@ def _clean_address(text: str) -> str | None:
     if "<" in text and ">" in text:
         text = text[text.find("<") + 1:text.find(">", text.find("<"))]
     found = _ADDRESS_RE.search(text)
-    if not found:
-        return None
-    address = _clean(found.group(0).strip(".")).lower()
-    local = address.rpartition("@")[0]
-    return address if local and len(address) <= 254 and "\ufffd" not in address else None
+    if not found or any(c == "\ufffd" or "\udc80" <= c <= "\udcff" for c in found.group(0)):
+        return None  # undecodable bytes: not an address anyone can be blacklisted under
+    address = found.group(0).strip(".").lower()
+    return address if address.rpartition("@")[0] and len(address) <= 254 else None
 
 
 def _is_ours(address: str, bounce_alias: str) -> bool:

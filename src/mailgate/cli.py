@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -42,15 +41,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # Before any import that may start threads (sqlite-utils pulls in numpy, whose OpenBLAS
-    # starts threads at import): threads inherit the mask, so the stop signals can only reach
-    # libmilter's signal thread, and SIGTERM stops the gateway cleanly instead of killing it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     from mailgate.runtime import Runtime
     from mailgate.serve import serve
     config = _load(args).config
     setup_logging()
-    return serve(Runtime.from_config(config))
+    return serve(Runtime.from_config(config), config_path(args))
 
 
 def cmd_postfix_config(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
 """`mailgate serve`: the milter, the lookup service and the policy service in one process.
 
-libmilter owns the main thread and the process signals (SIGTERM/SIGINT stop it); the socketmap
-server runs in its own thread with those signals blocked. When libmilter returns, the other
-listeners are closed, so a stop is clean and the sockets disappear.
+libmilter treats SIGHUP like SIGTERM (it stops), so it runs in its own thread and the main
+thread keeps the signals: SIGTERM/SIGINT stop everything cleanly (smfi_stop, then the other
+listeners, then the store), SIGHUP reloads the configuration in place. A new file that does not
+load is reported and the running configuration stays. The socket servers run in threads with
+those signals blocked; the kernel hands a process signal to the main thread first.
 """
 
 from __future__ import annotations
@@ -11,15 +13,25 @@ import logging
 import os
 import signal
 import socket
+import threading
+from dataclasses import replace
+from pathlib import Path
 
+import milter
+
+from mailgate.config import Config
+from mailgate.configfile import ConfigError, load_config
 from mailgate.logfmt import kv_line
 from mailgate.milter.app import serve_milter
 from mailgate.policy.lookup import LookupService
 from mailgate.policy.policyd import MALFORMED_DEFER, MALFORMED_DUNNO, PolicyServer
 from mailgate.policy.recipients import GatewayPolicy
 from mailgate.policy.socketmap import SocketmapServer
-from mailgate.runtime import Runtime
+from mailgate.runtime import Runtime, read_passwords
 from mailgate.sockets import parse_socket_spec
+
+# What a reload can change in place; the rest is read once at start (a restart applies it).
+RESTART_ONLY = ("listen", "database", "secret_file")
 
 
 def notify_systemd(state: str) -> None:
@@ -34,13 +46,36 @@ def notify_systemd(state: str) -> None:
         sock.sendall(state.encode())
 
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+def reload(runtime: Runtime, path: Path, logger: logging.Logger) -> bool:
+    """Swap in the configuration at `path`; on any problem keep the running one and say why."""
+    notify_systemd("RELOADING=1")
+    try:
+        loaded = load_config(path)
+        passwords = read_passwords(loaded.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            logger.error(kv_line(None, event="reload", result="refused", problem=str(problem)))
+        notify_systemd("READY=1")
+        return False
+    except OSError as exc:
+        logger.error(kv_line(None, event="reload", result="refused", problem=str(exc)))
+        notify_systemd("READY=1")
+        return False
+    new = loaded.config
+    for key in RESTART_ONLY:
+        if getattr(new, key) != getattr(runtime.config, key):
+            logger.warning(kv_line(None, event="reload", key=key, note="changed: applied at the next restart"))
+    runtime.config, runtime.passwords = _keep_restart_only(new, runtime.config), passwords
+    logger.info(kv_line(None, event="reload", result="ok", servers=len(new.servers), aliases=len(new.aliases)))
+    notify_systemd("READY=1")
+    return True
 
 
-def serve(runtime: Runtime) -> int:
-    # Blocked before any thread starts, so that every thread inherits the mask and only
-    # libmilter's signal thread (which waits for exactly these) receives them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+def _keep_restart_only(new: Config, old: Config) -> Config:
+    return replace(new, **{key: getattr(old, key) for key in RESTART_ONLY})
+
+
+def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     config = runtime.config
     logger = logging.getLogger("mailgate")
     for spec in (config.listen.milter, config.listen.lookup, config.listen.policy):
@@ -52,15 +87,61 @@ def serve(runtime: Runtime) -> int:
     malformed = MALFORMED_DEFER if config.policy.on_malformed == "defer" else MALFORMED_DUNNO
     policy = PolicyServer(GatewayPolicy(runtime), parse_socket_spec(config.listen.policy),
                           on_malformed=malformed, group=config.listen.socket_group, logger=logger)
+    stop = threading.Event()
+    hangups: list[int] = []
+
+    def on_signal(number: int, frame: object) -> None:
+        if number == signal.SIGHUP:
+            hangups.append(number)
+        else:
+            stop.set()
+        wake.set()
+
+    wake = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     lookup.start_in_thread()
     policy.start_in_thread()
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def run_milter() -> None:
+        try:
+            serve_milter(runtime, config.listen.milter, group=config.listen.socket_group, on_ready=ready.set)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            ready.set()
+            wake.set()
+
+    thread = threading.Thread(target=run_milter, name="libmilter", daemon=True)
+    thread.start()
+    ready.wait(30)
+    if not failure:
+        notify_systemd("READY=1")
     try:
-        serve_milter(runtime, config.listen.milter, group=config.listen.socket_group,
-                     on_ready=lambda: notify_systemd("READY=1"))
+        while not stop.is_set() and thread.is_alive():
+            wake.wait(1.0)
+            wake.clear()
+            while hangups:
+                hangups.pop()
+                if config_path is not None:
+                    reload(runtime, config_path, logger)
     finally:
         notify_systemd("STOPPING=1")
+        milter.stop()
+        thread.join(30)
         policy.stop_thread()
         lookup.stop_thread()
         runtime.store.close()
         logger.info(kv_line(None, event="stopped"))
+    if failure:
+        logger.error(kv_line(None, event="milter", error=type(failure[0]).__name__, detail=str(failure[0])))
+        return 1
+    if not stop.is_set():
+        # libmilter's own signal thread took a signal meant for us: exit non-zero, so that
+        # systemd (Restart=on-failure) brings the gateway back.
+        logger.error(kv_line(None, event="milter", error="stopped", detail="libmilter stopped unexpectedly"))
+        return 1
     return 0
