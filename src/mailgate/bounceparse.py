@@ -36,7 +36,10 @@ from email.message import Message
 from email.parser import BytesHeaderParser, HeaderParser
 from typing import Iterator
 
-from flufl.bounce import all_failures
+try:
+    from flufl.bounce import all_failures
+except ImportError:  # a dependency; without it only our own patterns read non-DSN reports
+    all_failures = None
 
 from mailgate import bouncetext as bt
 
@@ -328,6 +331,8 @@ def _flufl_failures(msg: Message) -> tuple[frozenset[bytes], frozenset[bytes]]:
     """flufl.bounce's (temporary, permanent) sets. Its detectors call str methods on headers,
     which the email package returns as Header objects when they hold raw 8-bit bytes; such a
     message is retried once with those bytes replaced, then read as "found nothing"."""
+    if all_failures is None:
+        return frozenset(), frozenset()
     try:
         return all_failures(msg)
     except Exception:  # flufl re-raises whatever a detector raised

@@ -17,6 +17,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from mailgate.clock import OFFSET_FILE_VARIABLE
 from mailgate.configfile import load_config
@@ -51,9 +52,14 @@ class LabGateway:
     `mailgate deliver` and on to `odoo`, a local XML-RPC stand-in for Odoo.
     """
 
-    def __init__(self, base: Path, extra_config: str = ""):
+    def __init__(self, base: Path, extra_config: str = "", *, main_cf_extra: dict[str, str] | None = None,
+                 before_start: Callable[["LabGateway"], None] | None = None):
+        """`main_cf_extra` overrides Postfix settings (e.g. a milter chain); `before_start` runs
+        after mailgate is up and before Postfix starts (e.g. to start another milter)."""
         self.base = Path(base)
         self.extra_config = extra_config
+        self.main_cf_extra = dict(main_cf_extra or {})
+        self.before_start = before_start
         self.sinks: dict[str, Sink] = {}
         self.pf: PrivatePostfix | None = None
         self.process: subprocess.Popen | None = None
@@ -83,6 +89,7 @@ class LabGateway:
         self.start_mailgate()
         main_cf = dict(main_settings(config))
         main_cf["relayhost"] = f"[127.0.0.1]:{self.sinks['default'].port}"
+        main_cf.update(self.main_cf_extra)
         self.pf = PrivatePostfix(self.base / "pf", listeners={
             name: {"milter_macro_daemon_name": role, "smtpd_policy_service_policy_context": role}
             for name, role in (("submission", SUBMISSION_LISTENER), ("mass", "mass"), ("inbound", INBOUND_LISTENER))
@@ -92,6 +99,8 @@ class LabGateway:
         wiring = Wiring(mailgate_bin=str(Path(sys.executable).with_name("mailgate")),
                         config_path=str(self.config_path), pipe_user=PIPE_USER)
         self.pf.add_master_service("\n".join(odoo_pipe_service(wiring)) + "\n")
+        if self.before_start:
+            self.before_start(self)
         self.pf.start()
         return self
 
