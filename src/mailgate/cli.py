@@ -135,7 +135,7 @@ def cmd_bounce_parse(args: argparse.Namespace) -> int:
     alias = "bounce"
     if getattr(args, "config", None) or os.environ.get("MAILGATE_CONFIG") or DEFAULT_CONFIG_PATH.exists():
         alias = _load(args, check_files=False).config.bounce_alias
-    print(json.dumps(report_json(parse_bounce(raw), find_token(raw, alias)), ensure_ascii=False))
+    print(json.dumps(report_json(parse_bounce(raw, bounce_alias=alias), find_token(raw, alias)), ensure_ascii=False))
     return EXIT_OK
 
 

@@ -159,7 +159,10 @@ class PrivatePostgres:
         import psycopg
         with psycopg.connect(self.dsn(database), autocommit=True, connect_timeout=10) as conn:
             cursor = conn.execute(query, params)
-            return cursor.fetchall() if cursor.description else []
+            rows = cursor.fetchall() if cursor.description else []
+            while cursor.nextset():
+                rows = cursor.fetchall() if cursor.description else []
+            return rows
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log, for error messages."""

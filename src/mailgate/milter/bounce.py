@@ -41,7 +41,7 @@ def _token(runtime: Runtime, facts: MessageFacts) -> BounceToken | None:
 
 def process_bounce(runtime: Runtime, facts: MessageFacts, queue_id: str) -> BounceEffects:
     config, store = runtime.config, runtime.store
-    report = parse_bounce(facts.raw_message())
+    report = parse_bounce(facts.raw_message(), bounce_alias=config.bounce_alias)
     token = _token(runtime, facts)
     now = runtime.clock()
     row = store.outbound_message(token.row_id) if token else None
