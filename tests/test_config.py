@@ -103,7 +103,7 @@ def test_unknown_key_did_you_mean(tmp_path):
     ("servers:\n  - host: h", 2, "servers[0].name", "missing"),
     ("servers: {name: a}", 1, "servers", "expected a list"),
     ("listen: {milter: 'tcp:12'}", 1, "listen.milter", ""),
-    ("database: postgresql://u@h/db", 1, "database", "SQLite"),
+    ("database: mysql://u@h/db", 1, "database", "SQLite file or a postgresql:// URL"),
     ("mass_mail: {server: mas}\nservers: [{name: mass, host: h}]", 1, "mass_mail.server",
      "no server named 'mas'; did you mean 'mass'?"),
     ("aliases:\n  sales: {domain: mycompany.com}", 2, "aliases.sales.target", "missing"),

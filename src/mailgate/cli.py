@@ -122,7 +122,8 @@ def cmd_deliver(args: argparse.Namespace) -> int:
 
 def _store(args: argparse.Namespace):
     from mailgate.store import open_store
-    return open_store(_load(args, check_files=False).config.database)
+    config = _load(args, check_files=False).config
+    return open_store(config.database, config.database_password_file)
 
 
 def cmd_bounce_parse(args: argparse.Namespace) -> int:

@@ -156,6 +156,7 @@ class Config:
     server_selection: str = "odoo"
     dry_run: bool = False
     database: str = "/var/lib/mailgate/mailgate.sqlite3"
+    database_password_file: Path | None = None
     secret_file: Path = Path("/etc/mailgate/secret")
     source: Path | None = None
 

@@ -183,8 +183,8 @@ def _opt_path(value: Any) -> Path | None:
 
 def _database(value: Any) -> str:
     text = _str(value)
-    if "://" in text:
-        raise _Invalid("expected the path of a SQLite file (other backends are not available yet)")
+    if "://" in text and not text.startswith(("postgresql://", "postgres://")):
+        raise _Invalid("expected the path of a SQLite file or a postgresql:// URL")
     return text
 
 
@@ -292,7 +292,7 @@ _TOP = {
     "servers": lambda v: v, "mass_mail": lambda v: v, "inbound_listeners": _str_list, "listen": lambda v: v,
     "policy": lambda v: v,
     "odoo": lambda v: v, "server_selection": _choice(SERVER_SELECTIONS), "dry_run": _bool,
-    "database": _database, "secret_file": _path,
+    "database": _database, "database_password_file": _opt_path, "secret_file": _path,
 }
 _SECTIONS = ("aliases", "loop", "bounces", "quota", "servers", "mass_mail", "listen", "policy", "odoo")
 
@@ -343,7 +343,7 @@ def parse_config(text: str, file: str = "<config>", *, check_files: bool = True,
     base = base or Path.cwd()
     reader = _Reader(loader, file, base)
     top = reader.section(root, "", _TOP)
-    if "database" in top and not Path(top["database"]).is_absolute():
+    if "database" in top and "://" not in top["database"] and not Path(top["database"]).is_absolute():
         top["database"] = str(base / top["database"])
     nodes = {k: _node(top, k) for k in _SECTIONS}
     servers = _servers(reader, nodes["servers"], check_files)
@@ -498,6 +498,9 @@ def _cross_checks(reader: _Reader, config: Config, top: dict[str, Any], mass: di
         return
     if config.secret_file.exists():
         _check_secret(reader, config.secret_file, _node(top, "secret_file"), "secret_file")
+    if config.database_password_file:
+        _check_secret(reader, config.database_password_file, _node(top, "database_password_file"),
+                      "database_password_file")
 
 
 def _check_secret(reader: _Reader, path: Path, node: yaml.Node | None, key: str) -> None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from mailgate.clock import gateway_clock
 from mailgate.config import Config
-from mailgate.store import SQLiteStore, Store, open_store
+from mailgate.store import SQLiteStore, Store, is_postgres, open_store
 from mailgate.tokens import TokenSigner, load_or_create_secret
 
 
@@ -40,7 +40,8 @@ class Runtime:
     @classmethod
     def from_config(cls, config: Config) -> "Runtime":
         secret = load_or_create_secret(Path(config.secret_file))
-        return cls(config, open_store(config.database), TokenSigner(secret), read_passwords(config),
+        return cls(config, open_store(config.database, config.database_password_file), TokenSigner(secret),
+                   read_passwords(config),
                    clock=gateway_clock())
 
 
@@ -53,7 +54,9 @@ def read_only_facts(config: Config, now: float | None = None) -> dict[str, Calla
     now = time.time() if now is None else now
     since = now - config.loop.minutes * 60
     store: Store | None = None
-    if Path(config.database).exists():
+    if is_postgres(config.database):
+        store = open_store(config.database, config.database_password_file)
+    elif Path(config.database).exists():
         store = SQLiteStore(config.database, read_only=True)
     signer: TokenSigner | None = None
     try:

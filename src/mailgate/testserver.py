@@ -254,7 +254,7 @@ class _Probe:
                 code, text = self.smtp.helo()
             if code != 250:
                 self.fail("ehlo", _reply(code, text), "ehlo")
-            features = ", ".join(f"{k.upper()} {v}".strip()
+            features = ", ".join(" ".join([k.upper(), *v.split()])
                                  for k, v in self.smtp.esmtp_features.items())
             prefix = "after STARTTLS: " if self.tls and self.server.security == "starttls" else ""
             note.detail = f"{prefix}{_reply(code, text).splitlines()[0]}; offers {features or 'nothing'}"
@@ -365,6 +365,8 @@ def _describe(exc: BaseException) -> str:
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, TimeoutError) or any(isinstance(e, TimeoutError) for e in _chain(exc)):
         return "timed out"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"TLS handshake failed: {exc.reason.replace('_', ' ').lower()}"
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 

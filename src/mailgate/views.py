@@ -92,7 +92,7 @@ def blacklist_change(store: SQLiteStore, action: str, address: str, reason: str 
         print(f"mailgate: not an email address: {address!r}", file=sys.stderr)
         return 2
     now = time.time() if now is None else now
-    with store.transaction():
+    with store.transaction(f"bounce:{address}"):
         if action == "add":
             changed = store.blacklist_add(address, now, reason or "added by the operator", "operator", [])
         else:

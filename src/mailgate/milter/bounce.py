@@ -49,7 +49,7 @@ def process_bounce(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Boun
         row = store.outbound_by_message_id(report.original_message_id)
     stale = bool(token) and token_is_stale(token, config.bounces, now)
     lines: list[str] = []
-    with store.transaction():
+    with store.transaction(*(f"bounce:{normalize(r.address)}" for r in report.recipients)):
         for failed in report.recipients:
             address = normalize(failed.address)
             bounce_id = store.record_bounce(BounceRecord(

@@ -36,7 +36,10 @@ def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Inb
     message = inbound_message(facts)
     now = runtime.clock()
     since = now - config.loop.minutes * 60
-    with store.transaction():
+    # Across several gateways (PostgreSQL) the count and the row must be serialised per sender
+    # and per Message-ID; SQLite's single writer already is.
+    locks = [f"inbound:{message.sender}"] + ([f"msgid:{message.message_id}"] if message.message_id else [])
+    with store.transaction(*locks):
         decision = decide_inbound(
             config, message,
             known_outbound=store.known_outbound,

@@ -49,7 +49,7 @@ class GatewayPolicy:
             return DUNNO
         stream = "mass" if mass else "transactional"
         now = runtime.clock()
-        with runtime.store.transaction():
+        with runtime.store.transaction(f"quota:{key}:{stream}"):
             allowed = quota_allows(runtime.store.quota_count(key, stream, now - WINDOW), limit)
             if allowed and not config.dry_run:
                 runtime.store.quota_take(key, stream, now)

@@ -1,12 +1,29 @@
-"""The store: every decision that matters later, behind one interface (`Store`)."""
+"""The store: every decision that matters later, behind one interface (`Store`).
+
+`database` names the backend: a file path is the embedded SQLite store; a `postgresql://` URL
+is the PostgreSQL store that several gateways share.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mailgate.store.records import (BounceFact, BounceRecord, DeliveryRecord, InboundRecord,  # noqa: F401
                                     OutboundRecord, Store)
+from mailgate.store.sql import SQLStore
 from mailgate.store.sqlite import SQLiteStore
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
-def open_store(database: str) -> SQLiteStore:
-    """The store named by the configuration's `database` (a SQLite file)."""
+
+def is_postgres(database: str) -> bool:
+    return database.startswith(POSTGRES_SCHEMES)
+
+
+def open_store(database: str, password_file: Path | None = None) -> SQLStore:
+    """The store named by the configuration's `database` (password from a file or PG* variables)."""
+    if is_postgres(database):
+        from mailgate.store.postgres import PostgresStore
+        password = Path(password_file).read_text().strip() if password_file else None
+        return PostgresStore(database, password=password)
     return SQLiteStore(database)

@@ -1,0 +1,161 @@
+"""The shared store: PostgreSQL, for several gateways that must count together.
+
+Loop counts, quotas, the blacklist and bounce records live in one database, so that two MX
+hosts do not each let through their own 20 loop messages or their own 200 a day. A count and
+the row it leads to run in one transaction holding an advisory lock per key (the sender, the
+quota key, the bounced address): concurrent gateways queue on the same key, never both count
+19 and both insert. Outside a transaction every statement borrows a pooled connection in
+autocommit mode.
+
+An outage is logged once when it starts and once when it ends; in between every store call
+raises, so the milter tempfails, the policy service defers and Postfix keeps the mail.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from mailgate.logfmt import kv_line
+from mailgate.store.sql import SQLStore
+
+# The same versions as the SQLite schema (mailgate.store.sqlite.MIGRATIONS), in PostgreSQL's DDL.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    ("""create table messages (id bigserial primary key, direction text not null, queue_id text,
+        message_id text, envelope_from_original text, envelope_from text, header_from_before text,
+        header_from_after text, server text, mass integer, listener text, sasl_user text,
+        created_at double precision not null)""",
+     "create index messages_message_id on messages (message_id)",
+     "create index messages_queue_id on messages (queue_id)",
+     "create index messages_created_at on messages (created_at)"),
+    ("""create table inbound_messages (id bigserial primary key, queue_id text, message_id text, sender text,
+        routes text, action text, created_at double precision not null)""",
+     "create index inbound_messages_message_id on inbound_messages (message_id)",
+     """create table inbound_routes (message bigint references inbound_messages (id), sender text,
+        route_key text, created_at double precision)""",
+     "create index inbound_routes_count on inbound_routes (sender, route_key, created_at)"),
+    ("""create table bounces (id bigserial primary key, created_at double precision not null, recipient text not null,
+        status text, action text, permanent integer, reason text, reporting_mta text, remote_mta text,
+        message bigint, server text, source text, stale integer, matched integer)""",
+     "create index bounces_recipient on bounces (recipient, created_at)",
+     "create index bounces_created_at on bounces (created_at)",
+     "create table bounce_resets (address text primary key, at double precision)",
+     """create table blacklist (id bigserial primary key, address text not null, added_at double precision not null,
+        reason text, source text, bounce_ids text, removed_at double precision, removed_reason text)""",
+     "create index blacklist_address on blacklist (address, removed_at)",
+     "create table quota_events (key text, stream text, at double precision)",
+     "create index quota_events_count on quota_events (key, stream, at)"),
+    ("alter table messages add column tokenised integer",
+     """create table deliveries (id bigserial primary key, at double precision not null, queue_id text not null,
+        recipient text, relay text, status text not null, dsn text, delay double precision, reason text,
+        message bigint, server text)""",
+     "create index deliveries_queue_id on deliveries (queue_id)",
+     "create index deliveries_at on deliveries (at)",
+     "create index deliveries_server on deliveries (server, at)",
+     """create table log_positions (path text primary key, inode bigint, "offset" bigint,
+        updated_at double precision)"""),
+)
+MIGRATION_LOCK = 7_357_001  # one gateway migrates at a time
+
+
+class _Fetched:
+    """A cursor's results read before its connection went back to the pool."""
+
+    def __init__(self, cursor: psycopg.Cursor):
+        self.description = cursor.description
+        self.rowcount = cursor.rowcount
+        self._rows = cursor.fetchall() if cursor.description else []
+
+    def fetchone(self) -> tuple | None:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[tuple]:
+        return self._rows
+
+
+class PostgresStore(SQLStore):
+    day_of = "to_char(to_timestamp({}) at time zone 'UTC', 'YYYY-MM-DD')"
+    greatest = "greatest"
+
+    def __init__(self, dsn: str, *, password: str | None = None, max_size: int = 10,
+                 logger: logging.Logger | None = None):
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if password:
+            kwargs["password"] = password
+        self.logger = logger or logging.getLogger("mailgate")
+        self._local = threading.local()
+        self._down = False
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=max_size, kwargs=kwargs, open=True,
+                                    check=ConnectionPool.check_connection, name="mailgate")
+        self._pool.wait(timeout=30)
+        self._migrate()
+
+    def domain_of(self, column: str) -> str:
+        return f"split_part({column}, '@', 2)"
+
+    def _migrate(self) -> None:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("select pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
+            conn.execute("create table if not exists mailgate_schema (version integer not null)")
+            row = conn.execute("select version from mailgate_schema").fetchone()
+            version = row[0] if row else 0
+            if row is None:
+                conn.execute("insert into mailgate_schema (version) values (0)")
+            for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("update mailgate_schema set version = %s", [number])
+
+    @property
+    def schema_version(self) -> int:
+        return self._scalar("select version from mailgate_schema")
+
+    def _noted(self, ok: bool, error: Exception | None = None) -> None:
+        """Log an outage once when it starts and once when it ends."""
+        if ok and self._down:
+            self._down = False
+            self.logger.warning(kv_line(None, event="database", state="back"))
+        elif not ok and not self._down:
+            self._down = True
+            self.logger.error(kv_line(None, event="database", state="unavailable", error=str(error).strip()))
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        sql = sql.replace("?", "%s")
+        conn = getattr(self._local, "conn", None)
+        try:
+            if conn is not None:
+                cursor = conn.execute(sql, params)
+            else:
+                with self._pool.connection() as pooled:
+                    cursor = _Fetched(pooled.execute(sql, params))
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            self._noted(False, exc)
+            raise
+        self._noted(True)
+        return cursor
+
+    @contextmanager
+    def transaction(self, *lock_keys: str) -> Iterator[None]:
+        """One transaction on one pooled connection, holding an advisory lock per key (in a fixed
+        order, so that two gateways never wait for each other's locks in a circle)."""
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                for key in sorted(set(lock_keys)):
+                    conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 0))", [key])
+                self._local.conn = conn
+                try:
+                    yield
+                finally:
+                    self._local.conn = None
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            self._noted(False, exc)
+            raise
+
+    def close(self) -> None:
+        self._pool.close()
+

@@ -1,0 +1,221 @@
+"""Every query of the store, once, for both backends.
+
+The statements are plain SQL with `?` placeholders; a backend supplies the connection handling
+(`_execute`), the placeholder style and the few expressions that differ between SQLite and
+PostgreSQL (dates, greatest). Nothing here commits on its own: a caller that needs a count and
+the row it leads to to be atomic wraps them in `transaction(lock keys...)`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import asdict
+from typing import Any, Sequence
+
+from mailgate.store.records import BounceFact, BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord
+
+
+class SQLStore:
+    """The store's queries; subclasses implement `_execute`, `transaction` and the dialect."""
+
+    day_of = "date({}, 'unixepoch')"      # a unix time column as YYYY-MM-DD
+    greatest = "max"                       # the larger of two values
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one statement on the current connection (the transaction's, if one is open);
+        return a cursor."""
+        raise NotImplementedError
+
+    def transaction(self, *lock_keys: str) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict]:
+        cursor = self._execute(sql, params)
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> dict | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = self._execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    def _insert(self, table: str, row: dict) -> int:
+        names = ", ".join(row)
+        return self._scalar(f"insert into {table} ({names}) values ({', '.join('?' * len(row))}) returning id",
+                            list(row.values()))
+
+    @staticmethod
+    def _marks(values: Sequence[Any]) -> str:
+        return ",".join("?" * len(values))
+
+    # -- outbound -------------------------------------------------------------------------------------
+
+    def record_outbound(self, record: OutboundRecord) -> int:
+        row = asdict(record)
+        row.update(mass=int(record.mass), tokenised=int(record.tokenised), direction="outbound")
+        return self._insert("messages", row)
+
+    def outbound_message(self, row_id: int) -> dict | None:
+        return self._one("select * from messages where id = ? and direction = 'outbound'", [row_id])
+
+    def outbound_by_message_id(self, message_id: str) -> dict | None:
+        return self._one("select * from messages where message_id = ? and direction = 'outbound' "
+                         "order by id desc limit 1", [message_id])
+
+    def outbound_by_queue_id(self, queue_id: str) -> dict | None:
+        return self._one("select * from messages where queue_id = ? and direction = 'outbound' "
+                         "order by id desc limit 1", [queue_id])
+
+    def known_outbound(self, message_ids: list[str]) -> str | None:
+        """The most recently sent of these Message-IDs, as Odoo picks the thread of a reply."""
+        if not message_ids:
+            return None
+        return self._scalar(f"select message_id from messages where direction = 'outbound' and message_id in "
+                            f"({self._marks(message_ids)}) order by id desc limit 1", message_ids)
+
+    # -- inbound --------------------------------------------------------------------------------------
+
+    def already_received(self, message_id: str) -> bool:
+        return self._scalar("select 1 from inbound_messages where message_id = ? and action = 'deliver' limit 1",
+                            [message_id]) is not None
+
+    def recent_count(self, sender: str, key: str, since: float) -> int:
+        return self._scalar("select count(*) from inbound_routes where sender = ? and route_key = ? "
+                            "and created_at >= ?", [sender, key, since])
+
+    def record_inbound(self, record: InboundRecord, route_keys: list[str]) -> int:
+        row_id = self._insert("inbound_messages", asdict(record))
+        for key in route_keys:
+            self._execute("insert into inbound_routes (message, sender, route_key, created_at) values (?, ?, ?, ?)",
+                          [row_id, record.sender, key, record.created_at])
+        return row_id
+
+    # -- bounces and the blacklist ------------------------------------------------------------------
+
+    def record_bounce(self, record: BounceRecord) -> int:
+        row = asdict(record)
+        row.update(stale=int(record.stale), matched=int(record.matched),
+                   permanent=None if record.permanent is None else int(record.permanent))
+        return self._insert("bounces", row)
+
+    def countable_bounces(self, address: str, since: float) -> list[BounceFact]:
+        """Bounces that may count: matched, not stale, newer than the window and the last reset."""
+        rows = self._execute(
+            f"select id, created_at, permanent from bounces where recipient = ? and created_at >= {self.greatest}(?, "
+            "coalesce((select at from bounce_resets where address = ?), 0)) and stale = 0 and matched = 1 "
+            "order by created_at", [address, since, address]).fetchall()
+        return [BounceFact(r[0], r[1], None if r[2] is None else bool(r[2])) for r in rows]
+
+    def reset_bounces(self, address: str, at: float) -> None:
+        self._execute("insert into bounce_resets (address, at) values (?, ?) "
+                      "on conflict (address) do update set at = excluded.at", [address, at])
+
+    def blacklisted(self, addresses: list[str]) -> set[str]:
+        if not addresses:
+            return set()
+        rows = self._execute(f"select distinct address from blacklist where removed_at is null and address in "
+                             f"({self._marks(addresses)})", addresses).fetchall()
+        return {r[0] for r in rows}
+
+    def blacklist_add(self, address: str, at: float, reason: str, source: str, bounce_ids: list[int]) -> bool:
+        if self.blacklisted([address]):
+            return False
+        self._insert("blacklist", {"address": address, "added_at": at, "reason": reason, "source": source,
+                                   "bounce_ids": ",".join(str(i) for i in bounce_ids)})
+        return True
+
+    def blacklist_remove(self, address: str, at: float, reason: str, source: str | None = None) -> bool:
+        """End the address's active entry; with `source`, only an entry that source made (a
+        delivery that succeeds clears the rule's entries, never the operator's)."""
+        sql = "update blacklist set removed_at = ?, removed_reason = ? where address = ? and removed_at is null"
+        params: list = [at, reason, address]
+        if source is not None:
+            sql += " and source = ?"
+            params.append(source)
+        return self._execute(sql, params).rowcount > 0
+
+    def blacklist_entries(self, include_removed: bool = False) -> list[dict]:
+        where = "" if include_removed else " where removed_at is null"
+        return self._rows(f"select * from blacklist{where} order by added_at")
+
+    def blacklist_history(self, address: str) -> list[dict]:
+        return self._rows("select * from blacklist where address = ? order by added_at", [address])
+
+    def bounce_rows(self, since: float = 0.0, address: str | None = None, ids: list[int] | None = None,
+                    limit: int | None = None) -> list[dict]:
+        clauses, params = ["created_at >= ?"], [since]
+        if address:
+            clauses.append("recipient = ?")
+            params.append(address)
+        if ids is not None:
+            clauses.append(f"id in ({self._marks(ids) or 'null'})")
+            params += ids
+        tail = f" limit {int(limit)}" if limit else ""
+        return self._rows(f"select * from bounces where {' and '.join(clauses)} order by created_at desc{tail}",
+                          params)
+
+    def bounce_stats(self, since: float) -> dict[str, list[dict]]:
+        """Counts per day, per server, hard/soft and the top recipient domains (SQL aggregates)."""
+        day = self.day_of.format("created_at")
+        kind = "case when permanent = 1 then 'hard' when permanent = 0 then 'soft' else 'unknown' end"
+        return {
+            "per_day": self._rows(f"select {day} as day, count(*) as bounces, "
+                                  "sum(case when permanent = 1 then 1 else 0 end) as hard from bounces "
+                                  f"where created_at >= ? group by {day} order by day", [since]),
+            "per_server": self._rows("select coalesce(server, '-') as server, count(*) as bounces from bounces "
+                                     "where created_at >= ? group by server order by bounces desc, server", [since]),
+            "per_kind": self._rows(f"select {kind} as kind, count(*) as bounces from bounces where created_at >= ? "
+                                   f"group by {kind} order by bounces desc", [since]),
+            "top_domains": self._rows(f"select {self.domain_of('recipient')} as domain, count(*) as bounces "
+                                      f"from bounces where created_at >= ? group by {self.domain_of('recipient')} "
+                                      "order by bounces desc, domain limit 10", [since]),
+        }
+
+    def domain_of(self, column: str) -> str:
+        return f"substr({column}, instr({column}, '@') + 1)"
+
+    # -- deliveries (from Postfix's log) --------------------------------------------------------------
+
+    def record_delivery(self, record: DeliveryRecord) -> int:
+        return self._insert("deliveries", asdict(record))
+
+    def delivery_stats(self, since: float) -> list[dict]:
+        """Attempts per day, server and status."""
+        day = self.day_of.format("at")
+        return self._rows(f"select {day} as day, coalesce(server, '-') as server, status, count(*) as count "
+                          f"from deliveries where at >= ? group by {day}, server, status order by day, server, status",
+                          [since])
+
+    def delivery_totals(self) -> list[dict]:
+        """All-time counters per server and status (for Prometheus)."""
+        return self._rows("select coalesce(server, '-') as server, status, count(*) as count from deliveries "
+                          "group by server, status order by server, status")
+
+    def log_position(self, path: str) -> tuple[int, int] | None:
+        row = self._execute("select inode, \"offset\" from log_positions where path = ?", [path]).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def save_log_position(self, path: str, inode: int, offset: int, at: float) -> None:
+        self._execute("insert into log_positions (path, inode, \"offset\", updated_at) values (?, ?, ?, ?) "
+                      "on conflict (path) do update set inode = excluded.inode, \"offset\" = excluded.\"offset\", "
+                      "updated_at = excluded.updated_at", [path, inode, offset, at])
+
+    # -- quota ----------------------------------------------------------------------------------------
+
+    def quota_count(self, key: str, stream: str, since: float) -> int:
+        return self._scalar("select count(*) from quota_events where key = ? and stream = ? and at >= ?",
+                            [key, stream, since])
+
+    def quota_take(self, key: str, stream: str, at: float) -> None:
+        self._execute("insert into quota_events (key, stream, at) values (?, ?, ?)", [key, stream, at])
+
+    def purge_quota(self, before: float) -> int:
+        return self._execute("delete from quota_events where at < ?", [before]).rowcount
