@@ -116,7 +116,7 @@ class DnsServer:
             raise RuntimeError("no free port for both UDP and TCP")
         for server in (udp, tcp):
             server.daemon_threads = True
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
             self._servers.append(server)
         return self
 

@@ -4,6 +4,7 @@ started by the tests (private data directory, loopback). The rules never know wh
 
 from __future__ import annotations
 
+import shutil
 import threading
 import uuid
 from typing import Iterator
@@ -20,10 +21,12 @@ NOW = 1_900_000_000.0
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[object]:
     from mailgate.lab.postgres import PrivatePostgres
-    server = PrivatePostgres(make_basedir("mgpg"))
+    base = make_basedir("mgpg")
+    server = PrivatePostgres(base)
     server.start()
     yield server
     server.stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -156,3 +159,33 @@ def test_counting_is_exact_under_concurrency(store):
     for thread in threads:
         thread.join()
     assert taken.count(True) == 20 and store.quota_count("gateway", "transactional", 0) == 20
+
+
+def test_migrate_store_copies_everything(tmp_path, postgres):
+    import subprocess
+    import sys
+    source = SQLiteStore(tmp_path / "old.sqlite3")
+    row = source.record_outbound(outbound())
+    with source.transaction():
+        ids = [source.record_bounce(bounce("m@y", d, message=row)) for d in (9, 5, 1)]
+        source.blacklist_add("m@y", NOW, "rule", "rule", ids)
+        source.record_inbound(InboundRecord("Q", "<in@x>", "s@x", "alias:sales", "deliver", NOW), ["odoo:crm.lead"])
+        source.quota_take("gateway", "transactional", NOW)
+    source.close()
+    name = f"m{uuid.uuid4().hex[:10]}"
+    postgres.create_database(name)
+    command = [sys.executable, "-m", "mailgate", "migrate-store", "--from", str(tmp_path / "old.sqlite3"),
+               "--to", postgres.dsn(name)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "bounces: 3 row(s)" in result.stdout
+    target = open_store(postgres.dsn(name))
+    try:
+        assert target.blacklist_history("m@y")[0]["bounce_ids"] == ",".join(map(str, ids))
+        assert [r["id"] for r in target.bounce_rows(ids=ids)] == sorted(ids, reverse=True)
+        assert target.already_received("<in@x>") and target.quota_count("gateway", "transactional", 0) == 1
+        assert target.record_outbound(outbound("Q9", "<m9@x>")) == row + 1, "sequences continue after the copy"
+    finally:
+        target.close()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "not empty" in again.stderr

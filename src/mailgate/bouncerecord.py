@@ -3,7 +3,9 @@
 Two readers learn that a recipient failed: the milter, from delivery reports to our tokenised
 bounce address, and `watch-log`, from Postfix's own `status=bounced` lines. Both must record the
 row and run the blacklist rule the same way, inside the caller's transaction, so that the count
-and the entry it leads to are atomic; this module is that one way.
+and the entry it leads to are atomic; this module is that one way. The caller's transaction
+holds the lock key `bounce_lock(address)` for every address it touches (PostgreSQL queues
+concurrent gateways on it; SQLite's write lock covers it anyway).
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from mailgate.store.records import BounceRecord, Store
 
 RULE_SOURCE = "rule"
 DELIVERED_REASON = "delivered successfully"
+
+
+def bounce_lock(address: str) -> str:
+    """The transaction lock key of an address's bounces and blacklist entry."""
+    return f"bounce:{address}"
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,8 @@ class DeliveryOutcome:
 
 def record_and_judge(store: Store, settings: BounceSettings, record: BounceRecord, now: float) -> BounceOutcome:
     """Record one failed recipient and, when it may count (tied to a message of ours and not
-    stale), run the blacklist rule over the address's bounces. Call inside `store.transaction()`."""
+    stale), run the blacklist rule over the address's bounces. Call inside
+    `store.transaction(bounce_lock(record.recipient))`."""
     bounce_id = store.record_bounce(record)
     if not record.matched or record.stale:
         return BounceOutcome(bounce_id, None)
@@ -47,7 +55,8 @@ def clear_after_delivery(store: Store, address: str, at: float) -> DeliveryOutco
     """A message reached the address: its earlier bounces stop counting (B2) and the rule's
     blacklist entry ends; an operator's entry stays, because the operator had a reason the
     rule cannot see. The reset is written only when something counted, so that every
-    delivered recipient does not cost a write. Call inside `store.transaction()`."""
+    delivered recipient does not cost a write. Call inside
+    `store.transaction(bounce_lock(address))`."""
     reset = bool(store.countable_bounces(address, 0.0))
     if reset:
         store.reset_bounces(address, at)

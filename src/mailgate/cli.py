@@ -167,6 +167,71 @@ def cmd_blacklist(args: argparse.Namespace) -> int:
     return views.blacklist_change(store, args.action, args.address, args.reason, args.json)
 
 
+def cmd_test_server(args: argparse.Namespace) -> int:
+    from mailgate import testserver
+    config = _load(args, check_files=False).config
+    if config.server_named(args.name) is None:
+        names = ", ".join(s.name for s in config.servers) or "none"
+        print(f"mailgate: no server named {args.name!r} (servers: {names})", file=sys.stderr)
+        return EXIT_USAGE
+    result = testserver.test_server(config, args.name, send_to=args.send_to, timeout=args.timeout)
+    print(json.dumps(testserver.result_json(result)) if args.json else testserver.render(result))
+    return EXIT_OK if result.ok else EXIT_FAILURE
+
+
+def cmd_check_dns(args: argparse.Namespace) -> int:
+    import socket
+
+    from mailgate import dnscheck
+    config = _load(args, check_files=False).config
+    try:
+        findings = dnscheck.check_dns(config, args.domain, dkim_selectors=args.selector or (),
+                                      this_host=args.this_host or [socket.getfqdn()])
+    except ValueError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(dnscheck.findings_json(findings)) if args.json else dnscheck.render(findings))
+    return EXIT_FAILURE if any(f.level == "FAIL" for f in findings) else EXIT_OK
+
+
+def cmd_import_odoo(args: argparse.Namespace) -> int:
+    from mailgate.importodoo import main_import
+    return main_import(args.dsn, Path(args.output) if args.output else None,
+                       Path(args.secrets_dir) if args.secrets_dir else None, force=args.force)
+
+
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from mailgate.store import is_postgres, open_store
+    from mailgate.store.migrate import MigrationError, migrate_store
+    if not is_postgres(args.to):
+        print("mailgate migrate-store: --to must be a postgresql:// URL", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        target = open_store(args.to, Path(args.password_file) if args.password_file else None)
+        result = migrate_store(Path(args.source), target)
+    except (MigrationError, psycopg.Error, OSError) as exc:
+        print(f"mailgate migrate-store: {exc}".strip(), file=sys.stderr)
+        return EXIT_FAILURE
+    for table, count in result.rows.items():
+        print(f"{table}: {count} row(s)")
+    print("done: set `database:` to the PostgreSQL URL on every gateway, then reload them", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_watch_log(args: argparse.Namespace) -> int:
+    from mailgate.watchlog import main_watch_log
+    config = _load(args, check_files=False).config
+    setup_logging()
+    return main_watch_log(config, args.file, args.journal, args.once, debug=args.verbose)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from mailgate.deliverystats import main_stats
+    return main_stats(_load(args, check_files=False).config, args.since, args.json, args.prometheus)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mailgate.demo import run_demo
     return run_demo(keep=args.keep)
@@ -210,6 +275,40 @@ def build_parser() -> argparse.ArgumentParser:
     blacklist.add_argument("--reason", help="recorded with add/remove")
     blacklist.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
+    test = commands.add_parser("test-server", parents=[common], help="Odoo's Test Connection for one server")
+    test.add_argument("name")
+    test.add_argument("--send-to", metavar="ADDR", help="also send a real test message to ADDR")
+    test.add_argument("--timeout", type=float, default=15.0, help="seconds per network step (default 15)")
+    test.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    dns = commands.add_parser("check-dns", parents=[common], help="SPF, DKIM, DMARC and MX of a domain")
+    dns.add_argument("domain", nargs="?", help="default: alias_domain")
+    dns.add_argument("--selector", action="append", metavar="S", help="a DKIM selector to check (repeatable)")
+    dns.add_argument("--this-host", action="append", metavar="NAME", help="this host's name or address (MX check)")
+    dns.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    importer = commands.add_parser("import-odoo", parents=[common], help="write the YAML from an Odoo database")
+    importer.add_argument("--dsn", required=True, help="postgresql://user@host/odoo_database")
+    importer.add_argument("--output", metavar="FILE", help="where to write the YAML (default: stdout)")
+    importer.add_argument("--secrets-dir", metavar="DIR", help="where the 0600 password files go")
+    importer.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+    migrate = commands.add_parser("migrate-store", parents=[common], help="copy a SQLite store into PostgreSQL")
+    migrate.add_argument("--from", dest="source", required=True, metavar="SQLITE", help="the SQLite store file")
+    migrate.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host/database")
+    migrate.add_argument("--password-file", help="the PostgreSQL password (else PG* variables)")
+
+    watch = commands.add_parser("watch-log", parents=[common], help="record delivery status from Postfix's log")
+    watch.add_argument("file", nargs="?", help="the log file (default /var/log/mail.log)")
+    watch.add_argument("--journal", action="store_true", help="read the systemd journal instead of a file")
+    watch.add_argument("--once", action="store_true", help="read what is there, then stop")
+    watch.add_argument("-v", "--verbose", action="store_true", help="one line per recorded delivery")
+
+    stats = commands.add_parser("stats", parents=[common], help="sent/deferred/bounced per server and day")
+    stats.add_argument("--since", help="7d, 24h, 30m or a date (default: all)")
+    stats.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    stats.add_argument("--prometheus", action="store_true", help="Prometheus text format (all-time counters)")
+
     explain = commands.add_parser("explain", parents=[common], help="show a decision without sending")
     explain_kinds = explain.add_subparsers(dest="kind", metavar="KIND")
     explain_kinds.required = True
@@ -235,6 +334,12 @@ HANDLERS = {
     ("explain", "inbound"): cmd_explain_inbound,
     ("bounce", "parse"): cmd_bounce_parse,
     "bounces": cmd_bounces,
+    "test-server": cmd_test_server,
+    "check-dns": cmd_check_dns,
+    "import-odoo": cmd_import_odoo,
+    "migrate-store": cmd_migrate_store,
+    "watch-log": cmd_watch_log,
+    "stats": cmd_stats,
     "blacklist": cmd_blacklist,
 }
 

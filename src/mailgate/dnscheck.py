@@ -146,8 +146,8 @@ class Finding:
     fix: str | None = None
 
 
-def _finding(check: str, level: str, key: str, **values: object) -> Finding:
-    message, fix = TEXT[key]
+def _finding(check: str, level: str, text: str, /, **values: object) -> Finding:
+    message, fix = TEXT[text]
     return Finding(check, level, message.format(**values), fix.format(**values) if fix else None)
 
 

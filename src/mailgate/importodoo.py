@@ -68,6 +68,7 @@ class _Out:
     lines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     secrets: dict[Path, str] = field(default_factory=dict)
+    deactivated: set[str] = field(default_factory=set)    # active in Odoo, not usable as imported
 
     def add(self, line: str = "") -> None:
         self.lines.append(line)
@@ -99,7 +100,8 @@ def import_odoo(dsn: str, *, output_dir: Path, secrets_dir: Path | None = None) 
     except ConfigError as exc:
         raise ImportFailed(f"the generated configuration does not load (a bug): {_oneline(str(exc))}") from None
     layout = "mail_alias_domain" if "mail_alias_domain" in odoo.tables else "ir_config_parameter"
-    return ImportResult(text, _odoo_changes(odoo, slugs), tuple(sorted(out.secrets)), layout, tuple(out.warnings))
+    changes = _odoo_changes(odoo, slugs, out.deactivated)
+    return ImportResult(text, changes, tuple(sorted(out.secrets)), layout, tuple(out.warnings))
 
 
 def main_import(dsn: str, output: Path | None, secrets_dir: Path | None = None, *, force: bool = False,
@@ -205,7 +207,7 @@ def _render(odoo: _Odoo, out: _Out, secrets_dir: Path) -> dict[int, str]:
     """Append the YAML to `out`; return the mailgate name given to each ir_mail_server id."""
     version = f"Odoo {odoo.version}" if odoo.version else "Odoo"
     layout = ("Odoo 17+ layout: mail_alias_domain" if "mail_alias_domain" in odoo.tables
-              else "Odoo 16 layout: ir_config_parameter")
+              else "Odoo 16 and older layout: ir_config_parameter")
     out.note(f"mailgate configuration imported from the Odoo database {odoo.database!r} ({version}, {layout})")
     out.note("by `mailgate import-odoo`. [brackets] name where each value came from in Odoo. Keys that are")
     out.note("not here keep mailgate's defaults (see mailgate.example.yaml). Check: mailgate check-config")
@@ -222,14 +224,10 @@ def _render(odoo: _Odoo, out: _Out, secrets_dir: Path) -> dict[int, str]:
 def _alias_settings(odoo: _Odoo, out: _Out) -> dict[str, Any]:
     """alias_domain, default_from, catchall and bounce aliases; returns the main domain's values."""
     if "mail_alias_domain" in odoo.tables:
-        if not odoo.domains:
-            out.note("[mail_alias_domain] no alias domain in Odoo: alias_domain stays unset (nothing is "
-                     "received on aliases, no From is rewritten unless default_from is a full address)")
-            return {}
-        main = dict(odoo.domains[0])
-        source = {k: f"mail_alias_domain {main['name']!r}.{k}" for k in ("catchall_alias", "bounce_alias",
-                                                                          "default_from")}
-        source["name"] = f"mail_alias_domain {main['name']!r} (sequence {main['sequence']}, the first by sequence)"
+        main = dict(odoo.domains[0]) if odoo.domains else {}
+        label = f"mail_alias_domain {main['name']!r}" if main else "mail_alias_domain (no row)"
+        source = {k: f"{label}.{k}" for k in ("catchall_alias", "bounce_alias", "default_from")}
+        source["name"] = f"{label} (sequence {main['sequence']}, the first by sequence)" if main else label
         if main.get("companies"):
             source["name"] += f", used by {main['companies']}"
     else:
@@ -246,19 +244,21 @@ def _alias_settings(odoo: _Odoo, out: _Out) -> dict[str, Any]:
         main[odoo_key] = _emit_scalar(out, key, value, f"[{source[odoo_key]}]", default) or None
     for other in odoo.domains[1:]:
         used = f", used by {other['companies']}" if other.get("companies") else ""
-        out.note(f"[mail_alias_domain {other['name']!r}{used}] another alias domain: its aliases carry it as "
-                 f"their domain; its catchall {other['catchall_alias']!r} and bounce {other['bounce_alias']!r} "
-                 "addresses are not handled by mailgate (one catchall and bounce per gateway)")
+        out.warn(f"[mail_alias_domain {other['name']!r}{used}] another alias domain: its aliases carry it as "
+                 f"their domain, but its catchall {other['catchall_alias']!r} and bounce "
+                 f"{other['bounce_alias']!r} addresses are not handled (mailgate has one catchall and bounce)")
     out.add()
     return main
 
 
-def _emit_scalar(out: _Out, key: str, value: str, source: str, default: str, indent: str = "") -> str:
+def _emit_scalar(out: _Out, key: str, value: str | int, source: str, default: str, section: str = "") -> str | int:
     """`key: value` when mailgate accepts it, else a comment keeping mailgate's default."""
+    indent = "  " if section else ""
     if not value:
         out.note(f"{source} not set in Odoo: mailgate's default applies ({key}: {default})", indent)
         return ""
-    problem = _mailgate_rejects(f"{key}: {_scalar(value)}\n")
+    item = f"{key}: {_scalar(value)}"
+    problem = _mailgate_rejects(f"{section}: {{{item}}}\n" if section else item + "\n")
     if problem:
         out.warn(f"{source} {value!r} is not usable ({problem}): mailgate's default applies ({default})", indent)
         return ""
@@ -309,8 +309,9 @@ def _render_aliases(odoo: _Odoo, out: _Out, main: dict[str, Any]) -> None:
             entries.append(f"  # {_oneline(label)}: no model (alias_model_id): left out")
             continue
         if name in kept:
-            entries.append(f"  # {_oneline(label)}: left out, mailgate holds one alias per name "
-                           f"(kept {name}@{kept[name]})")
+            problem = f"{_oneline(label)} left out: mailgate holds one alias per name (kept {name}@{kept[name]})"
+            entries.append(f"  # WARNING: {problem}")
+            out.warnings.append(problem)
             continue
         fields_ = {"target": f"odoo:{alias['model']}"}
         if domain and alias["domain_id"] != main_id:
@@ -342,7 +343,7 @@ def _render_loop(odoo: _Odoo, out: _Out) -> None:
         elif not raw:
             out.note(f"[{param}] not set in Odoo: mailgate's default applies ({key}: {default}, as in Odoo)", "  ")
         else:
-            _emit_scalar(out, key, raw, f"[{param}]", str(default), "  ")
+            _emit_scalar(out, key, value, f"[{param}]", str(default), "loop")
     out.note("action: not an Odoo setting; mailgate's default applies (reject: 550 5.7.1)", "  ")
     if odoo.allowed_senders is None:
         out.note("[mail_gateway_allowed] no such table (before Odoo 16): no allowed senders", "  ")
@@ -384,7 +385,8 @@ def _render_servers(odoo: _Odoo, out: _Out, secrets_dir: Path) -> dict[int, str]
 
 def _render_server(server: dict[str, Any], slug: str, out: _Out, secrets_dir: Path) -> None:
     ind = "    "
-    out.add(f"  # [ir_mail_server {server['id']} {server['name']!r}, sequence {server['sequence']}]")
+    sequence = f", sequence {server['sequence']}" if server["sequence"] is not None else ""
+    out.add(f"  # [ir_mail_server {server['id']} {_oneline(server['name'])!r}{sequence}]")
     out.add(f"  - name: {slug}")
     host = (server["smtp_host"] or "").strip()
     out.add(f"{ind}host: {_scalar(host or 'missing.invalid')}  # [smtp_host]")
@@ -405,6 +407,7 @@ def _render_server(server: dict[str, Any], slug: str, out: _Out, secrets_dir: Pa
     if method != "login":
         out.warn(f"server {slug}: Odoo authenticates it with {method!r} (smtp_authentication), which mailgate "
                  "does not import; it is made inactive until you set its credentials", ind)
+        out.deactivated.add(slug)
         active = False
     elif user and password:
         path = secrets_dir / slug
@@ -419,6 +422,7 @@ def _render_server(server: dict[str, Any], slug: str, out: _Out, secrets_dir: Pa
         out.warn(f"server {slug}: from_filter {from_filter!r} is not a list of domains and addresses; the server "
                  "is made inactive (an empty filter would let it send for anybody)", ind)
         out.add(f"{ind}from_filter: null  # [from_filter] unusable, see above")
+        out.deactivated.add(slug)
         active = False
     else:
         out.add(f"{ind}from_filter: {_scalar(from_filter) if from_filter else 'null'}  # [from_filter]")
@@ -426,7 +430,7 @@ def _render_server(server: dict[str, Any], slug: str, out: _Out, secrets_dir: Pa
         out.add(f"{ind}priority: {int(server['sequence'])}  # [sequence]")
     else:
         out.note("[sequence] not set in Odoo: mailgate's default applies (priority: 10)", ind)
-    out.add(f"{ind}active: {'true' if active else 'false'}  # [active {bool(server['active'])}]")
+    out.add(f"{ind}active: {_scalar(active)}  # [active {_scalar(bool(server['active']))}]")
 
 
 def _mass_server(odoo: _Odoo, slugs: dict[int, str]) -> tuple[str | None, str]:
@@ -452,17 +456,21 @@ def _render_mass(odoo: _Odoo, out: _Out, slugs: dict[int, str]) -> None:
 
 # -- the Odoo-side change --------------------------------------------------------------
 
-def _odoo_changes(odoo: _Odoo, slugs: dict[int, str]) -> str:
+def _odoo_changes(odoo: _Odoo, slugs: dict[int, str], deactivated: set[str]) -> str:
     """What the administrator changes in Odoo so that its mail goes through mailgate."""
     handled = [s for s in odoo.servers if s["active"]]
     lines = ["Odoo-side change, once mailgate and Postfix run:",
              "  1. Settings > Technical > Outgoing Mail Servers: create one server for mailgate: SMTP server "
              f"127.0.0.1, port {SUBMISSION_PORT}, Connection Encryption: None, no username or password, "
-             "From Filter empty, Priority lower than every other server."]
+             "From Filter empty, Priority 1 (the smallest number: Odoo tries it first)."]
     if handled:
         lines.append("  2. Archive the servers now handled by mailgate (their settings are in the YAML):")
-        lines += [f"       - {_oneline(s['name'])!r} ({s['smtp_host']}:{s['smtp_port']}) -> mailgate server "
-                  f"{slugs[s['id']]}" for s in handled]
+        for server in handled:
+            slug = slugs[server["id"]]
+            port = f":{server['smtp_port']}" if server["smtp_port"] else ""
+            later = " (inactive in mailgate until you complete it, see the YAML)" if slug in deactivated else ""
+            lines.append(f"       - {_oneline(server['name'])!r} ({server['smtp_host']}{port}) -> mailgate server "
+                         f"{slug}{later}")
     else:
         lines.append("  2. No active outgoing server to archive.")
     if odoo.domains:
@@ -542,9 +550,7 @@ def _scrub(message: str, dsn: str) -> str:
     text = _oneline(message)
     for secret in sorted((c for c in candidates if c), key=len, reverse=True):
         text = text.replace(secret, "***")
-    if "://" in text or "password" in text.lower():
-        text = re.sub(r'"[^"]*(://|password)[^"]*"', '"<the DSN>"', text, flags=re.I)
-    return text
+    return re.sub(r'"[^"\s]*://[^"\s]*"', '"<the DSN>"', text)
 
 
 def _write_secrets(directory: Path, secrets: dict[Path, str]) -> None:

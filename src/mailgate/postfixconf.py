@@ -89,6 +89,7 @@ def transport_service(config: Config, server: Server) -> list[str]:
         ]
     else:
         options.append("smtp_sasl_auth_enable=no")
+    options.append(f"syslog_name=postfix/{server.transport_name}")  # the log names the server (watch-log)
     return [f"{server.transport_name} unix - - n - - smtp", *(f"  -o {o}" for o in options)]
 
 

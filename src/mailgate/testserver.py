@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from mailgate.config import Config, Server
 from mailgate.outbound import notification_address
@@ -158,13 +158,15 @@ class _Probe:
         self.smtp: _Session | None = None
         self.tls = False
 
-    def fail(self, name: str, detail: str, cause: str, **extra: str) -> None:
-        values = {**asdict(self.server), **extra}
-        self.steps.append(Step(name, False, detail, FIXES[cause].format(**values)))
+    def fail(self, name: str, detail: str, cause: str) -> NoReturn:
+        """Record the failed step with its fix and end the test."""
+        fix = FIXES[cause].format(**asdict(self.server))
+        self.steps.append(Step(name, False, detail, fix))
         raise _Stop
 
     @contextmanager
     def step(self, name: str) -> Iterator[_Note]:
+        """Run one step's body: record its detail, or turn any network error into a failure."""
         note = _Note()
         try:
             yield note
@@ -189,7 +191,8 @@ class _Probe:
         if name == "tls" and isinstance(exc, smtplib.SMTPResponseException):
             return "starttls-refused"
         if name == "tls" and isinstance(exc, ssl.SSLError):
-            return "plain-on-tls" if self._greets_in_plain() else "tls-handshake"
+            implicit = self.server.security == "tls"
+            return "plain-on-tls" if implicit and self._greets_in_plain() else "tls-handshake"
         if isinstance(exc, smtplib.SMTPAuthenticationError):
             return "auth-535" if exc.smtp_code == 535 else "auth-other"
         return {

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from mailgate.addresses import is_valid_address, normalize
+from mailgate.bouncerecord import bounce_lock
 from mailgate.store.sqlite import SQLiteStore
 
 _SPAN = re.compile(r"^(\d+)([dhm])$")
@@ -92,7 +93,7 @@ def blacklist_change(store: SQLiteStore, action: str, address: str, reason: str 
         print(f"mailgate: not an email address: {address!r}", file=sys.stderr)
         return 2
     now = time.time() if now is None else now
-    with store.transaction(f"bounce:{address}"):
+    with store.transaction(bounce_lock(address)):
         if action == "add":
             changed = store.blacklist_add(address, now, reason or "added by the operator", "operator", [])
         else:

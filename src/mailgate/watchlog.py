@@ -22,25 +22,26 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterable
+from typing import Callable
 
 from mailgate.addresses import normalize
-from mailgate.bouncerecord import DELIVERED_REASON, clear_after_delivery, record_and_judge
+from mailgate.bouncerecord import DELIVERED_REASON, bounce_lock, clear_after_delivery, record_and_judge
 from mailgate.config import Config
 from mailgate.logfmt import kv_line, setup_logging
+from mailgate.store import open_store
 from mailgate.store.records import BounceRecord, DeliveryRecord, Store
-from mailgate.store.sqlite import SQLiteStore
 
 DEFAULT_LOG = "/var/log/mail.log"        # Debian's rsyslog file for the mail facility
-JOURNAL_KEY = "journal:postfix*"         # the log_positions row of the journal reader
-CHUNK = 1 << 20                          # bytes read (and committed) per batch
-STATUSES = ("sent", "deferred", "bounced", "expired")
+JOURNAL = "journal:postfix*"             # what the journal reader follows, as a log_positions key
+CHUNK = 1 << 16                          # bytes read (and committed) per batch: a few hundred lines,
+JOURNAL_BATCH = 300                      # so that PostgreSQL holds a few hundred advisory locks at most
 EXPIRY_HORIZON = 30 * 86400.0            # a queue id's deferrals older than this belong to another message
 
 Clock = Callable[[], float]
@@ -57,6 +58,12 @@ _DELIVERY = re.compile(
 _EXPIRED = re.compile(r"(?P<qid>[0-9A-Za-z]+): from=<(?P<from>.*?)>, status=expired, returned to sender", re.ASCII)
 _DELAY = re.compile(r" delay=(\d+(?:\.\d+)?),", re.ASCII)
 _RELAY = re.compile(r"(?P<host>[^\[\]]+)\[[^\]]*\](?::(?P<port>\d+))?", re.ASCII)
+
+
+def position_key(source: str) -> str:
+    """The log_positions row of a followed file (absolute path) or of the journal. The host name
+    is part of it: gateways sharing one PostgreSQL store each follow their own /var/log/mail.log."""
+    return f"{socket.gethostname()}:{source if source == JOURNAL else os.path.abspath(source)}"
 
 
 @dataclass(frozen=True)
@@ -150,9 +157,10 @@ def _parse_current(line: str, now: float) -> LogEvent | None:
 # -- recording -----------------------------------------------------------------------------------
 
 def _relay_host_port(relay: str | None) -> tuple[str, int | None]:
+    """`host[ip]:port` as (host, port); ("", None) for `none`, `local` or a pipe service."""
     found = _RELAY.fullmatch(relay or "")
     if found is None:
-        return (relay or "").lower(), None
+        return "", None
     return found["host"].lower(), int(found["port"]) if found["port"] else None
 
 
@@ -174,18 +182,16 @@ def _permanent(dsn: str | None) -> bool | None:
 
 def _still_deferred(store: Store, event: LogEvent) -> list[LogEvent]:
     """The recipients whose last recorded attempt for this queue id was a deferral: the ones an
-    expiry returns to the sender. The store has no method for this yet, hence the SQL here."""
-    rows = store._db().execute(  # type: ignore[attr-defined]
-        "select recipient, status, dsn, reason, relay from deliveries where queue_id = ? and at >= ? "
-        "order by id", [event.queue_id, event.at - EXPIRY_HORIZON]).fetchall()
-    last = {row[0]: row for row in rows}
-    return [replace(event, recipient=r, dsn=dsn, reason=reason, relay=relay)
-            for r, status, dsn, reason, relay in last.values() if status == "deferred"]
+    expiry returns to the sender."""
+    rows = store.deliveries_of(event.queue_id, event.at - EXPIRY_HORIZON)
+    last = {row["recipient"]: row for row in rows}
+    return [replace(event, recipient=r["recipient"], dsn=r["dsn"], reason=r["reason"], relay=r["relay"])
+            for r in last.values() if r["status"] == "deferred"]
 
 
 def record_event(store: Store, config: Config, event: LogEvent) -> list[tuple[int, str]]:
     """Write what one event means; returns (level, log line) pairs to emit once committed.
-    Call inside `store.transaction()`."""
+    Call inside `store.transaction(*lock_keys(...))`."""
     if event.recipient is None:
         return [line for each in _still_deferred(store, event) for line in record_event(store, config, each)]
     rcpt, qid = normalize(event.recipient), event.queue_id
@@ -227,11 +233,19 @@ class _Moved(Exception):
     """Another reader committed from the same position first: drop this batch and look again."""
 
 
+def lock_keys(store: Store, key: str, events: list[LogEvent]) -> list[str]:
+    """The transaction's locks: the log position (two readers of one log take turns) and the
+    bounce lock of every address whose bounces or blacklist entry the batch may change."""
+    addresses = {e.recipient for e in events if e.recipient is not None and e.status != "deferred"}
+    addresses |= {d.recipient for e in events if e.recipient is None for d in _still_deferred(store, e)}
+    return [f"log:{key}", *{bounce_lock(normalize(a)) for a in addresses}]
+
+
 def _commit(store: Store, config: Config, key: str, expected: tuple[int, int] | None, position: tuple[int, int],
-            events: Iterable[LogEvent], now: float, logger: logging.Logger) -> None:
+            events: list[LogEvent], now: float, logger: logging.Logger) -> None:
     """The rows of a batch and the position after it, in one transaction."""
     lines: list[tuple[int, str]] = []
-    with store.transaction():
+    with store.transaction(*lock_keys(store, key, events)):
         if store.log_position(key) != expected:
             raise _Moved
         for event in events:
@@ -301,9 +315,9 @@ def _next_spot(key: str, saved: tuple[int, int] | None, logger: logging.Logger) 
             return _Spot(key, inode, 0, False)
         return _Spot(key, inode, offset, False)
     old = _rotated(key, inode)
+    old_stat = _stat(old) if old else None
     moved_on = current is not None and current.st_size > 0
-    old_size = _stat(old).st_size if old else 0    # type: ignore[union-attr]
-    if old is not None and (not moved_on or old_size > offset):
+    if old is not None and old_stat is not None and (not moved_on or old_stat.st_size > offset):
         return _Spot(old, inode, offset, moved_on)
     if current is None or not moved_on:
         return None
@@ -324,16 +338,19 @@ def _read_lines(spot: _Spot) -> tuple[list[str], int] | None:
             data = handle.read(CHUNK)
     except OSError:
         return None
-    whole = spot.finished and len(data) < CHUNK
-    cut = len(data) if whole or b"\n" not in data and len(data) == CHUNK else data.rfind(b"\n") + 1
+    cut = data.rfind(b"\n") + 1
+    if spot.finished and len(data) < CHUNK:
+        cut = len(data)              # the writer has moved on: the unterminated tail is a whole line
+    elif cut == 0 and len(data) == CHUNK:
+        cut = len(data)              # a "line" longer than a chunk is not Postfix's: step over it
     return [raw.decode("utf-8", "replace") for raw in data[:cut].splitlines()], spot.offset + cut
 
 
-def _drain(key: str, store: Store, config: Config, clock: Clock, logger: logging.Logger) -> int:
+def _drain(file: str, key: str, store: Store, config: Config, clock: Clock, logger: logging.Logger) -> int:
     count = 0
     while True:
         saved = store.log_position(key)
-        spot = _next_spot(key, saved, logger)
+        spot = _next_spot(file, saved, logger)
         got = _read_lines(spot) if spot else None
         if spot is None or got is None or saved == (spot.inode, got[1]):
             return count
@@ -352,11 +369,11 @@ def follow(path: str, store: Store, config: Config, *, once: bool = False, poll:
            logger: logging.Logger | None = None) -> int:
     """Follow a Postfix log file from the saved position; `once` reads what is there and returns.
     Returns the number of lines consumed."""
-    key = os.path.abspath(path)
+    file, key = os.path.abspath(path), position_key(path)
     logger = logger or logging.getLogger("mailgate")
     total = 0
     while True:
-        total += _drain(key, store, config, clock, logger)
+        total += _drain(file, key, store, config, clock, logger)
         if once or (stop is not None and stop.is_set()):
             return total
         if stop is not None:
@@ -392,13 +409,18 @@ def _journal_entry(raw: bytes) -> tuple[int, LogEvent | None] | None:
     return usec, parse_message(message, usec / 1_000_000, str(entry.get("_HOSTNAME", "-")), tag)
 
 
+class JournalError(RuntimeError):
+    """journalctl could not be run or ended with an error (no journal, no permission)."""
+
+
 def follow_journal(store: Store, config: Config, *, once: bool = False, poll: float = 0.5,
                    stop: threading.Event | None = None, clock: Clock = time.time,
                    logger: logging.Logger | None = None, command: list[str] | None = None) -> int:
     """Follow Postfix's units in journald. Entries at or before the saved time are skipped, so a
     restart resumes after the last committed entry. Returns the number of entries consumed."""
     logger = logger or logging.getLogger("mailgate")
-    saved = store.log_position(JOURNAL_KEY)
+    key = position_key(JOURNAL)
+    saved = store.log_position(key)
     after = saved[1] if saved else 0
     process = subprocess.Popen(command or journal_command(after, follow=not once), stdout=subprocess.PIPE)
     assert process.stdout is not None
@@ -415,9 +437,16 @@ def follow_journal(store: Store, config: Config, *, once: bool = False, poll: fl
                 if entry is not None and entry[0] > last:
                     last, total = entry[0], total + 1
                     pending += [entry[1]] if entry[1] else []
-            if last != (saved[1] if saved else 0) and (not chunk or len(pending) >= 1000):
-                _commit(store, config, JOURNAL_KEY, saved, (0, last), pending, clock(), logger)
+            if last != (saved[1] if saved else 0) and (not chunk or len(pending) >= JOURNAL_BATCH):
+                try:
+                    _commit(store, config, key, saved, (0, last), pending, clock(), logger)
+                except _Moved:
+                    logger.error(kv_line(None, role="watch-log", file=JOURNAL, action="stop",
+                                         reason="another watch-log is following the journal"))
+                    break
                 saved, pending = (0, last), []
+        if eof and (code := process.wait(5)) != 0:
+            raise JournalError(f"{' '.join(process.args)} exited with status {code}")
     finally:
         process.terminate()
         process.wait(5)
@@ -442,13 +471,17 @@ def main_watch_log(config: Config, source: str | None, journal: bool, once: bool
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGTERM, signal.SIGINT):
             previous[number] = signal.signal(number, lambda *_: stop.set())
-    store = SQLiteStore(config.database)
+    store = open_store(config.database, config.database_password_file)
     try:
         if journal:
-            follow_journal(store, config, once=once, stop=stop, logger=logger)
+            try:
+                follow_journal(store, config, once=once, stop=stop, logger=logger)
+            except (JournalError, OSError) as exc:
+                print(f"mailgate: watch-log --journal: {exc}", file=sys.stderr)
+                return 1
             return 0
         path = source or DEFAULT_LOG
-        if once and not os.path.exists(path) and store.log_position(os.path.abspath(path)) is None:
+        if once and not os.path.exists(path) and store.log_position(position_key(path)) is None:
             print(f"mailgate: watch-log: no such file: {path}", file=sys.stderr)
             return 1
         follow(path, store, config, once=once, stop=stop, logger=logger)

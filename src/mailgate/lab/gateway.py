@@ -53,10 +53,14 @@ class LabGateway:
     """
 
     def __init__(self, base: Path, extra_config: str = "", *, main_cf_extra: dict[str, str] | None = None,
-                 before_start: Callable[["LabGateway"], None] | None = None):
+                 before_start: Callable[["LabGateway"], None] | None = None, database: str | None = None,
+                 secret_file: Path | None = None):
         """`main_cf_extra` overrides Postfix settings (e.g. a milter chain); `before_start` runs
-        after mailgate is up and before Postfix starts (e.g. to start another milter)."""
+        after mailgate is up and before Postfix starts (e.g. to start another milter);
+        `database` and `secret_file` let several gateways share one state and one token key."""
         self.base = Path(base)
+        self.database = database or "state/mailgate.sqlite3"
+        self.secret_file = secret_file or Path("secret")
         self.extra_config = extra_config
         self.main_cf_extra = dict(main_cf_extra or {})
         self.before_start = before_start
@@ -139,8 +143,8 @@ class LabGateway:
               milter: unix:{self.base}/milter.sock
               lookup: unix:{self.base}/lookup.sock
               policy: unix:{self.base}/policy.sock
-            database: state/mailgate.sqlite3
-            secret_file: secret
+            database: "{self.database}"
+            secret_file: {self.secret_file}
             """) + self.extra_config)
 
     def start_mailgate(self) -> None:

@@ -78,7 +78,9 @@ class PrivatePostgres:
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
         for attempt in range(_START_ATTEMPTS):
-            self.port = free_port()
+            # A restart keeps its port, so that clients (a gateway's pool) find the server again.
+            if not self.port or attempt:
+                self.port = free_port()
             self._write_settings()
             result = self._pg_ctl("start", "-l", str(self.logfile), "-w", "-t", "30", check=False)
             if result.returncode == 0:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from mailgate.addresses import normalize
 from mailgate.bounceparse import BounceReport, parse_bounce
-from mailgate.bounces import blacklist_verdict, report_destination, token_is_stale
+from mailgate.bouncerecord import bounce_lock, record_and_judge
+from mailgate.bounces import report_destination, token_is_stale
 from mailgate.inbound import bounce_token_of
 from mailgate.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
@@ -49,25 +50,22 @@ def process_bounce(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Boun
         row = store.outbound_by_message_id(report.original_message_id)
     stale = bool(token) and token_is_stale(token, config.bounces, now)
     lines: list[str] = []
-    with store.transaction(*(f"bounce:{normalize(r.address)}" for r in report.recipients)):
+    with store.transaction(*(bounce_lock(normalize(r.address)) for r in report.recipients)):
         for failed in report.recipients:
             address = normalize(failed.address)
-            bounce_id = store.record_bounce(BounceRecord(
+            outcome = record_and_judge(store, config.bounces, BounceRecord(
                 created_at=now, recipient=address, status=failed.status, action=failed.action,
                 permanent=failed.permanent, reason=failed.reason, reporting_mta=report.reporting_mta,
                 remote_mta=failed.remote_mta, message=row["id"] if row else None,
-                server=row["server"] if row else None, source=report.kind, stale=stale, matched=row is not None))
-            added = None
-            if row is not None and not stale:
-                verdict = blacklist_verdict(store.countable_bounces(address, 0.0), config.bounces, now)
-                if verdict.due and store.blacklist_add(address, now, verdict.reason, "rule", list(verdict.bounce_ids)):
-                    added = verdict.reason
+                server=row["server"] if row else None, source=report.kind, stale=stale, matched=row is not None),
+                now)
             lines.append(kv_line(queue_id, role="bounce", rcpt=address, status=failed.status,
                                  permanent=failed.permanent, message=row["id"] if row else None,
-                                 server=row["server"] if row else None, stale=stale, bounce=bounce_id,
-                                 blacklisted=added is not None))
-            if added:
-                lines.append(kv_line(queue_id, role="blacklist", rcpt=address, action="add", reason=added))
+                                 server=row["server"] if row else None, stale=stale, bounce=outcome.bounce_id,
+                                 blacklisted=outcome.blacklisted is not None))
+            if outcome.blacklisted:
+                lines.append(kv_line(queue_id, role="blacklist", rcpt=address, action="add",
+                                     reason=outcome.blacklisted))
     original = row["envelope_from_original"] if row else None
     destination = report_destination(config, original)
     ours = tuple(r for r in facts.recipients if bounce_token_of(config, r) is not None)

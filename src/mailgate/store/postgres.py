@@ -84,14 +84,17 @@ class PostgresStore(SQLStore):
 
     def __init__(self, dsn: str, *, password: str | None = None, max_size: int = 10,
                  logger: logging.Logger | None = None):
-        kwargs: dict[str, Any] = {"autocommit": True}
+        kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 3}
         if password:
             kwargs["password"] = password
         self.logger = logger or logging.getLogger("mailgate")
         self._local = threading.local()
         self._down = False
-        self._pool = ConnectionPool(dsn, min_size=1, max_size=max_size, kwargs=kwargs, open=True,
-                                    check=ConnectionPool.check_connection, name="mailgate")
+        # Short waits: a milter or policy call must fail fast (Postfix then tempfails) rather than
+        # hang; a short reconnect_timeout ends the pool's growing backoff, so that the next call
+        # after an outage connects at once instead of waiting for a late retry.
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=max_size, kwargs=kwargs, open=True, timeout=5.0,
+                                    reconnect_timeout=5.0, check=ConnectionPool.check_connection, name="mailgate")
         self._pool.wait(timeout=30)
         self._migrate()
 

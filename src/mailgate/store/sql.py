@@ -187,6 +187,11 @@ class SQLStore:
     def record_delivery(self, record: DeliveryRecord) -> int:
         return self._insert("deliveries", asdict(record))
 
+    def deliveries_of(self, queue_id: str, since: float) -> list[dict]:
+        """One queue id's recorded attempts since a time, oldest first."""
+        return self._rows("select recipient, status, dsn, reason, relay from deliveries where queue_id = ? "
+                          "and at >= ? order by id", [queue_id, since])
+
     def delivery_stats(self, since: float) -> list[dict]:
         """Attempts per day, server and status."""
         day = self.day_of.format("at")

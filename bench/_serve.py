@@ -1,0 +1,38 @@
+"""`mailgate …` with an experimental patch applied first (benchmarks only).
+
+    _serve.py --nodelay serve --config FILE
+
+`--nodelay`: right after mailgate's milter opens its socket (mailgate.milter.app.serve_milter
+calls `Milter.milter.opensocket`), set TCP_NODELAY on the listening socket, so every accepted
+Postfix connection has it — the proposed fix for the inet: stall, measured without touching src/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import Milter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _nodelay import set_nodelay_on_listeners  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--nodelay":
+        argv = argv[1:]
+        original = Milter.milter.opensocket
+
+        def opensocket(*args):
+            result = original(*args)
+            fds = set_nodelay_on_listeners()
+            print(f"bench: TCP_NODELAY set on listening fds {fds}", file=sys.stderr, flush=True)
+            return result
+
+        Milter.milter.opensocket = opensocket
+    from mailgate.cli import main as mailgate_main
+    return mailgate_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

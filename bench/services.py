@@ -1,0 +1,315 @@
+#!/opt/mailgate/bin/python
+"""The lookup (socketmap) and policy services alone: requests/s and latency, like Postfix uses them.
+
+A running `mailgate serve` (the realistic bench configuration, its own SQLite) is driven by 1, 8
+and 64 clients; each client is a separate process with one connection doing request -> reply in
+lock step, as Postfix's processes do. In the same run the same clients drive a trivial asyncio
+echo server (bench/echo_services.py) for both protocols: the ceiling of this harness on this
+machine, and the ratio.
+
+Workloads:
+  socketmap      `transport <sender>`: half tokenised bounce senders (HMAC verified, as qmgr asks
+                 for every message), half plain senders routed by the outbound rule
+  policy-out     RCPT from the submission listener to an outside recipient: the daily quota is
+                 counted and taken in one SQLite transaction (1,000 sender domains)
+  policy-in      RCPT on the inbound listener to a business alias: alias check only, no database
+  policy-quota-N one client, policy-out for one sender domain that already has N quota events in
+                 the 24 h window (how the quota count scales)
+
+    bench/services.py [--quick] [--seconds S] [--clients 1,8,64]
+
+Last lines: one RESULT line per workload and client count (req/s, p50, p99, server CPU per
+request), the ratios to the echo server, and the targets. Exit: 0 ok, 1 broken, 2 target missed
+(full run only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import BENCH_DIR, PYTHON, Serve, bench_config, cpu_seconds, machine, percentile, stop_process
+
+from mailgate.lab.postfix import make_basedir
+from mailgate.policy.netstring import encode
+from mailgate.sockets import parse_socket_spec, socket_is_listening
+from mailgate.tokens import TokenSigner
+
+TARGET_SOCKETMAP = 30_000
+TARGET_POLICY = 10_000
+TARGET_P99_MS = 2.0
+TARGET_CLIENTS = 8
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+def socketmap_requests(secret: bytes, now: float) -> list[bytes]:
+    signer = TokenSigner(secret)
+    servers = ["transactional", "partner", "mass", None]
+    keys = []
+    for i in range(500):
+        token = signer.make(1000 + i, servers[i % len(servers)], now)
+        keys.append(f"bounce+{token}@mycompany.com")
+    plain = ["odoo@mycompany.com", "sales@partner.example", "someone@customer.example", "admin@mycompany.com",
+             "news@othercompany.example"]
+    for i in range(500):
+        keys.append(f"user{i}@{plain[i % len(plain)].split('@')[1]}")
+    order = []
+    for i in range(500):  # interleave tokenised and plain
+        order += [keys[i], keys[500 + i]]
+    return [encode(f"transport {key}".encode()) for key in order]
+
+
+def policy_request(*, sender: str, recipient: str, context: str, instance: str) -> bytes:
+    """A Postfix 3.7 RCPT-time request, with every attribute Postfix sends."""
+    attrs = {
+        "request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
+        "client_address": "127.0.0.1", "client_name": "localhost", "client_port": "41234",
+        "reverse_client_name": "localhost", "server_address": "127.0.0.1", "server_port": "10025",
+        "helo_name": "odoo.mycompany.com", "sender": sender, "recipient": recipient, "recipient_count": "0",
+        "queue_id": "", "instance": instance, "size": "2000", "etrn_domain": "", "stress": "",
+        "sasl_method": "", "sasl_username": "", "sasl_sender": "", "ccert_subject": "", "ccert_issuer": "",
+        "ccert_fingerprint": "", "ccert_pubkey_fingerprint": "", "encryption_protocol": "",
+        "encryption_cipher": "", "encryption_keysize": "0", "policy_context": context,
+        "compatibility_level": "3.6", "mail_version": "3.7.11",
+    }
+    return ("".join(f"{k}={v}\n" for k, v in attrs.items()) + "\n").encode()
+
+
+def policy_out_requests() -> list[bytes]:
+    return [policy_request(sender=f"odoo@dom{i % 1000}.example", recipient=f"customer{i}@gmail.example",
+                           context="ORIGINATING", instance=f"{i:x}.6563a1b2.{i % 97:x}.0") for i in range(1000)]
+
+
+def policy_in_requests() -> list[bytes]:
+    aliases = ["sales@mycompany.com", "support@mycompany.com", "catchall@mycompany.com", "sales@othercompany.example"]
+    return [policy_request(sender=f"client{i}@customer.example", recipient=aliases[i % len(aliases)],
+                           context="INBOUND", instance=f"{i:x}.6563a1b2.{i % 89:x}.0") for i in range(1000)]
+
+
+def policy_quota_requests(domain: str) -> list[bytes]:
+    return [policy_request(sender=f"odoo@{domain}", recipient=f"customer{i}@gmail.example", context="ORIGINATING",
+                           instance=f"{i:x}.6563a1b2.0.0") for i in range(1000)]
+
+
+# -- clients ---------------------------------------------------------------------------------------
+
+def _read_netstring(sock: socket.socket, buf: bytearray) -> None:
+    while True:
+        colon = buf.find(b":")
+        if colon > 0 and len(buf) >= colon + 2 + int(buf[:colon]):
+            del buf[:colon + 2 + int(buf[:colon])]
+            return
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+
+
+def _read_policy(sock: socket.socket, buf: bytearray) -> None:
+    while True:
+        end = buf.find(b"\n\n")
+        if end >= 0:
+            if not buf.startswith(b"action="):
+                raise RuntimeError(f"unexpected policy reply {bytes(buf[:80])!r}")
+            del buf[:end + 2]
+            return
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+
+
+def client(path: str, protocol: str, requests: list[bytes], offset: int, barrier, seconds: float, results) -> None:
+    """One connection, request -> reply in lock step until the time is up."""
+    try:
+        read = _read_netstring if protocol == "socketmap" else _read_policy
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        buf = bytearray()
+        n = len(requests)
+        for i in range(20):  # warm the connection
+            sock.sendall(requests[(offset + i) % n])
+            read(sock, buf)
+        latencies = []
+        append = latencies.append
+        clock = time.perf_counter_ns
+        barrier.wait(60)
+        start = clock()
+        deadline = start + int(seconds * 1e9)
+        i = offset
+        now = start
+        while now < deadline:
+            sock.sendall(requests[i % n])
+            read(sock, buf)
+            after = clock()
+            append(after - now)
+            now = after
+            i += 1
+        sock.close()
+        results.put((len(latencies), (now - start) / 1e9, latencies, None))
+    except BaseException as exc:  # reported by the parent
+        results.put((0, 0.0, [], f"{type(exc).__name__}: {exc}"))
+
+
+def drive(path: str, protocol: str, requests: list[bytes], clients: int, seconds: float,
+          server_pid: int | None) -> dict:
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(clients + 1)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=client, args=(path, protocol, requests, k * 997, barrier, seconds, results))
+             for k in range(clients)]
+    for proc in procs:
+        proc.start()
+    barrier.wait(120)
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
+    gathered = [results.get(timeout=seconds + 120) for _ in procs]
+    cpu_after = cpu_seconds(server_pid) if server_pid else 0.0
+    for proc in procs:
+        proc.join(30)
+    errors = [g[3] for g in gathered if g[3]]
+    total = sum(g[0] for g in gathered)
+    elapsed = max(g[1] for g in gathered) or seconds
+    latencies = sorted(x for g in gathered for x in g[2])
+    return {
+        "requests": total, "rate": total / elapsed, "errors": errors,
+        "p50_ms": percentile(latencies, 0.50) / 1e6, "p99_ms": percentile(latencies, 0.99) / 1e6,
+        "server_us": (cpu_after - cpu_before) * 1e6 / total if total and server_pid else None,
+    }
+
+
+def preload_quota(database: Path, domain: str, rows: int, now: float) -> None:
+    """Quota events for one key spread over the last 23 hours (inside the 24 h window)."""
+    conn = sqlite3.connect(database, timeout=30)
+    key = f"domain:{domain}"
+    step = 23 * 3600 / max(rows, 1)
+    with conn:
+        conn.executemany("insert into quota_events (key, stream, at) values (?, 'transactional', ?)",
+                         ((key, now - 23 * 3600 + i * step) for i in range(rows)))
+    conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI: 1 s per measurement, fewer levels, no targets")
+    parser.add_argument("--seconds", type=float, help="seconds per measurement (full: 5)")
+    parser.add_argument("--clients", help="client counts, comma separated (default 1,8,64)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    seconds = args.seconds or (1.0 if args.quick else 5.0)
+    levels = [int(c) for c in (args.clients or "1,8,64").split(",")]
+    quota_levels = [0, 10_000] if args.quick else [0, 10_000, 100_000]
+    info = machine()
+    print(f"# services: {seconds:g} s per measurement, clients {levels}; nproc={info['nproc']} "
+          f"cpu={info['cpu']!r} python={info['python']}; load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    base = make_basedir("mgs")
+    config_path = bench_config(base, "svc", 2525)
+    serve = Serve(config_path)
+    echo_proc = None
+    rows: list[tuple[str, int, dict]] = []
+    broken = False
+    try:
+        serve.start()
+        echo_map, echo_policy = base / "echo-map.sock", base / "echo-policy.sock"
+        with open(base / "echo.log", "wb") as log:
+            echo_proc = subprocess.Popen(
+                [PYTHON, str(BENCH_DIR / "echo_services.py"), str(echo_map), str(echo_policy)],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not (socket_is_listening(parse_socket_spec(f"unix:{echo_map}"))
+                   and socket_is_listening(parse_socket_spec(f"unix:{echo_policy}"))):
+            if echo_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("echo server did not start")
+            time.sleep(0.05)
+
+        secret = (base / "svc-secret").read_bytes().strip()
+        now = time.time()
+        lookup_path = str(base / "svc-lookup.sock")
+        policy_path = str(base / "svc-policy.sock")
+        workloads = [
+            ("socketmap", "socketmap", lookup_path, socketmap_requests(secret, now), serve.pid),
+            ("echo-socketmap", "socketmap", str(echo_map), socketmap_requests(secret, now), echo_proc.pid),
+            ("policy-out", "policy", policy_path, policy_out_requests(), serve.pid),
+            ("policy-in", "policy", policy_path, policy_in_requests(), serve.pid),
+            ("echo-policy", "policy", str(echo_policy), policy_in_requests(), echo_proc.pid),
+        ]
+        for clients in levels:
+            for name, protocol, path, requests, pid in workloads:
+                result = drive(path, protocol, requests, clients, seconds, pid)
+                rows.append((name, clients, result))
+                cpu = f"{result['server_us']:.1f} us/req" if result["server_us"] is not None else "-"
+                print(f"{name:<15} clients={clients:<3} {result['rate']:9.0f} req/s  p50={result['p50_ms']:.3f} ms  "
+                      f"p99={result['p99_ms']:.3f} ms  server CPU {cpu}", flush=True)
+                if result["errors"] or not result["requests"]:
+                    broken = True
+                    print(f"  BROKEN: {result['errors'][:3]}", flush=True)
+
+        database = base / "svc-state" / "mailgate.sqlite3"
+        for preload in quota_levels:
+            domain = f"quota{preload}.example"
+            preload_quota(database, domain, preload, time.time())
+            result = drive(policy_path, "policy", policy_quota_requests(domain), 1, seconds, serve.pid)
+            rows.append((f"policy-quota-{preload}", 1, result))
+            print(f"policy-quota-{preload:<7} clients=1   {result['rate']:9.0f} req/s  p50={result['p50_ms']:.3f} ms  "
+                  f"p99={result['p99_ms']:.3f} ms  server CPU {result['server_us']:.1f} us/req", flush=True)
+            if result["errors"]:
+                broken = True
+    except Exception as exc:
+        broken = True
+        print(f"BROKEN: {type(exc).__name__}: {exc}", flush=True)
+    finally:
+        stop_process(echo_proc)
+        serve.stop()
+
+    table = {(name, clients): result for name, clients, result in rows}
+    print()
+    print(f"# {seconds:g} s per measurement; each client one connection in lock step; server CPU = CPU time of "
+          "the serving process / requests")
+    for name, clients, r in rows:
+        cpu = f"{r['server_us']:.1f}" if r["server_us"] is not None else "-"
+        print(f"RESULT {name:<18} clients={clients:<3} req/s={r['rate']:8.0f}  p50_ms={r['p50_ms']:.3f}  "
+              f"p99_ms={r['p99_ms']:.3f}  server_cpu_us={cpu}")
+    for name, echo in (("socketmap", "echo-socketmap"), ("policy-out", "echo-policy"), ("policy-in", "echo-policy")):
+        for clients in levels:
+            if (name, clients) in table and (echo, clients) in table and table[(echo, clients)]["rate"]:
+                ratio = table[(name, clients)]["rate"] / table[(echo, clients)]["rate"]
+                print(f"RATIO {name}/{echo} clients={clients}: {ratio:.2f}")
+    missed = False
+    checks = []
+    at = [c for c in levels if c >= 4]
+    if at:
+        best_map = max(table[("socketmap", c)]["rate"] for c in at if ("socketmap", c) in table)
+        best_out = max(table[("policy-out", c)]["rate"] for c in at if ("policy-out", c) in table)
+        best_in = max(table[("policy-in", c)]["rate"] for c in at if ("policy-in", c) in table)
+        checks += [(f"socketmap >= {TARGET_SOCKETMAP}/s over 4+ connections", best_map >= TARGET_SOCKETMAP, f"{best_map:.0f}/s"),
+                   (f"policy-out >= {TARGET_POLICY}/s over 4+ connections", best_out >= TARGET_POLICY, f"{best_out:.0f}/s"),
+                   (f"policy-in >= {TARGET_POLICY}/s over 4+ connections", best_in >= TARGET_POLICY, f"{best_in:.0f}/s")]
+    if TARGET_CLIENTS in levels:
+        for name in ("socketmap", "policy-out", "policy-in"):
+            if (name, TARGET_CLIENTS) in table:
+                p99 = table[(name, TARGET_CLIENTS)]["p99_ms"]
+                checks.append((f"{name} p99 < {TARGET_P99_MS} ms at {TARGET_CLIENTS} clients", p99 < TARGET_P99_MS,
+                               f"{p99:.3f} ms"))
+    for text, met, value in checks:
+        missed |= not met
+        print(f"TARGET {text}: {'MET' if met else 'MISSED'} ({value}){' [not enforced: --quick]' if args.quick else ''}")
+    if args.keep or broken:
+        print(f"# work directory kept: {base}")
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+    if broken:
+        return 1
+    return 2 if missed and not args.quick else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

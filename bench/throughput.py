@@ -1,0 +1,284 @@
+#!/opt/mailgate/bin/python
+"""Postfix throughput with and without mailgate, every configuration in the same run.
+
+One private Postfix (mailgate.lab.postfix) relays to one `smtp-sink`; between configurations it
+is reconfigured with `postconf -e`/`-X` and `postfix reload`. Each configuration gets the same
+load, `smtp-source -s 10 -m N -l 2000 -f odoo@mycompany.com -t <unique rcpt>`, and its rate is
+N / (time from starting smtp-source to the last `status=sent` for that recipient in the log).
+Rounds interleave the configurations (a b c d … a b c d …) so that drift on a noisy 2-core
+machine hits all of them alike; each ratio is taken against the baseline of the same round, and
+the medians are reported.
+
+Configurations:
+  a  baseline: no milter; a static texthash: sender_dependent_default_transport_maps naming the
+     smtp-sink transport (the same mg-transactional service the gateway uses)
+  b  mailgate milter (unix:) + socketmap lookup, Postfix wired by `mailgate postfix-config`'s
+     main.cf settings, without the policy service
+  c  the full path: b + the policy service (smtpd_recipient_restrictions = check_policy_service)
+  d  reference: a trivial pymilter milter (Milter.Base, default callbacks) on unix:, baseline map
+  e  b with mailgate's milter on inet:127.0.0.1 (the "inet: stall")
+  f  d on inet:                         } the stall reproduced with the trivial milter,
+  g  f with TCP_NODELAY on the milter   }  and the proposed fix applied to the milter's socket
+  h  e with TCP_NODELAY on mailgate's milter socket (the proposed src/ fix, patched in by
+     bench/_serve.py so that it can be measured before it is applied)
+
+    bench/throughput.py [--quick] [--messages N] [--rounds R] [--modes abc…]
+
+The last lines are the figures: msgs/s per configuration and the ratio to the baseline.
+Exit status: 0 ok; 1 broken (mail not delivered, a process died); 2 a target missed (full run only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import (SENDER, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, TrivialMilter, bench_config,
+                     busy_fraction, cpu_seconds, machine, median, smtp_source, system_cpu)
+
+from mailgate.configfile import load_config
+from mailgate.lab.ports import free_port
+from mailgate.lab.postfix import POSTCONF, PrivatePostfix, make_basedir
+from mailgate.postfixconf import main_settings, transport_service
+
+TARGET_FULL_PATH = 0.85
+POLICY_KEYS = ("smtpd_recipient_restrictions", "smtpd_policy_service_default_action")
+
+LABELS = {
+    "a": "baseline (no milter, texthash map)",
+    "b": "mailgate milter+socketmap (unix)",
+    "c": "full path: b + policy service",
+    "d": "trivial pymilter milter (unix)",
+    "e": "mailgate milter on inet:",
+    "f": "trivial pymilter milter on inet:",
+    "g": "trivial milter inet: + TCP_NODELAY",
+    "h": "mailgate milter inet: + TCP_NODELAY",
+}
+
+
+class Bench:
+    def __init__(self, base: Path, modes: str) -> None:
+        self.base = base
+        self.modes = modes
+        self.sink = SmtpSink(base)
+        self.serves: dict[str, Serve] = {}
+        self.milters: dict[str, TrivialMilter] = {}
+        self.pf: PrivatePostfix | None = None
+        self.settings: dict[str, dict[str, str]] = {}
+        self.serve_of: dict[str, str | None] = {}
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        base, modes = self.base, self.modes
+        self.sink.start()
+        port = self.sink.port
+        configs = {"unix": bench_config(base, "gw", port)}
+        if "e" in modes:
+            configs["inet"] = bench_config(base, "gwi", port, milter=f"inet:{free_port()}@127.0.0.1")
+        if "h" in modes:
+            configs["nodelay"] = bench_config(base, "gwn", port, milter=f"inet:{free_port()}@127.0.0.1")
+        for name, path in configs.items():
+            self.serves[name] = Serve(path, ["--nodelay"] if name == "nodelay" else []).start()
+        trivial = {"d": (f"unix:{base}/trivial.sock", False), "f": (f"inet:{free_port()}@127.0.0.1", False),
+                   "g": (f"inet:{free_port()}@127.0.0.1", True)}
+        for mode, (spec, nodelay) in trivial.items():
+            if mode in modes:
+                self.milters[mode] = TrivialMilter(base, spec, nodelay=nodelay, name=f"trivial-{mode}").start()
+
+        loaded = {name: load_config(path).config for name, path in configs.items()}
+        config = loaded["unix"]
+        static_map = base / "sender-transport"
+        transport = config.servers[0].transport  # mg-transactional:[127.0.0.1]:PORT
+        static_map.write_text(f"{SENDER} {transport}\n@mycompany.com {transport}\n")
+        baseline = {"sender_dependent_default_transport_maps": f"texthash:{static_map}"}
+
+        def gateway(name: str, policy: bool) -> dict[str, str]:
+            settings = dict(main_settings(loaded[name]))
+            if not policy:
+                for key in POLICY_KEYS:
+                    settings.pop(key)
+            return settings
+
+        def trivial_milter(mode: str) -> dict[str, str]:
+            address = self.milters[mode].spec
+            from mailgate.postfixconf import milter_address
+            address = milter_address(address)
+            return baseline | {"smtpd_milters": address, "non_smtpd_milters": address,
+                               "milter_default_action": "tempfail", "milter_protocol": "6"}
+
+        all_settings = {
+            "a": lambda: baseline,
+            "b": lambda: gateway("unix", policy=False),
+            "c": lambda: gateway("unix", policy=True),
+            "d": lambda: trivial_milter("d"),
+            "e": lambda: gateway("inet", policy=False),
+            "f": lambda: trivial_milter("f"),
+            "g": lambda: trivial_milter("g"),
+            "h": lambda: gateway("nodelay", policy=False),
+        }
+        self.settings = {mode: all_settings[mode]() for mode in modes}
+        self.serve_of = {"a": None, "b": "unix", "c": "unix", "d": None, "e": "inet", "f": None, "g": None,
+                         "h": "nodelay"}
+
+        self.pf = PrivatePostfix(base / "pf", listeners={"submission": {
+            "milter_macro_daemon_name": SUBMISSION_ROLE,
+            "smtpd_policy_service_policy_context": SUBMISSION_ROLE}}, main_cf=self.settings[modes[0]])
+        for server in config.servers:
+            self.pf.add_master_service("\n".join(transport_service(config, server)) + "\n")
+        self.pf.start()
+        self.current = modes[0]
+
+    def stop(self) -> None:
+        if self.pf is not None:
+            self.pf.stop()
+        for milter in self.milters.values():
+            milter.stop()
+        for serve in self.serves.values():
+            serve.stop()
+        self.sink.stop()
+
+    # -- one measurement -------------------------------------------------------------------------
+
+    def configure(self, mode: str) -> None:
+        assert self.pf is not None
+        if mode == self.current:
+            return
+        wanted = self.settings[mode]
+        every = set().union(*self.settings.values())
+        remove = sorted(every - set(wanted))
+        if remove:
+            subprocess.run([POSTCONF, "-c", str(self.pf.config_dir), "-X", *remove], check=True,
+                           capture_output=True)
+        self.pf.postconf(wanted)
+        self.pf.reload()
+        self.current = mode
+
+    def measure(self, mode: str, round_no: int, count: int) -> dict:
+        assert self.pf is not None
+        self.configure(mode)
+        time.sleep(0.5)  # let master finish replacing the old processes
+        recipient = f"r{round_no}-{mode}@customer.example"
+        follower = LogFollower(self.pf.maillog)
+        serve = self.serves.get(self.serve_of[mode] or "")
+        cpu_before = cpu_seconds(serve.pid) if serve else 0.0
+        sys_before = system_cpu()
+        start = time.monotonic()
+        source = smtp_source(self.pf.port("submission"), count, recipient, self.base / f"source-{mode}.out")
+        sent = failed = 0
+        samples: list[str] = []
+        last = source_done = start
+        deadline = start + 60 + count / 20
+        import re
+        sent_re = re.compile(rf"to=<{re.escape(recipient)}>,.* status=sent ")
+        fail_re = re.compile(rf"to=<{re.escape(recipient)}>,.* status=(deferred|bounced)|milter-reject|"
+                             r"NOQUEUE: reject|warning: milter|lost connection")
+        while sent < count:
+            lines = follower.new_lines()
+            now = time.monotonic()
+            for line in lines:
+                if sent_re.search(line):
+                    sent += 1
+                    last = now
+                elif fail_re.search(line):
+                    failed += 1
+                    if len(samples) < 3:
+                        samples.append(line)
+            if source.poll() is None:
+                source_done = now
+            if sent >= count or now > deadline:
+                break
+            time.sleep(0.02)
+        source.wait(30)
+        elapsed = last - start
+        result = {
+            "mode": mode, "round": round_no, "sent": sent, "failed": failed, "samples": samples,
+            "seconds": elapsed, "rate": sent / elapsed if elapsed > 0 else 0.0,
+            "accept_seconds": source_done - start,
+            "serve_cpu_ms_per_msg": (cpu_seconds(serve.pid) - cpu_before) * 1000 / max(sent, 1) if serve else None,
+            "busy": busy_fraction(sys_before, system_cpu()),
+        }
+        if not self.pf.wait_queue_empty(60):
+            result["failed"] += len(self.pf.queue_files())
+        return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI: 200 messages, one round, no targets")
+    parser.add_argument("--messages", type=int, help="messages per configuration and round (full: 2000)")
+    parser.add_argument("--rounds", type=int, help="rounds (full: 3)")
+    parser.add_argument("--modes", default="abcdefgh", help="configurations to run, baseline first (default: all)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    count = args.messages or (200 if args.quick else 2000)
+    rounds = args.rounds or (1 if args.quick else 3)
+    modes = "a" + args.modes.replace("a", "")
+    info = machine()
+    print(f"# throughput: {count} messages x {rounds} round(s), configurations {modes}; "
+          f"nproc={info['nproc']} cpu={info['cpu']!r} python={info['python']} postfix={info['postfix']}", flush=True)
+
+    base = make_basedir("mgt")
+    bench = Bench(base, modes)
+    results: list[dict] = []
+    broken = False
+    try:
+        bench.start()
+        for round_no in range(1, rounds + 1):
+            for mode in modes:
+                result = bench.measure(mode, round_no, count)
+                results.append(result)
+                cpu = result["serve_cpu_ms_per_msg"]
+                print(f"round {round_no} {mode} {LABELS[mode]:<38} {result['rate']:7.1f} msgs/s  "
+                      f"({result['sent']}/{count} sent in {result['seconds']:.2f}s, smtp-source done "
+                      f"{result['accept_seconds']:.2f}s, machine busy {result['busy']:.0%}"
+                      + (f", serve CPU {cpu:.2f} ms/msg" if cpu is not None else "") + ")", flush=True)
+                if result["sent"] < count or result["failed"]:
+                    broken = True
+                    print(f"  BROKEN: {result['sent']}/{count} delivered, {result['failed']} failures; "
+                          + " | ".join(result["samples"]), flush=True)
+    except Exception as exc:  # report, then clean up
+        broken = True
+        print(f"BROKEN: {type(exc).__name__}: {exc}", flush=True)
+    finally:
+        bench.stop()
+
+    by_mode: dict[str, list[dict]] = {m: [r for r in results if r["mode"] == m] for m in modes}
+    baseline_of_round = {r["round"]: r["rate"] for r in by_mode.get("a", [])}
+    summary = {}
+    for mode in modes:
+        rates = [r["rate"] for r in by_mode[mode]]
+        ratios = [r["rate"] / baseline_of_round[r["round"]] for r in by_mode[mode]
+                  if baseline_of_round.get(r["round"])]
+        cpus = [r["serve_cpu_ms_per_msg"] for r in by_mode[mode] if r["serve_cpu_ms_per_msg"] is not None]
+        summary[mode] = (median(rates), median(ratios), median(cpus) if cpus else None, rates)
+
+    print()
+    print(f"# medians over {rounds} round(s) of {count} messages; ratio = rate / baseline of the same round")
+    for mode in modes:
+        rate, ratio, cpu, rates = summary[mode]
+        each = " ".join(f"{r:.0f}" for r in rates)
+        cpu_text = f"  serve_cpu={cpu:.2f}ms/msg" if cpu is not None else ""
+        print(f"RESULT {mode} {LABELS[mode]:<38} msgs/s={rate:7.1f}  ratio={ratio:5.2f}  (rounds: {each}){cpu_text}")
+    missed = False
+    if "c" in summary:
+        ratio = summary["c"][1]
+        met = ratio >= TARGET_FULL_PATH
+        missed = not met
+        print(f"TARGET full path (c) >= {TARGET_FULL_PATH:.0%} of baseline: {'MET' if met else 'MISSED'} "
+              f"({ratio:.0%}){' [not enforced: --quick]' if args.quick else ''}")
+    if not args.keep and not broken:
+        shutil.rmtree(base, ignore_errors=True)
+    else:
+        print(f"# work directory kept: {base}")
+    if broken:
+        return 1
+    return 2 if missed and not args.quick else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

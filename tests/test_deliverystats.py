@@ -1,0 +1,155 @@
+"""`mailgate stats`: the tables, the JSON, and Prometheus' text exposition format.
+
+The exposition output is checked with a small parser written from the format's description
+(https://prometheus.io/docs/instrumenting/exposition_formats/), strict about what Prometheus
+rejects: HELP/TYPE before a family's samples, one TYPE per family, metric and label names,
+label value escapes, numeric values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from datetime import datetime, timezone
+
+import pytest
+
+from mailgate.configfile import parse_config
+from mailgate.deliverystats import main_stats, prometheus_text, render_stats, summary
+from mailgate.store import BounceRecord, DeliveryRecord, SQLiteStore
+
+CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
+DAY1 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc).timestamp()
+DAY2 = DAY1 + 86400
+NOW = DAY2 + 3600
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_SAMPLE = re.compile(rf"({_NAME})(?:\{{(.*)\}})? (\S+)(?: (-?\d+))?")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
+
+
+def parse_exposition(text: str) -> dict[str, dict]:
+    """{family: {"type": ..., "help": ..., "samples": {frozenset(labels): value}}}; AssertionError
+    on anything Prometheus would refuse."""
+    assert text.endswith("\n")
+    families: dict[str, dict] = {}
+    for line in text[:-1].split("\n"):
+        if line.startswith("# "):
+            _, keyword, name, *rest = line.split(" ", 3)
+            assert re.fullmatch(_NAME, name), line
+            family = families.setdefault(name, {"samples": {}})
+            if keyword == "TYPE":
+                assert "type" not in family and not family["samples"], f"TYPE after samples or twice: {line}"
+                assert rest and rest[0] in ("counter", "gauge", "histogram", "summary", "untyped"), line
+                family["type"] = rest[0]
+            elif keyword == "HELP":
+                assert "help" not in family, line
+                family["help"] = rest[0] if rest else ""
+            continue
+        assert line and not line.startswith("#"), repr(line)
+        found = _SAMPLE.fullmatch(line)
+        assert found, line
+        name, body, value = found.group(1), found.group(2) or "", found.group(3)
+        labels, position = {}, 0
+        while position < len(body):
+            label = _LABEL.match(body, position)
+            assert label, f"bad labels in {line}"
+            labels[label.group(1)] = re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), label.group(2))
+            position = label.end()
+        assert name in families and "type" in families[name], f"sample before its TYPE: {line}"
+        key = frozenset(labels.items())
+        assert key not in families[name]["samples"], f"duplicate sample {line}"
+        families[name]["samples"][key] = float(value)
+    return families
+
+
+def sample(families, name, **labels) -> float:
+    return families[name]["samples"][frozenset(labels.items())]
+
+
+@pytest.fixture
+def store(tmp_path):
+    opened = SQLiteStore(tmp_path / "db.sqlite3")
+    for when, server, status, count in [(DAY1, "transactional", "sent", 3), (DAY1, "transactional", "bounced", 1),
+                                        (DAY2, "transactional", "sent", 2), (DAY2, "mass", "deferred", 2),
+                                        (DAY2, None, "sent", 1), (DAY2, 'we"ird\\name\n', "expired", 1)]:
+        for n in range(count):
+            opened.record_delivery(DeliveryRecord(at=when + n, queue_id=f"Q{when}{n}", recipient=f"r{n}@x.example",
+                                                  relay="none", status=status, dsn=None, delay=None, reason=None,
+                                                  message=None, server=server))
+    for permanent in (True, True, False, None):
+        opened.record_bounce(BounceRecord(created_at=DAY1, recipient="b@x.example", status=None, action="failed",
+                                          permanent=permanent, reason=None, reporting_mta=None, remote_mta=None,
+                                          message=None, server=None, source="postfix-log"))
+    opened.blacklist_add("b@x.example", DAY1, "rule", "rule", [])
+    opened.blacklist_add("c@x.example", DAY1, "operator", "operator", [])
+    opened.blacklist_remove("c@x.example", DAY2, "cleared")
+    opened.blacklist_add("d@x.example", DAY2, "operator", "operator", [])
+    yield opened
+    opened.close()
+
+
+def test_summary_per_server_and_per_day(store):
+    data = summary(store.delivery_stats(0.0))
+    transactional = next(r for r in data["per_server"] if r["server"] == "transactional")
+    assert (transactional["sent"], transactional["bounced"], transactional["deferred"], transactional["total"]) == \
+        (5, 1, 0, 6)
+    assert [(r["day"], r["total"]) for r in data["per_day"]] == [("2026-11-01", 4), ("2026-11-02", 6)]
+
+
+def test_render_stats_is_two_aligned_tables(store):
+    text = render_stats(store.delivery_stats(DAY2 - 3600))
+    assert text.startswith("# per server\nserver")
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("server"))
+    assert header.split() == ["server", "sent", "deferred", "bounced", "expired", "total"]
+    assert any(line.split()[:3] == ["mass", "0", "2"] for line in lines)
+    assert "2026-11-01" not in text and "2026-11-02" in text
+    assert render_stats([]).count("(none)") == 2
+
+
+def test_prometheus_exposition(store):
+    families = parse_exposition(prometheus_text(store))
+    assert families["mailgate_deliveries_total"]["type"] == "counter"
+    assert sample(families, "mailgate_deliveries_total", server="transactional", status="sent") == 5
+    assert sample(families, "mailgate_deliveries_total", server="mass", status="deferred") == 2
+    assert sample(families, "mailgate_deliveries_total", server="-", status="sent") == 1
+    assert sample(families, "mailgate_deliveries_total", server='we"ird\\name\n', status="expired") == 1
+    assert families["mailgate_bounces_total"]["type"] == "counter"
+    assert [sample(families, "mailgate_bounces_total", kind=k) for k in ("hard", "soft", "unknown")] == [2, 1, 1]
+    assert families["mailgate_blacklisted_addresses"]["type"] == "gauge"
+    assert sample(families, "mailgate_blacklisted_addresses") == 2
+    assert all(f["help"] for f in families.values())
+
+
+def test_prometheus_on_an_empty_store_still_names_every_family(tmp_path):
+    families = parse_exposition(prometheus_text(SQLiteStore(tmp_path / "empty.sqlite3")))
+    assert set(families) == {"mailgate_deliveries_total", "mailgate_bounces_total", "mailgate_blacklisted_addresses"}
+    assert sample(families, "mailgate_blacklisted_addresses") == 0
+
+
+@pytest.mark.parametrize("bad", [
+    "mailgate_x 1\n",                                        # no TYPE
+    "# TYPE mailgate_x counter\nmailgate_x{a=\"1} 1\n",       # unterminated label
+    "# TYPE mailgate_x counter\nmailgate_x{a=\"\\q\"} 1\n",   # unknown escape
+    "# TYPE mailgate_x counter\nmailgate_x 1\n# TYPE mailgate_x counter\n",
+    "# TYPE mailgate_x counter\nmailgate_x one\n",
+])
+def test_the_checking_parser_refuses_what_prometheus_refuses(bad):
+    with pytest.raises((AssertionError, ValueError)):
+        parse_exposition(bad)
+
+
+def test_main_stats(store, capsys):
+    config = replace(CONFIG, database=store.path)
+    assert main_stats(config, "2026-11-02", as_json=True, prometheus=False, now=NOW) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {r["day"] for r in data["rows"]} == {"2026-11-02"}
+    assert {r["server"] for r in data["per_server"]} == {"transactional", "mass", "-", 'we"ird\\name\n'}
+    assert main_stats(config, "7d", as_json=False, prometheus=False, now=NOW) == 0
+    assert "# per day" in capsys.readouterr().out
+    assert main_stats(config, None, as_json=False, prometheus=True, now=NOW) == 0
+    parse_exposition(capsys.readouterr().out)
+    assert main_stats(config, "a week", as_json=False, prometheus=False, now=NOW) == 2
+    assert "--since" in capsys.readouterr().err

@@ -1,0 +1,138 @@
+"""Two gateways, one state: two private Postfix instances, each with its own `mailgate serve`,
+sharing one PostgreSQL (private data directory, loopback) and one bounce-token key. Counters
+that must be exact across hosts (loop guard, daily quota) and the blacklist are shared; a
+PostgreSQL outage makes Postfix tempfail, and mailgate recovers by itself.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import smtplib
+import subprocess
+import time
+import uuid
+from email.message import EmailMessage
+from typing import Iterator
+
+import pytest
+
+from mailgate.lab.gateway import GONE, LabGateway
+from mailgate.lab.postfix import make_basedir
+
+DAY = 86400
+EXTRA = "loop: {threshold: 4}\nquota: {daily: 6}\n"
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[LabGateway, LabGateway, object]]:
+    from mailgate.lab.postgres import PrivatePostgres
+    shared = make_basedir("mgshared")
+    secret = shared / "secret"
+    secret.write_text(secrets.token_hex(32) + "\n")
+    secret.chmod(0o600)
+    postgres = PrivatePostgres(shared / "pg")
+    postgres.start()
+    postgres.create_database("mailgate")
+    gateways = [LabGateway(make_basedir(), EXTRA, database=postgres.dsn("mailgate"), secret_file=secret)
+                for _ in range(2)]
+    try:
+        for gateway in gateways:
+            gateway.start()
+        yield gateways[0], gateways[1], postgres
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        postgres.stop()
+        for path in [shared, *(g.base for g in gateways)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def attach_logs(request, pair):
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for gateway in pair[:2]:
+            print(f"--- mailgate log {gateway.base} ---\n" + gateway.mailgate_log()[-4000:])
+
+
+def message(header_from: str, to: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = header_from, to, "two gateways"
+    msg["Message-ID"] = f"<{uuid.uuid4().hex}@two.example>"
+    msg.set_content("x\n")
+    return msg.as_bytes()
+
+
+def test_loop_guard_counts_over_both_hosts(pair):
+    one, two, _ = pair
+    robot = f"robot{uuid.uuid4().hex[:6]}@spam.example"
+    for gateway in (one, two, one, two):
+        gateway.submit(message(robot, "sales@mycompany.com"), robot, ["sales@mycompany.com"], listener="inbound")
+    for gateway in (one, two):
+        with pytest.raises(smtplib.SMTPResponseException) as refused:
+            gateway.submit(message(robot, "sales@mycompany.com"), robot, ["sales@mycompany.com"], listener="inbound")
+        assert refused.value.smtp_code == 550 and refused.value.smtp_error.startswith(b"5.7.1")
+
+
+def test_daily_quota_counts_over_both_hosts(pair):
+    one, two, _ = pair
+    domain = f"q{uuid.uuid4().hex[:6]}.example"
+    answers = []
+    for number in range(8):
+        gateway = (one, two)[number % 2]
+        with smtplib.SMTP("127.0.0.1", gateway.pf.port("submission"), timeout=30) as client:
+            client.ehlo("lab.client")
+            client.mail(f"app@{domain}")
+            answers.append(client.rcpt(f"r{number}@customer.example")[0])
+            client.rset()
+    assert answers == [250] * 6 + [450, 450]
+
+
+def test_a_bounce_recorded_by_one_host_blacklists_for_the_other(pair):
+    one, two, _ = pair
+    for number in range(5):
+        for gateway in (one, two):
+            gateway.move_clock(2 * DAY)
+        sent = one.submit(message('"Sales" <sales@mycompany.com>', GONE), "sales@mycompany.com", [GONE])
+        one.pf.wait_for_log(rf"{sent.queue_id}: to=<{GONE}>, .*status=bounced", 30)
+    deadline = time.monotonic() + 30
+    while "role=blacklist" not in one.mailgate_log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with pytest.raises(smtplib.SMTPResponseException) as refused:
+        two.submit(message("News <news@mycompany.com>", GONE), "news@mycompany.com", [GONE], listener="mass")
+    assert refused.value.smtp_code == 550 and b"blacklisted" in refused.value.smtp_error
+
+
+def test_postgres_outage_tempfails_and_recovers_by_itself(pair):
+    one, _, postgres = pair
+    to = f"r{uuid.uuid4().hex[:6]}@customer.example"
+    held = one.submit(message('"Held" <held@example.com>', to), "held@example.com", [to])
+    subprocess.run(["postsuper", "-c", str(one.pf.config_dir), "-h", held.queue_id], check=True, capture_output=True)
+    postgres.stop()
+    try:
+        with pytest.raises(smtplib.SMTPResponseException) as refused:
+            one.submit(message('"Down" <down@example.com>', to), "down@example.com", [to])
+        assert 400 <= refused.value.smtp_code < 500
+        # routing needs no database: the queued message still leaves through its token's server
+        subprocess.run(["postsuper", "-c", str(one.pf.config_dir), "-H", held.queue_id], check=True,
+                       capture_output=True)
+        one.pf.flush()
+        sink, _ = one.delivery(held.queue_id, to, timeout=60)
+        assert sink == "transactional"
+    finally:
+        postgres.start()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            sent = one.submit(message('"Back" <back@example.com>', to), "back@example.com", [to])
+            break
+        except smtplib.SMTPResponseException:
+            assert time.monotonic() < deadline, "mailgate did not recover by itself"
+            time.sleep(1)
+    one.delivery(sent.queue_id, to)
+    log = one.mailgate_log()
+    assert len(re.findall(r"event=database state=unavailable", log)) == 1
+    assert "event=database state=back" in log
