@@ -33,6 +33,19 @@ def gw(request) -> Iterator[LabGateway]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One private PostgreSQL (loopback, own data directory) for the whole run; tests create
+    their own databases in it."""
+    from mailgate.lab.postgres import PrivatePostgres
+    base = make_basedir("mgpg")
+    server = PrivatePostgres(base)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
 def attach_logs(request, gw):
     """On failure, show what mailgate and Postfix logged."""

@@ -4,7 +4,7 @@ The examples are written for a real Debian host: sockets under /run/mailgate, po
 the snakeoil certificate, the `mailgate` user. A test cannot use any of those, so every
 difference is listed once, by name, in `rewrites()`; everything else in the files runs exactly
 as shipped. What an example leaves to Debian's defaults but a private instance must set (its
-own directories and log file, no DNS) is appended, also by name, in `INSTANCE_SETTINGS`.
+own directories and log file, no DNS) is appended, also by name, in `instance_settings()`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pwd
 import ssl
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mailgate.lab.certs import CertBundle
@@ -40,20 +40,29 @@ SASL_REALM, SASL_LOGIN, SASL_SECRET = "mycompany.com", "odoo", "odoo-submission-
 
 @dataclass(frozen=True)
 class LabValues:
-    """Where the lab keeps what a real host keeps in /run, /etc and on ports 25 and 587."""
+    """Where the lab keeps what a real host keeps in /run, /etc and on ports 25 and 587. Only
+    `base` is needed from the start; a value the lab has not settled yet rewrites nothing."""
 
     base: Path
-    ports: dict[str, int]
-    certs: CertBundle
-    relay_port: int
-    mailgate_bin: str
-    mailgate_config: Path
-    aliases: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    certs: CertBundle | None = None
+    relay_port: int | None = None
+    mailgate_config: Path | None = None
+    aliases: Path | None = None
+    mailgate_bin: str = str(Path(sys.executable).with_name("mailgate"))
     pipe_user: str = PIPE_USER
 
     @property
     def sasldb(self) -> Path:
         return self.base / "sasldb2"
+
+    @property
+    def opendkim_run(self) -> Path:
+        return self.base / "opendkim"
+
+    @property
+    def dkim_keys(self) -> Path:
+        return self.base / "dkimkeys"
 
 
 def rewrites(lab: LabValues) -> dict[str, tuple[str, str]]:
@@ -61,21 +70,29 @@ def rewrites(lab: LabValues) -> dict[str, tuple[str, str]]:
     the lab). Nothing else is changed."""
     table = {
         "mailgate's sockets": ("unix:/run/mailgate/", f"unix:{lab.base}/"),
-        "OpenDKIM's socket": ("/run/opendkim/opendkim.sock", f"{lab.base}/opendkim.sock"),
-        "OpenDKIM's pid file": ("/run/opendkim/opendkim.pid", f"{lab.base}/opendkim.pid"),
-        "server certificate": ("/etc/ssl/certs/ssl-cert-snakeoil.pem", str(lab.certs.cert)),
-        "server key": ("/etc/ssl/private/ssl-cert-snakeoil.key", str(lab.certs.key)),
-        "upstream CAs (the sinks' certificates come from the lab CA)":
-            ("smtp_tls_CApath = /etc/ssl/certs", f"smtp_tls_CAfile = {lab.certs.ca_cert}"),
+        "OpenDKIM's run directory (socket, pid)": ("/run/opendkim/", f"{lab.opendkim_run}/"),
+        "OpenDKIM's key": ("/etc/dkimkeys/", f"{lab.dkim_keys}/"),
+        # A host adds postfix to group opendkim (adduser); the lab does not touch system groups.
+        "OpenDKIM's socket group": ("\nUserID                  opendkim\n", "\nUserID opendkim:postfix\n"),
         "sasldb": ("sasldb_path: /etc/sasldb2", f"sasldb_path: {lab.sasldb}"),
-        "local aliases (a copy, built by postalias)": ("hash:/etc/aliases", f"hash:{lab.aliases}"),
         "public interfaces": ("inet_interfaces = all", "inet_interfaces = loopback-only"),
-        "default route (the lab's catch-all sink)":
-            ("\nrelayhost =\n", f"\nrelayhost = [127.0.0.1]:{lab.relay_port}\n"),
-        "mailgate command": ("argv=/usr/local/bin/mailgate ", f"argv={lab.mailgate_bin} "),
-        "mailgate configuration": ("--config /etc/mailgate/mailgate.yaml", f"--config {lab.mailgate_config}"),
         "pipe user": (" user=mailgate ", f" user={lab.pipe_user} "),
+        "mailgate command": ("argv=/usr/local/bin/mailgate ", f"argv={lab.mailgate_bin} "),
     }
+    if lab.certs is not None:
+        table |= {
+            "server certificate": ("/etc/ssl/certs/ssl-cert-snakeoil.pem", str(lab.certs.cert)),
+            "server key": ("/etc/ssl/private/ssl-cert-snakeoil.key", str(lab.certs.key)),
+            "upstream CAs (the sinks' certificates come from the lab CA)":
+                ("smtp_tls_CApath = /etc/ssl/certs", f"smtp_tls_CAfile = {lab.certs.ca_cert}"),
+        }
+    if lab.relay_port is not None:
+        table["default route (the lab's catch-all sink)"] = (
+            "\nrelayhost =\n", f"\nrelayhost = [127.0.0.1]:{lab.relay_port}\n")
+    if lab.mailgate_config is not None:
+        table["mailgate configuration"] = ("--config /etc/mailgate/mailgate.yaml", f"--config {lab.mailgate_config}")
+    if lab.aliases is not None:
+        table["local aliases (a copy, built by postalias)"] = ("hash:/etc/aliases", f"hash:{lab.aliases}")
     for name, port in lab.ports.items():
         table[f"listener {LISTENERS[name]}"] = (f"\n{LISTENERS[name]} inet ", f"\n127.0.0.1:{port} inet ")
     return table
@@ -108,20 +125,14 @@ def listeners_of(folder: str) -> list[str]:
 
 
 class ExamplePostfix(PrivatePostfix):
-    """A private Postfix whose main.cf and master.cf are an example folder's, rewritten.
+    """A private Postfix whose main.cf and master.cf are an example folder's, rewritten with `lab`
+    plus this instance's own listener ports and aliases."""
 
-    `lab_base` is where the lab's mailgate.yaml puts mailgate's sockets (and where OpenDKIM's and
-    the sasldb go); `certs` serve the example's TLS listeners and sign the sinks' certificates.
-    """
-
-    def __init__(self, basedir: Path, folder: str, *, lab_base: Path, certs: CertBundle, relay_port: int,
-                 mailgate_config: Path):
+    def __init__(self, basedir: Path, folder: str, lab: LabValues):
         super().__init__(basedir, listeners={name: {} for name in listeners_of(folder)})
         self.folder = EXAMPLES / folder
-        self.lab = LabValues(base=lab_base, ports={name: self.port(name) for name in listeners_of(folder)},
-                             certs=certs, relay_port=relay_port,
-                             mailgate_bin=str(Path(sys.executable).with_name("mailgate")),
-                             mailgate_config=mailgate_config, aliases=self.config_dir / "aliases")
+        self.lab = replace(lab, ports={name: self.port(name) for name in listeners_of(folder)},
+                           aliases=self.config_dir / "aliases")
 
     def _render_main_cf(self) -> str:
         extra = "".join(f"{key} = {value}\n" for key, value in instance_settings(self).items())
@@ -166,6 +177,13 @@ def make_sasldb(path: Path) -> None:
     os.chmod(path, 0o640)
 
 
+def lab_values(gw: LabGateway) -> LabValues:
+    """The lab values of a started gateway: its sockets, certificates, catch-all sink and config."""
+    tls = gw.base / "tls"
+    return LabValues(base=gw.base, certs=CertBundle(tls / "ca.pem", tls / "cert.pem", tls / "key.pem"),
+                     relay_port=gw.sinks["default"].port, mailgate_config=gw.config_path)
+
+
 def example_postfix(gw: LabGateway, folder: str) -> ExamplePostfix:
     """The example's Postfix in front of a lab gateway's sinks, `mailgate serve` and Odoo stand-in.
 
@@ -174,10 +192,7 @@ def example_postfix(gw: LabGateway, folder: str) -> ExamplePostfix:
     transports serve it unchanged: the relays' addresses come from mailgate's transport answer
     (`mg-transactional:[localhost]:PORT`), not from Postfix's files.
     """
-    tls = gw.base / "tls"
-    return ExamplePostfix(gw.base / f"pf-{folder}", folder, lab_base=gw.base,
-                          certs=CertBundle(tls / "ca.pem", tls / "cert.pem", tls / "key.pem"),
-                          relay_port=gw.sinks["default"].port, mailgate_config=gw.config_path)
+    return ExamplePostfix(gw.base / f"pf-{folder}", folder, lab_values(gw))
 
 
 def tls_context(certs: CertBundle) -> ssl.SSLContext:

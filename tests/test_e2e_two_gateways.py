@@ -32,7 +32,7 @@ def pair() -> Iterator[tuple[LabGateway, LabGateway, object]]:
     secret = shared / "secret"
     secret.write_text(secrets.token_hex(32) + "\n")
     secret.chmod(0o600)
-    postgres = PrivatePostgres(shared / "pg")
+    postgres = PrivatePostgres(shared / "pg")  # its own: the outage test stops it
     postgres.start()
     postgres.create_database("mailgate")
     gateways = [LabGateway(make_basedir(), EXTRA, database=postgres.dsn("mailgate"), secret_file=secret)

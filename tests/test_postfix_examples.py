@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from examples_lab import (EXAMPLES, SASL_LOGIN, SASL_REALM, SASL_SECRET, ExamplePostfix, example_postfix,
+from examples_lab import (EXAMPLES, SASL_LOGIN, SASL_REALM, SASL_SECRET, ExamplePostfix, LabValues, example_postfix,
                           tls_context)
 from mailgate.configfile import parse_config
 from mailgate.inbound import ODOO_TRANSPORT
@@ -122,8 +122,8 @@ def test_example_passes_postfix_check(folder):
     """Once paths are real, `postfix check` (and postconf, which warns about unknown or misspelt
     parameters) has nothing to say."""
     base = make_basedir()
-    pf = ExamplePostfix(base / "pf", folder, lab_base=base, certs=make_ca_and_cert(base / "tls"),
-                        relay_port=free_port(), mailgate_config=base / "mailgate.yaml")
+    pf = ExamplePostfix(base / "pf", folder, LabValues(base=base, certs=make_ca_and_cert(base / "tls"),
+                                                       relay_port=free_port(), mailgate_config=base / "mailgate.yaml"))
     pf.write_config()
     result = pf.check()
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr

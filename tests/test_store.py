@@ -4,29 +4,15 @@ started by the tests (private data directory, loopback). The rules never know wh
 
 from __future__ import annotations
 
-import shutil
 import threading
 import uuid
-from typing import Iterator
 
 import pytest
 
-from mailgate.lab.postfix import make_basedir
 from mailgate.store import (BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord, SQLiteStore,
                             open_store)
 
 NOW = 1_900_000_000.0
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[object]:
-    from mailgate.lab.postgres import PrivatePostgres
-    base = make_basedir("mgpg")
-    server = PrivatePostgres(base)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

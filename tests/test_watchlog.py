@@ -146,17 +146,6 @@ def test_server_derived_from_the_tag_or_a_unique_configured_relay():
 
 # -- recording -----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def postgres():
-    from mailgate.lab.postgres import PrivatePostgres
-    base = make_basedir("mgpg")
-    server = PrivatePostgres(base)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
     """Both backends: the PostgreSQL one also proves the lock keys and the backend-neutral SQL."""
