@@ -1,10 +1,12 @@
 """`mailgate …` with an experimental patch applied first (benchmarks only).
 
     _serve.py --nodelay serve --config FILE
+    _serve.py --count-lookups OUT serve --config FILE
 
 `--nodelay`: right after mailgate's milter opens its socket (mailgate.milter.app.serve_milter
 calls `Milter.milter.opensocket`), set TCP_NODELAY on the listening socket, so every accepted
 Postfix connection has it — the proposed fix for the inet: stall, measured without touching src/.
+`--count-lookups OUT`: count the socketmap lookups by map and kind of key, written to OUT at exit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,22 @@ def main(argv: list[str]) -> int:
             return result
 
         Milter.milter.opensocket = opensocket
+    if argv and argv[0] == "--count-lookups":
+        out, argv = argv[1], argv[2:]
+        import atexit
+        from collections import Counter
+
+        from mailgate.policy.lookup import LookupService
+        counts: Counter[str] = Counter()
+        original_call = LookupService.__call__
+
+        def counting_call(self, mapname: str, key: str):
+            kind = "token" if key.startswith("bounce+") else ("domain" if key.startswith("@") else "address")
+            counts[f"{mapname} {kind}"] += 1
+            return original_call(self, mapname, key)
+
+        LookupService.__call__ = counting_call
+        atexit.register(lambda: open(out, "w").write("".join(f"{k} {v}\n" for k, v in counts.most_common())))
     from mailgate.cli import main as mailgate_main
     return mailgate_main(argv)
 

@@ -198,27 +198,46 @@ def time_call(call, repeat: int) -> float:
     return median(times)
 
 
-BOUNCE_QUERIES = {
-    "per_day": "select date(created_at, 'unixepoch') as day, count(*) as bounces, sum(permanent = 1) as hard "
-               "from bounces where created_at >= ? group by day order by day",
-    "per_server": "select coalesce(server, '-') as server, count(*) as bounces from bounces where created_at >= ? "
-                  "group by server order by bounces desc",
-    "per_kind": "select case when permanent = 1 then 'hard' when permanent = 0 then 'soft' else 'unknown' end "
-                "as kind, count(*) as bounces from bounces where created_at >= ? group by kind order by bounces desc",
-    "top_domains": "select substr(recipient, instr(recipient, '@') + 1) as domain, count(*) as bounces from bounces "
-                   "where created_at >= ? group by domain order by bounces desc limit 10",
-}
-DELIVERY_QUERY = ("select date(at, 'unixepoch') as day, coalesce(server, '-') as server, status, count(*) as count "
-                  "from deliveries where at >= ? group by day, server, status order by day, server, status")
+class StatementCapture:
+    """Records the SQL the store really runs (sqlite3 trace callback on every connection it opens),
+    so the query plans below follow the store's code instead of a copy of its queries."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.statements: list[str] = []
+        self._connect = sqlite3.connect
+
+        def connect(*args, **kwargs):
+            conn = self._connect(*args, **kwargs)
+            conn.set_trace_callback(self._trace)
+            return conn
+        sqlite3.connect = connect
+
+    def _trace(self, sql: str) -> None:
+        if self.active and sql.lstrip().lower().startswith("select"):
+            self.statements.append(sql)
+
+    def capture(self, call) -> list[str]:
+        self.statements, self.active = [], True
+        try:
+            call()
+        finally:
+            self.active = False
+        return self.statements
+
+    def restore(self) -> None:
+        sqlite3.connect = self._connect
 
 
-def plan(conn: sqlite3.Connection, sql: str, since: float) -> str:
-    return "; ".join(row[3] for row in conn.execute(f"explain query plan {sql}", [since]))
+def plan(conn: sqlite3.Connection, sql: str) -> str:
+    """EXPLAIN QUERY PLAN of a traced statement (its parameters are already inlined)."""
+    return "; ".join(row[3] for row in conn.execute(f"explain query plan {sql}"))
 
 
 def stats_part(base: Path, levels: list[int], repeat: int) -> list[dict]:
     config_path = bench_config(base, "stats", 2525)
     config = load_config(config_path).config
+    capture = StatementCapture()
     store = SQLiteStore(config.database)  # creates and migrates the scratch store
     database = Path(config.database)
     stats_cli = has_subcommand("stats")
@@ -251,9 +270,12 @@ def stats_part(base: Path, levels: list[int], repeat: int) -> list[dict]:
         row["delivery_7d_ms"] = time_call(lambda: store.delivery_stats(since_week), repeat) * 1000
         if stats_cli:
             row["stats_cli_s"], _ = time_cli(["stats", "--config", str(config_path)], repeat)
-        row["plans"] = {name: {"all": plan(conn, sql, 0.0), "7d": plan(conn, sql, since_week)}
-                        for name, sql in BOUNCE_QUERIES.items()}
-        row["plans"]["deliveries"] = {"all": plan(conn, DELIVERY_QUERY, 0.0), "7d": plan(conn, DELIVERY_QUERY, since_week)}
+        row["plans"] = {}
+        for name, call in (("bounce_stats(all)", lambda: store.bounce_stats(0.0)),
+                           ("bounce_stats(7d)", lambda: store.bounce_stats(since_week)),
+                           ("delivery_stats(all)", lambda: store.delivery_stats(0.0))):
+            for number, sql in enumerate(capture.capture(call), start=1):
+                row["plans"][f"{name} #{number}"] = (" ".join(sql.split())[:110], plan(conn, sql))
         results.append(row)
         print(f"rows={level}: bounces stats CLI {row['cli_all_s']:.3f}s (since 7d {row['cli_7d_s']:.3f}s), "
               f"bounces list CLI {row['cli_list_s']:.3f}s, store.bounce_stats {row['store_all_ms']:.1f} ms "
@@ -262,6 +284,7 @@ def stats_part(base: Path, levels: list[int], repeat: int) -> list[dict]:
               + (f", `mailgate stats` {row['stats_cli_s']:.3f}s" if stats_cli else ""), flush=True)
     conn.close()
     store.close()
+    capture.restore()
     return results
 
 
@@ -316,8 +339,8 @@ def main() -> int:
               f"store.delivery_stats {row['delivery_all_ms']:.1f}ms (7d {row['delivery_7d_ms']:.1f}ms)"
               + (f"; `mailgate stats` {row['stats_cli_s']:.3f}s" if "stats_cli_s" in row else "; `mailgate stats`: absent"))
     if stats:
-        for name, plans in stats[-1]["plans"].items():
-            print(f"PLAN {name}: all={plans['all']!r} | 7d={plans['7d']!r}")
+        for name, (sql, query_plan) in stats[-1]["plans"].items():
+            print(f"PLAN {name}: {query_plan}   <- {sql}")
         if len(stats) > 1:
             first, last = stats[0], stats[-1]
             factor = last["rows"] / first["rows"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,8 +62,10 @@ LABELS = {
 
 
 class Bench:
-    def __init__(self, base: Path, modes: str) -> None:
+    def __init__(self, base: Path, modes: str, count_lookups: bool = False) -> None:
         self.base = base
+        self.count_lookups = count_lookups
+        self.profile_flags: list[str] = ["--gil"]
         self.modes = modes
         self.sink = SmtpSink(base)
         self.serves: dict[str, Serve] = {}
@@ -83,7 +86,10 @@ class Bench:
         if "h" in modes:
             configs["nodelay"] = bench_config(base, "gwn", port, milter=f"inet:{free_port()}@127.0.0.1")
         for name, path in configs.items():
-            self.serves[name] = Serve(path, ["--nodelay"] if name == "nodelay" else []).start()
+            wrapper = ["--nodelay"] if name == "nodelay" else []
+            if self.count_lookups:
+                wrapper = ["--count-lookups", str(base / f"lookups-{name}.txt"), *wrapper]
+            self.serves[name] = Serve(path, wrapper).start()
         trivial = {"d": (f"unix:{base}/trivial.sock", False), "f": (f"inet:{free_port()}@127.0.0.1", False),
                    "g": (f"inet:{free_port()}@127.0.0.1", True)}
         for mode, (spec, nodelay) in trivial.items():
@@ -158,14 +164,31 @@ class Bench:
         self.pf.reload()
         self.current = mode
 
-    def measure(self, mode: str, round_no: int, count: int) -> dict:
+    def helper_pid(self, mode: str) -> int | None:
+        """The milter process of a configuration: `mailgate serve` or the trivial milter."""
+        serve = self.serves.get(self.serve_of[mode] or "")
+        if serve is not None:
+            return serve.pid
+        milter = self.milters.get(mode)
+        return milter.proc.pid if milter is not None and milter.proc is not None else None
+
+    def measure(self, mode: str, round_no: int, count: int, profile: Path | None = None) -> dict:
         assert self.pf is not None
         self.configure(mode)
         time.sleep(0.5)  # let master finish replacing the old processes
         recipient = f"r{round_no}-{mode}@customer.example"
         follower = LogFollower(self.pf.maillog)
-        serve = self.serves.get(self.serve_of[mode] or "")
-        cpu_before = cpu_seconds(serve.pid) if serve else 0.0
+        pid = self.helper_pid(mode)
+        cpu_before = cpu_seconds(pid) if pid else 0.0
+        spy = None
+        if profile is not None and pid:
+            # --gil: only the thread holding the GIL is sampled, i.e. where the one Python
+            # interpreter of the process spends its time (libmilter threads queue for it).
+            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
+                                    "record", "-p", str(pid), "-r", "250", *self.profile_flags, "-f", "raw",
+                                    "-o", str(profile / f"{mode}-round{round_no}.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
         sys_before = system_cpu()
         start = time.monotonic()
         source = smtp_source(self.pf.port("submission"), count, recipient, self.base / f"source-{mode}.out")
@@ -194,12 +217,15 @@ class Bench:
                 break
             time.sleep(0.02)
         source.wait(30)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         elapsed = last - start
         result = {
             "mode": mode, "round": round_no, "sent": sent, "failed": failed, "samples": samples,
             "seconds": elapsed, "rate": sent / elapsed if elapsed > 0 else 0.0,
             "accept_seconds": source_done - start,
-            "serve_cpu_ms_per_msg": (cpu_seconds(serve.pid) - cpu_before) * 1000 / max(sent, 1) if serve else None,
+            "serve_cpu_ms_per_msg": (cpu_seconds(pid) - cpu_before) * 1000 / max(sent, 1) if pid else None,
             "busy": busy_fraction(sys_before, system_cpu()),
         }
         if not self.pf.wait_queue_empty(60):
@@ -214,7 +240,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="rounds (full: 3)")
     parser.add_argument("--modes", default="abcdefgh", help="configurations to run, baseline first (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--profile-flags", default="--gil",
+                        help="py-spy record flags (default --gil; e.g. '--native --threads' for C frames)")
+    parser.add_argument("--count-lookups", action="store_true", help="count socketmap lookups per map (printed)")
+    parser.add_argument("--profile", type=Path, help="record a py-spy profile (raw, --gil) of the milter process "
+                        "of each configuration into this directory (read with bench/pyspy_summary.py)")
     args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     count = args.messages or (200 if args.quick else 2000)
     rounds = args.rounds or (1 if args.quick else 3)
     modes = "a" + args.modes.replace("a", "")
@@ -223,20 +256,21 @@ def main() -> int:
           f"nproc={info['nproc']} cpu={info['cpu']!r} python={info['python']} postfix={info['postfix']}", flush=True)
 
     base = make_basedir("mgt")
-    bench = Bench(base, modes)
+    bench = Bench(base, modes, args.count_lookups)
+    bench.profile_flags = args.profile_flags.split()
     results: list[dict] = []
     broken = False
     try:
         bench.start()
         for round_no in range(1, rounds + 1):
             for mode in modes:
-                result = bench.measure(mode, round_no, count)
+                result = bench.measure(mode, round_no, count, args.profile)
                 results.append(result)
                 cpu = result["serve_cpu_ms_per_msg"]
                 print(f"round {round_no} {mode} {LABELS[mode]:<38} {result['rate']:7.1f} msgs/s  "
                       f"({result['sent']}/{count} sent in {result['seconds']:.2f}s, smtp-source done "
                       f"{result['accept_seconds']:.2f}s, machine busy {result['busy']:.0%}"
-                      + (f", serve CPU {cpu:.2f} ms/msg" if cpu is not None else "") + ")", flush=True)
+                      + (f", milter process CPU {cpu:.2f} ms/msg" if cpu is not None else "") + ")", flush=True)
                 if result["sent"] < count or result["failed"]:
                     broken = True
                     print(f"  BROKEN: {result['sent']}/{count} delivered, {result['failed']} failures; "
@@ -247,6 +281,12 @@ def main() -> int:
     finally:
         bench.stop()
 
+    if args.count_lookups:
+        for file in sorted(base.glob("lookups-*.txt")):
+            sent = sum(r["sent"] for r in results if bench.serve_of.get(r["mode"]) == file.stem.split("-", 1)[1])
+            for line in file.read_text().splitlines():
+                what, number = line.rsplit(" ", 1)
+                print(f"LOOKUPS {file.stem.split('-', 1)[1]} {what}: {number} ({int(number) / max(sent, 1):.2f} per message)")
     by_mode: dict[str, list[dict]] = {m: [r for r in results if r["mode"] == m] for m in modes}
     baseline_of_round = {r["round"]: r["rate"] for r in by_mode.get("a", [])}
     summary = {}
@@ -262,7 +302,7 @@ def main() -> int:
     for mode in modes:
         rate, ratio, cpu, rates = summary[mode]
         each = " ".join(f"{r:.0f}" for r in rates)
-        cpu_text = f"  serve_cpu={cpu:.2f}ms/msg" if cpu is not None else ""
+        cpu_text = f"  milter_cpu={cpu:.2f}ms/msg" if cpu is not None else ""
         print(f"RESULT {mode} {LABELS[mode]:<38} msgs/s={rate:7.1f}  ratio={ratio:5.2f}  (rounds: {each}){cpu_text}")
     missed = False
     if "c" in summary:

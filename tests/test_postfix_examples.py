@@ -20,13 +20,11 @@ from typing import Iterator
 
 import pytest
 
-from examples_lab import (EXAMPLES, SASL_LOGIN, SASL_REALM, SASL_SECRET, ExamplePostfix, LabValues, example_postfix,
+from examples_lab import (EXAMPLES, SASL_LOGIN, SASL_REALM, SASL_SECRET, ExamplePostfix, example_postfix,
                           tls_context)
 from mailgate.configfile import parse_config
 from mailgate.inbound import ODOO_TRANSPORT
-from mailgate.lab.certs import make_ca_and_cert
 from mailgate.lab.gateway import LabGateway
-from mailgate.lab.ports import free_port
 from mailgate.lab.postfix import make_basedir
 from mailgate.postfixconf import SUBMISSION_LISTENER, main_settings, render
 
@@ -118,20 +116,17 @@ def test_sasl_submission_listener_plays_the_outbound_role():
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_example_passes_postfix_check(folder):
-    """Once paths are real, `postfix check` (and postconf, which warns about unknown or misspelt
-    parameters) has nothing to say."""
-    base = make_basedir()
-    pf = ExamplePostfix(base / "pf", folder, LabValues(base=base, certs=make_ca_and_cert(base / "tls"),
-                                                       relay_port=free_port(), mailgate_config=base / "mailgate.yaml"))
-    pf.write_config()
+def test_example_passes_postfix_check(folder, gateways):
+    """Once paths are real (the lab's instance of the example, see examples_lab.rewrites), `postfix
+    check` and postconf (which warns about unknown or misspelt parameters) have nothing to say."""
+    pf = gateways[folder].pf
+    assert isinstance(pf, ExamplePostfix)
     result = pf.check()
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
     postconf(pf.config_dir, "-n")
     postconf(pf.config_dir, "-M")
     main = (pf.config_dir / "main.cf").read_text()
-    assert "/run/mailgate" not in main and f"unix:{base}/milter.sock" in main
-    shutil.rmtree(base, ignore_errors=True)
+    assert "/run/mailgate" not in main and f"unix:{pf.lab.base}/milter.sock" in main
 
 
 # -- 3. they work -----------------------------------------------------------------------------------------
