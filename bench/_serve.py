@@ -2,10 +2,12 @@
 
     _serve.py --nodelay serve --config FILE
     _serve.py --count-lookups OUT serve --config FILE
+    _serve.py --nodelay --data-reply serve --config FILE
 
 `--nodelay`: right after mailgate's milter opens its socket (mailgate.milter.app.serve_milter
 calls `Milter.milter.opensocket`), set TCP_NODELAY on the listening socket, so every accepted
 Postfix connection has it — the proposed fix for the inet: stall, measured without touching src/.
+`--data-reply`: negotiate the DATA event with a reply (GatewayMilter.data without @nocallback).
 `--count-lookups OUT`: count the socketmap lookups by map and kind of key, written to OUT at exit.
 """
 
@@ -32,6 +34,12 @@ def main(argv: list[str]) -> int:
             return result
 
         Milter.milter.opensocket = opensocket
+    if argv and argv[0] == "--data-reply":
+        argv = argv[1:]
+        from mailgate.milter.app import GatewayMilter
+        # Negotiate the DATA event *with* a reply: smtpd then waits for the milter's answer before
+        # it hands the milter connection to cleanup, so its last write is acknowledged at once.
+        GatewayMilter.data = lambda self: Milter.CONTINUE
     if argv and argv[0] == "--count-lookups":
         out, argv = argv[1], argv[2:]
         import atexit

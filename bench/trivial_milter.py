@@ -1,7 +1,7 @@
 """A trivial pymilter milter for reference: `Milter.Base` with every default callback (only end
 of message is negotiated; it answers CONTINUE), on the socket given as the first argument.
 
-    trivial_milter.py unix:/path | inet:PORT@127.0.0.1 [--nodelay]
+    trivial_milter.py unix:/path | inet:PORT@127.0.0.1 [--nodelay] [--data-reply]
 
 `--nodelay` sets TCP_NODELAY on libmilter's listening socket (Linux copies it to every accepted
 connection): the experiment behind the "inet: stall" finding in bench/RESULTS.md.
@@ -22,10 +22,17 @@ class Trivial(Milter.Base):
     """Accepts everything; pymilter's defaults decide what is negotiated."""
 
 
+class TrivialDataReply(Milter.Base):
+    """The same, but the DATA event is negotiated and answered (see bench/inet_stall.py)."""
+
+    def data(self):
+        return Milter.CONTINUE
+
+
 def main() -> None:
     spec = sys.argv[1]
     nodelay = "--nodelay" in sys.argv[2:]
-    Milter.factory = Trivial
+    Milter.factory = TrivialDataReply if "--data-reply" in sys.argv[2:] else Trivial
     milter = Milter.milter
     # What Milter.runmilter does, with the socket opened explicitly so that it can be tuned.
     milter.set_connect_callback(Milter.connect_callback)

@@ -68,7 +68,10 @@ class OpenDKIM:
         subprocess.run(["opendkim-genkey", "-D", str(self.lab.dkim_keys), "-d", DOMAIN, "-s", SELECTOR],
                        check=True, capture_output=True, timeout=60)
         os.chown(self.lab.dkim_keys / f"{SELECTOR}.private", user.pw_uid, user.pw_gid)
-        self.conf.write_text(rewrite((DKIM / "opendkim.conf").read_text(), self.lab) + LAB_ONLY)
+        conf = rewrite((DKIM / "opendkim.conf").read_text(), self.lab) + LAB_ONLY
+        assert f"local:{self.socket}\n" in conf and "\nUserID opendkim:postfix\n" in conf, \
+            "the example's Socket or UserID line changed: update examples_lab.rewrites()"
+        self.conf.write_text(conf)
         log = open(self.log, "ab")
         self.process = subprocess.Popen(["opendkim", "-f", "-x", str(self.conf)], stdout=log, stderr=log,
                                         stdin=subprocess.DEVNULL)

@@ -78,7 +78,7 @@ def services(directory: Path) -> dict[str, str]:
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_mailgate_main_settings_are_postfix_configs(folder):
     """Every mailgate setting an example carries has the value postfix-config prints for the
-    example configuration, and none it should not carry is there with another value."""
+    example configuration; the ones its set-up leaves out are absent, not set otherwise."""
     shown = settings(EXAMPLES / folder, "-n")
     for key, value in MAILGATE_MAIN.items():
         if key in MAIN_KEYS[folder]:
@@ -89,6 +89,8 @@ def test_mailgate_main_settings_are_postfix_configs(folder):
 
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_mailgate_services_are_postfix_configs(folder, tmp_path):
+    """Each mailgate service of an example is, option for option, the one postfix-config prints
+    (compared as Postfix itself reads both files)."""
     (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n")
     (tmp_path / "master.cf").write_text(render(EXAMPLE_CONFIG, "master"))
     expected, shown = services(tmp_path), services(EXAMPLES / folder)

@@ -1,0 +1,120 @@
+#!/opt/mailgate/bin/python
+"""Per-call cost of mailgate's hot paths, in process (no sockets, no Postfix): where the CPU of a
+lookup, a policy request and an outbound message goes. Complements the py-spy profiles of the
+serving process with exact per-call times and a cProfile breakdown.
+
+    bench/micro.py [--quick] [--profile]
+
+Measured: LookupService (socketmap `transport`, tokenised and plain senders), GatewayPolicy (RCPT
+from the submission listener: quota transaction), process_outbound (the milter's end-of-message
+work without libmilter), and the pieces they spend on (parse_mailboxes, TokenSigner.verify, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import shutil
+import sys
+import time
+
+from _common import bench_config, machine
+
+from mailgate.addresses import parse_mailboxes
+from mailgate.configfile import load_config
+from mailgate.lab.postfix import make_basedir
+from mailgate.milter.facts import MessageFacts
+from mailgate.milter.outbound import process_outbound
+from mailgate.outbound import OutboundRequest, decide_outbound
+from mailgate.policy.lookup import LookupService
+from mailgate.policy.policyd import PolicyRequest, parse_request
+from mailgate.policy.recipients import GatewayPolicy
+from mailgate.routing import route_for_sender
+from mailgate.runtime import Runtime
+
+
+def per_call(fn, n: int) -> float:
+    """Microseconds per call, best of three runs of n calls."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        best = min(best, (time.perf_counter() - start) / n)
+    return best * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile breakdown of each path")
+    args = parser.parse_args()
+    n = 500 if args.quick else 5000
+    info = machine()
+    print(f"# micro: {n} calls x best of 3; python={info['python']} cpu={info['cpu']!r}")
+    base = make_basedir("mgu")
+    try:
+        config = load_config(bench_config(base, "micro", 2525)).config
+        runtime = Runtime.from_config(config)
+        lookup = LookupService(runtime)
+        policy = GatewayPolicy(runtime)
+        now = time.time()
+        tokens = [f"bounce+{runtime.signer.make(i, 'transactional', now)}@mycompany.com" for i in range(1000)]
+        plain = [f"user{i}@mycompany.com" for i in range(1000)]
+        from services import policy_out_requests, policy_in_requests  # the same requests as bench/services.py
+        outs = [PolicyRequest(parse_request(r[:-2], 128)) for r in policy_out_requests()]
+        ins = [PolicyRequest(parse_request(r[:-2], 128)) for r in policy_in_requests()]
+        raw_out = policy_out_requests()
+
+        def facts(i: int) -> MessageFacts:
+            return MessageFacts(listener="ORIGINATING", envelope_sender="odoo@mycompany.com",
+                                recipients=[f"r{i}@customer.example"],
+                                headers=[("From", "<odoo@mycompany.com>"), ("To", f"<r{i}@customer.example>"),
+                                         ("Message-Id", f"<{i:04x}.0001.0001@mailgate-lab>")])
+
+        cases = [
+            ("lookup transport <token>", lambda i: lookup("transport", tokens[i % 1000])),
+            ("lookup transport <plain>", lambda i: lookup("transport", plain[i % 1000])),
+            ("  route_for_sender <token>", lambda i: route_for_sender(config, runtime.signer, tokens[i % 1000])),
+            ("  TokenSigner.verify", lambda i: runtime.signer.verify(tokens[i % 1000][7:39])),
+            ("  config.alias_domains", lambda i: config.alias_domains),
+            ("  config.active_servers", lambda i: config.active_servers),
+            ("lookup delivery <outside>", lambda i: lookup("delivery", f"r{i}@customer.example")),
+            ("policy parse_request", lambda i: parse_request(raw_out[i % 1000][:-2], 128)),
+            ("policy RCPT outbound (quota txn)", lambda i: policy(outs[i % 1000])),
+            ("policy RCPT inbound alias", lambda i: policy(ins[i % 1000])),
+            ("milter process_outbound", lambda i: process_outbound(runtime, facts(i), f"Q{i:010X}")),
+            ("  decide_outbound", lambda i: decide_outbound(config, OutboundRequest("<odoo@mycompany.com>",
+                                                                                    "odoo@mycompany.com", False))),
+            ("  parse_mailboxes", lambda i: parse_mailboxes("<odoo@mycompany.com>")),
+            ("  parse_mailboxes (display name)", lambda i: parse_mailboxes('"Admin" <admin@example.com>')),
+        ]
+        results = []
+        for name, fn in cases:
+            if fn is None:
+                continue
+            us = per_call(fn, n)
+            results.append((name, us))
+            print(f"{name:<40} {us:9.1f} us/call", flush=True)
+            if args.profile and not name.startswith("  "):
+                prof = cProfile.Profile()
+                prof.enable()
+                for i in range(n):
+                    fn(i)
+                prof.disable()
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+                print("\n".join(out.getvalue().splitlines()[:30]))
+        runtime.store.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print()
+    for name, us in results:
+        print(f"RESULT micro {name.strip():<38} {us:9.1f} us/call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
