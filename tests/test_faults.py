@@ -336,6 +336,7 @@ def test_read_only_store_at_start_keeps_mail_in_the_client_or_queue(gw):
         during = plan(3)
         Traffic(gw, ledger, during, retry=False).start().join()
         assert {s.last.outcome for s in during} <= {ACCEPTED, TEMPORARY}, [str(s.last) for s in during]
+        print("started on a read-only store:", started, gw.mailgate_log()[-1500:])
         if started:
             assert any(s.last.outcome == TEMPORARY for s in during)
         else:

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,6 +76,29 @@ def _keep_restart_only(new: Config, old: Config) -> Config:
     return replace(new, **{key: getattr(old, key) for key in RESTART_ONLY})
 
 
+def _stop_milter(spec: str) -> None:
+    """smfi_stop waits for libmilter's accept poll to wake (up to 5 s, holding its lock), so it
+    runs in a thread while the listener is woken with connections: a stop takes milliseconds."""
+    stopper = threading.Thread(target=milter.stop, name="milter-stop", daemon=True)
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while stopper.is_alive() and time.monotonic() < deadline:
+        _wake_listener(spec)
+        stopper.join(0.05)
+
+
+def _wake_listener(spec: str) -> None:
+    parsed = parse_socket_spec(spec)
+    family = socket.AF_UNIX if parsed.family == "unix" else (socket.AF_INET6 if parsed.family == "inet6"
+                                                            else socket.AF_INET)
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(parsed.path if parsed.family == "unix" else (parsed.host, parsed.port))
+    except OSError:
+        pass
+
+
 def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     config = runtime.config
     logger = logging.getLogger("mailgate")
@@ -130,7 +154,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
                     reload(runtime, config_path, logger)
     finally:
         notify_systemd("STOPPING=1")
-        milter.stop()
+        _stop_milter(config.listen.milter)
         thread.join(30)
         policy.stop_thread()
         lookup.stop_thread()
