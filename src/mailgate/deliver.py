@@ -173,7 +173,7 @@ def _fault_summary(fault: xmlrpc.client.Fault) -> str:
     return f"fault {fault.faultCode}: {lines[-1] if lines else ''}"
 
 
-class _TimeoutTransport(xmlrpc.client.Transport):
+class _Timeout:
     """xmlrpc.client has no timeout of its own; a hung Odoo must not hold a delivery slot."""
 
     def __init__(self, timeout: float) -> None:
@@ -186,15 +186,12 @@ class _TimeoutTransport(xmlrpc.client.Transport):
         return connection
 
 
-class _SafeTimeoutTransport(xmlrpc.client.SafeTransport):
-    def __init__(self, timeout: float) -> None:
-        super().__init__()
-        self.timeout = timeout
+class _TimeoutTransport(_Timeout, xmlrpc.client.Transport):
+    pass
 
-    def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        connection = super().make_connection(host)
-        connection.timeout = self.timeout
-        return connection
+
+class _SafeTimeoutTransport(_Timeout, xmlrpc.client.SafeTransport):
+    pass
 
 
 def _proxy(url: str, path: str, timeout: float) -> xmlrpc.client.ServerProxy:

@@ -78,8 +78,9 @@ def make_basedir(prefix: str = "mg") -> Path:
     return path
 
 
-def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
-    """Fail early, with a useful message, if ``user`` cannot search every parent of path."""
+def check_reachable(path: Path, user: pwd.struct_passwd, who: str = "Postfix") -> None:
+    """Fail early, with a useful message, if ``user`` cannot search every parent of path (the
+    daemons of Postfix and PostgreSQL run as their own users, not as root)."""
     for parent in path.parents:
         info = parent.stat()
         if info.st_uid == user.pw_uid:
@@ -91,7 +92,7 @@ def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
         if not ok:
             raise PermissionError(
                 f"user {user.pw_name} cannot traverse {parent} (mode "
-                f"{stat.filemode(info.st_mode)}); Postfix needs it. chmod 755 it, "
+                f"{stat.filemode(info.st_mode)}); {who} needs it. chmod 755 it, "
                 "or create the base with mailgate.lab.postfix.make_basedir()"
             )
 
@@ -173,7 +174,7 @@ class PrivatePostfix:
         postfix_user = pwd.getpwnam("postfix")
         self.basedir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.basedir, 0o755)
-        _check_reachable(self.basedir, postfix_user)
+        check_reachable(self.basedir, postfix_user)
         for directory in (self.config_dir, self.queue_dir):
             directory.mkdir(exist_ok=True)
             os.chown(directory, 0, 0)

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from urllib.parse import quote
 
 from mailgate.lab.ports import LOOPBACK, free_port
+from mailgate.lab.postfix import check_reachable
 
 PG_ROOT = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"
@@ -178,7 +179,7 @@ class PrivatePostgres:
 
     def _prepare_dirs(self) -> None:
         self.basedir.mkdir(parents=True, exist_ok=True)
-        _check_reachable(self.basedir, self._user)
+        check_reachable(self.basedir, self._user, "PostgreSQL")
         for directory, mode in ((self.data_dir, 0o700), (self.socket_dir, 0o755)):
             directory.mkdir(exist_ok=True)
             os.chmod(directory, mode)
@@ -242,22 +243,6 @@ class PrivatePostgres:
 
 def _output(result: subprocess.CompletedProcess[bytes]) -> str:
     return (result.stdout + result.stderr).decode(errors="replace").strip()
-
-
-def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
-    """Fail early and clearly when ``user`` cannot search a parent of the base directory."""
-    for parent in path.parents:
-        info = parent.stat()
-        if info.st_uid == user.pw_uid:
-            ok = info.st_mode & stat.S_IXUSR
-        elif info.st_gid == user.pw_gid:
-            ok = info.st_mode & stat.S_IXGRP
-        else:
-            ok = info.st_mode & stat.S_IXOTH
-        if not ok:
-            raise PermissionError(f"user {user.pw_name} cannot traverse {parent} "
-                                  f"({stat.filemode(info.st_mode)}); PostgreSQL runs as that user. "
-                                  "Use a base under /tmp made with mailgate.lab.postfix.make_basedir()")
 
 
 def _alive(pid: int) -> bool:
