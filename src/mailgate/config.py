@@ -8,6 +8,7 @@ module only says what a valid configuration looks like.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from mailgate.filters import FromFilter
@@ -160,7 +161,9 @@ class Config:
     secret_file: Path = Path("/etc/mailgate/secret")
     source: Path | None = None
 
-    @property
+    # The derived views below are computed once per configuration (the lookup service asks for
+    # them on every request); a reload builds a new Config, so they never go stale.
+    @cached_property
     def active_servers(self) -> tuple[Server, ...]:
         """Candidates in Odoo's order: ascending priority, ties in file order."""
         return tuple(sorted((s for s in self.servers if s.active),
@@ -172,13 +175,13 @@ class Config:
                 return server
         return None
 
-    @property
+    @cached_property
     def mass_server(self) -> Server | None:
         """The dedicated mass-mail server, when one is configured and active."""
         server = self.server_named(self.mass_mail.server)
         return server if server is not None and server.active else None
 
-    @property
+    @cached_property
     def alias_domains(self) -> tuple[str, ...]:
         """Every domain that holds our aliases: the alias domain first, then the aliases' own."""
         domains: list[str] = []
@@ -186,3 +189,13 @@ class Config:
             if domain and domain not in domains:
                 domains.append(domain)
         return tuple(domains)
+
+    @cached_property
+    def alias_domain_set(self) -> frozenset[str]:
+        """The alias domains, lower-cased, for membership tests."""
+        return frozenset(d.lower() for d in self.alias_domains)
+
+    @cached_property
+    def accepted_domain_set(self) -> frozenset[str]:
+        """The alias domains and the allowed alias domains: where the aliases live."""
+        return self.alias_domain_set | frozenset(d.lower() for d in self.allowed_alias_domains)

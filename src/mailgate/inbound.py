@@ -101,7 +101,7 @@ class InboundDecision:
 
 
 def _address_set(config: Config, local: str) -> set[str]:
-    return {f"{local}@{d}".lower() for d in config.alias_domains}
+    return {f"{local}@{d}" for d in config.alias_domain_set}
 
 
 def is_catchall(config: Config, address: str) -> bool:
@@ -111,7 +111,7 @@ def is_catchall(config: Config, address: str) -> bool:
 def bounce_token_of(config: Config, address: str) -> str | None:
     """The token of `bounce+TOKEN@alias-domain`, or None when the address is not one."""
     parts = split_tokenised(normalize(address), config.bounce_alias)
-    if parts and parts[1] in {d.lower() for d in config.alias_domains}:
+    if parts and parts[1] in config.alias_domain_set:
         return parts[0]
     return None
 
@@ -127,7 +127,7 @@ def alias_for_address(config: Config, address: str) -> Alias | None:
         if alias.address.lower() == address:
             return alias
     local, _, domain = address.rpartition("@")
-    if domain in {d.lower() for d in config.allowed_alias_domains}:
+    if domain in config.accepted_domain_set:
         for alias in config.aliases:
             if alias.incoming_local and alias.name == local:
                 return alias
@@ -261,7 +261,7 @@ def decide_inbound(config: Config, message: InboundMessage, *,
 
 def on_alias_domain(config: Config, address: str) -> bool:
     domain = normalize(address).rpartition("@")[2]
-    return domain in {d.lower() for d in (*config.alias_domains, *config.allowed_alias_domains)}
+    return domain in config.accepted_domain_set
 
 
 def recipient_verdict(config: Config, address: str, token_valid: Callable[[str], bool]) -> str:

@@ -64,7 +64,7 @@ def notification_address(config: Config) -> str | None:
 
 def is_alias_domain_address(config: Config, address: str | None) -> bool:
     domain = domain_of(address)
-    return bool(domain) and domain in {d.lower() for d in config.alias_domains}
+    return bool(domain) and domain in config.alias_domain_set
 
 
 def bounce_address(config: Config, envelope_sender: str | None) -> str | None:

@@ -27,7 +27,7 @@ def route_for_sender(config: Config, signer: TokenSigner, sender: str) -> Route:
     if sender.startswith("@") or "@" not in sender:
         return Route(None, "domain-key")
     tokenised = split_tokenised(sender, config.bounce_alias)
-    if tokenised and domain_of(sender) in {d.lower() for d in config.alias_domains}:
+    if tokenised and domain_of(sender) in config.alias_domain_set:
         token = signer.verify(tokenised[0])
         if token is not None:
             if token.server_tag == 0:

@@ -14,7 +14,7 @@ from mailgate.store.postgres import PostgresStore
 from mailgate.store.sqlite import SQLiteStore
 
 TABLES = ("messages", "inbound_messages", "inbound_routes", "bounces", "bounce_resets", "blacklist",
-          "quota_events", "deliveries", "log_positions")
+          "quota_counters", "deliveries", "log_positions")
 WITH_IDS = ("messages", "inbound_messages", "bounces", "blacklist", "deliveries")
 BATCH = 1000
 

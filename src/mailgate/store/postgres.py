@@ -22,7 +22,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from mailgate.logfmt import kv_line
-from mailgate.store.sql import SQLStore
+from mailgate.store.sql import QUOTA_COUNTERS, SQLStore
 
 # The same versions as the SQLite schema (mailgate.store.sqlite.MIGRATIONS), in PostgreSQL's DDL.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -59,6 +59,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
      "create index deliveries_server on deliveries (server, at)",
      """create table log_positions (path text primary key, inode bigint, "offset" bigint,
         updated_at double precision)"""),
+    (QUOTA_COUNTERS,
+     "insert into quota_counters (key, stream, minute, count) select key, stream, floor(at / 60)::bigint, count(*) "
+     "from quota_events group by 1, 2, 3",
+     "drop table quota_events"),
 )
 MIGRATION_LOCK = 7_357_001  # one gateway migrates at a time
 

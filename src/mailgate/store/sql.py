@@ -15,6 +15,10 @@ from typing import Any, Sequence
 from mailgate.store.records import BounceFact, BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord
 
 
+QUOTA_COUNTERS = ("create table quota_counters (key text not null, stream text not null, minute bigint not null, "
+                  "count integer not null, primary key (key, stream, minute))")
+
+
 class SQLStore:
     """The store's queries; subclasses implement `_execute`, `transaction` and the dialect."""
 
@@ -216,11 +220,18 @@ class SQLStore:
     # -- quota ----------------------------------------------------------------------------------------
 
     def quota_count(self, key: str, stream: str, since: float) -> int:
-        return self._scalar("select count(*) from quota_events where key = ? and stream = ? and at >= ?",
-                            [key, stream, since])
+        """Recipients taken since `since`, to the minute (the minute `since` falls in counts whole)."""
+        return self._scalar("select coalesce(sum(count), 0) from quota_counters where key = ? and stream = ? "
+                            "and minute >= ?", [key, stream, int(since // 60)])
 
     def quota_take(self, key: str, stream: str, at: float) -> None:
-        self._execute("insert into quota_events (key, stream, at) values (?, ?, ?)", [key, stream, at])
+        self._execute("insert into quota_counters (key, stream, minute, count) values (?, ?, ?, 1) "
+                      "on conflict (key, stream, minute) do update set count = quota_counters.count + 1",
+                      [key, stream, int(at // 60)])
 
     def purge_quota(self, before: float) -> int:
-        return self._execute("delete from quota_events where at < ?", [before]).rowcount
+        """Forget the minutes before `before`; returns how many recipients that was."""
+        minute = int(before // 60)
+        taken = self._scalar("select coalesce(sum(count), 0) from quota_counters where minute < ?", [minute])
+        self._execute("delete from quota_counters where minute < ?", [minute])
+        return taken

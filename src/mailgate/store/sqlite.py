@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import sqlite_utils
 
-from mailgate.store.sql import SQLStore
+from mailgate.store.sql import QUOTA_COUNTERS, SQLStore
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -77,8 +77,17 @@ def _v4(db: sqlite_utils.Database) -> None:
     db["log_positions"].create({"path": str, "inode": int, "offset": int, "updated_at": float}, pk="path")
 
 
+def _v5(db: sqlite_utils.Database) -> None:
+    """The quota counted in one row per key, stream and minute: a check reads at most 1,440
+    rows, however many recipients the day had (one row per recipient made it a scan)."""
+    db.execute(QUOTA_COUNTERS)
+    db.execute("insert into quota_counters (key, stream, minute, count) select key, stream, "
+               "cast(at / 60 as integer), count(*) from quota_events group by 1, 2, 3")
+    db["quota_events"].drop()
+
+
 # Each entry moves the schema one version up; `PRAGMA user_version` says where a file stands.
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5)
 
 
 class SQLiteStore(SQLStore):
