@@ -10,6 +10,7 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import socket
 from typing import Callable
 
 import Milter
@@ -21,6 +22,7 @@ from mailgate.milter.inbound import ROUTE_HEADER, process_inbound
 from mailgate.milter.outbound import process_outbound
 from mailgate.replies import SMTP
 from mailgate.runtime import Runtime
+from mailgate.sockets import parse_socket_spec
 
 # Headers a rule reads; the rest are never kept.
 READ_HEADERS = {"from", "sender", "reply-to", "message-id", "precedence", "list-unsubscribe",
@@ -170,6 +172,16 @@ class GatewayMilter(Milter.Base):
         self.facts = MessageFacts(listener=self.listener)
         return Milter.CONTINUE
 
+
+class TcpGatewayMilter(GatewayMilter):
+    """On `inet:` sockets DATA is answered: smtpd then reads a reply before it hands the
+    connection to cleanup, and that reply carries the ACK that Nagle's algorithm would otherwise
+    wait 40 ms for (bench/RESULTS.md, "the inet: stall"). On unix sockets there is no such wait,
+    so GatewayMilter skips DATA altogether."""
+
+    def data(self) -> int:
+        return Milter.CONTINUE
+
     def close(self) -> int:
         return Milter.CONTINUE
 
@@ -182,8 +194,9 @@ def serve_milter(runtime: Runtime, spec: str, *, group: str | None, timeout: int
     serving, the socket file is made 0660 and given the Postfix group, so that Postfix (and
     nobody else) can connect.
     """
+    tcp = parse_socket_spec(spec).family != "unix"
     GatewayMilter.runtime = runtime
-    Milter.factory = GatewayMilter
+    Milter.factory = TcpGatewayMilter if tcp else GatewayMilter
     Milter.set_flags(ACTION_FLAGS)
     milter = Milter.milter
     milter.set_connect_callback(Milter.connect_callback)
@@ -207,6 +220,8 @@ def serve_milter(runtime: Runtime, spec: str, *, group: str | None, timeout: int
     finally:
         os.umask(old_umask)
     _secure_socket(spec, group)
+    if tcp:
+        _no_delay(parse_socket_spec(spec).port)
     if on_ready:
         on_ready()
     logging.getLogger("mailgate").info(kv_line(None, event="listening", service="milter", socket=spec))
@@ -216,6 +231,27 @@ def serve_milter(runtime: Runtime, spec: str, *, group: str | None, timeout: int
         path = _socket_path(spec)
         if path and os.path.exists(path):
             os.unlink(path)
+
+
+def _no_delay(port: int) -> None:
+    """TCP_NODELAY on libmilter's listening socket, which Linux copies to every accepted
+    connection: libmilter writes each modification and the final reply separately, and without
+    it the reply waits for Postfix's delayed ACK (40 ms a message). libmilter does not expose the
+    descriptor, so it is found among this process's own."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    and sock.getsockname()[1] == port):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
 
 def _socket_path(spec: str) -> str | None:
