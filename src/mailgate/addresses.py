@@ -18,6 +18,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 # RFC 2047: white space between adjacent encoded words is not part of the text; the header
 # registry keeps it, so it is removed before parsing.
 _BETWEEN_WORDS = re.compile(r"(\?=)[ \t]+(?==\?)")
+# The header registry's address-list parser is quadratic on runs of empty elements (",,,,"): they
+# are folded into one, and a header longer than any real one is not parsed at all.
+_EMPTY_ELEMENTS = re.compile(r",(?:\s*,)+")
+MAX_ADDRESS_HEADER = 64 * 1024
 _QUOTE_SPECIALS = re.compile(r'([\\"])')
 _LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -37,6 +41,17 @@ class Mailbox:
     @property
     def domain(self) -> str:
         return self.address.rpartition("@")[2] if "@" in self.address else ""
+
+
+def clean_text(value: str) -> str:
+    """Text as the rules may use it: pymilter and the email package hand undecodable bytes on as
+    lone surrogates (errors='surrogateescape'), which nothing can encode later (not SQLite, not an
+    encoded word). They are read back as UTF-8, anything still invalid becoming U+FFFD."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def normalize(address: str | None) -> str:
@@ -102,18 +117,21 @@ def parse_mailboxes(value: str | None) -> list[Mailbox] | None:
     """
     if value is None:
         return []
-    value = _CONTROL.sub(" ", value).strip()
+    value = _CONTROL.sub(" ", clean_text(value)).strip()
+    if len(value) > MAX_ADDRESS_HEADER:
+        return None
+    value = _EMPTY_ELEMENTS.sub(",", value)
     if not value:
         return []
     try:
         header = _registry("from", _BETWEEN_WORDS.sub(r"\1", value))
-        boxes = [Mailbox(a.display_name or "", a.addr_spec) for a in header.addresses]
+        boxes = [Mailbox(clean_text(a.display_name or ""), clean_text(a.addr_spec)) for a in header.addresses]
         if all("@" in b.address and b.local_part and b.domain for b in boxes):
             return boxes
     except Exception:  # the registry raises many types on hostile input; the fallback decides
         pass
     pairs = getaddresses([value])
-    boxes = [Mailbox(decode_words(n), a) for n, a in pairs if a]
+    boxes = [Mailbox(clean_text(decode_words(n)), clean_text(a)) for n, a in pairs if a]
     if not boxes or not all("@" in b.address and b.local_part and b.domain for b in boxes):
         return None
     return boxes
@@ -125,7 +143,7 @@ def format_mailbox(name: str, address: str) -> str:
     A non-ASCII name becomes UTF-8 base64 encoded words (an encoded word may not stand inside
     a quoted string); control characters are dropped so a name can never inject a header line.
     """
-    name = _CONTROL.sub(" ", name).strip()
+    name = _CONTROL.sub(" ", clean_text(name)).strip()
     address = to_wire(address)
     if not name:
         return address

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Callable, Iterable
 
-from mailgate.addresses import normalize, parse_mailboxes
+from mailgate.addresses import clean_text, normalize, parse_mailboxes
 from mailgate.config import Alias, Config
 from mailgate.replies import SMTP
 from mailgate.tokens import split_tokenised
@@ -145,9 +145,12 @@ def is_delivery_report(message: InboundMessage) -> bool:
     if not value:
         return False
     holder = Message()
-    holder["Content-Type"] = value
-    return (holder.get_content_type() == "multipart/report"
-            and str(holder.get_param("report-type", "")).lower() == "delivery-status")
+    holder["Content-Type"] = clean_text(value)
+    try:
+        return (holder.get_content_type() == "multipart/report"
+                and str(holder.get_param("report-type", "")).lower() == "delivery-status")
+    except (UnicodeError, ValueError):
+        return False
 
 
 def find_routes(config: Config, message: InboundMessage,

@@ -15,6 +15,7 @@ from typing import Callable
 
 import Milter
 
+from mailgate.addresses import clean_text
 from mailgate.inbound import takes_inbound_role
 from mailgate.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
@@ -57,12 +58,12 @@ class GatewayMilter(Milter.Base):
     @Milter.noreply
     def envfrom(self, sender: str, *params: str) -> int:
         self.facts = MessageFacts(listener=self.listener, sasl_user=self.getsymval("{auth_authen}") or None,
-                                  envelope_sender=_strip_brackets(sender))
+                                  envelope_sender=clean_text(_strip_brackets(sender)))
         return Milter.CONTINUE
 
     @Milter.noreply
     def envrcpt(self, recipient: str, *params: str) -> int:
-        self.facts.recipients.append(_strip_brackets(recipient))
+        self.facts.recipients.append(clean_text(_strip_brackets(recipient)))
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -72,9 +73,9 @@ class GatewayMilter(Milter.Base):
             facts.inbound = takes_inbound_role(self.runtime.config, facts.listener, facts.envelope_sender,
                                                facts.recipients)
         if facts.inbound:
-            facts.all_headers.append((name, value))
+            facts.all_headers.append((name, value))  # raw for the report parser (re-encoded as it came)
         if name.lower() in READ_HEADERS:
-            facts.headers.append((name, value))
+            facts.headers.append((name, clean_text(value)))
         return Milter.CONTINUE
 
     @Milter.nocallback

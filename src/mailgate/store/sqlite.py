@@ -107,9 +107,13 @@ class SQLiteStore(SQLStore):
             if self.read_only:
                 conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
                                        check_same_thread=False)
+            elif self.path == ":memory:":
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             else:
-                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                       check_same_thread=False)
+                # mode=rwc: SQLite must fail rather than fall back to a read-only connection that
+                # would then refuse every write until a restart.
+                conn = sqlite3.connect(f"file:{self.path}?mode=rwc", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                       isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -129,20 +133,47 @@ class SQLiteStore(SQLStore):
         return self._db().execute("PRAGMA user_version").fetchone()[0]
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return self._db().conn.execute(sql, params)
+        try:
+            return self._db().conn.execute(sql, params)
+        except sqlite3.OperationalError:
+            if not self._in_transaction():
+                self._drop_connection()
+            raise
+
+    def _in_transaction(self) -> bool:
+        db = getattr(self._local, "db", None)
+        return db is not None and db.conn.in_transaction
+
+    def _drop_connection(self) -> None:
+        """After a failure (read-only or full file system, a lost file) this thread opens a new
+        connection at its next call: an old one can stay unusable after the cause is gone."""
+        db = getattr(self._local, "db", None)
+        self._local.db = None
+        if db is not None:
+            try:
+                db.conn.close()
+            except sqlite3.Error:
+                pass
 
     @contextmanager
     def transaction(self, *lock_keys: str) -> Iterator[None]:
         """One writer at a time (BEGIN IMMEDIATE): a count and the row it leads to are atomic.
         SQLite's write lock covers the whole file, so the lock keys need no lock of their own."""
         conn = self._db().conn
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            self._drop_connection()
+            raise
         try:
             yield
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                self._drop_connection()
             raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
