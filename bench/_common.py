@@ -150,6 +150,7 @@ class Serve:
 
     config_path: Path
     wrapper_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
     @property
@@ -166,7 +167,7 @@ class Serve:
             argv = [PYTHON, "-m", "mailgate", "serve", "--config", str(self.config_path)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         specs = [parse_socket_spec(s) for s in (config.listen.milter, config.listen.lookup, config.listen.policy)]
         deadline = time.monotonic() + 30
         while not all(socket_is_listening(spec) for spec in specs):
@@ -233,38 +234,6 @@ class LogFollower:
         lines = data.split(b"\n")
         self._partial = lines.pop()
         return [line.decode(errors="replace") for line in lines]
-
-
-def wait_delivered(follower: LogFollower, recipient: str, count: int, timeout: float,
-                   poll: float = 0.02) -> tuple[float, int, int, list[str]]:
-    """Poll the log until `count` deliveries to `recipient` logged status=sent.
-
-    Returns (monotonic time the last one was seen, sent, failed, sample failure lines). The
-    time is precise to `poll` (the log's own time stamps have whole seconds only).
-    """
-    sent_re = re.compile(rf"to=<{re.escape(recipient)}>,.* status=sent ")
-    fail_re = re.compile(rf"(to=<{re.escape(recipient)}>,.* status=(deferred|bounced))|milter-reject|reject:")
-    sent = failed = 0
-    samples: list[str] = []
-    last = time.monotonic()
-    deadline = last + timeout
-    while sent < count:
-        lines = follower.new_lines()
-        now = time.monotonic()
-        for line in lines:
-            if sent_re.search(line):
-                sent += 1
-                last = now
-            elif fail_re.search(line):
-                failed += 1
-                if len(samples) < 3:
-                    samples.append(line)
-        if sent >= count:
-            break
-        if now > deadline:
-            break
-        time.sleep(poll)
-    return last, sent, failed, samples
 
 
 def smtp_source(port: int, count: int, recipient: str, output: Path, *, sessions: int = 10, size: int = 2000,

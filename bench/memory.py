@@ -29,7 +29,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -54,34 +53,52 @@ def db_bytes(path: Path) -> dict[str, int]:
 
 
 def send_and_wait(pf: PrivatePostfix, base: Path, count: int, recipient: str, sessions: int,
-                  on_tick=None) -> tuple[int, float]:
-    """smtp-source `count` messages; wait for every status=sent. Returns (sent, seconds)."""
+                  on_tick=None) -> tuple[int, float, int]:
+    """smtp-source `count` messages; wait for every status=sent. Returns (sent, seconds, tempfails).
+
+    smtp-source gives up at the first 4xx reply, and mailgate answers 451 when it cannot record a
+    message (as designed: the client retries). So when smtp-source stops early, the queue is
+    drained and the missing messages are sent again; the 451s are counted and reported.
+    """
     follower = LogFollower(pf.maillog)
     pattern = re.compile(rf"to=<{re.escape(recipient)}>,.* status=sent ")
+    tempfail = re.compile(r"milter-reject: END-OF-MESSAGE .*: 4\.\d\.\d")
     start = time.monotonic()
     source = smtp_source(pf.port("submission"), count, recipient, base / "source.out", sessions=sessions)
-    sent = 0
+    sent = tempfails = restarts = 0
     last_tick = start
     deadline = start + 120 + count / 20
     while sent < count and time.monotonic() < deadline:
         for line in follower.new_lines():
             if pattern.search(line):
                 sent += 1
+            elif tempfail.search(line):
+                tempfails += 1
         now = time.monotonic()
         if on_tick and now - last_tick >= 1.0:
             on_tick(sent)
             last_tick = now
+        if source.poll() is not None and sent < count and not pf.queue_files() and restarts < 20:
+            time.sleep(0.5)
+            for line in follower.new_lines():
+                sent += bool(pattern.search(line))
+            if sent < count:
+                restarts += 1
+                print(f"  smtp-source stopped after a 4xx ({tempfails} so far); sending the missing "
+                      f"{count - sent}", flush=True)
+                source = smtp_source(pf.port("submission"), count - sent, recipient, base / "source.out",
+                                     sessions=sessions)
         if sent < count:
             time.sleep(0.05)
     source.wait(60)
-    return sent, time.monotonic() - start
+    return sent, time.monotonic() - start, tempfails
 
 
-def live_part(base: Path, warmup: int, count: int) -> dict:
+def live_part(base: Path, warmup: int, count: int, env: dict[str, str], wrapper: list[str]) -> dict:
     sink = SmtpSink(base).start()
     config_path = bench_config(base, "mem", sink.port)
     config = load_config(config_path).config
-    serve = Serve(config_path)
+    serve = Serve(config_path, wrapper, env)
     pf = None
     try:
         serve.start()
@@ -97,7 +114,7 @@ def live_part(base: Path, warmup: int, count: int) -> dict:
         db_idle = db_bytes(database)
         print(f"idle: RSS {idle} KiB; database {db_idle}", flush=True)
 
-        sent, seconds = send_and_wait(pf, base, warmup, "warmup@customer.example", 20)
+        sent, seconds, tempfails_warm = send_and_wait(pf, base, warmup, "warmup@customer.example", 20)
         if sent < warmup:
             raise RuntimeError(f"warm-up: only {sent}/{warmup} delivered\n{pf.log_tail()}")
         time.sleep(1)
@@ -113,7 +130,7 @@ def live_part(base: Path, warmup: int, count: int) -> dict:
             if len(samples) % 30 == 0:
                 print(f"  {done} delivered, RSS {samples[-1][1]} KiB", flush=True)
 
-        sent, seconds = send_and_wait(pf, base, count, "load@customer.example", 20, tick)
+        sent, seconds, tempfails = send_and_wait(pf, base, count, "load@customer.example", 20, tick)
         if sent < count:
             raise RuntimeError(f"main batch: only {sent}/{count} delivered\n{pf.log_tail()}")
         time.sleep(2)
@@ -123,6 +140,7 @@ def live_part(base: Path, warmup: int, count: int) -> dict:
         print(f"after {count} more messages ({sent / seconds:.0f} msgs/s): RSS {after} KiB (peak {peak}); "
               f"database {db_after}", flush=True)
         threads = len(os.listdir(f"/proc/{serve.pid}/task"))
+        errors = [line for line in serve.log_path.read_text(errors="replace").splitlines() if "role=error" in line]
     finally:
         if pf is not None:
             pf.stop()
@@ -132,13 +150,14 @@ def live_part(base: Path, warmup: int, count: int) -> dict:
     conn = sqlite3.connect(database)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     messages = conn.execute("select count(*) from messages").fetchone()[0]
-    quota = conn.execute("select count(*) from quota_events").fetchone()[0]
+    quota = conn.execute("select count(*) from quota_counters").fetchone()[0]
     conn.close()
     main_after = db_bytes(database)["main"]
     return {"idle": idle, "warm": warm, "after": after, "peak": peak, "threads": threads,
             "db_warm": sum(db_warm.values()), "db_after": sum(db_after.values()), "db_main_checkpointed": main_after,
             "db_main_warm": db_warm["main"], "messages_rows": messages, "quota_rows": quota,
-            "count": count, "warmup": warmup, "rate": sent / seconds, "samples": samples}
+            "count": count, "warmup": warmup, "rate": sent / seconds, "samples": samples,
+            "tempfails": tempfails_warm + tempfails, "errors": errors}
 
 
 # -- part 2: operator views against many rows ------------------------------------------------------
@@ -270,10 +289,13 @@ def stats_part(base: Path, levels: list[int], repeat: int) -> list[dict]:
         row["delivery_7d_ms"] = time_call(lambda: store.delivery_stats(since_week), repeat) * 1000
         if stats_cli:
             row["stats_cli_s"], _ = time_cli(["stats", "--config", str(config_path)], repeat)
+            row["stats_cli_7d_s"], _ = time_cli(["stats", "--config", str(config_path), "--since", "7d"], repeat)
+            row["stats_prom_s"], _ = time_cli(["stats", "--config", str(config_path), "--prometheus"], repeat)
         row["plans"] = {}
         for name, call in (("bounce_stats(all)", lambda: store.bounce_stats(0.0)),
                            ("bounce_stats(7d)", lambda: store.bounce_stats(since_week)),
-                           ("delivery_stats(all)", lambda: store.delivery_stats(0.0))):
+                           ("delivery_stats(all)", lambda: store.delivery_stats(0.0)),
+                           ("delivery_totals", lambda: store.delivery_totals())):
             for number, sql in enumerate(capture.capture(call), start=1):
                 row["plans"][f"{name} #{number}"] = (" ".join(sql.split())[:110], plan(conn, sql))
         results.append(row)
@@ -281,7 +303,8 @@ def stats_part(base: Path, levels: list[int], repeat: int) -> list[dict]:
               f"bounces list CLI {row['cli_list_s']:.3f}s, store.bounce_stats {row['store_all_ms']:.1f} ms "
               f"(7d {row['store_7d_ms']:.1f} ms), store.delivery_stats {row['delivery_all_ms']:.1f} ms "
               f"(7d {row['delivery_7d_ms']:.1f} ms)"
-              + (f", `mailgate stats` {row['stats_cli_s']:.3f}s" if stats_cli else ""), flush=True)
+              + (f", `mailgate stats` {row['stats_cli_s']:.3f}s (7d {row['stats_cli_7d_s']:.3f}s, --prometheus "
+                 f"{row['stats_prom_s']:.3f}s)" if stats_cli else ""), flush=True)
     conn.close()
     store.close()
     capture.restore()
@@ -294,6 +317,11 @@ def main() -> int:
     parser.add_argument("--messages", type=int, help="messages in the main batch (full: 100000)")
     parser.add_argument("--rows", help="row counts for the stats part, comma separated")
     parser.add_argument("--skip-live", action="store_true", help="only the stats part")
+    parser.add_argument("--skip-stats", action="store_true", help="only the live part")
+    parser.add_argument("--malloc-arena-max", type=int, help="run mailgate serve with MALLOC_ARENA_MAX=N (experiment)")
+    parser.add_argument("--traceback", action="store_true", help="log internal errors' tracebacks (bench/_serve.py)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="trace Python allocations in mailgate serve; print what grew (slows it down)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     count = args.messages or (2_000 if args.quick else 100_000)
@@ -308,9 +336,15 @@ def main() -> int:
     live = None
     stats: list[dict] = []
     try:
+        env = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
+        wrapper = ["--traceback"] if args.traceback else []
+        wrapper += ["--tracemalloc", str(base / "tracemalloc.txt")] if args.tracemalloc else []
         if not args.skip_live:
-            live = live_part(base, warmup, count)
-        stats = stats_part(base, levels, repeat)
+            live = live_part(base, warmup, count, env, wrapper)
+            if args.tracemalloc and (base / "tracemalloc.txt").exists():
+                print((base / "tracemalloc.txt").read_text(), flush=True)
+        if not args.skip_stats:
+            stats = stats_part(base, levels, repeat)
     except Exception as exc:
         broken = True
         print(f"BROKEN: {type(exc).__name__}: {exc}", flush=True)
@@ -321,6 +355,8 @@ def main() -> int:
         growth_idle = live["after"] / live["idle"] - 1
         growth_warm = live["after"] / live["warm"] - 1
         per_100k = (live["db_main_checkpointed"] - live["db_main_warm"]) / live["count"] * 100_000
+        if args.malloc_arena_max or args.tracemalloc:
+            print(f"# experiment: MALLOC_ARENA_MAX={args.malloc_arena_max or '-'} tracemalloc={args.tracemalloc}")
         print(f"RESULT rss_kib idle={live['idle']} after_{live['warmup']}={live['warm']} "
               f"after_{live['count']}_more={live['after']} peak={live['peak']} threads={live['threads']}")
         print(f"RESULT rss_growth vs_idle={growth_idle:+.1%} vs_warm={growth_warm:+.1%} "
@@ -328,6 +364,13 @@ def main() -> int:
         print(f"RESULT sqlite bytes_per_100k_messages={per_100k / 1e6:.1f}MB (main file after checkpoint; "
               f"{live['messages_rows']} message rows, {live['quota_rows']} quota rows; "
               f"main+wal+shm during the run {live['db_after'] / 1e6:.1f}MB)")
+        print(f"RESULT milter_tempfails={live['tempfails']} (451 answered because of an internal error; "
+              f"{len(live['errors'])} role=error lines" + (f", e.g. {live['errors'][0][:160]!r}" if live["errors"] else "")
+              + ")")
+        if args.traceback:
+            log = (base / "mem.log").read_text(errors="replace")
+            for found in re.finditer(r"traceback\nTraceback.*?\n(?=mailgate\[)", log, re.S):
+                print(found.group(0)[-1500:])
         met = growth_idle <= TARGET_RSS_GROWTH
         missed |= not met
         print(f"TARGET rss growth <= {TARGET_RSS_GROWTH:.0%} after {live['count']} messages: "
@@ -337,7 +380,8 @@ def main() -> int:
         print(f"RESULT stats rows={row['rows']}: `bounces stats` {row['cli_all_s']:.3f}s (--since 7d "
               f"{row['cli_7d_s']:.3f}s); store.bounce_stats {row['store_all_ms']:.1f}ms (7d {row['store_7d_ms']:.1f}ms); "
               f"store.delivery_stats {row['delivery_all_ms']:.1f}ms (7d {row['delivery_7d_ms']:.1f}ms)"
-              + (f"; `mailgate stats` {row['stats_cli_s']:.3f}s" if "stats_cli_s" in row else "; `mailgate stats`: absent"))
+              + (f"; `mailgate stats` {row['stats_cli_s']:.3f}s (--since 7d {row['stats_cli_7d_s']:.3f}s, --prometheus "
+                 f"{row['stats_prom_s']:.3f}s)" if "stats_cli_s" in row else "; `mailgate stats`: absent"))
     if stats:
         for name, (sql, query_plan) in stats[-1]["plans"].items():
             print(f"PLAN {name}: {query_plan}   <- {sql}")

@@ -18,6 +18,7 @@ import io
 import pstats
 import shutil
 import sys
+import threading
 import time
 
 from _common import bench_config, machine
@@ -33,6 +34,7 @@ from mailgate.policy.policyd import PolicyRequest, parse_request
 from mailgate.policy.recipients import GatewayPolicy
 from mailgate.routing import route_for_sender
 from mailgate.runtime import Runtime
+from mailgate.store import OutboundRecord
 
 
 def per_call(fn, n: int) -> float:
@@ -51,7 +53,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print a cProfile breakdown of each path")
     args = parser.parse_args()
-    n = 500 if args.quick else 5000
+    n = 300 if args.quick else 3000
     info = machine()
     print(f"# micro: {n} calls x best of 3; python={info['python']} cpu={info['cpu']!r}")
     base = make_basedir("mgu")
@@ -74,6 +76,16 @@ def main() -> int:
                                 headers=[("From", "<odoo@mycompany.com>"), ("To", f"<r{i}@customer.example>"),
                                          ("Message-Id", f"<{i:04x}.0001.0001@mailgate-lab>")])
 
+        record = OutboundRecord(queue_id="Q", message_id="<m@x>", envelope_from_original="odoo@mycompany.com",
+                                envelope_from="bounce@mycompany.com", header_from_before="<odoo@mycompany.com>",
+                                header_from_after="<odoo@mycompany.com>", server="transactional", mass=False,
+                                listener="ORIGINATING", sasl_user=None, created_at=now)
+
+        def in_thread(work) -> None:
+            thread = threading.Thread(target=work)
+            thread.start()
+            thread.join()
+
         cases = [
             ("lookup transport <token>", lambda i: lookup("transport", tokens[i % 1000])),
             ("lookup transport <plain>", lambda i: lookup("transport", plain[i % 1000])),
@@ -90,6 +102,10 @@ def main() -> int:
                                                                                     "odoo@mycompany.com", False))),
             ("  parse_mailboxes", lambda i: parse_mailboxes("<odoo@mycompany.com>")),
             ("  parse_mailboxes (display name)", lambda i: parse_mailboxes('"Admin" <admin@example.com>')),
+            ("store.record_outbound (kept connection)", lambda i: runtime.store.record_outbound(record)),
+            ("thread start+join (libmilter: one per connection)", lambda i: in_thread(lambda: None)),
+            ("record_outbound in a new thread (new connection)", lambda i: in_thread(
+                lambda: runtime.store.record_outbound(record))),
         ]
         results = []
         for name, fn in cases:

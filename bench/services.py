@@ -187,13 +187,15 @@ def drive(path: str, protocol: str, requests: list[bytes], clients: int, seconds
 
 
 def preload_quota(database: Path, domain: str, rows: int, now: float) -> None:
-    """Quota events for one key spread over the last 23 hours (inside the 24 h window)."""
+    """`rows` recipients taken by one key, spread over the last 23 hours (inside the 24 h window),
+    in the store's per-minute counters."""
     conn = sqlite3.connect(database, timeout=30)
     key = f"domain:{domain}"
     step = 23 * 3600 / max(rows, 1)
     with conn:
-        conn.executemany("insert into quota_events (key, stream, at) values (?, 'transactional', ?)",
-                         ((key, now - 23 * 3600 + i * step) for i in range(rows)))
+        conn.executemany("insert into quota_counters (key, stream, minute, count) values (?, 'transactional', ?, 1) "
+                         "on conflict (key, stream, minute) do update set count = quota_counters.count + 1",
+                         ((key, int((now - 23 * 3600 + i * step) // 60)) for i in range(rows)))
     conn.close()
 
 

@@ -21,6 +21,9 @@ Configurations:
   g  f with TCP_NODELAY on the milter   }  and the proposed fix applied to the milter's socket
   h  e with TCP_NODELAY on mailgate's milter socket (the proposed src/ fix, patched in by
      bench/_serve.py so that it can be measured before it is applied)
+  i  h and the DATA event answered by the milter: both halves of the inet: fix (bench/inet_stall.py)
+  j  c with the proposed CPU fixes patched in (bench/_serve.py --fast): memoised From parsing,
+     SQLite connections reused across libmilter's threads
 
     bench/throughput.py [--quick] [--messages N] [--rounds R] [--modes abc…]
 
@@ -58,6 +61,8 @@ LABELS = {
     "f": "trivial pymilter milter on inet:",
     "g": "trivial milter inet: + TCP_NODELAY",
     "h": "mailgate milter inet: + TCP_NODELAY",
+    "i": "mailgate inet: + NODELAY + DATA reply",
+    "j": "full path + proposed CPU fixes",
 }
 
 
@@ -85,8 +90,13 @@ class Bench:
             configs["inet"] = bench_config(base, "gwi", port, milter=f"inet:{free_port()}@127.0.0.1")
         if "h" in modes:
             configs["nodelay"] = bench_config(base, "gwn", port, milter=f"inet:{free_port()}@127.0.0.1")
+        if "i" in modes:
+            configs["inetfix"] = bench_config(base, "gwd", port, milter=f"inet:{free_port()}@127.0.0.1")
+        if "j" in modes:
+            configs["fast"] = bench_config(base, "gwf", port)
+        wrappers = {"nodelay": ["--nodelay"], "inetfix": ["--nodelay", "--data-reply"], "fast": ["--fast"]}
         for name, path in configs.items():
-            wrapper = ["--nodelay"] if name == "nodelay" else []
+            wrapper = wrappers.get(name, [])
             if self.count_lookups:
                 wrapper = ["--count-lookups", str(base / f"lookups-{name}.txt"), *wrapper]
             self.serves[name] = Serve(path, wrapper).start()
@@ -126,10 +136,12 @@ class Bench:
             "f": lambda: trivial_milter("f"),
             "g": lambda: trivial_milter("g"),
             "h": lambda: gateway("nodelay", policy=False),
+            "i": lambda: gateway("inetfix", policy=False),
+            "j": lambda: gateway("fast", policy=True),
         }
         self.settings = {mode: all_settings[mode]() for mode in modes}
         self.serve_of = {"a": None, "b": "unix", "c": "unix", "d": None, "e": "inet", "f": None, "g": None,
-                         "h": "nodelay"}
+                         "h": "nodelay", "i": "inetfix", "j": "fast"}
 
         self.pf = PrivatePostfix(base / "pf", listeners={"submission": {
             "milter_macro_daemon_name": SUBMISSION_ROLE,
@@ -238,7 +250,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="CI: 200 messages, one round, no targets")
     parser.add_argument("--messages", type=int, help="messages per configuration and round (full: 2000)")
     parser.add_argument("--rounds", type=int, help="rounds (full: 3)")
-    parser.add_argument("--modes", default="abcdefgh", help="configurations to run, baseline first (default: all)")
+    parser.add_argument("--modes", default="abcdefghij", help="configurations to run, baseline first (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--profile-flags", default="--gil",
                         help="py-spy record flags (default --gil; e.g. '--native --threads' for C frames)")

@@ -170,6 +170,36 @@ def uid() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def delivery_report(token: str, failed: str, domain: str = "mycompany.com") -> tuple[bytes, str]:
+    """A plain RFC 3464 report about `failed`, addressed to the tokenised bounce address."""
+    msgid = f"<{uuid.uuid4().hex}@remote.example>"
+    text = "\r\n".join([
+        "From: MAILER-DAEMON@remote.example",
+        f"To: bounce+{token}@{domain}",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Message-ID: {msgid}",
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"',
+        "",
+        "--B",
+        "Content-Type: text/plain",
+        "",
+        "It bounced.",
+        "--B",
+        "Content-Type: message/delivery-status",
+        "",
+        "Reporting-MTA: dns; remote.example",
+        "",
+        f"Final-Recipient: rfc822; {failed}",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1 user unknown",
+        "",
+        "--B--",
+        ""])
+    return text.encode(), msgid
+
+
 def make_message(header_from: str, to: list[str] | str, msgid: str | None = None, subject: str = "fault lab",
                  **headers: str) -> tuple[bytes, str]:
     msg = EmailMessage()

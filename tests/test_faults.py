@@ -13,6 +13,7 @@ tests skip and say why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -23,16 +24,18 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from unittest import mock
 
 import pytest
 
 from faultlab import (ACCEPTED, PERMANENT, TEMPORARY, Ledger, Sent, assert_nothing_lost, db_rows,
-                      delivered_copies, gateway, make_message, mailgate_alive, remount, send, settle,
-                      socket_mode, store_path, submit_until_accepted, tmpfs_mount_support, uid, wait_until)
+                      delivered_copies, delivery_report, gateway, make_message, mailgate_alive, remount, send,
+                      settle, socket_mode, store_path, submit_until_accepted, tmpfs_mount_support, uid,
+                      wait_until)
 from mailgate.lab import sinks as sinks_module
 from mailgate.lab.gateway import LabGateway
+from mailgate.sockets import parse_socket_spec, socket_is_listening
+from mailgate.tokens import TokenSigner, split_tokenised
 
 MOUNT_OK, MOUNT_WHY = tmpfs_mount_support()
 needs_mount = pytest.mark.skipif(not MOUNT_OK, reason=f"needs a tmpfs for the store directory: {MOUNT_WHY}")
@@ -55,8 +58,8 @@ def gw():
 
 @pytest.fixture(autouse=True)
 def healthy_gateway(gw: LabGateway):
-    """Each test starts and ends with a running mailgate on the good configuration, every sink
-    up and the queue empty, whatever the previous test broke."""
+    """Each test starts and ends with a serving mailgate on the good configuration and every sink
+    up, whatever the previous test broke."""
     _restore(gw)
     yield
     _restore(gw)
@@ -65,6 +68,9 @@ def healthy_gateway(gw: LabGateway):
 def _restore(gw: LabGateway) -> None:
     if gw.config_path.read_text() != gw.good_config:
         gw.config_path.write_text(gw.good_config)
+    if mailgate_alive(gw) and not all(socket_is_listening(parse_socket_spec(f"unix:{gw.base}/{name}.sock"))
+                                      for name in ("milter", "lookup", "policy")):
+        gw.stop_mailgate()          # alive but not serving (e.g. stuck on its way out)
     if not mailgate_alive(gw):
         gw.process = None
         gw.start_mailgate()
@@ -140,7 +146,7 @@ def accepted_count(ledger: Ledger) -> int:
     return sum(s.accepted for s in ledger.all())
 
 
-def retry_all(gw: LabGateway, ledger: Ledger, seconds: float = 60) -> None:
+def retry_all(gw: LabGateway, ledger: Ledger, seconds: float = 30) -> None:
     """What the clients do after a fault: send again every message that was not accepted."""
     deadline = time.monotonic() + seconds
     for sent in ledger.all():
@@ -156,10 +162,14 @@ def integrity(gw: LabGateway) -> str:
         conn.close()
 
 
-def finish(gw: LabGateway, ledger: Ledger) -> dict[str, int]:
-    """Recovery and the rule: everything accepted is delivered exactly once, the queue is empty."""
+def finish(gw: LabGateway, ledger: Ledger, *, all_accepted: bool = True) -> dict[str, int]:
+    """Recovery and the rule: everything accepted is delivered exactly once, the queue is empty;
+    with `all_accepted`, the clients' retries got every message accepted in the end."""
     settle(gw, ledger)
     summary = assert_nothing_lost(gw, ledger)
+    if all_accepted:
+        refused = [f"{s.listener}: {[str(r) for r in s.replies][-2:]}" for s in ledger.all() if not s.accepted]
+        assert not refused, f"{len(refused)} messages never accepted after recovery: {refused[:3]}"
     assert gw.pf.queue_files() == [], f"left in the queue: {gw.pf.queue_files()}"
     return summary
 
@@ -292,55 +302,143 @@ def test_store_deleted_while_running_never_accepts_and_loses(gw, what):
     assert integrity(gw) == "ok"
 
 
+def _fresh_store(gw: LabGateway) -> None:
+    """Stop mailgate, remove its store (as a lost disk or an operator's `rm` would), start again."""
+    assert gw.stop_mailgate() == 0
+    for name in ("mailgate.sqlite3", "mailgate.sqlite3-wal", "mailgate.sqlite3-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (store_path(gw).parent / name).unlink()
+    gw.start_mailgate()
+
+
+def _send_with_odoo_bounce(gw: LabGateway, odoo_bounce: str) -> tuple[str, int]:
+    """One outbound message with Odoo's own bounce address; (its token on the wire, its row id)."""
+    to = f"r{uid()}@customer.example"
+    data, msgid = make_message('"Sales" <sales@mycompany.com>', to)
+    reply = send(gw.pf.port("submission"), odoo_bounce, [to], data)
+    assert reply.outcome == ACCEPTED, str(reply)
+    got = wait_until(lambda: [m for m in gw.sinks["transactional"].messages if m.parsed["Message-ID"] == msgid],
+                     30, what="delivery")[0]
+    token = split_tokenised(got.mail_from, "bounce")[0]
+    parsed = TokenSigner((gw.base / "secret").read_bytes().strip()).verify(token)
+    assert parsed is not None
+    return token, parsed.row_id
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a bounce token outlives the store it names: after the store is lost and re-created (file deleted, "
+    "restored from an old backup, a fresh PostgreSQL), row ids start again at 1, and a late report on a token "
+    "of the old store (byte for byte the token of the new message with the same row id, server and day) is "
+    "matched to whichever new message now has that row id: recorded against the wrong "
+    "message/server and handed to that message's Odoo bounce address (Odoo marks the wrong mail as bounced). "
+    "Cause: the token carries only the row id (mailgate/tokens.py TokenSigner.make) and "
+    "mailgate/milter/bounce.py process_bounce() trusts store.outbound_message(token.row_id) without checking "
+    "that the row is the one the token was issued for. Fix: put a per-store random id (made with the schema) "
+    "into the MAC'd payload, or at least check the row's created_at day against token.issued_day"))
+def test_token_of_a_lost_store_never_matches_a_new_message(gw):
+    _fresh_store(gw)
+    token_a, row_a = _send_with_odoo_bounce(gw, f"bounce+{uid()}-mail.mail-1@mycompany.com")
+    _fresh_store(gw)                       # the store is lost; mail goes on
+    odoo_b = f"bounce+{uid()}-mail.mail-2@mycompany.com"
+    token_b, row_b = _send_with_odoo_bounce(gw, odoo_b)
+    assert row_a == row_b == 1   # (today the two tokens are even identical: same row, server and day)
+    failed = f"gone{uid()}@customer.example"
+    report, report_id = delivery_report(token_a, failed)   # a late report on the first message
+    reply = send(gw.pf.port("inbound"), "", [f"bounce+{token_a}@mycompany.com"], report)
+    assert reply.outcome in (ACCEPTED, PERMANENT), str(reply)
+    if reply.outcome == ACCEPTED:
+        [row] = wait_until(lambda: db_rows(gw, "select message, matched from bounces where recipient = ?", failed),
+                           30, what="the bounce row")
+        time.sleep(1)
+        handed = [c for c in gw.odoo.calls if report_id.encode() in c.message]
+        assert row["message"] != row_b, "the report on the old message was recorded against the new one"
+        assert not any(f"Delivered-To: {odoo_b}".encode() in c.message for c in handed), \
+            "the report on the old message was handed to the new message's Odoo bounce address"
+
+
 # --------------------------------------------------------------------------------------------
 # Read-only store
 
 
+class ReadOnlyStore:
+    """A read-only bind mount over the store's directory (root ignores file modes, so chmod 0444
+    proves nothing here); `umount -l` ends it even while files opened through it are open."""
+
+    def __init__(self, gw: LabGateway):
+        self.state = store_path(gw).parent
+
+    def __enter__(self) -> "ReadOnlyStore":
+        subprocess.run(["mount", "--bind", str(self.state), str(self.state)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(self.state)], check=True, capture_output=True)
+        with pytest.raises(OSError):
+            (self.state / "probe").write_text("x")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["umount", "-l", str(self.state)], capture_output=True)
+
+
 @needs_mount
 def test_read_only_store_while_running_tempfails_and_recovers(gw):
-    """A read-only bind mount over the store's directory (root ignores file modes, so chmod 0444
-    proves nothing here): connections already open keep working, each new session cannot write
-    and the mail is refused with 451; once the mount is gone mail flows again without a restart."""
+    """Connections already open keep working; each new session cannot write and its mail is refused
+    with 4xx; once the file system is writable again mail flows, without a restart."""
     ledger = Ledger()
-    state = store_path(gw).parent
-    subprocess.run(["mount", "--bind", str(state), str(state)], check=True, capture_output=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(state)], check=True, capture_output=True)
-        with pytest.raises(OSError):
-            (state / "probe").write_text("x")
+    warm = plan(3)                  # every path has its connection open before the fault
+    Traffic(gw, ledger, warm, retry=False).start().join()
+    assert all(s.accepted for s in warm)
+    with ReadOnlyStore(gw):
         during = plan(6)
         Traffic(gw, ledger, during, retry=False).start().join()
         assert {s.last.outcome for s in during} <= {ACCEPTED, TEMPORARY}, [str(s.last) for s in during]
         assert any(s.last.outcome == TEMPORARY for s in during)
         assert mailgate_alive(gw)
-    finally:
-        subprocess.run(["umount", "-l", str(state)], capture_output=True)
-    retry_all(gw, ledger)
+    retry_all(gw, ledger, seconds=20)
     finish(gw, ledger)
 
 
 @needs_mount
+def test_policy_service_recovers_from_a_read_only_store(gw):
+    """The policy service answers every request from one thread: a connection it first opened while
+    the store was read-only must not stay read-only (found here: quota'd mail was deferred for ever
+    until a restart; fixed in f1219f0, connections opened mode=rwc and dropped after failures)."""
+    ledger = Ledger()
+    assert gw.stop_mailgate() == 0          # a fresh process: the policy service has no connection yet
+    gw.start_mailgate()
+    with ReadOnlyStore(gw):
+        during = plan(1, kinds=KINDS[1:2])  # the mass listener: the quota, in the policy service
+        Traffic(gw, ledger, during, retry=False).start().join()
+        assert during[0].last.outcome == TEMPORARY and during[0].last.stage == "rcpt", str(during[0].last)
+    after = plan(2, kinds=KINDS[1:2])
+    Traffic(gw, ledger, after, workers=2, seconds=10).start().join()   # clients retry for 10 s
+    stuck = [str(s.last) for s in after if not s.accepted]
+    if stuck:                                # clean up for the next tests, then report
+        gw.stop_mailgate()
+        gw.start_mailgate()
+    retry_all(gw, ledger)
+    finish(gw, ledger)
+    assert not stuck, f"still refused after the store became writable: {stuck}"
+
+
+@needs_mount
 def test_read_only_store_at_start_keeps_mail_in_the_client_or_queue(gw):
-    """mailgate started on a read-only file system: it must not run without its store. Postfix
-    then tempfails (milter down); after the file system is writable again, a start works."""
+    """mailgate started on a read-only file system: depending on what SQLite finds there (a -shm
+    file left by the last run or not) it exits at start ("unable to open database file", Postfix
+    then tempfails with the milter down) or runs and refuses every message with 4xx; either way
+    nothing is accepted, and once the file system is writable a start works."""
     ledger = Ledger()
     state = store_path(gw).parent
     assert gw.stop_mailgate() == 0
     try:
         remount(state, "ro")
-        started = True
         try:
             gw.start_mailgate()
+            started = True
         except RuntimeError:
-            started = False
+            started = False    # "unable to open database file" (no -shm file could be made)
         during = plan(3)
         Traffic(gw, ledger, during, retry=False).start().join()
-        assert {s.last.outcome for s in during} <= {ACCEPTED, TEMPORARY}, [str(s.last) for s in during]
-        print("started on a read-only store:", started, gw.mailgate_log()[-1500:])
-        if started:
-            assert any(s.last.outcome == TEMPORARY for s in during)
-        else:
-            assert all(s.last.outcome == TEMPORARY for s in during)
+        # started or not, nothing can be recorded, so nothing is accepted
+        assert [s.last.outcome for s in during] == [TEMPORARY] * 3, (started, [str(s.last) for s in during])
         if mailgate_alive(gw):
             gw.stop_mailgate()
         gw.process = None
@@ -349,6 +447,53 @@ def test_read_only_store_at_start_keeps_mail_in_the_client_or_queue(gw):
     gw.start_mailgate()
     retry_all(gw, ledger)
     finish(gw, ledger)
+
+
+@needs_mount
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: after a crash (the store's -wal/-shm files left behind), mailgate started while the store's file "
+    "system is read-only does start, refuses every message with 4xx (fine), and keeps refusing every message "
+    "on every path after the file system is writable again, until it is restarted ('attempt to write a "
+    "readonly database'). Cause: mailgate/store/sqlite.py SQLiteStore.__init__ migrates on the main thread's "
+    "connection and never closes it; opened while the file system was read-only, it is read-only (mode=rwc "
+    "does not prevent that: SQLITE_OPEN_READWRITE falls back to read-only when the OS write-protects the "
+    "file, and BEGIN IMMEDIATE still succeeds on it), and while it stays open SQLite's per-process WAL index "
+    "(-shm) for that file stays read-only for every other connection, so dropping the failing connections "
+    "does not help. Verified standalone: a second connection can write as soon as the first one is closed. "
+    "Fix: close the migration connection after migrating, and at start prove the store writable with a real "
+    "write (e.g. set PRAGMA user_version again to its current value) and exit non-zero if it fails, "
+    "so that systemd retries"))
+def test_read_only_store_at_start_after_a_crash_heals_once_writable(gw):
+    ledger = Ledger()
+    state = store_path(gw).parent
+    assert gw.stop_mailgate(signal.SIGKILL) == -signal.SIGKILL      # a crash: -wal and -shm stay
+    gw.process = None
+    assert (state / "mailgate.sqlite3-shm").exists()
+    try:
+        remount(state, "ro")
+        try:
+            gw.start_mailgate()
+        except RuntimeError:
+            pass                       # refusing to run on a read-only store is a fine answer too
+        during = plan(3)
+        Traffic(gw, ledger, during, retry=False).start().join()
+        assert [s.last.outcome for s in during] == [TEMPORARY] * 3, [str(s.last) for s in during]
+    finally:
+        remount(state, "rw")
+    if not mailgate_alive(gw):       # it did not run: what systemd does next
+        gw.process = None
+        gw.start_mailgate()
+    after = plan(3)
+    Traffic(gw, ledger, after, workers=3, seconds=10).start().join()   # clients retry for 10 s
+    stuck = [f"{s.listener}: {[str(r) for r in s.replies][-2:]}" for s in after if not s.accepted]
+    healed = not stuck
+    if not healed:                   # clean up for the next tests, then report
+        gw.stop_mailgate()
+        gw.process = None
+        gw.start_mailgate()
+    retry_all(gw, ledger)
+    finish(gw, ledger)
+    assert healed, "still refusing mail after the store became writable: " + "; ".join(stuck)
 
 
 # --------------------------------------------------------------------------------------------

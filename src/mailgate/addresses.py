@@ -22,6 +22,7 @@ _BETWEEN_WORDS = re.compile(r"(\?=)[ \t]+(?==\?)")
 # are folded into one, and a header longer than any real one is not parsed at all.
 _EMPTY_ELEMENTS = re.compile(r",(?:\s*,)+")
 MAX_ADDRESS_HEADER = 64 * 1024
+REGISTRY_LIMIT = 4 * 1024  # longer lists (a big Cc) go to getaddresses, which is not quadratic
 _QUOTE_SPECIALS = re.compile(r'([\\"])')
 _LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -124,6 +125,8 @@ def parse_mailboxes(value: str | None) -> list[Mailbox] | None:
     if not value:
         return []
     try:
+        if len(value) > REGISTRY_LIMIT:
+            raise ValueError("long header: the linear parser reads it")
         header = _registry("from", _BETWEEN_WORDS.sub(r"\1", value))
         boxes = [Mailbox(clean_text(a.display_name or ""), clean_text(a.addr_spec)) for a in header.addresses]
         if all("@" in b.address and b.local_part and b.domain for b in boxes):
