@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate.lab.ports import LOOPBACK, free_port
+from mailgate.lab.processes import alive, kill, wait_gone
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
@@ -247,7 +248,7 @@ class PrivatePostfix:
             pid = int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if _alive(pid) else None
+        return pid if alive(pid) else None
 
     def processes(self) -> list[int]:
         """Pids of every process of this instance (master exports MAIL_CONFIG=config_dir)."""
@@ -260,7 +261,7 @@ class PrivatePostfix:
                 env = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if marker in env and _alive(int(entry.name)):
+            if marker in env and alive(int(entry.name)):
                 found.append(int(entry.name))
         return found
 
@@ -272,14 +273,14 @@ class PrivatePostfix:
         atexit.unregister(self.stop)
         pid = self.master_pid()
         subprocess.run([POSTFIX, "-c", str(self.config_dir), "stop"], capture_output=True)
-        if pid is not None and not _wait_gone([pid], timeout):
+        if pid is not None and not wait_gone([pid], timeout):
             subprocess.run([POSTFIX, "-c", str(self.config_dir), "abort"], capture_output=True)
-            _wait_gone([pid], timeout)
+            wait_gone([pid], timeout)
         leftovers = self.processes()
-        if leftovers and not _wait_gone(leftovers, 2.0):
+        if leftovers and not wait_gone(leftovers, 2.0):
             for stray in self.processes():
-                _kill(stray)
-            _wait_gone(leftovers, 2.0)
+                kill(stray)
+            wait_gone(leftovers, 2.0)
 
     def __enter__(self) -> PrivatePostfix:
         self.start()
@@ -372,28 +373,3 @@ class PrivatePostfix:
                 f"{result.stderr.decode(errors='replace')}\n{self.log_tail()}"
             )
         return result
-
-
-def _alive(pid: int) -> bool:
-    """True for a running process; a zombie (dead, unreaped by a init-less container) is not."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _wait_gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass

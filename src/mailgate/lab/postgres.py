@@ -17,7 +17,6 @@ import os
 import pwd
 import re
 import secrets
-import signal
 import stat
 import subprocess
 import time
@@ -26,6 +25,7 @@ from typing import Any, Sequence
 from urllib.parse import quote
 
 from mailgate.lab.ports import LOOPBACK, free_port
+from mailgate.lab.processes import alive, kill, wait_gone
 from mailgate.lab.postfix import check_reachable
 
 PG_ROOT = Path("/usr/lib/postgresql")
@@ -106,12 +106,12 @@ class PrivatePostgres:
         atexit.unregister(self.stop)
         pid = self.postmaster_pid()
         result = self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(int(timeout)), check=False)
-        if result.returncode != 0 and pid is not None and _alive(pid):
+        if result.returncode != 0 and pid is not None and alive(pid):
             self._pg_ctl("stop", "-m", "immediate", "-w", "-t", "10", check=False)
-        if not _wait_gone(self.processes(), 5.0):
+        if not wait_gone(self.processes(), 5.0):
             for stray in self.processes():
-                _kill(stray)
-        leftovers = [p for p in self.processes() if not _wait_gone([p], 2.0)]
+                kill(stray)
+        leftovers = [p for p in self.processes() if not wait_gone([p], 2.0)]
         if leftovers:
             raise PostgresError(f"PostgreSQL processes {leftovers} survived stop\n{self.log_tail()}")
 
@@ -128,7 +128,7 @@ class PrivatePostgres:
             pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if _alive(pid) else None
+        return pid if alive(pid) else None
 
     def processes(self) -> list[int]:
         """Pids of this cluster's processes: every backend runs with the data directory as cwd."""
@@ -137,7 +137,7 @@ class PrivatePostgres:
             if not entry.name.isdigit():
                 continue
             try:
-                if os.readlink(entry / "cwd") == str(self.data_dir) and _alive(int(entry.name)):
+                if os.readlink(entry / "cwd") == str(self.data_dir) and alive(int(entry.name)):
                     found.append(int(entry.name))
             except OSError:
                 continue
@@ -243,28 +243,3 @@ class PrivatePostgres:
 
 def _output(result: subprocess.CompletedProcess[bytes]) -> str:
     return (result.stdout + result.stderr).decode(errors="replace").strip()
-
-
-def _alive(pid: int) -> bool:
-    """True for a running process; a zombie (dead, not yet reaped) is not."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _wait_gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
