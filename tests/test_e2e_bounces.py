@@ -52,9 +52,12 @@ def wait_rows(gw: LabGateway, count: int, sql: str, *params, timeout: float = 30
 
 
 def bounce_once(gw: LabGateway, envelope: str = "sales@mycompany.com") -> str:
-    """Send to the address every sink refuses; return the queue id of the outbound message."""
+    """Send to the address every sink refuses; return the queue id of the outbound message once
+    its report is recorded (so that a clock moved next does not date the bounce)."""
     sent = gw.submit(message('"Sales" <sales@mycompany.com>', [GONE]), envelope, [GONE])
     gw.pf.wait_for_log(rf"{sent.queue_id}: to=<{GONE}>, .*status=bounced", 30)
+    [outbound] = rows(gw, "select id from messages where queue_id = ?", sent.queue_id)
+    wait_rows(gw, 1, "select id from bounces where message = ?", outbound["id"])
     return sent.queue_id
 
 

@@ -93,11 +93,18 @@ def test_daily_quota_counts_over_both_hosts(pair):
 
 def test_a_bounce_recorded_by_one_host_blacklists_for_the_other(pair):
     one, two, _ = pair
+    earlier = len(re.findall(rf"role=bounce rcpt=<{GONE}> ", one.mailgate_log()))
     for number in range(5):
         for gateway in (one, two):
             gateway.move_clock(2 * DAY)
         sent = one.submit(message('"Sales" <sales@mycompany.com>', GONE), "sales@mycompany.com", [GONE])
         one.pf.wait_for_log(rf"{sent.queue_id}: to=<{GONE}>, .*status=bounced", 30)
+        # the report comes back through the gateway after that line: record it before the clock
+        # moves again, or the five bounces land closer together than min_spread_days
+        deadline = time.monotonic() + 30
+        while (recorded := len(re.findall(rf"role=bounce rcpt=<{GONE}> ", one.mailgate_log())) - earlier) <= number:
+            assert time.monotonic() < deadline, f"bounce report {number + 1} not recorded"
+            time.sleep(0.1)
     deadline = time.monotonic() + 30
     while "role=blacklist" not in one.mailgate_log() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -224,7 +224,9 @@ class LabGateway:
     def move_clock(self, seconds: float) -> None:
         """Move the gateway's clock forward (the loop window, the quota day) without sleeping."""
         offset = float(self.clock_file.read_text() or 0) + seconds
-        self.clock_file.write_text(f"{offset}\n")
+        staged = self.clock_file.with_name(self.clock_file.name + ".new")
+        staged.write_text(f"{offset}\n")
+        os.replace(staged, self.clock_file)  # a reader never sees the file empty (offset 0)
 
     def mailgate_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
