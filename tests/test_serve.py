@@ -83,3 +83,73 @@ def test_ready_reload_and_stop():
             process.kill()
         log.close()
         notify.close()
+
+
+def milter_children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"mailgate.milter.worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_the_milter_process_is_restarted_when_it_dies_and_stops_with_serve():
+    base = make_basedir()
+    config = base / "mailgate.yaml"
+    config.write_text(CONFIG.format(base=base, extra=""))
+    log = open(base / "serve.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "mailgate", "serve", "--config", str(config)],
+                               stdout=log, stderr=log)
+    milter_spec = parse_socket_spec(f"unix:{base}/milter.sock")
+    try:
+        wait_for(lambda: socket_is_listening(milter_spec) and milter_children(process.pid))
+        [first] = milter_children(process.pid)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: milter_children(process.pid) not in ([], [first]) and socket_is_listening(milter_spec))
+        [second] = milter_children(process.pid)
+        text = (base / "serve.log").read_text()
+        assert "event=milter error=exited status=-9" in text and "event=milter result=restarted" in text
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert not Path(f"/proc/{second}").exists() or b"zombie" in Path(f"/proc/{second}/status").read_bytes()
+        assert not (base / "milter.sock").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+
+
+def test_a_killed_serve_takes_its_milter_process_with_it():
+    base = make_basedir()
+    config = base / "mailgate.yaml"
+    config.write_text(CONFIG.format(base=base, extra=""))
+    log = open(base / "serve.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "mailgate", "serve", "--config", str(config)],
+                               stdout=log, stderr=log)
+    try:
+        wait_for(lambda: socket_is_listening(parse_socket_spec(f"unix:{base}/milter.sock"))
+                 and milter_children(process.pid))
+        [child] = milter_children(process.pid)
+        process.kill()
+        process.wait(10)
+        wait_for(lambda: not Path(f"/proc/{child}").exists(), 10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+
+
+def test_configuration_frames_survive_the_pipe_and_restarts_are_budgeted():
+    from mailgate.configfile import parse_config
+    from mailgate.milter.worker import read_frame, write_frame
+    from mailgate.serve import RestartBudget
+
+    config = parse_config(CONFIG.format(base="/tmp", extra=""), "c.yaml", check_files=False).config
+    config.active_servers  # a derived view already computed does not travel
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb") as writer:
+        write_frame(writer, config)
+        write_frame(writer, config)
+    with os.fdopen(read_end, "rb") as reader:
+        assert read_frame(reader) == config and read_frame(reader) == config
+        assert read_frame(reader) is None
+    budget = RestartBudget(limit=2, window=60)
+    assert budget.allow(0) and budget.allow(1) and not budget.allow(2) and budget.allow(70)

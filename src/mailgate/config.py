@@ -7,7 +7,7 @@ module only says what a valid configuration looks like.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -160,6 +160,11 @@ class Config:
     database_password_file: Path | None = None
     secret_file: Path = Path("/etc/mailgate/secret")
     source: Path | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        """Only the fields travel (to the milter process): the derived views are rebuilt there,
+        and another thread may be adding one to this object while it is pickled."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     # The derived views below are computed once per configuration (the lookup service asks for
     # them on every request); a reload builds a new Config, so they never go stale.

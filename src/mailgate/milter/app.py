@@ -113,8 +113,8 @@ class GatewayMilter(Milter.Base):
                 return self._inbound(runtime, queue_id)
             return self._outbound(runtime, queue_id)
         except Exception as exc:  # any failure must keep the mail with Postfix, never lose it
-            runtime.logger.error(kv_line(queue_id, role="error", error=type(exc).__name__, detail=str(exc)))
-            runtime.logger.debug("traceback", exc_info=True)
+            runtime.logger.error(kv_line(queue_id, role="error", error=type(exc).__name__, detail=str(exc)),
+                                 exc_info=True)  # the traceback follows: which statement failed
             reply = SMTP["internal_error"]
             self.setreply(reply.code, reply.status, reply.text)
             return Milter.TEMPFAIL
