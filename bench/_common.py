@@ -8,7 +8,6 @@ mailgate.lab.postfix.make_basedir), and every process started here is stopped by
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys

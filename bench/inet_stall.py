@@ -174,7 +174,7 @@ def main() -> int:
             line = f"{name:<36} {result['rate']:6.1f} msgs/s accepted ({result['ms_per_msg']:.1f} ms per message)"
             if analysis:
                 per = {k: v / count for k, v in analysis["stalls"].items()}
-                line += (f"; stalls per message: " + (", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())) or "none")
+                line += ("; stalls per message: " + (", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())) or "none")
                          + (f" ({sum(analysis['stall_ms'].values()) / count:.1f} ms/msg)" if analysis["stall_ms"] else ""))
             print(line, flush=True)
             if sent < count:

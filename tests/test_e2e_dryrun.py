@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from email.message import EmailMessage
 
 import pytest
 
+from faultlab import make_message
 from mailgate.lab.gateway import GONE
 
 GATEWAY_EXTRA_CONFIG = "dry_run: true\nloop: {threshold: 1}\n"
@@ -17,11 +17,7 @@ pytestmark = pytest.mark.usefixtures("attach_logs")
 
 
 def message(header_from: str, to: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = header_from, to, "dry run"
-    msg["Message-ID"] = f"<{uuid.uuid4().hex}@dry.example>"
-    msg.set_content("x\n")
-    return msg.as_bytes()
+    return make_message(header_from, to, subject="dry run")[0]
 
 
 def test_outbound_is_logged_not_changed(gw):

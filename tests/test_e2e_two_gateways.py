@@ -13,11 +13,11 @@ import smtplib
 import subprocess
 import time
 import uuid
-from email.message import EmailMessage
 from typing import Iterator
 
 import pytest
 
+from faultlab import make_message
 from mailgate.lab.gateway import GONE, LabGateway
 from mailgate.lab.postfix import make_basedir
 
@@ -59,11 +59,7 @@ def attach_logs(request, pair):
 
 
 def message(header_from: str, to: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = header_from, to, "two gateways"
-    msg["Message-ID"] = f"<{uuid.uuid4().hex}@two.example>"
-    msg.set_content("x\n")
-    return msg.as_bytes()
+    return make_message(header_from, to, subject="two gateways")[0]
 
 
 def test_loop_guard_counts_over_both_hosts(pair):
@@ -102,7 +98,7 @@ def test_a_bounce_recorded_by_one_host_blacklists_for_the_other(pair):
         # the report comes back through the gateway after that line: record it before the clock
         # moves again, or the five bounces land closer together than min_spread_days
         deadline = time.monotonic() + 30
-        while (recorded := len(re.findall(rf"role=bounce rcpt=<{GONE}> ", one.mailgate_log())) - earlier) <= number:
+        while len(re.findall(rf"role=bounce rcpt=<{GONE}> ", one.mailgate_log())) - earlier <= number:
             assert time.monotonic() < deadline, f"bounce report {number + 1} not recorded"
             time.sleep(0.1)
     deadline = time.monotonic() + 30

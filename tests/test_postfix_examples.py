@@ -13,7 +13,6 @@ import smtplib
 import subprocess
 import time
 import uuid
-from email.message import EmailMessage
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +23,7 @@ from examples_lab import (EXAMPLES, SASL_LOGIN, SASL_REALM, SASL_SECRET, Example
                           tls_context)
 from mailgate.configfile import parse_config
 from mailgate.inbound import ODOO_TRANSPORT
+from faultlab import make_message
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import make_basedir
 from mailgate.postfixconf import SUBMISSION_LISTENER, main_settings, render
@@ -175,11 +175,7 @@ def inbound_gw(gateways) -> LabGateway:
 
 
 def message(header_from: str, to: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = header_from, to, "example set-up"
-    msg["Message-ID"] = f"<{uuid.uuid4().hex}@odoo.example>"
-    msg.set_content("Hello from an example set-up.\n")
-    return msg.as_bytes()
+    return make_message(header_from, to, subject="example set-up")[0]
 
 
 def customer() -> str:

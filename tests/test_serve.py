@@ -3,6 +3,7 @@ configuration), SIGTERM stops cleanly and removes the sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from mailgate.lab.postfix import make_basedir
 from mailgate.policy.netstring import NetstringDecoder, encode
@@ -90,16 +92,36 @@ def milter_children(pid: int) -> list[int]:
     return [int(c) for c in children if b"mailgate.milter.worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
-def test_the_milter_process_is_restarted_when_it_dies_and_stops_with_serve():
+def gone(pid: int) -> bool:
+    """Exited (a zombie not yet reaped counts: it serves nothing)."""
+    try:
+        return b"(zombie)" in Path(f"/proc/{pid}/status").read_bytes()
+    except FileNotFoundError:
+        return True
+
+
+@contextlib.contextmanager
+def serving() -> Iterator[tuple[Path, subprocess.Popen]]:
+    """`mailgate serve` on a fresh directory, its milter process listening."""
     base = make_basedir()
     config = base / "mailgate.yaml"
     config.write_text(CONFIG.format(base=base, extra=""))
-    log = open(base / "serve.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "mailgate", "serve", "--config", str(config)],
-                               stdout=log, stderr=log)
-    milter_spec = parse_socket_spec(f"unix:{base}/milter.sock")
+    with open(base / "serve.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "mailgate", "serve", "--config", str(config)],
+                                   stdout=log, stderr=log)
     try:
-        wait_for(lambda: socket_is_listening(milter_spec) and milter_children(process.pid))
+        wait_for(lambda: socket_is_listening(parse_socket_spec(f"unix:{base}/milter.sock"))
+                 and milter_children(process.pid))
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_the_milter_process_is_restarted_when_it_dies_and_stops_with_serve():
+    with serving() as (base, process):
+        milter_spec = parse_socket_spec(f"unix:{base}/milter.sock")
         [first] = milter_children(process.pid)
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: milter_children(process.pid) not in ([], [first]) and socket_is_listening(milter_spec))
@@ -109,32 +131,16 @@ def test_the_milter_process_is_restarted_when_it_dies_and_stops_with_serve():
         assert process.poll() is None
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
-        assert not Path(f"/proc/{second}").exists() or b"zombie" in Path(f"/proc/{second}/status").read_bytes()
+        assert gone(second)
         assert not (base / "milter.sock").exists()
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
 
 
 def test_a_killed_serve_takes_its_milter_process_with_it():
-    base = make_basedir()
-    config = base / "mailgate.yaml"
-    config.write_text(CONFIG.format(base=base, extra=""))
-    log = open(base / "serve.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "mailgate", "serve", "--config", str(config)],
-                               stdout=log, stderr=log)
-    try:
-        wait_for(lambda: socket_is_listening(parse_socket_spec(f"unix:{base}/milter.sock"))
-                 and milter_children(process.pid))
+    with serving() as (_, process):
         [child] = milter_children(process.pid)
         process.kill()
         process.wait(10)
-        wait_for(lambda: not Path(f"/proc/{child}").exists(), 10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
+        wait_for(lambda: gone(child), 10)
 
 
 def test_configuration_frames_survive_the_pipe_and_restarts_are_budgeted():

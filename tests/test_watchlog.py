@@ -394,7 +394,7 @@ def send(port: int, recipients: list[str]) -> str:
 @pytest.mark.skipif(not shutil.which("postfix") and not os.path.exists("/usr/sbin/postfix"), reason="no Postfix")
 def test_a_lab_postfix_maillog_end_to_end(sqlite_store):
     store = sqlite_store
-    from mailgate.lab.postfix import PrivatePostfix, make_basedir
+    from mailgate.lab.postfix import PrivatePostfix
     from mailgate.lab.sinks import Sink
     sink = Sink(reject={"gone@x.example": "550 5.1.1 no such user"})
     sink.start()

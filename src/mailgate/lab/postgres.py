@@ -17,7 +17,6 @@ import os
 import pwd
 import re
 import secrets
-import stat
 import subprocess
 import time
 from pathlib import Path
