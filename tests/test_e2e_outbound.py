@@ -50,7 +50,7 @@ def db_row(gw: LabGateway, queue_id: str) -> dict:
 
 
 def signer(gw: LabGateway) -> TokenSigner:
-    return TokenSigner((gw.base / "secret").read_bytes().strip())
+    return gw.token_signer()
 
 
 @dataclass
@@ -103,7 +103,7 @@ def test_foreign_domain_is_encapsulated_with_display_name(gw):
 
 def test_non_ascii_display_name_survives_encapsulation(gw):
     out = send(gw, '"Zoë Ünal" <zoe@example.org>', "zoe@example.org")
-    sink, got = out.sink, out.got
+    got = out.got
     assert got.parsed["From"].addresses[0].display_name == "Zoë Ünal"
     assert got.parsed["From"].addresses[0].addr_spec == "notifications@mycompany.com"
 

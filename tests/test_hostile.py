@@ -391,7 +391,7 @@ def test_fifteen_hundred_addresses_in_to_and_cc_inbound(gw):
 
 
 def signer(gw: LabGateway) -> TokenSigner:
-    return TokenSigner((gw.base / "secret").read_bytes().strip())
+    return gw.token_signer()
 
 
 def gateway_now(gw: LabGateway) -> float:
@@ -410,7 +410,9 @@ def forged_tokens(gw: LabGateway) -> dict[str, str]:
             1, "transactional", gateway_now(gw)),
         "not base32": "!" * 32,
         "too long": "a" * 200,
-        "future version": _with_version(gw, good, 2),
+        "another store's identity": TokenSigner((gw.base / "secret").read_bytes().strip(), "f" * 32).make(
+            1, "transactional", gateway_now(gw)),
+        "future version": _with_version(gw, good, 3),
     }
 
 
@@ -425,7 +427,8 @@ def _with_version(gw: LabGateway, token: str, version: int) -> str:
 
 
 FORGED_NAMES = ["wrong hmac", "truncated", "one character short", "one character long",
-                "another installation's secret", "not base32", "too long", "future version"]
+                "another installation's secret", "another store's identity", "not base32", "too long",
+                "future version"]
 
 
 @pytest.mark.parametrize("name", FORGED_NAMES)

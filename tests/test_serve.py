@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import replace
 from typing import Iterator
 
 from mailgate.lab.postfix import make_basedir
@@ -101,9 +102,9 @@ def gone(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def serving() -> Iterator[tuple[Path, subprocess.Popen]]:
-    """`mailgate serve` on a fresh directory, its milter process listening."""
-    base = make_basedir()
+def serving(base: Path | None = None) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """`mailgate serve` on a fresh (or the given) directory, its milter process listening."""
+    base = base or make_basedir()
     config = base / "mailgate.yaml"
     config.write_text(CONFIG.format(base=base, extra=""))
     with open(base / "serve.log", "wb") as log:
@@ -159,3 +160,28 @@ def test_configuration_frames_survive_the_pipe_and_restarts_are_budgeted():
         assert read_frame(reader) is None
     budget = RestartBudget(limit=2, window=60)
     assert budget.allow(0) and budget.allow(1) and not budget.allow(2) and budget.allow(70)
+
+
+def test_serve_purges_rows_past_their_retention_soon_after_start():
+    import time as clock
+
+    from test_store import bounce
+
+    from mailgate.store import SQLiteStore
+
+    base = make_basedir()
+    store = SQLiteStore(base / "state.sqlite3")
+    now = clock.time()
+    old = store.record_bounce(replace(bounce("old@customer.example"), created_at=now - 400 * 86400))
+    recent = store.record_bounce(replace(bounce("new@customer.example"), created_at=now - 86400))
+    store.close()
+    with serving(base) as (_, process):
+        wait_for(lambda: "event=retention" in (base / "serve.log").read_text(), 30)
+        line = next(l for l in (base / "serve.log").read_text().splitlines() if "event=retention" in l)
+        assert "bounces=1" in line, line
+    store = SQLiteStore(base / "state.sqlite3")
+    try:
+        kept = [row["id"] for row in store._rows("select id from bounces")]
+    finally:
+        store.close()
+    assert kept == [recent] and old not in kept

@@ -4,28 +4,51 @@ started by the tests (private data directory, loopback). The rules never know wh
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import subprocess
+import sys
 import threading
+import time
 import uuid
 
 import pytest
 
 from mailgate.store import (BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord, SQLiteStore,
                             open_store)
+from mailgate.store import postgres as postgres_backend
+from mailgate.store import sqlite as sqlite_backend
+from mailgate.store.records import StoreUnavailable
 
 NOW = 1_900_000_000.0
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        backend = SQLiteStore(tmp_path / "store.sqlite3")
-    else:
-        server = request.getfixturevalue("postgres")
-        name = f"t{uuid.uuid4().hex[:12]}"
-        server.create_database(name)
-        backend = open_store(server.dsn(name))
-    yield backend
-    backend.close()
+def open_same(request, tmp_path):
+    """Opens one of the test's stores by name (the same store for the same name), on each backend;
+    all are closed at the end."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    made: set[str] = set()
+    opened = []
+
+    def open_it(name: str = "store"):
+        if request.param == "sqlite":
+            opened.append(SQLiteStore(tmp_path / f"{name}.sqlite3"))
+        else:
+            server = request.getfixturevalue("postgres")
+            if name not in made:
+                server.create_database(prefix + name)
+                made.add(name)
+            opened.append(open_store(server.dsn(prefix + name)))
+        return opened[-1]
+    yield open_it
+    for backend in opened:
+        backend.close()
+
+
+@pytest.fixture
+def store(open_same):
+    return open_same()
 
 
 def outbound(queue_id: str = "Q1", message_id: str | None = "<m1@x>", server: str | None = "trans",
@@ -43,7 +66,7 @@ def bounce(recipient: str, days_ago: float = 0, permanent: bool | None = True, *
 
 
 def test_schema_is_current(store):
-    assert store.schema_version == 5
+    assert store.schema_version == 6
 
 
 def test_outbound_rows(store):
@@ -157,6 +180,7 @@ def test_migrate_store_copies_everything(tmp_path, postgres):
         source.blacklist_add("m@y", NOW, "rule", "rule", ids)
         source.record_inbound(InboundRecord("Q", "<in@x>", "s@x", "alias:sales", "deliver", NOW), ["odoo:crm.lead"])
         source.quota_take("gateway", "transactional", NOW)
+    identity = source.store_id()
     source.close()
     name = f"m{uuid.uuid4().hex[:10]}"
     postgres.create_database(name)
@@ -171,7 +195,238 @@ def test_migrate_store_copies_everything(tmp_path, postgres):
         assert [r["id"] for r in target.bounce_rows(ids=ids)] == sorted(ids, reverse=True)
         assert target.already_received("<in@x>") and target.quota_count("gateway", "transactional", 0) == 1
         assert target.record_outbound(outbound("Q9", "<m9@x>")) == row + 1, "sequences continue after the copy"
+        assert target.store_id() == identity, "the tokens already issued keep matching their rows"
     finally:
         target.close()
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+# -- schema v6: the store's identity, covering indexes --------------------------------------------
+
+
+def test_store_identity_is_random_per_store_and_kept(open_same):
+    identity = open_same().store_id()
+    assert len(identity) == 32 and int(identity, 16) >= 0
+    assert open_same().store_id() == identity, "the same store, reopened, keeps its identity"
+    assert open_same("recreated").store_id() != identity, "a re-created store gets another one"
+
+
+def test_migration_from_v5_keeps_the_rows_and_adds_identity_and_indexes(open_same, monkeypatch):
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:5])
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", postgres_backend.MIGRATIONS[:5])
+    old = open_same()
+    assert old.schema_version == 5
+    row = old.record_outbound(outbound())
+    old.record_bounce(bounce("a@y", 1, message=row))
+    old.record_delivery(DeliveryRecord(NOW, "Q1", "a@y", None, "bounced", "5.1.1", 1.0, "no", row, "trans"))
+    old.close()
+    monkeypatch.undo()
+    new = open_same()
+    assert new.schema_version == 6 and len(new.store_id()) == 32
+    assert new.outbound_message(row)["queue_id"] == "Q1"
+    assert new.bounce_kind_totals() == [{"kind": "hard", "bounces": 1}]
+    assert new.delivery_totals() == [{"server": "trans", "status": "bounced", "count": 1}]
+
+
+def _plans(store: SQLiteStore, calls) -> list[str]:
+    statements: list[str] = []
+    conn = store._db().conn
+    conn.set_trace_callback(statements.append)
+    try:
+        for call in calls:
+            call()
+    finally:
+        conn.set_trace_callback(None)
+    return [row[3] for sql in statements for row in conn.execute("explain query plan " + sql)]
+
+
+def test_operator_views_read_only_covering_indexes(tmp_path):
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    plans = _plans(store, [lambda: store.bounce_stats(0), lambda: store.bounce_stats(NOW),
+                           lambda: store.delivery_stats(0), store.delivery_totals, store.bounce_kind_totals])
+    reads = [plan for plan in plans if " bounces" in plan or " deliveries" in plan]
+    assert reads and all("COVERING INDEX" in plan for plan in reads), plans
+
+
+def test_postgres_has_the_covering_indexes(postgres):
+    name = f"i{uuid.uuid4().hex[:10]}"
+    postgres.create_database(name)
+    store = open_store(postgres.dsn(name))
+    try:
+        definitions = {row["indexname"]: row["indexdef"] for row in store._rows("select * from pg_indexes")}
+    finally:
+        store.close()
+    assert "(created_at, permanent, server, recipient)" in definitions["bounces_stats"]
+    assert "(at, server, status)" in definitions["deliveries_stats"]
+    assert "(server, status)" in definitions["deliveries_totals"]
+    assert not {"bounces_created_at", "deliveries_at", "deliveries_server"} & set(definitions), "prefixes dropped"
+
+
+# -- SQLite: proven writable at start --------------------------------------------------------------
+
+
+def _recording_connect(monkeypatch, read_only: bool = False) -> list:
+    """Record every connection SQLiteStore opens (optionally opening them read-only, as SQLite
+    does when the file system is read-only)."""
+    opened: list = []
+    original = SQLiteStore._connect
+
+    def connect(self):
+        db = original(self)
+        if read_only:
+            db.conn.close()
+            db = sqlite_backend.sqlite_utils.Database(sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False))
+        opened.append(db)
+        return db
+    monkeypatch.setattr(SQLiteStore, "_connect", connect)
+    return opened
+
+
+def _is_closed(conn: sqlite3.Connection) -> bool:
+    try:
+        conn.execute("select 1")
+    except sqlite3.ProgrammingError:
+        return True
+    return False
+
+
+def test_the_migration_connection_is_closed_after_start(tmp_path, monkeypatch):
+    opened = _recording_connect(monkeypatch)
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    assert len(opened) == 1 and _is_closed(opened[0].conn)
+    store.record_outbound(outbound())
+    assert len(opened) == 2 and not _is_closed(opened[1].conn)
+    store.close()
+
+
+def test_a_store_that_cannot_be_written_fails_at_start(tmp_path, monkeypatch):
+    SQLiteStore(tmp_path / "store.sqlite3").close()
+    opened = _recording_connect(monkeypatch, read_only=True)
+    with pytest.raises(StoreUnavailable, match="cannot be written.*readonly"):
+        SQLiteStore(tmp_path / "store.sqlite3")
+    assert opened and all(_is_closed(db.conn) for db in opened)
+
+
+def test_a_store_that_cannot_be_opened_fails_at_start(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StoreUnavailable, match="cannot be opened"):
+        SQLiteStore(tmp_path / "file" / "store.sqlite3")
+
+
+def test_a_read_only_postgres_database_fails_at_start(postgres):
+    import psycopg
+    name = f"r{uuid.uuid4().hex[:10]}"
+    postgres.create_database(name)
+    open_store(postgres.dsn(name)).close()
+    postgres.execute(f"alter database {name} set default_transaction_read_only = on")
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        open_store(postgres.dsn(name))
+
+
+# -- SQLite: connections reused across threads ------------------------------------------------------
+
+
+def _connection_in_thread(store: SQLiteStore, work=lambda store: store.record_outbound(outbound())):
+    """The connection a new thread used for `work` (a failure in `work` is swallowed)."""
+    used = []
+
+    def run() -> None:
+        try:
+            work(store)
+        except sqlite3.Error:
+            pass
+        used.append(store._db().conn if getattr(store._local, "lease", None) else None)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return used[0]
+
+
+def test_threads_one_after_another_reuse_one_connection(tmp_path):
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    connections = [_connection_in_thread(store) for _ in range(5)]
+    assert all(conn is connections[0] for conn in connections)
+    assert store.outbound_by_queue_id("Q1")["queue_id"] == "Q1"
+    store.close()
+
+
+def test_a_connection_that_failed_is_not_reused(tmp_path):
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    healthy = _connection_in_thread(store)
+
+    def fails(store: SQLiteStore) -> None:
+        used.append(store._db().conn)
+        store._execute("insert into no_such_table values (1)")
+    used: list = []
+    assert _connection_in_thread(store, fails) is None, "dropped at once"
+    assert used == [healthy] and _is_closed(healthy)
+    later = _connection_in_thread(store)
+    assert later is not healthy
+    store.close()
+
+
+def test_a_connection_that_failed_in_a_transaction_is_not_reused(tmp_path):
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    first = _connection_in_thread(store)
+
+    def fails(store: SQLiteStore) -> None:
+        with store.transaction():
+            store.record_outbound(outbound("Q-rolled-back"))
+            store._execute("insert into no_such_table values (1)")
+    assert _connection_in_thread(store, fails) is None, "dropped at once"
+    assert _connection_in_thread(store) is not first
+    assert store.outbound_by_queue_id("Q-rolled-back") is None
+    store.close()
+
+
+def test_concurrent_threads_get_distinct_connections_and_few_stay_idle(tmp_path):
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    count = sqlite_backend.IDLE_CONNECTIONS + 4
+    together = threading.Barrier(count)
+    used: list = []
+
+    def work() -> None:
+        store.record_outbound(outbound())
+        used.append(store._db().conn)
+        together.wait(10)
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(conn) for conn in used}) == count
+    closed = [conn for conn in used if _is_closed(conn)]
+    assert len(closed) == count - sqlite_backend.IDLE_CONNECTIONS, "idle ones beyond the cap are closed"
+    store.close()
+    assert all(_is_closed(conn) for conn in used), "close() ends the idle ones"
+
+
+# -- operator views: the bounce window by default ----------------------------------------------------
+
+
+def test_stats_views_read_the_bounce_window_unless_told_otherwise(tmp_path):
+    config = tmp_path / "mailgate.yaml"
+    config.write_text("alias_domain: mycompany.com\ndatabase: store.sqlite3\nbounces: {window_days: 10}\n")
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    now = time.time()
+    for days in (1, 5, 30):
+        store.record_bounce(bounce(f"a{days}@y", created_at=now - days * 86400))
+        store.record_delivery(DeliveryRecord(now - days * 86400, "Q", "r@x", None, "sent", "2.0.0", 0.1, "ok", None, "t"))
+    store.close()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mailgate", *args, "--config", str(config)], capture_output=True,
+                              text=True, timeout=60)
+
+    def bounces(*args: str) -> int:
+        return sum(row["bounces"] for row in json.loads(run("bounces", "stats", "--json", *args).stdout)["per_kind"])
+
+    def sent(*args: str) -> int:
+        return sum(row["sent"] for row in json.loads(run("stats", "--json", *args).stdout)["per_server"])
+    assert (bounces(), bounces("--all"), bounces("--since", "60d"), bounces("--since", "2d")) == (2, 3, 3, 1)
+    assert (sent(), sent("--all"), sent("--since", "2d")) == (2, 3, 1)
+    assert 'mailgate_deliveries_total{server="t",status="sent"} 3' in run("stats", "--prometheus").stdout
+    assert run("stats", "--all", "--since", "7d").returncode == 2
+    assert "# since " in run("bounces", "stats").stdout

@@ -43,9 +43,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from mailgate.runtime import Runtime
     from mailgate.serve import serve
+    from mailgate.store.records import StoreUnavailable
     config = _load(args).config
     setup_logging()
-    return serve(Runtime.from_config(config), config_path(args))
+    try:
+        runtime = Runtime.from_config(config)
+    except StoreUnavailable as exc:  # systemd restarts us; the log says why
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 1
+    return serve(runtime, config_path(args))
 
 
 def cmd_postfix_config(args: argparse.Namespace) -> int:
@@ -120,9 +126,9 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     return main_deliver(config, args.alias, sys.stdin.buffer, sys.stderr)
 
 
-def _store(args: argparse.Namespace):
+def _store(args: argparse.Namespace, config: Config | None = None):
     from mailgate.store import open_store
-    config = _load(args, check_files=False).config
+    config = config or _load(args, check_files=False).config
     return open_store(config.database, config.database_password_file)
 
 
@@ -143,9 +149,12 @@ def cmd_bounce_parse(args: argparse.Namespace) -> int:
 def cmd_bounces(args: argparse.Namespace) -> int:
     import time
     from mailgate import views
-    store = _store(args)
+    config = _load(args, check_files=False).config
+    store = _store(args, config)
+    since_text = views.default_since(args.since, args.all, config.bounces.window_days) if args.view == "stats" \
+        else args.since
     try:
-        since = views.parse_since(args.since, time.time())
+        since = views.parse_since(since_text, time.time())
     except ValueError as exc:
         print(f"mailgate: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -229,7 +238,10 @@ def cmd_watch_log(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from mailgate.deliverystats import main_stats
-    return main_stats(_load(args, check_files=False).config, args.since, args.json, args.prometheus)
+    from mailgate.views import default_since
+    config = _load(args, check_files=False).config
+    since = default_since(args.since, args.all, config.bounces.window_days)
+    return main_stats(config, since, args.json, args.prometheus)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -265,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bounces = commands.add_parser("bounces", parents=[common], help="recorded bounces")
     bounces.add_argument("view", choices=("list", "stats"))
-    bounces.add_argument("--since", help="7d, 24h, 30m or a date (default: all)")
+    bounces_window = bounces.add_mutually_exclusive_group()
+    bounces_window.add_argument("--since", help="7d, 24h, 30m or a date (default: stats, the last "
+                                "bounces.window_days days; list, all)")
+    bounces_window.add_argument("--all", action="store_true", help="stats over all time (slow on a big store)")
     bounces.add_argument("--address", help="only this recipient (list)")
     bounces.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -305,9 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("-v", "--verbose", action="store_true", help="one line per recorded delivery")
 
     stats = commands.add_parser("stats", parents=[common], help="sent/deferred/bounced per server and day")
-    stats.add_argument("--since", help="7d, 24h, 30m or a date (default: all)")
+    stats_window = stats.add_mutually_exclusive_group()
+    stats_window.add_argument("--since", help="7d, 24h, 30m or a date (default: the last bounces.window_days days)")
+    stats_window.add_argument("--all", action="store_true", help="over all time (slow on a big store)")
     stats.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    stats.add_argument("--prometheus", action="store_true", help="Prometheus text format (all-time counters)")
+    stats.add_argument("--prometheus", action="store_true",
+                       help="Prometheus text format (all-time counters, whatever --since says)")
 
     explain = commands.add_parser("explain", parents=[common], help="show a decision without sending")
     explain_kinds = explain.add_subparsers(dest="kind", metavar="KIND")

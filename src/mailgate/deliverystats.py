@@ -66,7 +66,7 @@ def prometheus_text(store: SQLStore) -> str:
     """All-time counters (Prometheus computes rates itself) and the blacklist's current size."""
     deliveries = [({"server": r["server"], "status": r["status"]}, r["count"]) for r in store.delivery_totals()]
     kinds = {"hard": 0, "soft": 0, "unknown": 0}
-    for row in store.bounce_stats(0.0)["per_kind"]:
+    for row in store.bounce_kind_totals():
         kinds[row["kind"]] = row["bounces"]
     lines = [
         *_family("mailgate_deliveries_total", "counter",

@@ -40,9 +40,20 @@ class Runtime:
     @classmethod
     def from_config(cls, config: Config) -> "Runtime":
         secret = load_or_create_secret(Path(config.secret_file))
-        return cls(config, open_store(config.database, config.database_password_file), TokenSigner(secret),
-                   read_passwords(config),
+        store = open_store(config.database, config.database_password_file)
+        return cls(config, store, TokenSigner(secret, store.store_id()), read_passwords(config),
                    clock=gateway_clock())
+
+
+def _identity(store: Store | None) -> str:
+    """The store's identity for the token signer; "" for a store not yet migrated to carry one
+    (read-only here: `serve` migrates it), whose tokens are all of the older kind."""
+    if store is None:
+        return ""
+    try:
+        return store.store_id()
+    except Exception:  # sqlite3 and psycopg each raise their own "no such table"
+        return ""
 
 
 def read_only_facts(config: Config, now: float | None = None) -> dict[str, Callable]:
@@ -60,7 +71,7 @@ def read_only_facts(config: Config, now: float | None = None) -> dict[str, Calla
         store = SQLiteStore(config.database, read_only=True)
     signer: TokenSigner | None = None
     try:
-        signer = TokenSigner(Path(config.secret_file).read_bytes().strip())
+        signer = TokenSigner(Path(config.secret_file).read_bytes().strip(), _identity(store))
     except (OSError, ValueError):
         pass
     return {

@@ -19,7 +19,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-_VERSION = 1
+_VERSION = 2          # MAC keyed with the secret and the store's identity
+_LEGACY_VERSION = 1   # MAC keyed with the secret alone
 _EPOCH = 1_577_836_800  # 2020-01-01: issue days fit two bytes for 179 years
 _LAYOUT = struct.Struct(">B5sHI")  # version, row id (40 bits), issue day, server tag
 _ROW_BYTES = 5
@@ -44,18 +45,28 @@ def server_tag(name: str | None) -> int:
 
 
 class TokenSigner:
-    def __init__(self, secret: bytes):
+    """Signs and verifies tokens with the installation's secret and the store's identity.
+
+    The token names a row id, and row ids start again at 1 when a store is lost and made anew:
+    a late report on a token of the old store would name a new, unrelated message. The store's
+    random identity (made with its schema) is therefore part of what the MAC covers, so such a
+    token no longer verifies. Tokens of version 1 (issued before the identity existed) are still
+    accepted with the secret alone until they age out."""
+
+    def __init__(self, secret: bytes, store_id: str = ""):
         if len(secret) < 16:
             raise ValueError("the bounce-token secret must hold at least 16 bytes")
-        self._secret = secret
+        self._legacy_key = secret
+        self._key = hmac.digest(secret, b"mailgate store " + store_id.encode("ascii"), "sha256") if store_id else secret
+        self._version = _VERSION if store_id else _LEGACY_VERSION
 
-    def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+    def _mac(self, payload: bytes, key: bytes) -> bytes:
+        return hmac.digest(key, payload, "sha256")[:_MAC_BYTES]
 
     def make(self, row_id: int, server_name: str | None, now: float) -> str:
         day = max(0, int((now - _EPOCH) // 86400)) & 0xFFFF
-        payload = _LAYOUT.pack(_VERSION, row_id.to_bytes(_ROW_BYTES, "big"), day, server_tag(server_name))
-        raw = payload + self._mac(payload)
+        payload = _LAYOUT.pack(self._version, row_id.to_bytes(_ROW_BYTES, "big"), day, server_tag(server_name))
+        raw = payload + self._mac(payload, self._key)
         return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
     def verify(self, token: str) -> BounceToken | None:
@@ -70,10 +81,9 @@ class TokenSigner:
         if len(raw) != _LAYOUT.size + _MAC_BYTES:
             return None
         payload, mac = raw[:_LAYOUT.size], raw[_LAYOUT.size:]
-        if not hmac.compare_digest(mac, self._mac(payload)):
-            return None
         version, row, day, tag = _LAYOUT.unpack(payload)
-        if version != _VERSION:
+        key = {_VERSION: self._key, _LEGACY_VERSION: self._legacy_key}.get(version)
+        if key is None or not hmac.compare_digest(mac, self._mac(payload, key)):
             return None
         return BounceToken(int.from_bytes(row, "big"), tag, day)
 

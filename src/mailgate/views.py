@@ -15,9 +15,19 @@ from typing import Any, TextIO
 
 from mailgate.addresses import is_valid_address, normalize
 from mailgate.bouncerecord import bounce_lock
+from mailgate.store.sql import bounce_ids_of
 from mailgate.store.sqlite import SQLiteStore
 
 _SPAN = re.compile(r"^(\d+)([dhm])$")
+
+
+def default_since(since: str | None, all_time: bool, window_days: int) -> str | None:
+    """What a statistics view reads without `--since`: the last `window_days` days (the
+    blacklist rule's window, `bounces.window_days`) — all time grew to seconds of CPU on a store
+    of a million rows; `--all` asks for all time, an explicit `--since` wins."""
+    if since or all_time:
+        return since
+    return f"{window_days}d"
 
 
 def parse_since(text: str | None, now: float) -> float:
@@ -68,9 +78,10 @@ def bounces_list(store: SQLiteStore, since: float, address: str | None, as_json:
 
 
 def bounces_stats(store: SQLiteStore, since: float, as_json: bool, out: TextIO = sys.stdout) -> int:
-    stats = store.bounce_stats(since)
+    stats = {"since": since, **store.bounce_stats(since)}
 
     def human() -> None:
+        print(f"# since {_when(since) if since else 'the first bounce'}", file=out)
         for title, columns in (("per day", ["day", "bounces", "hard"]), ("per server", ["server", "bounces"]),
                                ("hard/soft", ["kind", "bounces"]), ("top domains", ["domain", "bounces"])):
             print(f"# {title}", file=out)
@@ -107,7 +118,7 @@ def blacklist_change(store: SQLiteStore, action: str, address: str, reason: str 
 def blacklist_why(store: SQLiteStore, address: str, as_json: bool, out: TextIO = sys.stdout) -> int:
     address = normalize(address)
     history = store.blacklist_history(address)
-    ids = sorted({int(i) for entry in history for i in (entry["bounce_ids"] or "").split(",") if i})
+    ids = sorted({i for entry in history for i in bounce_ids_of(entry["bounce_ids"])})
     causes = store.bounce_rows(ids=ids) if ids else []
     data = {"address": address, "blacklisted": any(e["removed_at"] is None for e in history),
             "history": history, "bounces": causes}

@@ -28,6 +28,8 @@ from mailgate.lab.sinks import Sink
 from mailgate.postfixconf import (INBOUND_LISTENER, SUBMISSION_LISTENER, Wiring, main_settings,
                                   odoo_pipe_service, transport_service)
 from mailgate.sockets import parse_socket_spec, socket_is_listening
+from mailgate.store import open_store
+from mailgate.tokens import TokenSigner
 
 SASL_USER, SASL_PASSWORD = "odoo@mycompany.com", "relay-password"
 ODOO_PASSWORD = "odoo-admin-password"
@@ -227,6 +229,15 @@ class LabGateway:
         staged = self.clock_file.with_name(self.clock_file.name + ".new")
         staged.write_text(f"{offset}\n")
         os.replace(staged, self.clock_file)  # a reader never sees the file empty (offset 0)
+
+    def token_signer(self) -> TokenSigner:
+        """A signer for this gateway's tokens: its secret and its store's identity."""
+        config = load_config(self.config_path).config
+        store = open_store(config.database, config.database_password_file)
+        try:
+            return TokenSigner(Path(config.secret_file).read_bytes().strip(), store.store_id())
+        finally:
+            store.close()
 
     def mailgate_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -2,7 +2,9 @@
 
 For a site that grows from one gateway to several: every table is copied with its ids (the
 blacklist names its bounce rows by id), in one transaction, into an empty PostgreSQL store
-whose schema is at the same version; the id sequences then continue after the copied rows.
+whose schema is at the same version; the id sequences then continue after the copied rows. The
+PostgreSQL store takes the SQLite store's identity too: the rows are the same, so the bounce
+tokens already issued must keep matching them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from mailgate.store.postgres import PostgresStore
 from mailgate.store.sqlite import SQLiteStore
 
 TABLES = ("messages", "inbound_messages", "inbound_routes", "bounces", "bounce_resets", "blacklist",
-          "quota_counters", "deliveries", "log_positions")
+          "quota_counters", "deliveries", "log_positions", "purged_counts")
 WITH_IDS = ("messages", "inbound_messages", "bounces", "blacklist", "deliveries")
 BATCH = 1000
 
@@ -46,6 +48,8 @@ def migrate_store(source: Path, target: PostgresStore) -> MigrationResult:
             for table in WITH_IDS:
                 target._execute(f"select setval(pg_get_serial_sequence('{table}', 'id'), "
                                 f"coalesce((select max(id) from {table}), 0) + 1, false)")
+            target._execute("update store_identity set id = ?", [sqlite.store_id()])
+        target._store_id = None
         return MigrationResult(copied)
     finally:
         sqlite.close()

@@ -16,16 +16,22 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from mailgate.logfmt import kv_line
-from mailgate.store.sql import QUOTA_COUNTERS, SQLStore
+from mailgate.store.sql import QUOTA_COUNTERS, SQLStore, new_store_id
 
-# The same versions as the SQLite schema (mailgate.store.sqlite.MIGRATIONS), in PostgreSQL's DDL.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
+
+def _identify(conn: psycopg.Connection) -> None:
+    conn.execute("insert into store_identity (id) values (%s)", [new_store_id()])
+
+
+# The same versions as the SQLite schema (mailgate.store.sqlite.MIGRATIONS), in PostgreSQL's DDL;
+# a step that needs a value made at migration time is a function of the connection.
+MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection], None], ...], ...] = (
     ("""create table messages (id bigserial primary key, direction text not null, queue_id text,
         message_id text, envelope_from_original text, envelope_from text, header_from_before text,
         header_from_after text, server text, mass integer, listener text, sasl_user text,
@@ -63,6 +69,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
      "insert into quota_counters (key, stream, minute, count) select key, stream, floor(at / 60)::bigint, count(*) "
      "from quota_events group by 1, 2, 3",
      "drop table quota_events"),
+    ("create index bounces_stats on bounces (created_at, permanent, server, recipient)",
+     "drop index bounces_created_at",
+     "create index deliveries_stats on deliveries (at, server, status)",
+     "drop index deliveries_at",
+     "create index deliveries_totals on deliveries (server, status)",
+     "drop index deliveries_server",
+     "create index inbound_messages_created_at on inbound_messages (created_at)",
+     "create index inbound_routes_message on inbound_routes (message)",
+     """create table purged_counts (family text not null, server text not null, status text not null,
+        count bigint not null, primary key (family, server, status))""",
+     "create table store_identity (id text not null)",
+     _identify),
 )
 MIGRATION_LOCK = 7_357_001  # one gateway migrates at a time
 
@@ -99,8 +117,12 @@ class PostgresStore(SQLStore):
         # after an outage connects at once instead of waiting for a late retry.
         self._pool = ConnectionPool(dsn, min_size=1, max_size=max_size, kwargs=kwargs, open=True, timeout=5.0,
                                     reconnect_timeout=5.0, check=ConnectionPool.check_connection, name="mailgate")
-        self._pool.wait(timeout=30)
-        self._migrate()
+        try:
+            self._pool.wait(timeout=30)
+            self._migrate()
+        except BaseException:
+            self._pool.close()
+            raise
 
     def domain_of(self, column: str) -> str:
         return f"split_part({column}, '@', 2)"
@@ -113,10 +135,14 @@ class PostgresStore(SQLStore):
             version = row[0] if row else 0
             if row is None:
                 conn.execute("insert into mailgate_schema (version) values (0)")
-            for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statements in MIGRATIONS[version:]:
                 for statement in statements:
-                    conn.execute(statement)
-                conn.execute("update mailgate_schema set version = %s", [number])
+                    if callable(statement):
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
+            # written even when current: a real write, so that a read-only database fails at start
+            conn.execute("update mailgate_schema set version = %s", [max(version, len(MIGRATIONS))])
 
     @property
     def schema_version(self) -> int:

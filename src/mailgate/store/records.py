@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Mapping, Protocol
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be opened and written at start (a read-only or full file system, a
+    missing directory): better to exit and be restarted than to serve and refuse every message."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,8 @@ class BounceFact:
 class Store(Protocol):
     def transaction(self, *lock_keys: str) -> AbstractContextManager[None]: ...
     def close(self) -> None: ...
+    def store_id(self) -> str: ...
+    def purge(self, cutoffs: Mapping[str, float]) -> dict[str, int]: ...
     # outbound
     def record_outbound(self, record: OutboundRecord) -> int: ...
     def outbound_message(self, row_id: int) -> dict | None: ...

@@ -8,15 +8,32 @@ the row it leads to to be atomic wraps them in `transaction(lock keys...)`.
 
 from __future__ import annotations
 
+import secrets
 from contextlib import AbstractContextManager
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from mailgate.store.records import BounceFact, BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord
 
 
 QUOTA_COUNTERS = ("create table quota_counters (key text not null, stream text not null, minute bigint not null, "
                   "count integer not null, primary key (key, stream, minute))")
+BOUNCE_KIND = "case when permanent = 1 then 'hard' when permanent = 0 then 'soft' else 'unknown' end"
+PURGE_BATCH = 1000   # rows per purge transaction: the write lock is held for one batch, never a whole purge
+# What retention may delete: table -> (its key, its time column). Never the blacklist, nor
+# log_positions (where watch-log stands).
+PURGEABLE = {"messages": ("id", "created_at"), "inbound_messages": ("id", "created_at"),
+             "bounces": ("id", "created_at"), "bounce_resets": ("address", "at"), "deliveries": ("id", "at")}
+
+
+def new_store_id() -> str:
+    """A store's identity, made once with its schema (random: a re-created store gets another)."""
+    return secrets.token_hex(16)
+
+
+def bounce_ids_of(text: str | None) -> list[int]:
+    """The bounce row ids a blacklist entry names (`bounce_ids`, comma separated)."""
+    return [int(part) for part in (text or "").split(",") if part]
 
 
 class SQLStore:
@@ -35,6 +52,16 @@ class SQLStore:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    _store_id: str | None = None
+
+    def store_id(self) -> str:
+        """This store's random identity (made with the schema, never changed): bounce tokens mix
+        it in, so that a token of a lost and re-created store, whose row ids start again at 1,
+        never matches a message of the new one. Read once, then cached."""
+        if self._store_id is None:
+            self._store_id = self._scalar("select id from store_identity")
+        return self._store_id
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -153,6 +180,11 @@ class SQLStore:
     def blacklist_history(self, address: str) -> list[dict]:
         return self._rows("select * from blacklist where address = ? order by added_at", [address])
 
+    def _blacklist_evidence(self) -> set[int]:
+        """The bounces some blacklist entry names: `blacklist why` shows them for ever."""
+        rows = self._execute("select bounce_ids from blacklist where bounce_ids is not null and bounce_ids <> ''")
+        return {bounce_id for row in rows.fetchall() for bounce_id in bounce_ids_of(row[0])}
+
     def bounce_rows(self, since: float = 0.0, address: str | None = None, ids: list[int] | None = None,
                     limit: int | None = None) -> list[dict]:
         clauses, params = ["created_at >= ?"], [since]
@@ -168,8 +200,7 @@ class SQLStore:
 
     def bounce_stats(self, since: float) -> dict[str, list[dict]]:
         """Counts per day, per server, hard/soft and the top recipient domains (SQL aggregates)."""
-        day = self.day_of.format("created_at")
-        kind = "case when permanent = 1 then 'hard' when permanent = 0 then 'soft' else 'unknown' end"
+        day, kind = self.day_of.format("created_at"), BOUNCE_KIND
         return {
             "per_day": self._rows(f"select {day} as day, count(*) as bounces, "
                                   "sum(case when permanent = 1 then 1 else 0 end) as hard from bounces "
@@ -182,6 +213,14 @@ class SQLStore:
                                       f"from bounces where created_at >= ? group by {self.domain_of('recipient')} "
                                       "order by bounces desc, domain limit 10", [since]),
         }
+
+    def bounce_kind_totals(self) -> list[dict]:
+        """All-time bounces per kind, those purged by retention included (for Prometheus: a
+        counter must never go down)."""
+        return self._rows(f"select kind, cast(sum(bounces) as bigint) as bounces from ("
+                          f"select {BOUNCE_KIND} as kind, count(*) as bounces from bounces group by {BOUNCE_KIND} "
+                          "union all select status, count from purged_counts where family = 'bounces') as totals "
+                          "group by kind order by bounces desc, kind")
 
     def domain_of(self, column: str) -> str:
         return f"substr({column}, instr({column}, '@') + 1)"
@@ -204,9 +243,12 @@ class SQLStore:
                           [since])
 
     def delivery_totals(self) -> list[dict]:
-        """All-time counters per server and status (for Prometheus)."""
-        return self._rows("select coalesce(server, '-') as server, status, count(*) as count from deliveries "
-                          "group by server, status order by server, status")
+        """All-time counters per server and status, rows purged by retention included (for
+        Prometheus: a counter must never go down)."""
+        return self._rows("select server, status, cast(sum(count) as bigint) as count from ("
+                          "select coalesce(server, '-') as server, status, count(*) as count from deliveries "
+                          "group by server, status union all select server, status, count from purged_counts "
+                          "where family = 'deliveries') as totals group by server, status order by server, status")
 
     def log_position(self, path: str) -> tuple[int, int] | None:
         row = self._execute("select inode, \"offset\" from log_positions where path = ?", [path]).fetchone()
@@ -224,10 +266,11 @@ class SQLStore:
         return self._scalar("select coalesce(sum(count), 0) from quota_counters where key = ? and stream = ? "
                             "and minute >= ?", [key, stream, int(since // 60)])
 
-    def quota_take(self, key: str, stream: str, at: float) -> None:
-        self._execute("insert into quota_counters (key, stream, minute, count) values (?, ?, ?, 1) "
-                      "on conflict (key, stream, minute) do update set count = quota_counters.count + 1",
-                      [key, stream, int(at // 60)])
+    def quota_take(self, key: str, stream: str, at: float, count: int = 1) -> None:
+        """Take `count` recipients at `at` (the policy service takes a batch's in one write)."""
+        self._execute("insert into quota_counters (key, stream, minute, count) values (?, ?, ?, ?) "
+                      "on conflict (key, stream, minute) do update set count = quota_counters.count + excluded.count",
+                      [key, stream, int(at // 60), count])
 
     def purge_quota(self, before: float) -> int:
         """Forget the minutes before `before`; returns how many recipients that was."""
@@ -235,3 +278,73 @@ class SQLStore:
         taken = self._scalar("select coalesce(sum(count), 0) from quota_counters where minute < ?", [minute])
         self._execute("delete from quota_counters where minute < ?", [minute])
         return taken
+
+    # -- retention ------------------------------------------------------------------------------------
+
+    def purge(self, cutoffs: Mapping[str, float], batch: int = PURGE_BATCH) -> dict[str, int]:
+        """Delete the rows older than each table's cutoff (`mailgate.retention.retention_cutoffs`);
+        returns the rows deleted per table. `inbound_messages` takes its `inbound_routes` along;
+        `quota_counters` is the quota's own purge (`purge_quota`, its figure is recipients, under
+        `quota_recipients`). Bounces a blacklist entry names are kept; deleted bounces and
+        deliveries are added to `purged_counts`, so that the all-time totals never go down."""
+        unknown = set(cutoffs) - set(PURGEABLE) - {"quota_counters"}
+        if unknown:
+            raise ValueError(f"retention never deletes from {', '.join(sorted(unknown))}")
+        deleted: dict[str, int] = {}
+        for table, cutoff in cutoffs.items():
+            if table == "quota_counters":
+                with self.transaction("retention:quota_counters"):
+                    deleted["quota_recipients"] = self.purge_quota(cutoff)
+                continue
+            routes: list[int] = []
+            before_delete = {"inbound_messages": lambda ids: routes.append(self._delete_routes_of(ids)),
+                             "bounces": lambda ids: self._count_purged("bounces", BOUNCE_KIND, ids),
+                             "deliveries": lambda ids: self._count_purged("deliveries", "status", ids)}.get(table)
+            keep = self._blacklist_evidence() if table == "bounces" else frozenset()
+            deleted[table] = self._purge_batches(table, cutoff, batch, keep, before_delete)
+            if table == "inbound_messages":
+                deleted["inbound_routes"] = sum(routes)
+        return deleted
+
+    def _purge_batches(self, table: str, cutoff: float, batch: int, keep: set | frozenset = frozenset(),
+                       before_delete: Callable[[list], Any] | None = None) -> int:
+        """Oldest first, `batch` rows per transaction, skipping the keys in `keep`;
+        `before_delete(keys)` runs in the same transaction, before the rows go. Each batch resumes at the time the
+        last one ended (the time column is indexed), so kept rows are not read again."""
+        key, column = PURGEABLE[table]
+        deleted, after, passed = 0, None, []
+        while True:
+            clauses, params = [f"{column} < ?"], [cutoff]
+            if after is not None:
+                clauses.append(f"{column} >= ?")
+                params.append(after)
+            if passed:
+                clauses.append(f"{key} not in ({self._marks(passed)})")
+                params += passed
+            with self.transaction(f"retention:{table}"):   # gateways purging together count each row once
+                rows = self._execute(f"select {key}, {column} from {table} where {' and '.join(clauses)} "
+                                     f"order by {column} limit {int(batch)}", params).fetchall()
+                doomed = [row[0] for row in rows if row[0] not in keep]
+                if doomed:
+                    if before_delete is not None:
+                        before_delete(doomed)
+                    self._execute(f"delete from {table} where {key} in ({self._marks(doomed)})", doomed)
+            deleted += len(doomed)
+            if len(rows) < batch:
+                return deleted
+            last = rows[-1][1]
+            # kept rows at the time the next batch starts from (rows of one report share it)
+            passed = (passed if last == after else []) + [k for k, at in rows if at == last and k in keep]
+            after = last
+
+    def _delete_routes_of(self, ids: list[int]) -> int:
+        return self._execute(f"delete from inbound_routes where message in ({self._marks(ids)})", ids).rowcount
+
+    def _count_purged(self, family: str, status_sql: str, ids: list[int]) -> None:
+        """Add the rows about to be purged to the per server and status counts they leave behind."""
+        counts = self._execute(f"select coalesce(server, '-'), {status_sql}, count(*) from {family} where id in "
+                               f"({self._marks(ids)}) group by coalesce(server, '-'), {status_sql}", ids).fetchall()
+        for server, label, count in counts:
+            self._execute("insert into purged_counts (family, server, status, count) values (?, ?, ?, ?) "
+                          "on conflict (family, server, status) do update set count = purged_counts.count + "
+                          "excluded.count", [family, server, label, count])

@@ -1,6 +1,8 @@
 """The embedded store: one SQLite file (WAL) holding every decision that matters later.
 
-Each thread gets its own connection: libmilter calls back from many threads at once. The
+Each thread uses its own connection: libmilter calls back from many threads at once. Because
+libmilter starts a thread per Postfix connection, a connection is not closed with its thread but
+handed to the next one (opening it costs ~0.5 ms, more than the rest of a message's writes). The
 schema is versioned with `PRAGMA user_version` and migrated at start (sqlite-utils builds the
 tables); the queries are shared with the PostgreSQL backend (`mailgate.store.sql`).
 """
@@ -9,15 +11,18 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import sqlite_utils
 
-from mailgate.store.sql import QUOTA_COUNTERS, SQLStore
+from mailgate.store.records import StoreUnavailable
+from mailgate.store.sql import QUOTA_COUNTERS, SQLStore, new_store_id
 
 BUSY_TIMEOUT_MS = 5000
+IDLE_CONNECTIONS = 16      # connections of ended threads kept for the next ones; more are closed
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -86,47 +91,143 @@ def _v5(db: sqlite_utils.Database) -> None:
     db["quota_events"].drop()
 
 
+def _v6(db: sqlite_utils.Database) -> None:
+    """Covering indexes for the operator views (each aggregate reads the index alone instead of
+    fetching every row by rowid; the indexes they replace were their prefixes, or read only by
+    those views); the indexes retention walks (inbound messages by time, their routes by
+    message); the counts retention leaves behind (the all-time totals never go down); the store's
+    random identity (a re-created store's row ids start again at 1: bounce tokens of the lost
+    store must not match its new messages)."""
+    db["bounces"].create_index(["created_at", "permanent", "server", "recipient"])
+    db["bounces"].drop_index("idx_bounces_created_at")
+    db["deliveries"].create_index(["at", "server", "status"])
+    db["deliveries"].drop_index("idx_deliveries_at")
+    db["deliveries"].create_index(["server", "status"])
+    db["deliveries"].drop_index("idx_deliveries_server_at")
+    db["inbound_messages"].create_index(["created_at"])
+    db["inbound_routes"].create_index(["message"])
+    db["purged_counts"].create({"family": str, "server": str, "status": str, "count": int},
+                               pk=("family", "server", "status"), not_null={"family", "server", "status", "count"})
+    db["store_identity"].create({"id": str}, not_null={"id"})
+    db["store_identity"].insert({"id": new_store_id()})
+
+
 # Each entry moves the schema one version up; `PRAGMA user_version` says where a file stands.
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
+
+
+def _close(db: sqlite_utils.Database) -> None:
+    try:
+        db.conn.close()
+    except sqlite3.Error:
+        pass
+
+
+class _IdleConnections:
+    """Connections whose thread has ended, for the next thread to take."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._idle: list[sqlite_utils.Database] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> sqlite_utils.Database | None:
+        with self._lock:
+            return self._idle.pop() if self._idle else None
+
+    def give_back(self, db: sqlite_utils.Database) -> None:
+        """Keep a connection for the next thread, unless it was left inside a transaction (its
+        thread died mid-way) or enough are kept already."""
+        if not db.conn.in_transaction:
+            with self._lock:
+                if len(self._idle) < self._limit:
+                    self._idle.append(db)
+                    return
+        _close(db)
+
+    def close_all(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for db in idle:
+            _close(db)
+
+
+class _Lease:
+    """A thread's hold on one connection, kept in the thread's local storage: when the thread
+    ends, its locals go and the finaliser gives the connection back for the next thread."""
+
+    def __init__(self, db: sqlite_utils.Database, idle: _IdleConnections):
+        self.db = db
+        self._finalizer = weakref.finalize(self, idle.give_back, db)
+
+    def end(self) -> sqlite_utils.Database:
+        """Keep the connection from going back (it is to be closed)."""
+        self._finalizer.detach()
+        return self.db
 
 
 class SQLiteStore(SQLStore):
     def __init__(self, path: str | Path, *, read_only: bool = False):
-        """`read_only` opens an existing file without migrating or writing (for `explain`)."""
+        """`read_only` opens an existing file without migrating or writing (for `explain`).
+        Otherwise the schema is migrated and the file proven writable, or StoreUnavailable."""
         self.path = str(path)
         self.read_only = read_only
-        if self.path != ":memory:" and not read_only:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._idle = _IdleConnections(IDLE_CONNECTIONS)
         if not read_only:
+            self._prepare()
+
+    def _prepare(self) -> None:
+        """Migrate on a connection of its own and close it: a connection opened while the file
+        system is read-only stays read-only, and while it is open SQLite's WAL index stays
+        read-only for every other connection of the process (healing only with a restart)."""
+        if self.path == ":memory:":     # each connection is its own database: keep the migrated one
             self._migrate(self._db())
+            return
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = self._connect()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"the store {self.path} cannot be opened: {exc}") from exc
+        try:
+            self._migrate(db)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the store {self.path} cannot be written: {exc}") from exc
+        finally:
+            _close(db)
+
+    def _connect(self) -> sqlite_utils.Database:
+        if self.read_only:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+        elif self.path == ":memory:":
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        else:
+            # A connection opened while the file system is read-only stays read-only; it is
+            # dropped after a failure (see _drop_connection) so that the next call reopens.
+            conn = sqlite3.connect(f"file:{self.path}?mode=rwc", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        return sqlite_utils.Database(conn)
 
     def _db(self) -> sqlite_utils.Database:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            if self.read_only:
-                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                       check_same_thread=False)
-            elif self.path == ":memory:":
-                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            else:
-                # A connection opened while the file system is read-only stays read-only; it is
-                # dropped after a failure (see _drop_connection) so that the next call reopens.
-                conn = sqlite3.connect(f"file:{self.path}?mode=rwc", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                                       isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            db = self._local.db = sqlite_utils.Database(conn)
-        return db
+        """This thread's connection: the one it holds, else an idle one, else a new one."""
+        lease = getattr(self._local, "lease", None)
+        if lease is None:
+            lease = self._local.lease = _Lease(self._idle.take() or self._connect(), self._idle)
+        return lease.db
 
     def _migrate(self, db: sqlite_utils.Database) -> None:
+        """Every missing version in one transaction, and the version written even when it is
+        current: a real write, so that a store that cannot be written fails here, at start."""
         with db.conn:
             db.execute("BEGIN IMMEDIATE")
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            for migration in MIGRATIONS[version:]:
                 migration(db)
-                db.execute(f"PRAGMA user_version={number}")
+            db.execute(f"PRAGMA user_version={max(version, len(MIGRATIONS))}")
 
     @property
     def schema_version(self) -> int:
@@ -141,19 +242,19 @@ class SQLiteStore(SQLStore):
             raise
 
     def _in_transaction(self) -> bool:
-        db = getattr(self._local, "db", None)
-        return db is not None and db.conn.in_transaction
+        lease = getattr(self._local, "lease", None)
+        return lease is not None and lease.db.conn.in_transaction
 
     def _drop_connection(self) -> None:
         """After a failure (read-only or full file system, a lost file) this thread opens a new
-        connection at its next call: an old one can stay unusable after the cause is gone."""
-        db = getattr(self._local, "db", None)
-        self._local.db = None
-        if db is not None:
-            try:
-                db.conn.close()
-            except sqlite3.Error:
-                pass
+        connection at its next call: an old one can stay unusable after the cause is gone. The
+        idle connections go too: opened under the same conditions, they may be as unusable, and
+        an idle read-only one would keep the file's WAL index read-only for all the others."""
+        lease = getattr(self._local, "lease", None)
+        self._local.lease = None
+        if lease is not None:
+            _close(lease.end())
+        self._idle.close_all()
 
     @contextmanager
     def transaction(self, *lock_keys: str) -> Iterator[None]:
@@ -176,7 +277,6 @@ class SQLiteStore(SQLStore):
             raise
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.conn.close()
-            self._local.db = None
+        """Close this thread's connection and the idle ones (threads still running keep theirs
+        until they end; a later call opens a new one)."""
+        self._drop_connection()
