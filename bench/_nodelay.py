@@ -2,8 +2,9 @@
 
 libmilter (smfi_opensocket) does not expose its listening socket, so it is found among this
 process's descriptors. Linux copies TCP_NODELAY from a listening socket to every connection it
-accepts, so one setsockopt here covers every Postfix connection. Used by the benchmarks to test
-the fix proposed for the "inet: stall" (see bench/RESULTS.md); unix sockets are left alone.
+accepts, so one setsockopt here covers every Postfix connection. Used by bench/trivial_milter.py
+`--nodelay` (bench/throughput.py configuration g): half of the "inet: stall" fix, which mailgate's
+own milter has built in (mailgate.milter.app._no_delay); unix sockets are left alone.
 """
 
 from __future__ import annotations

@@ -3,16 +3,18 @@
 the operator views (`mailgate bounces stats`, `mailgate stats` when it exists) scale with rows.
 
 Part 1 (live): a private Postfix wired by `mailgate postfix-config`'s settings (milter, socketmap,
-policy service) relays to smtp-sink; `mailgate serve` runs the realistic bench configuration.
-RSS is read from /proc (VmRSS) when idle, after a warm-up batch, every second during the main
-batch (peak), and at the end; the database (main file + WAL) is measured before and after, and
-once more after a WAL checkpoint, to give bytes per 100,000 messages.
+policy service) relays to smtp-sink; `mailgate serve` runs the realistic bench configuration with
+MALLOC_ARENA_MAX=2, as the systemd unit sets it (`--malloc-arena-max 0`: glibc's default).
+RSS is read from /proc (VmRSS, `mailgate serve` and its milter child together) when idle, after
+a warm-up batch, every second during the main batch (peak), and at the end; the database (main
+file + WAL) is measured before and after, and once more after a WAL checkpoint, to give bytes per
+100,000 messages.
 
 Part 2 (offline): a scratch store made by mailgate.store.SQLiteStore is filled with bounce rows
 (and delivery rows) by plain SQL in steps of 10x; at each step the CLI is timed as a subprocess
 and the store's query in process, with `EXPLAIN QUERY PLAN` for each statement.
 
-    bench/memory.py [--quick] [--messages N] [--rows 10000,100000,1000000]
+    bench/memory.py [--quick] [--messages N] [--rows 10000,100000,1000000] [--malloc-arena-max N]
 
 Full: 100,000 messages, 10^4/10^5/10^6 rows. Quick: 2,000 messages, 10^3/10^4 rows.
 Exit: 0 ok, 1 broken, 2 target missed (full run only).
@@ -32,8 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (PYTHON, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, bench_config, machine, median, rss_kib,
-                     smtp_source)
+from _common import (PYTHON, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, bench_config, machine, median,
+                     process_tree, rss_kib, smtp_source)
 
 from mailgate.configfile import load_config
 from mailgate.lab.postfix import PrivatePostfix, make_basedir
@@ -41,6 +43,7 @@ from mailgate.postfixconf import main_settings, transport_service
 from mailgate.store import SQLiteStore
 
 TARGET_RSS_GROWTH = 0.10
+UNIT_MALLOC_ARENA_MAX = 2  # systemd/mailgate.service: Environment=MALLOC_ARENA_MAX=2
 SECONDS_PER_DAY = 86400.0
 
 
@@ -139,8 +142,12 @@ def live_part(base: Path, warmup: int, count: int, env: dict[str, str], wrapper:
         peak = max([after, warm] + [rss for _, rss in samples])
         print(f"after {count} more messages ({sent / seconds:.0f} msgs/s): RSS {after} KiB (peak {peak}); "
               f"database {db_after}", flush=True)
-        threads = len(os.listdir(f"/proc/{serve.pid}/task"))
-        errors = [line for line in serve.log_path.read_text(errors="replace").splitlines() if "role=error" in line]
+        threads = sum(len(os.listdir(f"/proc/{pid}/task")) for pid in process_tree(serve.pid))
+        log = serve.log_path.read_text(errors="replace")
+        errors = [line for line in log.splitlines() if "role=error" in line]
+        # the milter logs an internal error's traceback right after its role=error line
+        tracebacks = [found.group(0) for found in
+                      re.finditer(r"^Traceback \(most recent call last\):\n.*?(?=^mailgate\[|\Z)", log, re.S | re.M)]
     finally:
         if pf is not None:
             pf.stop()
@@ -157,7 +164,7 @@ def live_part(base: Path, warmup: int, count: int, env: dict[str, str], wrapper:
             "db_warm": sum(db_warm.values()), "db_after": sum(db_after.values()), "db_main_checkpointed": main_after,
             "db_main_warm": db_warm["main"], "messages_rows": messages, "quota_rows": quota,
             "count": count, "warmup": warmup, "rate": sent / seconds, "samples": samples,
-            "tempfails": tempfails_warm + tempfails, "errors": errors}
+            "tempfails": tempfails_warm + tempfails, "errors": errors, "tracebacks": tracebacks}
 
 
 # -- part 2: operator views against many rows ------------------------------------------------------
@@ -318,10 +325,12 @@ def main() -> int:
     parser.add_argument("--rows", help="row counts for the stats part, comma separated")
     parser.add_argument("--skip-live", action="store_true", help="only the stats part")
     parser.add_argument("--skip-stats", action="store_true", help="only the live part")
-    parser.add_argument("--malloc-arena-max", type=int, help="run mailgate serve with MALLOC_ARENA_MAX=N (experiment)")
-    parser.add_argument("--traceback", action="store_true", help="log internal errors' tracebacks (bench/_serve.py)")
+    parser.add_argument("--malloc-arena-max", type=int, default=UNIT_MALLOC_ARENA_MAX, metavar="N",
+                        help=f"run mailgate serve with MALLOC_ARENA_MAX=N (default {UNIT_MALLOC_ARENA_MAX}, as the "
+                        "systemd unit; 0: unset, glibc's default of 8 arenas per core)")
     parser.add_argument("--tracemalloc", action="store_true",
-                        help="trace Python allocations in mailgate serve; print what grew (slows it down)")
+                        help="trace Python allocations in mailgate serve's own process (the lookup and policy "
+                        "services; the milter child is not traced); print what grew (slows it down)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     count = args.messages or (2_000 if args.quick else 100_000)
@@ -336,9 +345,12 @@ def main() -> int:
     live = None
     stats: list[dict] = []
     try:
-        env = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
-        wrapper = ["--traceback"] if args.traceback else []
-        wrapper += ["--tracemalloc", str(base / "tracemalloc.txt")] if args.tracemalloc else []
+        if args.malloc_arena_max:
+            env = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)}
+        else:
+            env = {}
+            os.environ.pop("MALLOC_ARENA_MAX", None)  # Serve starts from this environment
+        wrapper = ["--tracemalloc", str(base / "tracemalloc.txt")] if args.tracemalloc else []
         if not args.skip_live:
             live = live_part(base, warmup, count, env, wrapper)
             if args.tracemalloc and (base / "tracemalloc.txt").exists():
@@ -355,8 +367,8 @@ def main() -> int:
         growth_idle = live["after"] / live["idle"] - 1
         growth_warm = live["after"] / live["warm"] - 1
         per_100k = (live["db_main_checkpointed"] - live["db_main_warm"]) / live["count"] * 100_000
-        if args.malloc_arena_max or args.tracemalloc:
-            print(f"# experiment: MALLOC_ARENA_MAX={args.malloc_arena_max or '-'} tracemalloc={args.tracemalloc}")
+        print(f"# MALLOC_ARENA_MAX={args.malloc_arena_max or 'unset (glibc default)'}"
+              + (" tracemalloc (lookup and policy services)" if args.tracemalloc else ""))
         print(f"RESULT rss_kib idle={live['idle']} after_{live['warmup']}={live['warm']} "
               f"after_{live['count']}_more={live['after']} peak={live['peak']} threads={live['threads']}")
         print(f"RESULT rss_growth vs_idle={growth_idle:+.1%} vs_warm={growth_warm:+.1%} "
@@ -367,10 +379,8 @@ def main() -> int:
         print(f"RESULT milter_tempfails={live['tempfails']} (451 answered because of an internal error; "
               f"{len(live['errors'])} role=error lines" + (f", e.g. {live['errors'][0][:160]!r}" if live["errors"] else "")
               + ")")
-        if args.traceback:
-            log = (base / "mem.log").read_text(errors="replace")
-            for found in re.finditer(r"traceback\nTraceback.*?\n(?=mailgate\[)", log, re.S):
-                print(found.group(0)[-1500:])
+        for traceback in live["tracebacks"][:3]:
+            print(traceback[-1500:], end="")
         met = growth_idle <= TARGET_RSS_GROWTH
         missed |= not met
         print(f"TARGET rss growth <= {TARGET_RSS_GROWTH:.0%} after {live['count']} messages: "

@@ -16,18 +16,21 @@ Configurations:
      main.cf settings, without the policy service
   c  the full path: b + the policy service (smtpd_recipient_restrictions = check_policy_service)
   d  reference: a trivial pymilter milter (Milter.Base, default callbacks) on unix:, baseline map
-  e  b with mailgate's milter on inet:127.0.0.1 (the "inet: stall")
-  f  d on inet:                         } the stall reproduced with the trivial milter,
-  g  f with TCP_NODELAY on the milter   }  and the proposed fix applied to the milter's socket
-  h  e with TCP_NODELAY on mailgate's milter socket (the proposed src/ fix, patched in by
-     bench/_serve.py so that it can be measured before it is applied)
-  i  h and the DATA event answered by the milter: both halves of the inet: fix (bench/inet_stall.py)
-  j  c with the proposed CPU fixes patched in (bench/_serve.py --fast): memoised From parsing,
-     SQLite connections reused across libmilter's threads
+  e  b with mailgate's milter on inet:127.0.0.1 (with its built-in fix for the "inet: stall":
+     TCP_NODELAY on the listening socket, DATA answered; bench/inet_stall.py)
+  f  d on inet: (the stall, Postfix -> milter: pymilter's default milter does not answer DATA)
+  g  f with TCP_NODELAY on the trivial milter's listening socket (the other half of the fix,
+     which alone does not remove that stall)
 
-    bench/throughput.py [--quick] [--messages N] [--rounds R] [--modes abc…]
+Every mailgate configuration runs `mailgate serve` as it is: the milter in its child process
+(`python -m mailgate.milter.worker`), the lookup and policy services in the parent. CPU per
+message is read from /proc for the whole `mailgate serve` tree and split into the milter child
+and the parent (the services); for d, f, g it is the trivial milter's process.
 
-The last lines are the figures: msgs/s per configuration and the ratio to the baseline.
+    bench/throughput.py [--quick] [--messages N] [--rounds R] [--modes abc…] [--count-lookups]
+                        [--profile DIR [--profile-flags FLAGS]]
+
+The last lines are the figures: msgs/s per configuration, the ratio to the baseline, CPU per message.
 Exit status: 0 ok; 1 broken (mail not delivered, a process died); 2 a target missed (full run only).
 """
 
@@ -42,7 +45,7 @@ import time
 from pathlib import Path
 
 from _common import (SENDER, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, TrivialMilter, bench_config,
-                     busy_fraction, cpu_seconds, machine, median, smtp_source, system_cpu)
+                     busy_fraction, cpu_seconds, machine, median, process_tree, smtp_source, system_cpu)
 
 from mailgate.configfile import load_config
 from mailgate.lab.ports import free_port
@@ -60,10 +63,23 @@ LABELS = {
     "e": "mailgate milter on inet:",
     "f": "trivial pymilter milter on inet:",
     "g": "trivial milter inet: + TCP_NODELAY",
-    "h": "mailgate milter inet: + TCP_NODELAY",
-    "i": "mailgate inet: + NODELAY + DATA reply",
-    "j": "full path + proposed CPU fixes",
 }
+# `mailgate serve` instance (by configuration name) behind each mode; None: no mailgate
+SERVE_OF = {"a": None, "b": "unix", "c": "unix", "d": None, "e": "inet", "f": None, "g": None}
+ALL_MODES = "".join(LABELS)
+WORKER_MODULE = "mailgate.milter.worker"
+
+
+def milter_worker_pid(serve_pid: int) -> int | None:
+    """The milter child of `mailgate serve`: the process whose command line names the worker."""
+    for pid in process_tree(serve_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if WORKER_MODULE.encode() in argv:
+            return pid
+    return None
 
 
 class Bench:
@@ -77,7 +93,6 @@ class Bench:
         self.milters: dict[str, TrivialMilter] = {}
         self.pf: PrivatePostfix | None = None
         self.settings: dict[str, dict[str, str]] = {}
-        self.serve_of: dict[str, str | None] = {}
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -88,17 +103,9 @@ class Bench:
         configs = {"unix": bench_config(base, "gw", port)}
         if "e" in modes:
             configs["inet"] = bench_config(base, "gwi", port, milter=f"inet:{free_port()}@127.0.0.1")
-        if "h" in modes:
-            configs["nodelay"] = bench_config(base, "gwn", port, milter=f"inet:{free_port()}@127.0.0.1")
-        if "i" in modes:
-            configs["inetfix"] = bench_config(base, "gwd", port, milter=f"inet:{free_port()}@127.0.0.1")
-        if "j" in modes:
-            configs["fast"] = bench_config(base, "gwf", port)
-        wrappers = {"nodelay": ["--nodelay"], "inetfix": ["--nodelay", "--data-reply"], "fast": ["--fast"]}
         for name, path in configs.items():
-            wrapper = wrappers.get(name, [])
-            if self.count_lookups:
-                wrapper = ["--count-lookups", str(base / f"lookups-{name}.txt"), *wrapper]
+            # --count-lookups patches the LookupService, which runs in `mailgate serve` itself
+            wrapper = ["--count-lookups", str(base / f"lookups-{name}.txt")] if self.count_lookups else []
             self.serves[name] = Serve(path, wrapper).start()
         trivial = {"d": (f"unix:{base}/trivial.sock", False), "f": (f"inet:{free_port()}@127.0.0.1", False),
                    "g": (f"inet:{free_port()}@127.0.0.1", True)}
@@ -135,13 +142,8 @@ class Bench:
             "e": lambda: gateway("inet", policy=False),
             "f": lambda: trivial_milter("f"),
             "g": lambda: trivial_milter("g"),
-            "h": lambda: gateway("nodelay", policy=False),
-            "i": lambda: gateway("inetfix", policy=False),
-            "j": lambda: gateway("fast", policy=True),
         }
         self.settings = {mode: all_settings[mode]() for mode in modes}
-        self.serve_of = {"a": None, "b": "unix", "c": "unix", "d": None, "e": "inet", "f": None, "g": None,
-                         "h": "nodelay", "i": "inetfix", "j": "fast"}
 
         self.pf = PrivatePostfix(base / "pf", listeners={"submission": {
             "milter_macro_daemon_name": SUBMISSION_ROLE,
@@ -176,13 +178,37 @@ class Bench:
         self.pf.reload()
         self.current = mode
 
-    def helper_pid(self, mode: str) -> int | None:
-        """The milter process of a configuration: `mailgate serve` or the trivial milter."""
-        serve = self.serves.get(self.serve_of[mode] or "")
+    def helper_pids(self, mode: str) -> tuple[int | None, int | None]:
+        """(top, milter) processes of a configuration: `mailgate serve` and its milter child, or
+        the trivial milter twice; (None, None) for the baseline."""
+        serve = self.serves.get(SERVE_OF[mode] or "")
         if serve is not None:
-            return serve.pid
+            return serve.pid, milter_worker_pid(serve.pid)
         milter = self.milters.get(mode)
-        return milter.proc.pid if milter is not None and milter.proc is not None else None
+        pid = milter.proc.pid if milter is not None and milter.proc is not None else None
+        return pid, pid
+
+    def start_profiles(self, mode: str, round_no: int, profile: Path) -> list[subprocess.Popen]:
+        """py-spy on the milter process (DIR/MODE-roundN.txt) and, for mailgate, on `mailgate serve`
+        itself, where the lookup and policy services run (DIR/MODE-roundN-services.txt).
+        --gil: only the thread holding the GIL is sampled, i.e. where the process's one Python
+        interpreter spends its time (libmilter's threads queue for it).
+
+        `mailgate serve` itself is sampled with --nonblocking: py-spy's ptrace stops interrupt its
+        signal.sigtimedwait, and Python 3.11 then returns a bogus siginfo, which serve takes for a
+        stop signal and exits. --nonblocking cannot give native frames, so with --native only the
+        milter is profiled."""
+        top, milter = self.helper_pids(mode)
+        targets = [(milter, f"{mode}-round{round_no}.txt", self.profile_flags)]
+        if top != milter and "--native" not in self.profile_flags:
+            targets.append((top, f"{mode}-round{round_no}-services.txt", [*self.profile_flags, "--nonblocking"]))
+        pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        spies = [subprocess.Popen([pyspy, "record", "-p", str(pid), "-r", "250", *flags, "-f", "raw",
+                                   "-o", str(profile / name)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for pid, name, flags in targets if pid]
+        if spies:
+            time.sleep(1.0)
+        return spies
 
     def measure(self, mode: str, round_no: int, count: int, profile: Path | None = None) -> dict:
         assert self.pf is not None
@@ -190,17 +216,9 @@ class Bench:
         time.sleep(0.5)  # let master finish replacing the old processes
         recipient = f"r{round_no}-{mode}@customer.example"
         follower = LogFollower(self.pf.maillog)
-        pid = self.helper_pid(mode)
-        cpu_before = cpu_seconds(pid) if pid else 0.0
-        spy = None
-        if profile is not None and pid:
-            # --gil: only the thread holding the GIL is sampled, i.e. where the one Python
-            # interpreter of the process spends its time (libmilter threads queue for it).
-            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
-                                    "record", "-p", str(pid), "-r", "250", *self.profile_flags, "-f", "raw",
-                                    "-o", str(profile / f"{mode}-round{round_no}.txt")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.0)
+        top, milter = self.helper_pids(mode)
+        cpu_before = (cpu_seconds(top), cpu_seconds(milter)) if top and milter else None
+        spies = self.start_profiles(mode, round_no, profile) if profile is not None else []
         sys_before = system_cpu()
         start = time.monotonic()
         source = smtp_source(self.pf.port("submission"), count, recipient, self.base / f"source-{mode}.out")
@@ -229,15 +247,20 @@ class Bench:
                 break
             time.sleep(0.02)
         source.wait(30)
-        if spy is not None:
+        for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
         elapsed = last - start
+        cpu = None
+        # the split needs the same milter process throughout (a restarted child took its CPU along)
+        if cpu_before is not None and self.helper_pids(mode) == (top, milter):
+            cpu = {"total": cpu_seconds(top) - cpu_before[0], "milter": cpu_seconds(milter) - cpu_before[1]}
+            cpu = {key: seconds * 1000 / max(sent, 1) for key, seconds in cpu.items()}
         result = {
             "mode": mode, "round": round_no, "sent": sent, "failed": failed, "samples": samples,
             "seconds": elapsed, "rate": sent / elapsed if elapsed > 0 else 0.0,
             "accept_seconds": source_done - start,
-            "serve_cpu_ms_per_msg": (cpu_seconds(pid) - cpu_before) * 1000 / max(sent, 1) if pid else None,
+            "cpu_ms_per_msg": cpu,
             "busy": busy_fraction(sys_before, system_cpu()),
         }
         if not self.pf.wait_queue_empty(60):
@@ -245,25 +268,43 @@ class Bench:
         return result
 
 
+def cpu_text(mode: str, cpu: dict | None) -> str:
+    """CPU per message: mailgate serve's whole tree, split into its milter child and itself (the
+    lookup and policy services); the trivial milter's one process."""
+    if cpu is None:
+        return ""
+    if SERVE_OF[mode] is None:
+        return f"milter_cpu={cpu['milter']:.2f}ms/msg"
+    return (f"serve_cpu={cpu['total']:.2f}ms/msg (milter {cpu['milter']:.2f} + "
+            f"lookup/policy {cpu['total'] - cpu['milter']:.2f})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI: 200 messages, one round, no targets")
     parser.add_argument("--messages", type=int, help="messages per configuration and round (full: 2000)")
     parser.add_argument("--rounds", type=int, help="rounds (full: 3)")
-    parser.add_argument("--modes", help="configurations to run, baseline first (default: all; --quick: abcdef, "
-                        "the experiments g-j patch mailgate and are left out of CI)")
+    parser.add_argument("--modes", help=f"configurations to run, baseline first (default, also with --quick: "
+                        f"all, {ALL_MODES})")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--profile-flags", default="--gil",
                         help="py-spy record flags (default --gil; e.g. '--native --threads' for C frames)")
-    parser.add_argument("--count-lookups", action="store_true", help="count socketmap lookups per map (printed)")
-    parser.add_argument("--profile", type=Path, help="record a py-spy profile (raw, --gil) of the milter process "
-                        "of each configuration into this directory (read with bench/pyspy_summary.py)")
+    parser.add_argument("--count-lookups", action="store_true",
+                        help="count socketmap lookups per map (bench/_serve.py patches mailgate serve's LookupService)")
+    parser.add_argument("--profile", type=Path, help="record py-spy profiles (raw, --gil) of each configuration into "
+                        "this directory: MODE-roundN.txt the milter process (mailgate's milter child or the trivial "
+                        "milter), MODE-roundN-services.txt mailgate serve's own process (lookup and policy; "
+                        "sampled --nonblocking, so not with --native); "
+                        "read them with bench/pyspy_summary.py")
     args = parser.parse_args()
+    unknown = set(args.modes or "") - set(ALL_MODES)
+    if unknown:
+        parser.error(f"unknown configuration(s) {''.join(sorted(unknown))}: choose from {ALL_MODES}")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     count = args.messages or (200 if args.quick else 2000)
     rounds = args.rounds or (1 if args.quick else 3)
-    modes = "a" + (args.modes or ("abcdef" if args.quick else "abcdefghij")).replace("a", "")
+    modes = "a" + (args.modes or ALL_MODES).replace("a", "")
     info = machine()
     print(f"# throughput: {count} messages x {rounds} round(s), configurations {modes}; "
           f"nproc={info['nproc']} cpu={info['cpu']!r} python={info['python']} postfix={info['postfix']}", flush=True)
@@ -279,11 +320,11 @@ def main() -> int:
             for mode in modes:
                 result = bench.measure(mode, round_no, count, args.profile)
                 results.append(result)
-                cpu = result["serve_cpu_ms_per_msg"]
+                cpu = cpu_text(mode, result["cpu_ms_per_msg"])
                 print(f"round {round_no} {mode} {LABELS[mode]:<38} {result['rate']:7.1f} msgs/s  "
                       f"({result['sent']}/{count} sent in {result['seconds']:.2f}s, smtp-source done "
                       f"{result['accept_seconds']:.2f}s, machine busy {result['busy']:.0%}"
-                      + (f", milter process CPU {cpu:.2f} ms/msg" if cpu is not None else "") + ")", flush=True)
+                      + (f", {cpu}" if cpu else "") + ")", flush=True)
                 if result["sent"] < count or result["failed"]:
                     broken = True
                     print(f"  BROKEN: {result['sent']}/{count} delivered, {result['failed']} failures; "
@@ -296,7 +337,7 @@ def main() -> int:
 
     if args.count_lookups:
         for file in sorted(base.glob("lookups-*.txt")):
-            sent = sum(r["sent"] for r in results if bench.serve_of.get(r["mode"]) == file.stem.split("-", 1)[1])
+            sent = sum(r["sent"] for r in results if SERVE_OF[r["mode"]] == file.stem.split("-", 1)[1])
             for line in file.read_text().splitlines():
                 what, number = line.rsplit(" ", 1)
                 print(f"LOOKUPS {file.stem.split('-', 1)[1]} {what}: {number} ({int(number) / max(sent, 1):.2f} per message)")
@@ -307,16 +348,18 @@ def main() -> int:
         rates = [r["rate"] for r in by_mode[mode]]
         ratios = [r["rate"] / baseline_of_round[r["round"]] for r in by_mode[mode]
                   if baseline_of_round.get(r["round"])]
-        cpus = [r["serve_cpu_ms_per_msg"] for r in by_mode[mode] if r["serve_cpu_ms_per_msg"] is not None]
-        summary[mode] = (median(rates), median(ratios), median(cpus) if cpus else None, rates)
+        cpus = [r["cpu_ms_per_msg"] for r in by_mode[mode] if r["cpu_ms_per_msg"] is not None]
+        cpu = {key: median([c[key] for c in cpus]) for key in cpus[0]} if cpus else None
+        summary[mode] = (median(rates), median(ratios), cpu, rates)
 
     print()
     print(f"# medians over {rounds} round(s) of {count} messages; ratio = rate / baseline of the same round")
     for mode in modes:
         rate, ratio, cpu, rates = summary[mode]
         each = " ".join(f"{r:.0f}" for r in rates)
-        cpu_text = f"  milter_cpu={cpu:.2f}ms/msg" if cpu is not None else ""
-        print(f"RESULT {mode} {LABELS[mode]:<38} msgs/s={rate:7.1f}  ratio={ratio:5.2f}  (rounds: {each}){cpu_text}")
+        cpu = cpu_text(mode, cpu)
+        print(f"RESULT {mode} {LABELS[mode]:<38} msgs/s={rate:7.1f}  ratio={ratio:5.2f}  (rounds: {each})"
+              + (f"  {cpu}" if cpu else ""))
     missed = False
     if "c" in summary:
         ratio = summary["c"][1]

@@ -104,9 +104,12 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
         retention.start()
         while True:
             taken = signal.sigtimedwait(CONTROL_SIGNALS, 1.0)
-            if taken is not None and taken.si_signo != signal.SIGHUP:
+            # Python 3.11 hands back a meaningless siginfo when the wait is interrupted (a
+            # debugger's SIGSTOP/SIGCONT) past its deadline: only our signals count.
+            number = taken.si_signo if taken is not None and taken.si_signo in CONTROL_SIGNALS else None
+            if number in (signal.SIGTERM, signal.SIGINT):
                 break
-            if taken is not None and config_path is not None and reload(runtime, config_path, logger):
+            if number == signal.SIGHUP and config_path is not None and reload(runtime, config_path, logger):
                 milter.reload(runtime.config)
             if not milter.alive():
                 logger.error(kv_line(None, event="milter", error="exited", status=milter.exit_status))
