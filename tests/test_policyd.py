@@ -21,7 +21,13 @@ from mailgate.policy.policyd import (
     PolicyServer,
     _Connection,
 )
+from mailgate.configfile import parse_config
+from mailgate.policy.recipients import GatewayPolicy
+from mailgate.replies import POLICY
+from mailgate.runtime import Runtime
 from mailgate.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
+from mailgate.store import SQLiteStore
+from mailgate.tokens import TokenSigner
 
 LOGGER = "test.policyd"
 DUNNO = b"action=DUNNO\n\n"
@@ -103,17 +109,33 @@ def sockdir() -> Iterator[Path]:
         yield Path(d)
 
 
-def make_server(spec: SocketSpec, **kwargs: Any) -> PolicyServer:
-    return PolicyServer(handler, spec, logger=logging.getLogger(LOGGER), **kwargs)
+class BatchingHandler:
+    """`handler` with `answer_all`, as the gateway's policy has: the server then answers every
+    request of one loop turn in one call. Records the size of each call."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, req: PolicyRequest) -> str:
+        return handler(req)
+
+    def answer_all(self, requests: list[PolicyRequest]) -> list[str]:
+        self.batches.append(len(requests))
+        return [handler(req) for req in requests]
 
 
-@pytest.fixture(params=["unix", "inet"])
+def make_server(spec: SocketSpec, batching: bool = False, **kwargs: Any) -> PolicyServer:
+    return PolicyServer(BatchingHandler() if batching else handler, spec, logger=logging.getLogger(LOGGER),
+                        **kwargs)
+
+
+@pytest.fixture(params=["unix", "inet", "unix-batching"])
 def server(request: pytest.FixtureRequest, sockdir: Path) -> Iterator[PolicyServer]:
-    if request.param == "unix":
+    if request.param.startswith("unix"):
         spec = parse_socket_spec(f"unix:{sockdir}/policy.sock")
     else:
         spec = SocketSpec("inet", host="127.0.0.1", port=0)
-    srv = make_server(spec, max_request_bytes=2000, max_attributes=20)
+    srv = make_server(spec, batching=request.param.endswith("batching"), max_request_bytes=2000, max_attributes=20)
     srv.start_in_thread()
     yield srv
     srv.stop_thread()
@@ -354,6 +376,113 @@ def test_policy_request_mapping() -> None:
         req["recipient"] = "other"  # type: ignore[index]
 
 
+# -- batching: a handler with answer_all gets every request of one loop turn ------------------
+
+def test_batch_spans_connections_and_keeps_each_connections_order() -> None:
+    server = PolicyServer(BatchingHandler(), SocketSpec("inet", host="127.0.0.1", port=0),
+                          logger=logging.getLogger(LOGGER))
+
+    async def run() -> None:
+        (a, a_out), (b, b_out) = connect(server), connect(server)
+        receive(a, request("echo1@b") + request("no-such@mycompany.com"))
+        receive(b, b"\n" + request("echo2@b"))
+        assert a_out.written == b_out.written == b""  # answered at the end of the loop turn
+        await asyncio.sleep(0)
+        assert server.handler.batches == [3]
+        assert a_out.written == echoed("echo1@b") + b"action=550 5.1.1 <no-such@mycompany.com>: no such alias\n\n"
+        assert b_out.written == DUNNO + echoed("echo2@b")
+
+    asyncio.run(run())
+
+
+class FailingBatches(BatchingHandler):
+    """answer_all fails for any batch holding boom@x, or answers one action short."""
+
+    def __init__(self, short: bool = False) -> None:
+        super().__init__()
+        self.short = short
+
+    def answer_all(self, requests: list[PolicyRequest]) -> list[str]:
+        actions = super().answer_all(requests)
+        return actions[:-1] if self.short else actions
+
+
+@pytest.mark.parametrize("short", [False, True], ids=["raises", "short"])
+def test_failed_batch_answers_each_request_alone(short: bool, caplog: pytest.LogCaptureFixture) -> None:
+    server = PolicyServer(FailingBatches(short), SocketSpec("inet", host="127.0.0.1", port=0),
+                          logger=logging.getLogger(LOGGER))
+
+    async def run() -> None:
+        (a, a_out), (b, b_out), (c, c_out) = connect(server), connect(server), connect(server)
+        receive(a, request("boom@x" if not short else "echo0@b"))
+        receive(b, request("echo@b"))
+        receive(c, request("x@y"))
+        c_out.closed = True  # the client left before its answer
+        await asyncio.sleep(0)
+        assert a_out.written == (INTERNAL if not short else echoed("echo0@b"))
+        assert b_out.written == echoed("echo@b")
+        assert c_out.written == b""
+
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        asyncio.run(run())
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert "answering 3 requests together failed" in messages[0]
+    assert any("boom@x" in m for m in messages[1:]) != short
+
+
+def test_oversize_in_a_batch_is_answered_then_closed() -> None:
+    server = fuzz_server(batching=True)
+
+    async def run() -> None:
+        conn, out = connect(server)
+        receive(conn, b"x=" + b"y" * FUZZ_MAX_BYTES)
+        receive(conn, request("echo@b"))  # after the oversize request: never read
+        assert not out.closed
+        await asyncio.sleep(0)
+        assert out.written == DUNNO and out.closed
+
+    asyncio.run(run())
+
+
+# -- the gateway's policy: quota claims of one batch in one transaction ----------------------
+
+QUOTA_CONFIG = """\
+alias_domain: mycompany.com
+quota: {daily: 3, mass_daily: 1, scope: sender_domain}
+mass_mail: {listeners: [mass]}
+"""
+
+
+@pytest.fixture
+def gateway_policy(tmp_path: Path) -> Iterator[GatewayPolicy]:
+    config = parse_config(QUOTA_CONFIG, "<test>", check_files=False).config
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    yield GatewayPolicy(Runtime(config, store, TokenSigner(b"0123456789abcdef0123456789abcdef"),
+                                clock=lambda: 1_800_000_000.0))
+    store.close()
+
+
+def rcpt(sender: str, recipient: str, context: str = "ORIGINATING") -> PolicyRequest:
+    return PolicyRequest({"request": "smtpd_access_policy", "protocol_state": "RCPT", "sender": sender,
+                          "recipient": recipient, "policy_context": context})
+
+
+def test_batched_quota_claims_count_exactly(gateway_policy: GatewayPolicy) -> None:
+    defer = POLICY["quota_defer"]
+    batch = [rcpt("odoo@a.example", f"r{i}@customer.example") for i in range(5)]
+    batch.insert(2, rcpt("someone@customer.example", "catchall@mycompany.com", "INBOUND"))
+    batch.insert(3, rcpt("news@a.example", "m@customer.example", "mass"))
+    batch.append(rcpt("odoo@b.example", "r@customer.example"))
+    assert gateway_policy.answer_all(batch) == ["DUNNO"] * 5 + [defer] * 2 + ["DUNNO"]
+    assert gateway_policy(rcpt("odoo@a.example", "late@customer.example")) == defer
+    assert gateway_policy.answer_all([rcpt("news@a.example", "m2@customer.example", "mass")]) == [defer]
+    store = gateway_policy.runtime.store
+    since = 1_800_000_000.0 - 3600
+    assert store.quota_count("domain:a.example", "transactional", since) == 3
+    assert store.quota_count("domain:a.example", "mass", since) == 1
+    assert store.quota_count("domain:b.example", "transactional", since) == 1
+
+
 # -- fuzzing ------------------------------------------------------------------------------
 
 FUZZ_MAX_BYTES = 300
@@ -416,6 +545,9 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def is_closing(self) -> bool:
+        return self.closed
+
     def pause_reading(self) -> None:
         pass
 
@@ -423,22 +555,38 @@ class FakeTransport:
         pass
 
 
-def feed(chunks: list[bytes]) -> tuple[bytes, bool]:
-    """Drive one connection's protocol object directly, so chunk boundaries are exact."""
-    server = PolicyServer(handler, SocketSpec("inet", host="127.0.0.1", port=0),
-                          max_request_bytes=FUZZ_MAX_BYTES, max_attributes=FUZZ_MAX_ATTRIBUTES,
-                          logger=logging.getLogger("test.policyd.fuzz"))
+def fuzz_server(batching: bool) -> PolicyServer:
+    return PolicyServer(BatchingHandler() if batching else handler, SocketSpec("inet", host="127.0.0.1", port=0),
+                        max_request_bytes=FUZZ_MAX_BYTES, max_attributes=FUZZ_MAX_ATTRIBUTES,
+                        logger=logging.getLogger("test.policyd.fuzz"))
+
+
+def connect(server: PolicyServer) -> tuple[_Connection, FakeTransport]:
+    """A connection's protocol object on a fake transport (inside a running loop)."""
+    conn = _Connection(server)
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn, transport
+
+
+def receive(conn: _Connection, chunk: bytes) -> None:
+    buf = conn.get_buffer(len(chunk))
+    buf[: len(chunk)] = chunk
+    conn.buffer_updated(len(chunk))
+
+
+def feed(chunks: list[bytes], batching: bool = False) -> tuple[bytes, bool]:
+    """Drive one connection's protocol object directly, so chunk boundaries are exact; a
+    batching server answers at the end of each loop turn, so each chunk gets one."""
+    server = fuzz_server(batching)
 
     async def run() -> tuple[bytes, bool]:
-        conn = _Connection(server)
-        transport = FakeTransport()
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn, transport = connect(server)
         for chunk in chunks:
             if transport.closed:
                 break
-            buf = conn.get_buffer(len(chunk))
-            buf[: len(chunk)] = chunk
-            conn.buffer_updated(len(chunk))
+            receive(conn, chunk)
+            await asyncio.sleep(0)
         conn.connection_lost(None)
         return transport.written, transport.closed
 
@@ -479,10 +627,10 @@ def chunked(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(chunked())
-def test_fuzz_framing_any_chunking(case: tuple[bytes, list[bytes]]) -> None:
+@given(chunked(), st.booleans())
+def test_fuzz_framing_any_chunking(case: tuple[bytes, list[bytes]], batching: bool) -> None:
     stream, chunks = case
-    written, closed = feed(chunks)
+    written, closed = feed(chunks, batching)
     replies, must_close = expected_replies(stream)
     assert written == b"".join(replies)
     answers = written.split(b"\n\n")
@@ -491,10 +639,11 @@ def test_fuzz_framing_any_chunking(case: tuple[bytes, list[bytes]]) -> None:
     assert closed == must_close
 
 
-@pytest.fixture(scope="module")
-def fuzz_server() -> Iterator[PolicyServer]:
+@pytest.fixture(scope="module", params=["plain", "batching"])
+def socket_fuzz_server(request: pytest.FixtureRequest) -> Iterator[PolicyServer]:
     with tempfile.TemporaryDirectory(prefix="mg-", dir="/tmp") as d:
-        srv = PolicyServer(handler, parse_socket_spec(f"unix:{d}/f.sock"),
+        srv = PolicyServer(BatchingHandler() if request.param == "batching" else handler,
+                           parse_socket_spec(f"unix:{d}/f.sock"),
                            max_request_bytes=FUZZ_MAX_BYTES, max_attributes=FUZZ_MAX_ATTRIBUTES,
                            logger=logging.getLogger("test.policyd.fuzz"))
         srv.start_in_thread()
@@ -505,12 +654,12 @@ def fuzz_server() -> Iterator[PolicyServer]:
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(chunked())
-def test_fuzz_over_real_socket(fuzz_server: PolicyServer, case: tuple[bytes, list[bytes]]) -> None:
+def test_fuzz_over_real_socket(socket_fuzz_server: PolicyServer, case: tuple[bytes, list[bytes]]) -> None:
     """The same property end to end: after the client's EOF the server has answered every
     complete request exactly once, then closed; and it still serves a new connection."""
     stream, chunks = case
     sock = socket.socket(socket.AF_UNIX)
-    sock.connect(fuzz_server.address.path)
+    sock.connect(socket_fuzz_server.address.path)
     sock.settimeout(5)
     try:
         for chunk in chunks:
@@ -531,6 +680,6 @@ def test_fuzz_over_real_socket(fuzz_server: PolicyServer, case: tuple[bytes, lis
     finally:
         sock.close()
     assert received == b"".join(expected_replies(stream)[0])
-    fresh = Client(fuzz_server.address)
+    fresh = Client(socket_fuzz_server.address)
     assert fresh.ask(request("x@y")) == DUNNO
     fresh.close()

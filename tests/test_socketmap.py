@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from mailgate import routing
+from mailgate.configfile import parse_config
+from mailgate.policy.lookup import LookupService
 from mailgate.policy.netstring import NetstringDecoder, encode
 from mailgate.policy.socketmap import SocketmapReply, SocketmapServer
+from mailgate.routing import route_for_sender
+from mailgate.runtime import Runtime
 from mailgate.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
+from mailgate.store import SQLiteStore
+from mailgate.tokens import TokenSigner
 
 
 def handler(mapname: str, key: str) -> SocketmapReply:
@@ -292,3 +299,76 @@ def test_postfix_postmap_client(sockdir: Path) -> None:
         assert (missing.returncode, missing.stdout) == (1, ""), missing.stderr
     finally:
         srv.stop_thread()
+
+
+# -- the lookup service: answers made once per configuration, redone at reload -------------------
+
+LOOKUP_CONFIG = """\
+alias_domain: mycompany.com
+aliases:
+  sales: {target: "odoo:crm.lead"}
+servers:
+  - {name: transactional, host: smtp.example.net, port: 587, from_filter: mycompany.com, priority: 10}
+  - {name: mass, host: mass.example.net, port: 465, security: tls, priority: 20}
+"""
+SIGNER_SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+def lookup_runtime(tmp_path: Path, text: str = LOOKUP_CONFIG) -> Runtime:
+    config = parse_config(text, "<test>", check_files=False).config
+    return Runtime(config, SQLiteStore(tmp_path / "store.sqlite3"), TokenSigner(SIGNER_SECRET))
+
+
+def test_lookup_answers_follow_a_reload(tmp_path: Path) -> None:
+    runtime = lookup_runtime(tmp_path)
+    lookup = LookupService(runtime)
+    token = f"bounce+{runtime.signer.make(7, 'mass', 1_800_000_000)}@mycompany.com"
+    for _ in range(2):  # the second round is answered from the per-configuration views
+        assert lookup("transport", token) == SocketmapReply.ok("mg-mass:[mass.example.net]:465")
+        assert lookup("transport", "odoo@mycompany.com") == SocketmapReply.ok("mg-transactional:[smtp.example.net]:587")
+        assert lookup("transport", "<>") == SocketmapReply.notfound()
+        assert lookup("delivery", "sales@mycompany.com") == SocketmapReply.ok("mailgate-odoo:sales")
+        assert lookup("delivery", "support@mycompany.com") == SocketmapReply.notfound()
+    runtime.config = parse_config(LOOKUP_CONFIG.replace("mass.example.net", "bulk.example.net")
+                                  .replace("sales:", "support:"), "<test>", check_files=False).config
+    assert lookup("transport", token) == SocketmapReply.ok("mg-mass:[bulk.example.net]:465")
+    assert lookup("delivery", "sales@mycompany.com") == SocketmapReply.notfound()
+    assert lookup("delivery", "support@mycompany.com") == SocketmapReply.ok("mailgate-odoo:support")
+    runtime.store.close()
+
+
+def test_token_of_a_server_gone_at_reload_routes_by_the_rule(tmp_path: Path) -> None:
+    runtime = lookup_runtime(tmp_path)
+    token = f"bounce+{runtime.signer.make(7, 'mass', 1_800_000_000)}@mycompany.com"
+    assert route_for_sender(runtime.config, runtime.signer, token).reason == "token"
+    without_mass = parse_config(LOOKUP_CONFIG.replace("priority: 20", "priority: 20, active: false"),
+                                "<test>", check_files=False).config
+    route = route_for_sender(without_mass, runtime.signer, token)
+    assert (route.server.name, route.reason) == ("transactional", "rule")
+    runtime.store.close()
+
+
+def test_plain_route_cache_is_bounded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(routing, "PLAIN_ROUTE_CACHE_SIZE", 8)
+    runtime = lookup_runtime(tmp_path)
+    for i in range(50):
+        route = route_for_sender(runtime.config, runtime.signer, f"user{i}@mycompany.com")
+        assert (route.server.name, route.reason) == ("transactional", "rule")
+        assert len(routing.routing_view(runtime.config).plain_routes) <= 8
+    assert route_for_sender(runtime.config, runtime.signer, "<>").reason == "null-sender"
+    runtime.store.close()
+
+
+def test_per_config_views_are_per_object() -> None:
+    built: list[object] = []
+
+    def build(config: object) -> list[object]:
+        built.append(config)
+        return [config]
+
+    views = routing.PerConfig(build)
+    configs = [parse_config(LOOKUP_CONFIG, "<test>", check_files=False).config for _ in range(6)]
+    assert configs[0] == configs[1] and configs[0] is not configs[1]
+    assert [views(c)[0] for c in configs] == configs
+    assert views(configs[5])[0] is configs[5] and views(configs[2])[0] is configs[2]
+    assert len(built) == 6  # equal but distinct objects get their own views; the recent ones are kept

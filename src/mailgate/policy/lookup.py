@@ -7,18 +7,52 @@ Maps served:
   e.g. `mailgate-odoo:sales` (the pipe to Odoo) or the alias's own Postfix transport.
 - `sasl-NAME` (smtp_sasl_password_maps of the server's transport): `user:password`, so that the
   password stays in its own file and never enters Postfix's configuration.
+
+Answers are shared, immutable `SocketmapReply` objects made once per configuration (the socket
+server keeps their wire form), so a lookup allocates nothing it does not have to.
 """
 
 from __future__ import annotations
 
+import logging
+
+from mailgate.config import Config
 from mailgate.inbound import delivery_transport
 from mailgate.logfmt import kv_line
 from mailgate.policy.socketmap import SocketmapReply
 from mailgate.replies import LOOKUP
-from mailgate.routing import route_for_sender
+from mailgate.routing import PerConfig, route_for_sender
 from mailgate.runtime import Runtime
 
 SASL_PREFIX = "sasl-"
+NOTFOUND = SocketmapReply.notfound()
+UNKNOWN_MAP = SocketmapReply.perm(LOOKUP["unknown_map"])
+DELIVERY_CACHE_SIZE = 4096
+"""Recipients whose delivery answer is remembered: Postfix's resolver keeps only its last answer,
+so the same alias addresses are asked for every message (a stream of unknown addresses only
+restarts the cache)."""
+
+
+class LookupAnswers:
+    """One configuration's answers: the transport reply per server, the delivery replies seen."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.transport = {server.name: SocketmapReply.ok(server.transport) for server in config.servers}
+        self.delivery: dict[str, SocketmapReply] = {}
+
+    def delivery_reply(self, recipient: str) -> SocketmapReply:
+        reply = self.delivery.get(recipient)
+        if reply is None:
+            transport = delivery_transport(self.config, recipient)
+            reply = NOTFOUND if transport is None else SocketmapReply.ok(transport)
+            if len(self.delivery) >= DELIVERY_CACHE_SIZE:
+                self.delivery.clear()
+            self.delivery[recipient] = reply
+        return reply
+
+
+lookup_answers: PerConfig[LookupAnswers] = PerConfig(LookupAnswers)
 
 
 class LookupService:
@@ -27,20 +61,20 @@ class LookupService:
 
     def __call__(self, mapname: str, key: str) -> SocketmapReply:
         runtime = self.runtime
+        config = runtime.config
         if mapname == "transport":
-            route = route_for_sender(runtime.config, runtime.signer, key)
-            if runtime.logger.isEnabledFor(10):
+            route = route_for_sender(config, runtime.signer, key)
+            if runtime.logger.isEnabledFor(logging.DEBUG):
                 runtime.logger.debug(kv_line(None, role="lookup", sender=key, reason=route.reason,
                                              server=route.server.name if route.server else None))
             if route.server is None:
-                return SocketmapReply.notfound()
-            return SocketmapReply.ok(route.server.transport)
+                return NOTFOUND
+            return lookup_answers(config).transport[route.server.name]
         if mapname == "delivery":
-            transport = delivery_transport(runtime.config, key)
-            return SocketmapReply.notfound() if transport is None else SocketmapReply.ok(transport)
+            return lookup_answers(config).delivery_reply(key)
         if mapname.startswith(SASL_PREFIX):
             credentials = runtime.passwords.get(mapname[len(SASL_PREFIX):])
             if credentials is None:
-                return SocketmapReply.notfound()
+                return NOTFOUND
             return SocketmapReply.ok(f"{credentials[0]}:{credentials[1]}")
-        return SocketmapReply.perm(LOOKUP["unknown_map"])
+        return UNKNOWN_MAP

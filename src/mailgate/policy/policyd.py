@@ -3,7 +3,9 @@ ending with an empty line in, ``action=<access(5) action>`` and an empty line ou
 
 Postfix asks once per recipient at RCPT time and reuses the connection, so, as in the
 socketmap server, per-request overhead is the whole cost: a ``BufferedProtocol`` answers
-every complete request straight from ``buffer_updated`` (no task, no await). The wire format
+every complete request from ``buffer_updated`` (no task, no await), or, for a handler that
+answers requests together (``answer_all``), at the end of the event loop's turn, with every
+other request that arrived in it: under load several at a time, alone otherwise. The wire format
 is LF-only like Postfix's own; a request is everything up to the first empty line, so a stray
 empty line is an (empty, malformed) request of its own and every complete request gets
 exactly one reply, which keeps a confused client's replies in step with its requests.
@@ -16,8 +18,9 @@ its end can no longer be found.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from mailgate.policy.service import ServiceConnection, StreamService
 from mailgate.replies import POLICY
@@ -127,6 +130,7 @@ class PolicyRequest(Mapping[str, str]):
 
 
 Handler = Callable[[PolicyRequest], str]
+BatchHandler = Callable[[Sequence[PolicyRequest]], Sequence[str]]
 
 
 class MalformedRequest(ValueError):
@@ -150,32 +154,46 @@ def parse_request(block: bytes | bytearray, max_attributes: int) -> dict[str, st
     UTF-8 survive as surrogate escapes, so values round-trip and never raise."""
     if block.count(b"\n") >= max_attributes:
         raise MalformedRequest(f"more than {max_attributes} attributes")
-    attrs: dict[str, str] = {}
-    for line in block.decode("utf-8", "surrogateescape").split("\n"):
-        name, sep, value = line.partition("=")
-        if not sep or not name:
-            what = "no '='" if not sep else "empty attribute name"
-            raise MalformedRequest(f"{what} in line {line[:_LOG_SNIPPET]!r}")
-        attrs[name] = value
+    lines = block.decode("utf-8", "surrogateescape").split("\n")
+    try:
+        # Every line splits in two or dict() refuses it: the whole request in one C-level pass.
+        attrs = dict(line.split("=", 1) for line in lines)
+    except ValueError:
+        attrs = None
+    if attrs is None or "" in attrs:
+        raise _first_malformed_line(lines)
     request = attrs.get("request")
     if request != REQUEST_TYPE:
         raise MalformedRequest(f"request={(request or '')[:_LOG_SNIPPET]!r}, not {REQUEST_TYPE}")
     return attrs
 
 
+def _first_malformed_line(lines: list[str]) -> MalformedRequest:
+    """Why a request's lines do not parse, naming the first line at fault (for the log)."""
+    for line in lines:
+        name, sep, _ = line.partition("=")
+        if not sep or not name:
+            what = "no '='" if not sep else "empty attribute name"
+            return MalformedRequest(f"{what} in line {line[:_LOG_SNIPPET]!r}")
+    return MalformedRequest("unparsable request")
+
+
 class _Connection(ServiceConnection):
-    """One Postfix client connection; answers every complete request as soon as it arrives."""
+    """One Postfix client connection. Complete requests are queued in arrival order, with the
+    replies already known (malformed requests) in between; the server answers the queue right
+    away, or, for a batching handler, together with every other connection's at the end of the
+    loop iteration. Either way each connection gets one write per read, replies in order."""
 
     def __init__(self, server: PolicyServer) -> None:
         super().__init__(server)
         self._server = server
-        self._handler = server.handler
         self._logger = server.logger
         self._max_bytes = server.max_request_bytes
         self._max_attributes = server.max_attributes
         self._malformed = server._malformed_reply
-        self._cache = server._reply_cache
         self._pending = bytearray()
+        self.queue: list[bytes | PolicyRequest] = []
+        self.closing = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -184,6 +202,8 @@ class _Connection(ServiceConnection):
                                len(self._pending))
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.closing:
+            return
         self._last_activity = self._loop.time()
         pending = self._pending
         if pending:
@@ -194,71 +214,72 @@ class _Connection(ServiceConnection):
         else:
             scan = 0
             data = bytes(self._view[:nbytes])
-        replies = []
+        queue = self.queue
+        queued = len(queue)
         start = 0
         while True:
             if data.startswith(b"\n", start):
-                replies.append(self._reject(MalformedRequest("empty request")))
+                queue.append(self._reject(MalformedRequest("empty request")))
                 start += 1
                 continue
             end = data.find(b"\n\n", scan if scan > start else start)
             if end < 0:
                 break
             if end + 2 - start > self._max_bytes:
-                self._oversize(replies)
+                self._oversize()
                 return
-            replies.append(self._answer(data[start:end]))
+            queue.append(self._request(data[start:end]))
             start = end + 2
         if len(data) - start >= self._max_bytes:
-            self._oversize(replies)
+            self._oversize()
             return
         if data is pending:
             del pending[:start]
         elif start < len(data):
             pending += data[start:]
+        if len(queue) > queued:
+            self._server.dispatch(self)
+
+    def deliver(self, replies: list[bytes]) -> None:
+        """Write the replies for everything queued (``replies`` in queue order); close the
+        connection if an oversize request asked for it."""
+        self.queue = []
+        if self._transport.is_closing():  # the client left while its batch was answered
+            return
         if replies:
             self._transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
+        if self.closing:
+            self._transport.close()
 
-    def _oversize(self, replies: list[bytes]) -> None:
+    def _oversize(self) -> None:
         self._logger.warning(
             "policyd: request over %d bytes; answering %r and closing the connection",
             self._max_bytes, self._server.on_malformed)
         self._pending = bytearray()
-        replies.append(self._malformed)
-        self._transport.write(b"".join(replies))
-        self._transport.close()
+        self.queue.append(self._malformed)
+        self.closing = True
+        self._server.dispatch(self)
 
     def _reject(self, exc: MalformedRequest) -> bytes:
         self._logger.warning("policyd: malformed request (%s); answering %r",
                              exc, self._server.on_malformed)
         return self._malformed
 
-    def _answer(self, block: bytes | bytearray) -> bytes:
+    def _request(self, block: bytes | bytearray) -> bytes | PolicyRequest:
         try:
-            request = PolicyRequest(parse_request(block, self._max_attributes))
+            return PolicyRequest(parse_request(block, self._max_attributes))
         except MalformedRequest as exc:
             return self._reject(exc)
-        try:
-            action = self._handler(request)
-            reply = self._cache.get(action)
-            if reply is not None:
-                return reply
-            if not isinstance(action, str) or not action.strip():
-                raise TypeError(f"policy handler returned {action!r}, not an action")
-        except Exception:
-            self._logger.exception(
-                "policyd: handler failed for instance=%s recipient=%r; answering %r",
-                request.instance, request.recipient[:_LOG_SNIPPET], INTERNAL_ERROR_ACTION)
-            return self._server._internal_error_reply
-        reply = encode_action(action)
-        if len(self._cache) >= _REPLY_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[action] = reply
-        return reply
 
 
 class PolicyServer(StreamService):
     """Serves ``handler(request) -> action`` over the policy delegation protocol on ``spec``.
+
+    A handler that also has ``answer_all(requests) -> actions`` is given, once per turn of the
+    event loop, every request that arrived in that turn over all connections: a handler that
+    writes per request (the daily quota) can then commit them in one transaction instead of
+    one each. Should ``answer_all`` fail for several requests, each is answered alone, so that
+    one bad request never costs the others their answer.
 
     Runs inside an existing event loop (``start``/``close``) or, next to a blocking main
     program such as libmilter, in its own daemon thread (``start_in_thread``/``stop_thread``).
@@ -285,13 +306,80 @@ class PolicyServer(StreamService):
             raise ValueError("max_request_bytes must be >= 2 and max_attributes >= 1")
         super().__init__(spec, idle_timeout=idle_timeout, mode=mode, group=group, logger=logger)
         self.handler = handler
+        self.answer_all: BatchHandler | None = getattr(handler, "answer_all", None)
         self.on_malformed = on_malformed
         self.max_request_bytes = max_request_bytes
         self.max_attributes = max_attributes
         self._malformed_reply = encode_action(on_malformed)
         self._internal_error_reply = encode_action(INTERNAL_ERROR_ACTION)
         self._reply_cache: dict[str, bytes] = {}
+        self._waiting: list[_Connection] = []
 
     def connection(self) -> _Connection:
         return _Connection(self)
 
+    def dispatch(self, connection: _Connection) -> None:
+        """Answer a connection's queue now, or at the end of this loop turn when batching."""
+        if self.answer_all is None:
+            self._answer([connection])
+            return
+        if not self._waiting:
+            asyncio.get_running_loop().call_soon(self._answer_waiting)
+        if connection not in self._waiting:
+            self._waiting.append(connection)
+
+    def _answer_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        self._answer(waiting)
+
+    def _answer(self, connections: list[_Connection]) -> None:
+        requests = [item for connection in connections for item in connection.queue
+                    if isinstance(item, PolicyRequest)]
+        replies = iter(self._replies(requests)) if requests else iter(())
+        for connection in connections:
+            connection.deliver([item if isinstance(item, bytes) else next(replies) for item in connection.queue])
+
+    def _replies(self, requests: list[PolicyRequest]) -> list[bytes]:
+        if self.answer_all is not None:
+            try:
+                actions = self.answer_all(requests)
+                if len(actions) != len(requests):
+                    raise TypeError(f"answer_all gave {len(actions)} actions for {len(requests)} requests")
+            except Exception:
+                if len(requests) == 1:
+                    self._log_failure(requests[0])
+                    return [self._internal_error_reply]
+                self.logger.exception("policyd: answering %d requests together failed; answering each alone",
+                                      len(requests))
+            else:
+                return [self._reply(request, action) for request, action in zip(requests, actions)]
+        return [self._reply_alone(request) for request in requests]
+
+    def _reply_alone(self, request: PolicyRequest) -> bytes:
+        try:
+            action = self.handler(request)
+        except Exception:
+            self._log_failure(request)
+            return self._internal_error_reply
+        return self._reply(request, action)
+
+    def _reply(self, request: PolicyRequest, action: str) -> bytes:
+        try:
+            reply = self._reply_cache.get(action)
+            if reply is not None:
+                return reply
+            if not isinstance(action, str) or not action.strip():
+                raise TypeError(f"policy handler returned {action!r}, not an action")
+        except TypeError:  # not an action, or not even hashable
+            self._log_failure(request)
+            return self._internal_error_reply
+        reply = encode_action(action)
+        if len(self._reply_cache) >= _REPLY_CACHE_SIZE:
+            self._reply_cache.clear()
+        self._reply_cache[action] = reply
+        return reply
+
+    def _log_failure(self, request: PolicyRequest) -> None:
+        self.logger.exception(
+            "policyd: handler failed for instance=%s recipient=%r; answering %r",
+            request.instance, request.recipient[:_LOG_SNIPPET], INTERNAL_ERROR_ACTION)

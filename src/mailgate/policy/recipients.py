@@ -5,14 +5,24 @@ of accepting the mail and bouncing it later (backscatter). Recipients outside th
 are checked only for mail leaving the gateway: mass mail to a blacklisted address is refused
 when the listener or SASL user already says it is mass mail, and every leaving recipient takes
 one from the daily quota, atomically, so that concurrent connections cannot overshoot it.
+
+The quota is the only write, one per leaving recipient. The policy server hands `answer_all`
+every request that arrived in one turn of its event loop, and their claims are counted and
+taken in one transaction (in arrival order, so each claim sees the ones before it): the same
+exact count as a transaction per recipient, for one commit per turn instead of one per
+recipient.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+
+from mailgate.config import Config
 from mailgate.inbound import on_alias_domain, recipient_verdict
 from mailgate.logfmt import kv_line
 from mailgate.policy.policyd import PolicyRequest
-from mailgate.quota import WINDOW, quota_allows, quota_key, quota_limit
+from mailgate.quota import WINDOW, QuotaClaim, quota_allows, quota_claim
 from mailgate.replies import POLICY
 from mailgate.runtime import Runtime
 
@@ -24,10 +34,34 @@ class GatewayPolicy:
         self.runtime = runtime
 
     def __call__(self, request: PolicyRequest) -> str:
+        return self.answer_all([request])[0]
+
+    def answer_all(self, requests: Sequence[PolicyRequest]) -> list[str]:
+        """The action for each request, the quota claims among them in one transaction."""
+        config = self.runtime.config
+        actions: list[str] = []
+        claims: list[tuple[int, PolicyRequest, QuotaClaim]] = []
+        for request in requests:
+            outcome = self._screen(config, request)
+            if isinstance(outcome, QuotaClaim):
+                claims.append((len(actions), request, outcome))
+                actions.append(DUNNO)
+            else:
+                actions.append(outcome)
+        if claims:
+            granted = self._take_quota(config, [claim for _, _, claim in claims])
+            for (index, request, claim), allowed in zip(claims, granted):
+                if not allowed:
+                    actions[index] = self._refuse(
+                        request, "quota_hold" if config.quota.action == "hold" else "quota_defer",
+                        quota=claim.key, stream=claim.stream, limit=claim.limit)
+        return actions
+
+    def _screen(self, config: Config, request: PolicyRequest) -> str | QuotaClaim:
+        """Every check before the quota: the action when one decides, else the quota claim."""
         if request.protocol_state.upper() != "RCPT" or not request.recipient:
             return DUNNO
         runtime = self.runtime
-        config = runtime.config
         recipient = request.recipient.lower()
         verdict = recipient_verdict(config, recipient, lambda token: runtime.signer.verify(token) is not None)
         if verdict not in ("outside", "accept"):
@@ -35,28 +69,35 @@ class GatewayPolicy:
         listener = request.get("policy_context") or ""
         if listener in config.inbound_listeners or on_alias_domain(config, recipient):
             return DUNNO
-        mass = listener in config.mass_mail.listeners or (request.sasl_username or None) in config.mass_mail.sasl_users
+        sasl_user = request.sasl_username or None
+        mass = listener in config.mass_mail.listeners or sasl_user in config.mass_mail.sasl_users
         if mass and runtime.store.blacklisted([recipient]):
             return self._refuse(request, "blacklisted")
-        return self._take_quota(request, mass)
+        claim = quota_claim(config, request.sender, sasl_user, mass)
+        return DUNNO if claim is None else claim
 
-    def _take_quota(self, request: PolicyRequest, mass: bool) -> str:
-        runtime = self.runtime
-        config = runtime.config
-        key = quota_key(config, request.sender, request.sasl_username or None)
-        limit = quota_limit(config, mass)
-        if key is None or limit is None:
-            return DUNNO
-        stream = "mass" if mass else "transactional"
-        now = runtime.clock()
-        with runtime.store.transaction(f"quota:{key}:{stream}"):
-            allowed = quota_allows(runtime.store.quota_count(key, stream, now - WINDOW), limit)
-            if allowed and not config.dry_run:
-                runtime.store.quota_take(key, stream, now)
-        if allowed:
-            return DUNNO
-        return self._refuse(request, "quota_hold" if config.quota.action == "hold" else "quota_defer",
-                            quota=key, stream=stream, limit=limit)
+    def _take_quota(self, config: Config, claims: list[QuotaClaim]) -> list[bool]:
+        """Whether each claim is within its limit; those that are, are taken. One transaction
+        holding every claim's lock: each counter is read once and followed in process for the
+        claims after it, and written once with what the batch took from it."""
+        store = self.runtime.store
+        now = self.runtime.clock()
+        counts: dict[tuple[str, str], int] = {}
+        taken: Counter[tuple[str, str]] = Counter()
+        granted: list[bool] = []
+        with store.transaction(*{claim.lock_key for claim in claims}):
+            for claim in claims:
+                counter = (claim.key, claim.stream)
+                if counter not in counts:
+                    counts[counter] = store.quota_count(claim.key, claim.stream, now - WINDOW)
+                allowed = quota_allows(counts[counter], claim.limit)
+                if allowed and not config.dry_run:
+                    counts[counter] += 1
+                    taken[counter] += 1
+                granted.append(allowed)
+            for (key, stream), count in taken.items():
+                store.quota_take(key, stream, now, count)
+        return granted
 
     def _refuse(self, request: PolicyRequest, verdict: str, **extra: object) -> str:
         runtime = self.runtime

@@ -1,15 +1,22 @@
 """What the socketmap and policy servers share: the listener's life and the connection's.
 
-Both are asyncio servers next to libmilter, which owns the main thread and the process signals:
-`start_in_thread` runs the loop in a daemon thread with those signals blocked. Both protocols
+Both are asyncio servers next to a main thread that owns the process signals (`mailgate serve`):
+`start_in_thread` runs each loop in a daemon thread of its own with those signals blocked, so
+that a policy request waiting on the store (the GIL released) never holds up a lookup. Both protocols
 read into a preallocated buffer (`asyncio.BufferedProtocol`), close idle connections, and stop
 reading from a client that pipelines without reading its replies.
+
+The loop is uvloop's when it is installed: a lookup's own work is a few microseconds, and the
+loop's machinery per request (wake up, read, write) is as much again; uvloop (libuv, in C) does
+it for less than asyncio's selector loop (bench/RESULTS-services.md has the figures).
+`MAILGATE_EVENT_LOOP=asyncio` keeps the standard loop, to compare or to rule uvloop out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from typing import cast
@@ -19,6 +26,20 @@ from mailgate.sockets import SocketSpec
 
 BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 READ_BUFFER = 16 * 1024
+EVENT_LOOP_VARIABLE = "MAILGATE_EVENT_LOOP"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A loop for a service thread: uvloop's when importable, unless the environment asks for
+    the standard one."""
+    if os.environ.get(EVENT_LOOP_VARIABLE, "").lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 class StreamService:
@@ -78,7 +99,7 @@ class StreamService:
 
         def run() -> None:
             signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_SIGNALS)
-            loop = asyncio.new_event_loop()
+            loop = new_event_loop()
             try:
                 loop.run_until_complete(self.start())
             except BaseException as exc:

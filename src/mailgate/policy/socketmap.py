@@ -88,6 +88,7 @@ _MALFORMED_REQUEST = encode(LOOKUP["malformed_request"].encode())
 _MALFORMED_NETSTRING = encode(LOOKUP["malformed_netstring"].encode())
 _TOO_LONG = encode(LOOKUP["too_long"].encode())
 _INTERNAL_ERROR = encode(LOOKUP["internal_error"].encode())
+_WIRE_CACHE_SIZE = 256
 
 
 class _Connection(ServiceConnection):
@@ -99,6 +100,7 @@ class _Connection(ServiceConnection):
         self._handler = server.handler
         self._max_reply = server.max_reply
         self._decoder = NetstringDecoder(server.max_request)
+        self._wire = server.wire_cache
 
     def buffer_updated(self, nbytes: int) -> None:
         self._last_activity = self._loop.time()
@@ -125,7 +127,14 @@ class _Connection(ServiceConnection):
         name = mapname.decode("utf-8", "surrogateescape")
         text = key.decode("utf-8", "surrogateescape")
         try:
-            return encode(self._handler(name, text).to_bytes(self._max_reply))
+            reply = self._handler(name, text)
+            wire = self._wire.get(reply)
+            if wire is None:
+                wire = encode(reply.to_bytes(self._max_reply))
+                if len(self._wire) >= _WIRE_CACHE_SIZE:
+                    self._wire.clear()
+                self._wire[reply] = wire
+            return wire
         except Exception:
             self._server.logger.exception("socketmap handler failed for %s %r", name, text[:200])
             return _INTERNAL_ERROR
@@ -156,6 +165,9 @@ class SocketmapServer(StreamService):
         self.handler = handler
         self.max_request = max_request
         self.max_reply = max_reply
+        self.wire_cache: dict[SocketmapReply, bytes] = {}
+        """Replies already framed: a handler answers from a few shared replies (one route per
+        server), so each is encoded once, not once per lookup."""
 
     def connection(self) -> _Connection:
         return _Connection(self)
