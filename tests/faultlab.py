@@ -453,8 +453,8 @@ def assert_nothing_lost(gw: LabGateway, ledger: Ledger, *, allow_queued: bool = 
     - never accepted -> delivered nowhere (the client still has it);
     - no message accepted twice by the gateway (a client retried only after a 4xx).
     Returns a summary {accepted, refused_then_retried, ...} for the caller's own checks."""
+    queued = gw.pf.queue_files()   # first: a message delivered in between is then counted
     counts = delivery_counts(gw)
-    queued = gw.pf.queue_files()
     problems = []
     summary = {"messages": 0, "accepted": 0, "never_accepted": 0, "temporary_replies": 0, "unknown_replies": 0}
     for sent in ledger.all():

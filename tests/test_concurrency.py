@@ -46,7 +46,7 @@ OUTBOUND_RCPTS_EACH = QUOTA + 12
 ALIAS = "support@mycompany.com"
 ALIAS_KEY = "odoo:helpdesk.ticket"
 SOAK_SECONDS = float(os.environ.get("MAILGATE_SOAK_SECONDS", "60"))
-DRAIN_SECONDS = 20.0
+DRAIN_SECONDS = 60.0
 
 GATEWAY_EXTRA_CONFIG = f"""\
 loop: {{minutes: 120, threshold: {THRESHOLD}, action: reject}}
@@ -282,8 +282,8 @@ def test_64_parallel_sessions_keep_loop_guard_and_quota_exact(gw):
         if all(counts.get(m, 0) >= n for m, n in want.items()):
             break
         time.sleep(1)
+    queued = set(gw.pf.queue_files())   # first: a message delivered in between is then counted
     counts = delivery_counts(gw)
-    queued = set(gw.pf.queue_files())
     doubled = {m: (counts[m], n) for m, n in want.items() if counts.get(m, 0) > n}
     assert not doubled, f"delivered more than once (got, want): {list(doubled.items())[:5]}"
     jobs_by_id = {j.msgid: j for j in done}
