@@ -214,16 +214,17 @@ class TrivialMilter:
     """bench/trivial_milter.py on `spec`: pymilter's Milter.Base, every default callback."""
 
     def __init__(self, base: Path, spec: str, *, nodelay: bool = False, name: str = "trivial",
-                 data_reply: bool = False) -> None:
+                 data_reply: bool = False, like_mailgate: bool = False) -> None:
         self.spec = spec
         self.nodelay = nodelay
         self.data_reply = data_reply
+        self.like_mailgate = like_mailgate
         self.log = base / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "TrivialMilter":
         argv = [PYTHON, str(BENCH_DIR / "trivial_milter.py"), self.spec] + (["--nodelay"] if self.nodelay else []) \
-            + (["--data-reply"] if self.data_reply else [])
+            + (["--data-reply"] if self.data_reply else []) + (["--like-mailgate"] if self.like_mailgate else [])
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 20

@@ -21,6 +21,9 @@ Configurations:
   f  d on inet: (the stall, Postfix -> milter: pymilter's default milter does not answer DATA)
   g  f with TCP_NODELAY on the trivial milter's listening socket (the other half of the fix,
      which alone does not remove that stall)
+  h  the trivial milter negotiating what mailgate's milter negotiates (connect, MAIL, RCPT, every
+     header, body, all without a reply; the envelope changed at end of message) and doing nothing:
+     the floor of a header-reading pymilter milter (bench/trivial_milter.py --like-mailgate)
 
 Every mailgate configuration runs `mailgate serve` as it is: the milter in its child process
 (`python -m mailgate.milter.worker`), the lookup and policy services in the parent. CPU per
@@ -63,9 +66,10 @@ LABELS = {
     "e": "mailgate milter on inet:",
     "f": "trivial pymilter milter on inet:",
     "g": "trivial milter inet: + TCP_NODELAY",
+    "h": "trivial milter, mailgate's callbacks (unix)",
 }
 # `mailgate serve` instance (by configuration name) behind each mode; None: no mailgate
-SERVE_OF = {"a": None, "b": "unix", "c": "unix", "d": None, "e": "inet", "f": None, "g": None}
+SERVE_OF = {"a": None, "b": "unix", "c": "unix", "d": None, "e": "inet", "f": None, "g": None, "h": None}
 ALL_MODES = "".join(LABELS)
 WORKER_MODULE = "mailgate.milter.worker"
 
@@ -108,10 +112,11 @@ class Bench:
             wrapper = ["--count-lookups", str(base / f"lookups-{name}.txt")] if self.count_lookups else []
             self.serves[name] = Serve(path, wrapper).start()
         trivial = {"d": (f"unix:{base}/trivial.sock", False), "f": (f"inet:{free_port()}@127.0.0.1", False),
-                   "g": (f"inet:{free_port()}@127.0.0.1", True)}
+                   "g": (f"inet:{free_port()}@127.0.0.1", True), "h": (f"unix:{base}/trivial-h.sock", False)}
         for mode, (spec, nodelay) in trivial.items():
             if mode in modes:
-                self.milters[mode] = TrivialMilter(base, spec, nodelay=nodelay, name=f"trivial-{mode}").start()
+                self.milters[mode] = TrivialMilter(base, spec, nodelay=nodelay, name=f"trivial-{mode}",
+                                                   like_mailgate=mode == "h").start()
 
         loaded = {name: load_config(path).config for name, path in configs.items()}
         config = loaded["unix"]
@@ -142,6 +147,7 @@ class Bench:
             "e": lambda: gateway("inet", policy=False),
             "f": lambda: trivial_milter("f"),
             "g": lambda: trivial_milter("g"),
+            "h": lambda: trivial_milter("h"),
         }
         self.settings = {mode: all_settings[mode]() for mode in modes}
 

@@ -1,7 +1,12 @@
 """A trivial pymilter milter for reference: `Milter.Base` with every default callback (only end
 of message is negotiated; it answers CONTINUE), on the socket given as the first argument.
 
-    trivial_milter.py unix:/path | inet:PORT@127.0.0.1 [--nodelay] [--data-reply]
+    trivial_milter.py unix:/path | inet:PORT@127.0.0.1 [--nodelay] [--data-reply] [--like-mailgate]
+
+`--like-mailgate` negotiates what mailgate's milter negotiates (connect, MAIL, RCPT, every header
+and the body, all without a reply; end of message changing the envelope sender) and does nothing
+with it: the floor of any pymilter milter that reads the headers, to set mailgate's own CPU
+per message against (bench/RESULTS.md).
 
 `--nodelay` sets TCP_NODELAY on libmilter's listening socket (Linux copies it to every accepted
 connection): the experiment behind the "inet: stall" finding in bench/RESULTS.md.
@@ -29,10 +34,44 @@ class TrivialDataReply(Milter.Base):
         return Milter.CONTINUE
 
 
+class TrivialLikeMailgate(Milter.Base):
+    """mailgate's callbacks and reply flags, with none of its work."""
+
+    @Milter.noreply
+    def connect(self, hostname, family, hostaddr):
+        self.headers = []
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envfrom(self, sender, *params):
+        self.headers = []
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envrcpt(self, recipient, *params):
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def header(self, name, value):
+        self.headers.append((name, value))
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def body(self, chunk):
+        return Milter.CONTINUE
+
+    def eom(self):
+        self.chgfrom("<bounce+trivial@mycompany.com>")
+        return Milter.CONTINUE
+
+
 def main() -> None:
     spec = sys.argv[1]
     nodelay = "--nodelay" in sys.argv[2:]
     Milter.factory = TrivialDataReply if "--data-reply" in sys.argv[2:] else Trivial
+    if "--like-mailgate" in sys.argv[2:]:
+        Milter.factory = TrivialLikeMailgate
+        Milter.set_flags(Milter.CHGFROM)
     milter = Milter.milter
     # What Milter.runmilter does, with the socket opened explicitly so that it can be tuned.
     milter.set_connect_callback(Milter.connect_callback)
