@@ -6,7 +6,9 @@ uses its own addresses and finds its mail by queue id, so the tests do not depen
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import smtplib
 import sqlite3
 import subprocess
@@ -218,3 +220,28 @@ def test_sockets_are_0660_for_the_postfix_group(gw):
         info = os.stat(gw.base / name)
         assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660, name
         assert info.st_gid == grp.getgrnam("postfix").gr_gid, name
+
+
+def test_a_reload_reaches_the_milter_process(gw):
+    """SIGHUP goes to `serve`; the milter runs in its own process and must rewrite with the new
+    configuration from the next message on (and with the old one again after the next reload)."""
+    original = gw.config_path.read_text()
+    assert "default_from: notifications" in original
+    reloads = gw.mailgate_log().count("event=reload result=ok")
+    try:
+        gw.config_path.write_text(original.replace("default_from: notifications", "default_from: robot"))
+        os.kill(gw.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while gw.mailgate_log().count("event=reload result=ok") == reloads:
+            assert time.monotonic() < deadline, "no reload"
+            time.sleep(0.1)
+        got = send(gw, '"Admin" <admin@example.com>', "admin@example.com").got
+        assert re.search(rb"^From: (.*)$", got.data, re.M).group(1).strip() == b'"Admin" <robot@mycompany.com>'
+    finally:
+        gw.config_path.write_text(original)
+        os.kill(gw.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while gw.mailgate_log().count("event=reload result=ok") < reloads + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    got = send(gw, '"Admin" <admin@example.com>', "admin@example.com").got
+    assert re.search(rb"^From: (.*)$", got.data, re.M).group(1).strip() == b'"Admin" <notifications@mycompany.com>'
