@@ -37,6 +37,7 @@ from mailgate.sockets import parse_socket_spec
 _LENGTH = struct.Struct(">I")
 READY = b"ready\n"
 PR_SET_PDEATHSIG = 1
+PARENT_VARIABLE = "MAILGATE_SERVE_PID"
 LIBMILTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
@@ -73,7 +74,8 @@ class MilterProcess:
     def start(self, timeout: float = 30) -> None:
         """Start the child and return once its socket listens (MilterStartError otherwise)."""
         self.process = subprocess.Popen([sys.executable, "-m", "mailgate.milter.worker"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                                        env={**os.environ, PARENT_VARIABLE: str(os.getpid())})
         assert self.process.stdin is not None and self.process.stdout is not None
         try:
             write_frame(self.process.stdin, self.config)
@@ -146,10 +148,10 @@ def _wake_listener(spec: str) -> None:
         pass
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the line above took effect
+    if str(os.getppid()) != os.environ.get(PARENT_VARIABLE):  # it died before the line above took effect
         os._exit(1)
 
 
@@ -161,7 +163,7 @@ def _follow_parent(runtime: object, control: BinaryIO, spec: str) -> None:
 
 
 def main() -> int:
-    _die_with_parent(os.getppid())
+    _die_with_parent()
     # Before any thread exists: every thread but libmilter's signal thread blocks these, so a
     # SIGTERM always reaches libmilter (a clean stop) and never Python's default action.
     signal.pthread_sigmask(signal.SIG_BLOCK, LIBMILTER_SIGNALS)
