@@ -95,7 +95,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     lookup.start_in_thread()
     policy.start_in_thread()
     retention = RetentionPass(runtime, logger)
-    milter = MilterProcess(runtime.config, logger)
+    milter = MilterProcess(runtime.config)
     restarts = RestartBudget()
     status = 0
     try:
@@ -118,7 +118,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
                     status = 1
                     break
                 milter.stop(timeout=5)
-                milter = MilterProcess(runtime.config, logger)
+                milter = MilterProcess(runtime.config)
                 milter.start()
                 logger.info(kv_line(None, event="milter", result="restarted"))
     except MilterStartError as exc:

@@ -66,9 +66,8 @@ def read_frame(stream: BinaryIO) -> Config | None:
 class MilterProcess:
     """The parent's handle on the child: start it, reload it, stop it, see whether it died."""
 
-    def __init__(self, config: Config, logger: logging.Logger):
+    def __init__(self, config: Config):
         self.config = config
-        self.logger = logger
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> None:
