@@ -257,7 +257,10 @@ def test_lock_longer_than_busy_timeout_tempfails_then_everything_goes_through(gw
         stages = sorted((s.listener, s.last.stage, s.last.code) for s in ledger.all())
         assert stages == [("inbound", "data", 451), ("mass", "rcpt", 450), ("submission", "data", 451)], stages
         assert all("4.3.0" in s.last.text for s in ledger.all()), [s.last.text for s in ledger.all()]
-        assert held < BUSY_TIMEOUT * 3, "requests waited on each other much longer than one busy timeout"
+        # Each request waits for the lock once. The inbound message may wait twice in a row: its
+        # RCPT can share the policy service's batch with the mass mail's quota claim, then its end
+        # of data waits in the milter; never once more per request of a batch.
+        assert held < BUSY_TIMEOUT * 2 + 2, "requests waited on each other longer than their own busy timeouts"
         # nothing of theirs was queued
         time.sleep(0.5)
         assert gw.pf.queue_files() == []

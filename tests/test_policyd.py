@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import socket
+import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from mailgate.replies import POLICY
 from mailgate.runtime import Runtime
 from mailgate.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
 from mailgate.store import SQLiteStore
+from mailgate.store import sqlite as sqlite_store
 from mailgate.tokens import TokenSigner
 
 LOGGER = "test.policyd"
@@ -481,6 +483,37 @@ def test_batched_quota_claims_count_exactly(gateway_policy: GatewayPolicy) -> No
     assert store.quota_count("domain:a.example", "transactional", since) == 3
     assert store.quota_count("domain:a.example", "mass", since) == 1
     assert store.quota_count("domain:b.example", "transactional", since) == 1
+
+
+def test_a_locked_store_defers_the_quota_claims_of_a_batch_and_answers_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Behind a lock held past the busy timeout, every claim of the batch gets the internal error
+    (one wait, not one more per claim) and the requests that take no quota keep their answers."""
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 200)
+    config = parse_config(QUOTA_CONFIG, "<test>", check_files=False).config
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    policy = GatewayPolicy(Runtime(config, store, TokenSigner(b"0123456789abcdef0123456789abcdef"),
+                                   clock=lambda: 1_800_000_000.0))
+    holder = sqlite3.connect(tmp_path / "store.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    batch = [rcpt("odoo@a.example", "r1@customer.example"),
+             rcpt("someone@customer.example", "catchall@mycompany.com", "INBOUND"),
+             rcpt("news@a.example", "m@customer.example", "mass"),
+             rcpt("someone@customer.example", "nobody@mycompany.com", "INBOUND")]
+    try:
+        with caplog.at_level(logging.INFO):
+            actions = policy.answer_all(batch)
+    finally:
+        holder.rollback()
+        holder.close()
+    failed = POLICY["internal_error"]
+    assert actions == [failed, "DUNNO", failed, POLICY["no_such_alias"]]
+    errors = [r.getMessage() for r in caplog.records if "role=error" in r.getMessage()]
+    assert len(errors) == 1 and 'event=quota error=OperationalError detail="database is locked" claims=2' in errors[0]
+    assert sum("verdict=internal_error" in r.getMessage() for r in caplog.records) == 2
+    assert store.quota_count("domain:a.example", "transactional", 0) == 0
+    assert policy.answer_all(batch[:1]) == ["DUNNO"]  # the lock gone, the quota is taken again
+    store.close()
 
 
 # -- fuzzing ------------------------------------------------------------------------------

@@ -49,12 +49,31 @@ class GatewayPolicy:
             else:
                 actions.append(outcome)
         if claims:
-            granted = self._take_quota(config, [claim for _, _, claim in claims])
+            try:
+                granted = self._take_quota(config, [claim for _, _, claim in claims])
+            except Exception as exc:  # the store failed (locked past its busy timeout, gone, ...)
+                return self._defer_claims(actions, claims, exc)
             for (index, request, claim), allowed in zip(claims, granted):
                 if not allowed:
                     actions[index] = self._refuse(
                         request, "quota_hold" if config.quota.action == "hold" else "quota_defer",
                         quota=claim.key, stream=claim.stream, limit=claim.limit)
+        return actions
+
+    def _defer_claims(self, actions: list[str], claims: list[tuple[int, PolicyRequest, QuotaClaim]],
+                      exc: Exception) -> list[str]:
+        """Defer the requests whose quota could not be taken; the others keep their answers.
+
+        A failure to take the quota is the store's, the same for every claim of the batch:
+        answering them again one by one would only wait for the same lock once more per claim
+        (a batch of n behind a held lock would take n + 1 busy timeouts instead of one)."""
+        logger = self.runtime.logger
+        logger.error(kv_line(None, role="error", event="quota", error=type(exc).__name__, detail=str(exc),
+                             claims=len(claims)), exc_info=True)  # the traceback: which statement failed
+        for index, request, _ in claims:
+            logger.info(kv_line(request.queue_id or None, role="policy", **{"from": request.sender or None},
+                                rcpt=request.recipient, verdict="internal_error", action=POLICY["internal_error"]))
+            actions[index] = POLICY["internal_error"]
         return actions
 
     def _screen(self, config: Config, request: PolicyRequest) -> str | QuotaClaim:
