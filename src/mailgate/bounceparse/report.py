@@ -1,0 +1,39 @@
+"""What a delivery report comes down to: who failed, who is only delayed, and the summary
+handed to Odoo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BouncedRecipient:
+    address: str                 # normalised: lower-cased, no angle brackets, no "rfc822;" prefix
+    permanent: bool | None       # True hard, False soft, None unknown
+    status: str | None           # enhanced status "5.1.1"
+    action: str | None           # "failed" | "delayed" | ... (DSN Action), "failed" for non-DSN
+    reason: str | None           # diagnostic text, one line, capped
+    remote_mta: str | None
+
+
+@dataclass(frozen=True)
+class BounceReport:
+    is_bounce: bool              # at least one FAILED recipient (delayed-only reports: False)
+    kind: str                    # "dsn", "flufl", "delay", "autoreply", "none"
+    recipients: tuple[BouncedRecipient, ...]   # failed ones only
+    reporting_mta: str | None
+    original_message_id: str | None
+    delayed: tuple[BouncedRecipient, ...] = ()
+
+
+NOT_A_BOUNCE = BounceReport(False, "none", (), None, None)
+
+
+def report_json(report: BounceReport, token: str | None) -> dict:
+    """The summary handed to Odoo and the logs: exactly these keys, JSON-serialisable."""
+    return {
+        "is_bounce": report.is_bounce,
+        "recipients": [{"address": r.address, "permanent": r.permanent, "status": r.status,
+                        "reason": r.reason} for r in report.recipients],
+        "token": token,
+    }
