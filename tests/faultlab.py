@@ -416,6 +416,17 @@ def delivery_counts(gw: LabGateway) -> dict[str, int]:
     return counts
 
 
+def _history(gw: LabGateway, problems: list[str]) -> str:
+    """Every maillog and mailgate log line about the queue ids the problems name: where an
+    accepted message went is the first thing to know when one is missing."""
+    ids = set(re.findall(r"queued as ([0-9A-F]{6,})", "\n".join(problems)))
+    if not ids:
+        return ""
+    logs = gw.pf.log_text().splitlines() + gw.mailgate_log().splitlines()
+    return "--- history of " + " ".join(sorted(ids)) + " ---\n" + "\n".join(
+        line for line in logs if any(queue_id in line for queue_id in ids))
+
+
 def expected_copies(sent: Sent) -> int:
     """Recipients a message was accepted for (its last accepted transaction)."""
     if sent.via_sendmail:
@@ -478,7 +489,7 @@ def assert_nothing_lost(gw: LabGateway, ledger: Ledger, *, allow_queued: bool = 
             if copies and not any(r.outcome == UNKNOWN for r in sent.replies):
                 problems.append(f"{sent.msgid}: never accepted but delivered {copies} time(s); "
                                 f"replies: {[str(r) for r in sent.replies]}")
-    assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} problems)"
+    assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} problems)\n" + _history(gw, problems[:5])
     return summary
 
 

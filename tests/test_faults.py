@@ -271,6 +271,37 @@ def test_lock_longer_than_busy_timeout_tempfails_then_everything_goes_through(gw
 
 
 # --------------------------------------------------------------------------------------------
+# Killed between its commit and its answer
+
+
+def test_a_row_a_killed_milter_left_unconfirmed_does_not_make_the_retry_a_duplicate(gw):
+    """The milter writes an inbound message's row before it answers Postfix. Killed in between,
+    it leaves the row and no queued message, and the client retries the same Message-ID: that
+    retry must be delivered, not dropped as a duplicate (the loss the SIGKILL test once found)."""
+    who = f"k{uid()}@customer.example"
+    data, msgid = make_message(who, "sales@mycompany.com")
+    conn = sqlite3.connect(store_path(gw), timeout=30)
+    with conn:
+        conn.execute("insert into inbound_messages (queue_id, message_id, sender, routes, action, created_at, "
+                     "confirmed) values ('DEADBEEF1', ?, ?, 'alias:sales', 'deliver', ?, 0)", [msgid, who, time.time()])
+    conn.close()
+    reply = send(gw.pf.port("inbound"), who, ["sales@mycompany.com"], data)
+    assert reply.outcome == ACCEPTED, str(reply)
+    wait_until(lambda: any(msgid.encode() in call.message for call in gw.odoo.calls), 30, what="delivery to Odoo")
+    rows = wait_until(lambda: (r := db_rows(gw, "select queue_id, confirmed from inbound_messages where message_id = ? "
+                                                "order by id", msgid)) and r[-1]["confirmed"] == 1 and r, 10,
+                      what="the new row confirmed")
+    assert [r["confirmed"] for r in rows] == [0, 1]
+    # now it was queued, the same message again is a duplicate
+    again = send(gw.pf.port("inbound"), who, ["sales@mycompany.com"], data)
+    assert again.outcome == ACCEPTED, str(again)
+    wait_until(lambda: re.search(rf"role=inbound .*action=drop .*duplicate of {re.escape(msgid)}", gw.mailgate_log()),
+               20, what="the duplicate dropped")
+    time.sleep(1)
+    assert sum(msgid.encode() in call.message for call in gw.odoo.calls) == 1
+
+
+# --------------------------------------------------------------------------------------------
 # The store's file deleted while running
 
 

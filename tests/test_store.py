@@ -66,7 +66,7 @@ def bounce(recipient: str, days_ago: float = 0, permanent: bool | None = True, *
 
 
 def test_schema_is_current(store):
-    assert store.schema_version == 6
+    assert store.schema_version == 7
 
 
 def test_outbound_rows(store):
@@ -87,6 +87,30 @@ def test_inbound_counts_and_duplicates(store):
     assert store.already_received("<i1@x>") and not store.already_received("<i2@x>")
     assert store.recent_count("s@x", "odoo:crm.lead", NOW - 60) == 1
     assert store.recent_count("s@x", "odoo:crm.lead", NOW + 1) == 0
+
+
+def test_an_unconfirmed_inbound_row_is_no_duplicate_until_confirmed(store):
+    """The milter writes the row before it answers; a milter killed in between leaves it
+    unconfirmed, and the client's retry of that message must be delivered, not dropped."""
+    row = store.record_inbound(InboundRecord("Q1", "<u@x>", "s@x", "alias:sales", "deliver", NOW, confirmed=0),
+                               ["odoo:crm.lead"])
+    assert not store.already_received("<u@x>")
+    assert store.recent_count("s@x", "odoo:crm.lead", NOW - 60) == 1  # the loop guard counts it all the same
+    store.confirm_inbound(row)
+    assert store.already_received("<u@x>")
+
+
+def test_migration_from_v6_keeps_inbound_rows_received(open_same, monkeypatch):
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:6])
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", postgres_backend.MIGRATIONS[:6])
+    old = open_same()
+    assert old.schema_version == 6
+    old._execute("insert into inbound_messages (queue_id, message_id, sender, routes, action, created_at) "
+                 "values (?, ?, ?, ?, ?, ?)", ["Q", "<old@x>", "s@x", "alias:sales", "deliver", NOW])
+    old.close()
+    monkeypatch.undo()
+    new = open_same()
+    assert new.schema_version == 7 and new.already_received("<old@x>")
 
 
 def test_transaction_rolls_back(store):
@@ -223,7 +247,7 @@ def test_migration_from_v5_keeps_the_rows_and_adds_identity_and_indexes(open_sam
     old.close()
     monkeypatch.undo()
     new = open_same()
-    assert new.schema_version == 6 and len(new.store_id()) == 32
+    assert new.schema_version == 7 and len(new.store_id()) == 32
     assert new.outbound_message(row)["queue_id"] == "Q1"
     assert new.bounce_kind_totals() == [{"kind": "hard", "bounces": 1}]
     assert new.delivery_totals() == [{"server": "trans", "status": "bounced", "count": 1}]

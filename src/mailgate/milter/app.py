@@ -49,6 +49,23 @@ class GatewayMilter(Milter.Base):
     def __init__(self) -> None:
         self.listener: str | None = None
         self.facts = MessageFacts()
+        self.unconfirmed_row: int | None = None
+
+    def _confirm_delivered(self) -> None:
+        """Postfix went on past the last message (its abort after the transaction, the next
+        MAIL FROM, or the end of the session): it took our answer, so the message is queued and
+        its Message-ID now marks duplicates. A milter killed before this leaves the row
+        unconfirmed and the client's retry is delivered, not dropped as a duplicate of mail no
+        queue holds. (Postfix failing after our answer, or a later milter refusing, also goes
+        on: this guards against our own failures, the ones we can see.)"""
+        row, self.unconfirmed_row = self.unconfirmed_row, None
+        if row is None:
+            return
+        try:
+            self.runtime.store.confirm_inbound(row)
+        except Exception as exc:  # the message is queued: failing here loses nothing
+            self.runtime.logger.error(kv_line(None, role="error", event="confirm", row=row,
+                                              error=type(exc).__name__, detail=str(exc)))
 
     @Milter.noreply
     def connect(self, hostname: str, family: int, hostaddr: object) -> int:
@@ -57,6 +74,7 @@ class GatewayMilter(Milter.Base):
 
     @Milter.noreply
     def envfrom(self, sender: str, *params: str) -> int:
+        self._confirm_delivered()
         self.facts = MessageFacts(listener=self.listener, sasl_user=self.getsymval("{auth_authen}") or None,
                                   envelope_sender=clean_text(_strip_brackets(sender)))
         return Milter.CONTINUE
@@ -159,6 +177,7 @@ class GatewayMilter(Milter.Base):
             self.addrcpt(f"<{bounce.original}>")
         if decision.action == "deliver":
             self.addheader(ROUTE_HEADER, effects.route_header)
+            self.unconfirmed_row = effects.unconfirmed_row
             return Milter.CONTINUE
         if decision.action == "drop":
             return Milter.DISCARD
@@ -170,7 +189,12 @@ class GatewayMilter(Milter.Base):
         return Milter.REJECT if code.startswith("5") else Milter.TEMPFAIL
 
     def abort(self) -> int:
+        self._confirm_delivered()  # Postfix aborts after every transaction, the accepted ones too
         self.facts = MessageFacts(listener=self.listener)
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        self._confirm_delivered()
         return Milter.CONTINUE
 
 
@@ -181,9 +205,6 @@ class TcpGatewayMilter(GatewayMilter):
     so GatewayMilter skips DATA altogether."""
 
     def data(self) -> int:
-        return Milter.CONTINUE
-
-    def close(self) -> int:
         return Milter.CONTINUE
 
 

@@ -25,6 +25,7 @@ class InboundEffects:
     route_header: str | None     # the X-Mailgate-Route value to add when delivering
     log_line: str
     bounce: BounceEffects | None = None
+    unconfirmed_row: int | None = None  # the row to confirm once Postfix goes on (InboundRecord)
 
 
 def inbound_message(facts: MessageFacts) -> InboundMessage:
@@ -47,10 +48,14 @@ def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Inb
             recent_count=lambda sender, key: store.recent_count(sender, key, since),
             token_valid=lambda token: runtime.signer.verify(token) is not None)
         is_bounce = bool(decision.routes) and decision.routes[0].kind == "bounce"
+        row = None
         if not config.dry_run:
-            counted = [r.key for r in decision.routes] if decision.action == "deliver" else []
-            store.record_inbound(InboundRecord(queue_id, message.message_id, message.sender,
-                                               ", ".join(decision.labels), decision.action, now), counted)
+            delivering = decision.action == "deliver"
+            counted = [r.key for r in decision.routes] if delivering else []
+            row = store.record_inbound(InboundRecord(queue_id, message.message_id, message.sender,
+                                                     ", ".join(decision.labels), decision.action, now,
+                                                     confirmed=0 if delivering else 1), counted)
+            row = row if delivering else None
             if decision.action == "deliver" and not is_bounce and message.sender:
                 store.reset_bounces(message.sender, now)  # B2: the address is alive
     line = kv_line(queue_id, role="inbound", **{"from": facts.envelope_sender or None}, sender=message.sender,
@@ -61,4 +66,4 @@ def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Inb
     bounce = None
     if decision.action == "deliver" and is_bounce and not config.dry_run:
         bounce = process_bounce(runtime, facts, queue_id)
-    return InboundEffects(decision, header, line, bounce)
+    return InboundEffects(decision, header, line, bounce, row)

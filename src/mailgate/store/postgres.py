@@ -81,6 +81,7 @@ MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection], None], ...], ...] =
         count bigint not null, primary key (family, server, status))""",
      "create table store_identity (id text not null)",
      _identify),
+    ("alter table inbound_messages add column confirmed integer",),
 )
 MIGRATION_LOCK = 7_357_001  # one gateway migrates at a time
 

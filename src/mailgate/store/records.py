@@ -37,7 +37,12 @@ class OutboundRecord:
 
 @dataclass(frozen=True)
 class InboundRecord:
-    """One inbound message as accepted (or dropped) by the milter."""
+    """One inbound message as accepted (or dropped) by the milter.
+
+    `confirmed` is 0 while the milter cannot know that Postfix queued the message: the row is
+    written before the milter answers, and a milter killed in between (or a session that fails
+    then) leaves the client to retry a message that no queue holds. Such a row must not make
+    the retry a duplicate; the milter confirms it once Postfix has gone on past that message."""
 
     queue_id: str
     message_id: str | None
@@ -45,6 +50,7 @@ class InboundRecord:
     routes: str
     action: str
     created_at: float
+    confirmed: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class Store(Protocol):
     def already_received(self, message_id: str) -> bool: ...
     def recent_count(self, sender: str, key: str, since: float) -> int: ...
     def record_inbound(self, record: InboundRecord, route_keys: list[str]) -> int: ...
+    def confirm_inbound(self, row_id: int) -> None: ...
     # bounces and the blacklist
     def record_bounce(self, record: BounceRecord) -> int: ...
     def countable_bounces(self, address: str, since: float) -> list[BounceFact]: ...

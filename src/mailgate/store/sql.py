@@ -115,8 +115,10 @@ class SQLStore:
     # -- inbound --------------------------------------------------------------------------------------
 
     def already_received(self, message_id: str) -> bool:
-        return self._scalar("select 1 from inbound_messages where message_id = ? and action = 'deliver' limit 1",
-                            [message_id]) is not None
+        """A copy was delivered: accepted by the milter and confirmed queued (rows from before
+        schema v7 have no confirmation and count as confirmed)."""
+        return self._scalar("select 1 from inbound_messages where message_id = ? and action = 'deliver' "
+                            "and coalesce(confirmed, 1) = 1 limit 1", [message_id]) is not None
 
     def recent_count(self, sender: str, key: str, since: float) -> int:
         return self._scalar("select count(*) from inbound_routes where sender = ? and route_key = ? "
@@ -128,6 +130,9 @@ class SQLStore:
             self._execute("insert into inbound_routes (message, sender, route_key, created_at) values (?, ?, ?, ?)",
                           [row_id, record.sender, key, record.created_at])
         return row_id
+
+    def confirm_inbound(self, row_id: int) -> None:
+        self._execute("update inbound_messages set confirmed = 1 where id = ?", [row_id])
 
     # -- bounces and the blacklist ------------------------------------------------------------------
 

@@ -112,8 +112,14 @@ def _v6(db: sqlite_utils.Database) -> None:
     db["store_identity"].insert({"id": new_store_id()})
 
 
+def _v7(db: sqlite_utils.Database) -> None:
+    """Whether Postfix is known to have queued an inbound message (InboundRecord.confirmed):
+    only then does its Message-ID make a later copy a duplicate."""
+    db["inbound_messages"].add_column("confirmed", int)
+
+
 # Each entry moves the schema one version up; `PRAGMA user_version` says where a file stands.
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
 
 
 def _close(db: sqlite_utils.Database) -> None:
