@@ -26,6 +26,7 @@ from mailgate.configfile import parse_config
 from mailgate.lab.postfix import make_basedir
 from mailgate.store import OutboundRecord, SQLiteStore, open_store
 from mailgate.watchlog import LogEvent, derived_server, follow, follow_journal, main_watch_log, parse_line
+from mailgate.watchlog.parsing import parse_current
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com
@@ -112,7 +113,7 @@ def test_lines_that_are_not_delivery_results(line):
 
 def test_a_december_line_read_in_january_is_last_years():
     january = datetime(2027, 1, 1, 0, 5, tzinfo=timezone.utc).timestamp()
-    event = watchlog._parse_current("Dec 31 23:59:00 " + REAL_SENT.split(" ", 3)[3], january)
+    event = parse_current("Dec 31 23:59:00 " + REAL_SENT.split(" ", 3)[3], january)
     assert event.at == at("2026-12-31T23:59:00")
 
 
@@ -343,11 +344,11 @@ def test_a_crash_inside_a_batch_leaves_neither_rows_nor_position(tmp_path, store
         if len(calls) == 3:
             raise RuntimeError("power cut")
         return real(store_, config, event)
-    monkeypatch.setattr(watchlog, "record_event", failing)
+    monkeypatch.setattr("mailgate.watchlog.recording.record_event", failing)
     with pytest.raises(RuntimeError):
         read(log, store)
     assert counted(store) == [] and store.log_position(watchlog.position_key(str(log))) is None
-    monkeypatch.setattr(watchlog, "record_event", real)
+    monkeypatch.setattr("mailgate.watchlog.recording.record_event", real)
     read(log, store)
     assert counted(store) == expected(0, 5)
 
