@@ -323,41 +323,74 @@ def test_fuzz_find_token_headers(value, name):
 
 # --- flufl.bounce's own samples, where the installed package ships them ---------------------
 
+# Where an installed flufl.bounce keeps its sample reports. The PyPI wheel (6.x) ships none;
+# Debian's python3-flufl.bounce (installed by scripts/install-deps for this) ships 115.
+SYSTEM_FLUFL = Path("/usr/lib/python3/dist-packages/flufl/bounce")
+
+
 def _shipped_samples() -> list[Path]:
-    root = importlib.resources.files("flufl.bounce")
     found = []
-    for sub in ("tests/data", "_detectors/tests/data", "data"):
-        folder = root.joinpath(*sub.split("/"))
-        if folder.is_dir():
-            found += [Path(str(f)) for f in folder.iterdir() if f.name.endswith((".txt", ".eml"))]
+    for root in (Path(str(importlib.resources.files("flufl.bounce"))), SYSTEM_FLUFL):
+        for sub in ("tests/data", "_detectors/tests/data", "data"):
+            folder = root.joinpath(*sub.split("/"))
+            if folder.is_dir():
+                found += [f for f in folder.iterdir() if f.name.endswith((".txt", ".eml"))]
     return sorted(found)
 
 
 def test_flufl_shipped_samples():
-    """flufl.bounce 6.0's wheel ships no sample messages (its tests stay in the sdist). When a
-    release ships them, they are read from the installed package, and our reading is scored
-    against flufl's own: every sample flufl calls a failure must be one for us too."""
+    """flufl.bounce's own sample reports (real bounces from many MTAs, read where an installed
+    package keeps them, never copied here), scored against flufl's own reading: every sample
+    flufl calls a failure must be one for us too, with its recipients; where flufl finds no
+    recipient (a report naming a bare local part, a mail from a person), we must not invent one
+    (a sample there once gave us a mailing list's Delivered-To from the quoted original)."""
     samples = _shipped_samples()
     if not samples:
-        pytest.skip(f"flufl.bounce {flufl.bounce.__version__} ships no sample messages")
-    detected = total = found = expected = 0
+        pytest.skip(f"no flufl.bounce sample messages installed (flufl.bounce {flufl.bounce.__version__}, "
+                    f"nor Debian's python3-flufl.bounce)")
+    detected = total = found = expected = silent = invented = 0
     for path in samples:
         raw = path.read_bytes()
         temporary, permanent = flufl.bounce.all_failures(email.message_from_bytes(raw))
         want = {a.decode("ascii", "replace").lower() for a in permanent | temporary}
-        if not want:
-            continue
         report = parse_bounce(raw)
         got = {r.address for r in report.recipients + report.delayed}
+        if not want:
+            silent += 1
+            invented += bool(got)
+            continue
         total += 1
         expected += len(want)
         found += len(want & got)
         detected += bool(got)
-    print(f"flufl.bounce samples: detected {detected}/{total}, recipients {found}/{expected}")
-    assert total and detected / total >= 0.85 and found / expected >= 0.8
+    print(f"flufl.bounce samples ({len(samples)}): detected {detected}/{total}, recipients {found}/{expected}; "
+          f"where flufl finds none ({silent}), we name a recipient in {invented}")
+    assert total and detected / total >= 0.95 and found / expected >= 0.95 and invented == 0
 
 
 def test_raw_8bit_header_does_not_lose_the_report():
     """flufl's detectors fail on headers holding raw 8-bit bytes; the report is still read."""
     raw = (SAMPLES / "exim.eml").read_bytes().replace(b"Mail Delivery System", b"Mail Delivery Syst\xe8me")
     assert [r.address for r in parse_bounce(raw).recipients] == ["nosuchuser@example.org"]
+
+
+@pytest.mark.parametrize("text, permanent", [
+    ("User jdoe (jdoe@example.org) not listed in Domino Directory", True),
+    ("Invalid final delivery userid: someone@example.org", True),
+    ("No mx record found for domain=example.org", True),
+    ("someone@example.org ... unknown host", True),
+    ("ユーザー 山田 (yamada@example.jp) は Domino ディレクトリには見つかりません。", True),
+    ("The message could not be delivered because the user's mailfolder is full.", False),
+    ("User mailbox exceeds allowed size: someone@example.org", False),
+    ("送信先のメールボックスが一杯のため、送信できませんでした。", False),
+    ("Host not reachable.", False),
+    ("all hosts have been failing for a long time and were last tried after this message arrived", False),
+])
+def test_report_wording_decides_without_a_code(text, permanent):
+    assert bouncetext.is_permanent(None, text) is permanent
+
+
+def test_failure_status_outranks_an_earlier_success_status():
+    transcript = "<<< 250 2.1.5 Recipient ok >>> DATA <<< 554 5.7.1 Message content rejected"
+    assert bouncetext.find_status(transcript) == "5.7.1"
+    assert bouncetext.find_status("Status: 2.0.0 (delivered)") == "2.0.0"

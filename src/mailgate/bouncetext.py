@@ -28,13 +28,15 @@ FULL = "full"
 # The one table of diagnostic wording. Order does not matter: FULL beats everything, then SOFT,
 # then HARD (see the module docstring). Patterns are searched case-insensitively.
 TEXT_RULES: tuple[tuple[str, str], ...] = (
-    (r"mailbox (?:is )?full|mailbox.{0,20}(?:is )?full|full mailbox", FULL),
+    (r"mail ?(?:box|folder) (?:is )?full|mail ?(?:box|folder).{0,20}(?:is )?full|full mailbox", FULL),
+    (r"mailbox (?:\w+ ){0,3}exceeds?|メールボックス(?:の容量)?が(?:一杯|いっぱい|満杯)|容量(?:が|を)?(?:超過|オーバー)", FULL),
     (r"over ?quota|quota (?:exceeded|exceed)|exceeds? (?:\w+ ){0,3}quota|disk quota", FULL),
     (r"insufficient (?:system )?storage|storage allocation|out of storage|mailbox size limit", FULL),
     (r"try (?:again )?later|retry later|temporar(?:il)?y|transient", SOFT),
     (r"too many (?:connections|messages|recipients)|rate.?limit|throttl|greylist|graylist", SOFT),
     (r"timed? ?out|connection (?:refused|reset|lost)|retry time(?:out)? (?:not reached|exceeded)", SOFT),
     (r"deferred|service (?:is )?(?:temporarily )?(?:not available|unavailable)|resources? unavailable", SOFT),
+    (r"(?:host|server|destination) (?:is )?(?:not reachable|unreachable)|failing for a long time", SOFT),
     (r"user unknown|unknown user|no such (?:user|recipient|mailbox|address|account)", HARD),
     (r"(?:user|recipient|mailbox|address|account) (?:was )?not (?:found|known|listed)", HARD),
     (r"unknown (?:recipient|mailbox|address|local.?part)|recipientnotfound", HARD),
@@ -44,6 +46,9 @@ TEXT_RULES: tuple[tuple[str, str], ...] = (
     (r"no mailbox here|unrout(?:e)?able|host (?:or domain name )?not found|domain not found", HARD),
     (r"doesn'?t have an? [\w.-]+ account|is not a known user|bad destination mailbox", HARD),
     (r"permanent(?:ly)? (?:error|failure|fatal)|failed permanently|permanently rejected", HARD),
+    (r"unknown host|host unknown|no mx (?:records? )?found|invalid (?:final delivery )?user ?id\b", HARD),
+    (r"not listed in (?:the )?(?:[\w-]+ ){0,3}directory|見つかりません|見つからない|存在しません|存在しない", HARD),
+    (r"ディレクトリのリストにありません|宛先不明", HARD),
 )
 _RULES = tuple((re.compile(p, re.I), verdict) for p, verdict in TEXT_RULES)
 
@@ -55,7 +60,7 @@ _MAILBOX_FULL_STATUSES = {"4.2.2", "5.2.2"}
 
 # Senders and subjects of delivery reports, as opposed to people and their auto-replies.
 DAEMON_LOCALPARTS = {"mailer-daemon", "mailer_daemon", "maildaemon", "mail-daemon", "postmaster",
-                     "mdaemon", "mailerdaemon"}
+                     "post_master", "mdaemon", "mailerdaemon"}
 DAEMON_NAME_RE = re.compile(r"mailer.?daemon|mail delivery (?:system|subsystem|service)|postmaster"
                             r"|mail administrator|delivery status notification", re.I)
 BOUNCE_SUBJECT_RE = re.compile(
@@ -108,19 +113,27 @@ REMOTE_MTA_RES = (
 _A = r"(?P<a>[^\s<>\"'(),;:\[\]@]{1,64}@[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9-]+)+)"
 RECIPIENT_LINE_RES = tuple(re.compile(p.replace("ADDRESS", _A), re.I | re.M) for p in (
     r"^[ \t*>•-]*<?ADDRESS>?:?[ \t]*$",                       # the address alone on its line
+    r"^[ \t*>•-]*<?ADDRESS>?[ \t]+(?:<[^<>\s]+>|\[[^\]\n]{1,80}\]"  # ...or followed by the same in
+    r"|\([^)\n]{1,80}\)|on[ \t]+\d[^\n]{0,40})[ \t]*$",          # brackets, a [note], a date (Exchange)
     r"^[ \t]*<?ADDRESS>?:[ \t]+\S",                            # "<addr>: 550 ..." (OpenSMTPD, Postfix)
-    r"rcpt to:[ \t]*<ADDRESS>",                                 # an SMTP transcript
+    r"rcpt to:[ \t]*<?ADDRESS>?",                               # an SMTP transcript
     r"^[ \t]*(?:[245]\d\d[ -](?:\d\.\d+\.\d+[ \t]+)?)?<ADDRESS>\.\.\.",   # Sendmail "<addr>... User unknown"
     r"\((?:generated|expanded) from:?[ \t]*<?ADDRESS>?\)",     # Exim, Sendmail aliases
+    r"^[ \t]*recipient(?:[ \t]+address)?:[ \t]*<?ADDRESS>?",    # PMDF / Messaging Server lists
+    r"(?:user|ユーザー)[ \t]+[^()<>\n]{1,60}?\(ADDRESS\)",        # Domino "User Name (addr) not listed"
+    r"(?:rejected|unknown|invalid|failed|bad|undeliverable)[ \t]+(?:recipient|address)"
+    r"(?:[ \t]+address)?:?[ \t]*<?ADDRESS>?",                   # "rejected recipient <addr>"
     r"(?:deliver\w*|sending|errors?|failed|failure|rejected|recipients?)\b[^<>\n]{0,60}?"
-    r"\b(?:to|for|:)[ \t]*<?ADDRESS>?",                          # prose: "error delivering your mail to <addr>"
+    r"(?:\b(?:to|for):?|:)[ \t]*<?ADDRESS>?",                    # prose: "error delivering your mail to <addr>"
 ))
 # Report wording that says something failed: required before those patterns are trusted.
 FAILURE_RE = re.compile(
     r"could not be delivered|couldn'?t be delivered|not (?:yet )?(?:been )?delivered|undeliver"
     r"|unable to deliver|fail|permanent|rejected|error|returned|unknown|no such|does not exist"
-    r"|delay|aborted|could not|couldn'?t|wasn'?t able|unable", re.I)
+    r"|delay|aborted|could not|couldn'?t|wasn'?t able|unable"
+    r"|できませんでした|できません|見つかりません|失敗|エラー", re.I)
 MAX_REASON = 500
+MAX_TEXT = 64 * 1024
 
 
 def one_line(text: str | None, cap: int = MAX_REASON) -> str | None:
@@ -132,9 +145,11 @@ def one_line(text: str | None, cap: int = MAX_REASON) -> str | None:
 
 
 def find_status(text: str | None) -> str | None:
-    """The first enhanced status code in `text`, normalised ("5.01.01" -> "5.1.1")."""
-    found = STATUS_RE.search(text or "")
-    return ".".join(str(int(g)) for g in found.groups()) if found else None
+    """The first enhanced status code in `text`, normalised ("5.01.01" -> "5.1.1"). A failure
+    code outranks a success code before it: in a session transcript "250 2.1.5 Ok" to RCPT is
+    followed by the "451 4.3.0" that failed the message."""
+    codes = [".".join(str(int(g)) for g in m.groups()) for m in STATUS_RE.finditer((text or "")[:MAX_TEXT])]
+    return next((c for c in codes if c[0] != "2"), codes[0] if codes else None)
 
 
 def find_smtp_code(text: str | None) -> str | None:

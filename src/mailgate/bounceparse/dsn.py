@@ -10,7 +10,7 @@ from email.parser import HeaderParser
 from mailgate import bouncetext as bt
 from mailgate.bounceparse.mime import (
     MAX_TEXT, clean, clean_address, decode_transfer, decoded_text, field, header_text, is_ours,
-    notification_text, report_parts)
+    is_text, notification_text, report_parts)
 from mailgate.bounceparse.paragraphs import paragraph_about, remote_mta
 from mailgate.bounceparse.report import BouncedRecipient, BounceReport
 
@@ -47,6 +47,8 @@ def from_dsn(msg: Message, original_id: str | None, bounce_alias: str) -> Bounce
             failed.setdefault(recipient.address, recipient)
         elif recipient.action == "delayed":
             delayed.setdefault(recipient.address, recipient)
+    if not failed and not delayed and any(_says_failed(g) for g in groups):
+        return None  # a failure with no usable address ("@host"): let the text path name it
     kind = "dsn" if failed else "delay" if delayed else "none"
     return BounceReport(bool(failed), kind, tuple(failed.values()), clean(reporting_mta),
                         original_id, tuple(delayed.values()))
@@ -71,6 +73,9 @@ def _group_address(block: Message) -> str | None:
 
 
 def _dsn_recipient(block: Message, human: str, named: list[str]) -> BouncedRecipient | None:
+    """One recipient group. Its Status stands, except where the remote server's own code in the
+    diagnostic says more: a detail for a bare "5.0.0", or a 5.x.x where the group says both
+    "failed" and 4.x.x (the MTA gave up on a permanent refusal but wrote a retry status)."""
     address = _group_address(block)
     if address is None:
         return None
@@ -78,9 +83,11 @@ def _dsn_recipient(block: Message, human: str, named: list[str]) -> BouncedRecip
     reason = bt.one_line(diagnostic) or paragraph_about(address, human, [a for a in named if a != address])
     status = bt.find_status(field(block, "status"))
     said = bt.find_status(reason)
-    if status is None or (said and status.endswith(".0.0") and said[0] == status[0]):
+    stated = _action(field(block, "action"), None)
+    if (status is None or (said and status.endswith(".0.0") and said[0] == status[0])
+            or (said and said[0] == "5" and status[0] == "4" and stated == "failed")):
         status = said or status
-    action = _action(field(block, "action"), status)
+    action = stated or _action("", status)
     permanent = bt.is_permanent(status, reason, smtp_code=bt.find_smtp_code(diagnostic))
     remote = _host(field(block, "remote-mta")) or remote_mta(reason)
     return BouncedRecipient(address, permanent, status, action, clean(reason), clean(remote))
@@ -89,13 +96,17 @@ def _dsn_recipient(block: Message, human: str, named: list[str]) -> BouncedRecip
 def _action(value: str, status: str | None) -> str | None:
     """The DSN Action, with the non-standard spellings seen in the wild mapped to the RFC's."""
     word = value.strip().split(" ", 1)[0].split("(", 1)[0].lower() if value.strip() else ""
-    if word.startswith(("fail", "error")):
+    if word.startswith(("fail", "error", "expired")):  # "expired": given up after retries
         return "failed"
     if word.startswith("delay"):
         return "delayed"
     if word:
         return word
     return {"5": "failed", "4": "delayed"}.get((status or "")[:1])
+
+
+def _says_failed(block: Message) -> bool:
+    return _action(field(block, "action"), bt.find_status(field(block, "status"))) == "failed"
 
 
 def _dsn_blocks(part: Message) -> list[Message]:
@@ -130,7 +141,7 @@ def _dsn_groups_in_text(msg: Message) -> list[Message]:
     it into the notification (Amazon WorkMail), or whose MIME boundary could not be found."""
     groups: list[Message] = []
     for part in report_parts(msg):
-        if part.get_content_maintype() == "text" and not part.is_multipart():
+        if is_text(part):
             text = decoded_text(part)
             if _FINAL_RE.search(text) and _ACTION_RE.search(text):
                 groups += [b for b in _blocks_of(text) if field(b, "final-recipient")]

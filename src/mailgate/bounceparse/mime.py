@@ -41,7 +41,7 @@ def original_message_id(msg: Message) -> str | None:
             headers = attached_headers(part)
         elif ctype in _HEADER_PART_TYPES:
             headers = HeaderParser().parsestr(decoded_text(part)[:MAX_TEXT], headersonly=True)
-        elif part.get_content_maintype() == "text" and not part.is_multipart():
+        elif is_text(part):
             quoted.append(decoded_text(part))
         if headers is not None:
             found = message_id(headers.get("message-id"))
@@ -122,15 +122,31 @@ def report_parts(msg: Message) -> Iterator[Message]:
             pending[0:0] = [p for p in part.get_payload() if isinstance(p, Message)]
 
 
+def is_text(part: Message) -> bool:
+    """A single text part, or a multipart whose body never split into parts (its boundary lines
+    lost in transit, or a boundary parameter a relay folded away): that body is all there is."""
+    if part.get_content_maintype() == "text":
+        return not part.is_multipart()
+    return part.get_content_maintype() == "multipart" and isinstance(part.get_payload(), str)
+
+
+def content_type(part: Message) -> str:
+    """The part's type, also when its parameters lost their semicolon ("text/plain charset=...",
+    which the email package reads as one unknown type)."""
+    ctype = part.get_content_type()
+    return ctype.split()[0] if " " in ctype or "\t" in ctype else ctype
+
+
 def notification_text(msg: Message) -> str:
     """The human-readable report: its text/plain parts (text/html only without them), cut
     before the quoted copy of the returned message."""
     plain, html = [], []
     for part in report_parts(msg):
-        ctype = part.get_content_type()
+        ctype = content_type(part)
         if part.is_multipart() or ctype in _HEADER_PART_TYPES:
             continue
-        if ctype == "text/plain" or (part is msg and part.get_content_maintype() == "text" and ctype != "text/html"):
+        unsplit = part.get_content_maintype() == "multipart" or part is msg
+        if ctype == "text/plain" or (unsplit and is_text(part) and ctype != "text/html"):
             plain.append(decoded_text(part))
         elif ctype == "text/html":
             html.append(_TAG_RE.sub(" ", decoded_text(part)).replace("&nbsp;", " "))

@@ -37,6 +37,15 @@ def paragraph_about(address: str, text: str, others: tuple[str, ...] | list[str]
     return bt.one_line("\n".join(lines))
 
 
+def coded_paragraph(text: str) -> str | None:
+    """The first paragraph carrying a reply code: the reason of a report's only recipient when
+    its text names that recipient by a bare local part (Exim) or not at all."""
+    for block in re.split(r"\n[ \t]*\n", text[:bt.MAX_TEXT]):
+        if _has_code(block):
+            return bt.one_line(block)
+    return None
+
+
 def _has_code(text: str) -> bool:
     return bool(bt.find_status(text) or bt.find_smtp_code(text))
 

@@ -17,15 +17,17 @@ except ImportError:  # a dependency; without it only our own patterns read non-D
 from mailgate import bouncetext as bt
 from mailgate.bounceparse.mime import (
     MAX_INPUT, ADDRESS_RE, ORIGINAL_TYPES, attached_headers, clean, clean_address, decoded_text,
-    header_text, is_ours, notification_text, report_parts)
-from mailgate.bounceparse.paragraphs import address_pattern, paragraph_about, remote_mta
+    header_text, is_ours, is_text, notification_text, report_parts)
+from mailgate.bounceparse.paragraphs import address_pattern, coded_paragraph, paragraph_about, remote_mta
 from mailgate.bounceparse.report import BouncedRecipient, BounceReport
 
 logging.getLogger("flufl.bounce").addHandler(logging.NullHandler())
 
+# Header lines of a returned message quoted as text. Delivered-To and its kin name where the
+# message went on earlier hops (a list, a forwarder), never the address that failed.
 _QUOTED_HEADER_RE = re.compile(
     r"^[ \t>]*(?:message-id|references|in-reply-to|from|reply-to|sender|return-path|received|"
-    r"dkim-signature|list-[\w-]+)[ \t]*:", re.I)
+    r"dkim-signature|list-[\w-]+|delivered-to|x-original-to|envelope-to)[ \t]*:", re.I)
 
 
 def from_text(msg: Message, original_id: str | None, bounce_alias: str) -> BounceReport:
@@ -108,7 +110,7 @@ def _not_recipients(msg: Message) -> set[str]:
             for name in ("message-id", "references", "in-reply-to"):
                 for value in (headers.get_all(name) if headers is not None else None) or []:
                     excluded.update(a.lower() for a in ADDRESS_RE.findall(header_text(value)))
-        elif part.get_content_maintype() == "text" and not part.is_multipart():
+        elif is_text(part):
             for line in decoded_text(part)[:MAX_INPUT].splitlines():
                 found = {a.lower() for a in ADDRESS_RE.findall(line)}
                 if found:
@@ -131,6 +133,8 @@ def _usable(found: list[bytes], bounce_alias: str) -> list[str]:
 
 def _text_recipient(address: str, text: str, intro: str, action: str, everyone: list[str]) -> BouncedRecipient:
     reason = paragraph_about(address, text, [a for a in everyone if a != address])
+    if reason is None and len(everyone) == 1:
+        reason = coded_paragraph(text)
     status = bt.find_status(reason)
     permanent = bt.is_permanent(status, reason)
     if permanent is None and action == "failed":
