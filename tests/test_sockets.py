@@ -4,7 +4,10 @@ import asyncio
 import grp
 import os
 import socket
+import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 from mailgate.sockets import (
     SocketInUseError,
     SocketSpec,
+    blocked_directory,
     parse_socket_spec,
     socket_is_listening,
     start_stream_server,
@@ -204,3 +208,44 @@ def test_inet_port_zero_for_tests() -> None:
             assert await _roundtrip(SocketSpec("inet", host="127.0.0.1", port=port)) == b"ping\n"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("mode", "group_postfix", "reachable"), [
+    (0o755, False, True),    # RuntimeDirectoryMode=0755: others may pass
+    (0o750, False, False),   # 0750 mailgate:mailgate: Postfix is locked out
+    (0o750, True, True),     # 0750 with group postfix
+    (0o700, True, False),
+])
+def test_blocked_directory_says_what_postfix_finds(mode: int, group_postfix: bool, reachable: bool) -> None:
+    """The verdict is checked against the real thing: user postfix connecting to the socket."""
+    try:
+        postfix = grp.getgrnam("postfix")
+    except KeyError:
+        pytest.skip("no postfix group")
+    base = Path(tempfile.mkdtemp(prefix="mg-dir-", dir="/tmp"))  # /tmp: every level above is passable
+    try:
+        os.chmod(base, 0o755)
+        run = base / "run"
+        run.mkdir()
+        path = run / "s.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.listen(1)
+        os.chmod(path, 0o660)
+        os.chown(path, -1, postfix.gr_gid)
+        os.chmod(run, mode)
+        if group_postfix:
+            os.chown(run, -1, postfix.gr_gid)
+        assert (blocked_directory(str(path), "postfix") is None) is reachable
+        assert blocked_directory(str(path), "postfix") in (None, str(run))
+        connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+        as_postfix = subprocess.run(["runuser", "-u", "postfix", "--", sys.executable, "-c", connect, str(path)],
+                                    capture_output=True, timeout=30)
+        assert (as_postfix.returncode == 0) is reachable, as_postfix.stderr
+        listener.close()
+    finally:
+        shutil.rmtree(base)
+
+
+def test_blocked_directory_of_an_unknown_group_is_none() -> None:
+    assert blocked_directory("/run/x/s.sock", "no-such-group-here") is None

@@ -125,6 +125,15 @@ def master_services(config: Config, wiring: Wiring = Wiring()) -> list[list[str]
     return services
 
 
+# What a master.cf fragment cannot do by itself, said where the operator pastes it.
+MASTER_NOTES = [
+    "# Every Postfix service that reaches mailgate's sockets (smtpd, cleanup, trivial-rewrite, smtp)",
+    "# must run unchrooted, or the sockets under /run/mailgate are out of its sight and all mail",
+    "# tempfails: Debian's master.cf chroots most services; `postconf -F '*/*/chroot = n'` undoes it.",
+    "# The \"smtp inet\" entry below replaces the one master.cf already has.",
+]
+
+
 def render(config: Config, part: str | None = None, wiring: Wiring = Wiring()) -> str:
     lines: list[str] = []
     if part in (None, "main"):
@@ -134,6 +143,7 @@ def render(config: Config, part: str | None = None, wiring: Wiring = Wiring()) -
         if lines:
             lines.append("")
         lines.append("# master.cf")
+        lines += MASTER_NOTES[: None if config.alias_domains else -1]
         for service in master_services(config, wiring):
             lines += service
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ from mailgate.policy.recipients import GatewayPolicy
 from mailgate.policy.socketmap import SocketmapServer
 from mailgate.retention import purge_expired
 from mailgate.runtime import Runtime, read_passwords
-from mailgate.sockets import parse_socket_spec
+from mailgate.sockets import blocked_directory, parse_socket_spec
 
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 # What a reload can change in place; the rest is read once at start (a restart applies it).
@@ -76,6 +76,14 @@ def _keep_restart_only(new: Config, old: Config) -> Config:
     return replace(new, **{key: getattr(old, key) for key in RESTART_ONLY})
 
 
+def _warn_if_unreachable(logger: logging.Logger, path: str, group: str | None) -> None:
+    blocked = blocked_directory(path, group) if group else None
+    if blocked:
+        logger.warning(kv_line(None, event="socket", socket=path, group=group, blocked=blocked,
+                               warning=f"group {group} cannot pass through {blocked}: Postfix will not reach "
+                                       f"the socket (make the directory searchable, e.g. chmod o+x)"))
+
+
 def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     config = runtime.config
     logger = logging.getLogger("mailgate")
@@ -83,6 +91,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
         path = parse_socket_spec(spec).path
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            _warn_if_unreachable(logger, path, config.listen.socket_group)
     lookup = SocketmapServer(LookupService(runtime), parse_socket_spec(config.listen.lookup),
                              group=config.listen.socket_group, logger=logger)
     malformed = MALFORMED_DEFER if config.policy.on_malformed == "defer" else MALFORMED_DUNNO

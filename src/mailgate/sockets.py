@@ -153,6 +153,29 @@ def _remove_stale_socket(spec: SocketSpec) -> None:
     os.unlink(spec.path)
 
 
+def blocked_directory(path: str, group: str) -> str | None:
+    """The first directory above the socket `path` that a process of `group` cannot pass through
+    (by "others" or by that group; an owner's rights serve only its owner), or None. Postfix
+    reaches the sockets as user postfix: a socket 0660 group postfix in a directory 0750 of
+    another group tempfails every message (a directory made by hand, or a unit with a too tight
+    RuntimeDirectoryMode), and Postfix's log says only "Permission denied"."""
+    try:
+        wanted = grp.getgrnam(group)
+    except KeyError:
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    chain = [directory]
+    while directory != os.path.dirname(directory):
+        directory = os.path.dirname(directory)
+        chain.append(directory)
+    for directory in reversed(chain):
+        st = os.stat(directory)
+        if st.st_mode & stat.S_IXOTH or (st.st_gid == wanted.gr_gid and st.st_mode & stat.S_IXGRP):
+            continue
+        return directory
+    return None
+
+
 def _bind_unix(spec: SocketSpec, mode: int, group: str | None) -> socket.socket:
     _remove_stale_socket(spec)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
