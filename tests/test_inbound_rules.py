@@ -19,7 +19,8 @@ aliases:
   commercial: {target: "odoo:crm.lead", incoming_local: true}
 """
 CONFIG = parse_config(CONFIG_TEXT, check_files=False).config
-OUTBOUND = {"<1700000000.1-openerp-42-crm.lead@mycompany.com>", "<plain-sent-1@mycompany.com>"}
+OUTBOUND = {"<1700000000.1-openerp-42-crm.lead@mycompany.com>", "<plain-sent-1@mycompany.com>",
+            "<1700000100.2-openerp-42-crm.lead@mycompany.com>", "<1700000200.3-openerp-reply_to@mycompany.com>"}
 
 
 def config(extra: str = ""):
@@ -49,6 +50,9 @@ def decide(message: InboundMessage, cfg=CONFIG, seen=(), counts=None, token_ok=T
      "Content-Type: multipart/report; report-type=delivery-status; boundary=b\n\n--b--", (), ["bounce"]),
     ("From: x@remote.example\nTo: sales@mycompany.com\nCc: bounce@mycompany.com\n\nb", (), ["alias:sales"]),
     ("From: x@remote.example\nTo: undisclosed-recipients:;\n\nb", ("bounce@mycompany.com",), ["bounce"]),
+    # a malformed report type still shows a delivery report, as Odoo reads it
+    ("From: relay@remote.example\nTo: sales@mycompany.com\n"
+     "Content-Type: multipart/report: report-type=delivery-status; boundary=b\n\n--b--", (), ["bounce"]),
     # I2.2 reply to a message that went out through the gateway, even to the catchall
     ("From: c@customer.example\nTo: catchall@mycompany.com\n"
      "References: <other@x> <1700000000.1-openerp-42-crm.lead@mycompany.com>\n\nr", (),
@@ -61,6 +65,18 @@ def decide(message: InboundMessage, cfg=CONFIG, seen=(), counts=None, token_ok=T
     ("From: c@customer.example\nTo: sales@mycompany.com\n"
      "References: <1700000000.1-openerp-42-crm.lead@mycompany.com>\n\nr", (),
      ["reply:<1700000000.1-openerp-42-crm.lead@mycompany.com>"]),
+    # ... and only the aliases of other targets route it: a same-target alias beside them does not
+    ("From: c@customer.example\nTo: sales@mycompany.com, support@mycompany.com\n"
+     "In-Reply-To: <1700000000.1-openerp-42-crm.lead@mycompany.com>\n\nr", (), ["alias:support"]),
+    ("From: c@customer.example\nTo: support@mycompany.com\nCc: sales@mycompany.com\n"
+     "References: <1700000000.1-openerp-42-crm.lead@mycompany.com>\n\nr", (), ["alias:support"]),
+    # an id folded over two lines by the sender's client still names the thread
+    ("From: c@customer.example\nTo: nobody@mycompany.com\n"
+     "References: <a1@x.example>\n <1700000000.1-openerp-42-\n crm.lead@mycompany.com>\n\nr", (),
+     ["reply:<1700000000.1-openerp-42-crm.lead@mycompany.com>"]),
+    # answers to a message posted with "reply to a new thread" (a `reply_to` id) are new mail
+    ("From: c@customer.example\nTo: sales@mycompany.com\n"
+     "In-Reply-To: <1700000200.3-openerp-reply_to@mycompany.com>\n\nr", (), ["alias:sales"]),
     # References naming a message we never sent is no reply
     ("From: c@customer.example\nTo: sales@mycompany.com\nReferences: <unknown@x>\n\nr", (), ["alias:sales"]),
     # I2.3 catchall direct write
@@ -83,6 +99,20 @@ def decide(message: InboundMessage, cfg=CONFIG, seen=(), counts=None, token_ok=T
 def test_route_order(text, rcpts, expected):
     routes, _, _ = find_routes(CONFIG, msg(text, rcpts), known)
     assert [r.label for r in routes] == expected
+
+
+def test_an_explicitly_empty_allowed_list_lets_incoming_local_aliases_match_on_any_domain():
+    """design.md: `allowed_alias_domains` empty means no restriction, as Odoo's empty
+    mail.catchall.domain.allowed; left out, it is the alias domains (the commercial@gmail.com
+    guard). Full-address aliases never match on another domain either way."""
+    cc_gmail = msg("From: c@customer.example\nTo: someone@mycompany.com\nCc: commercial@gmail.com, sales@gmail.com\n\nx")
+    unrestricted = parse_config(CONFIG_TEXT.replace("allowed_alias_domains: [mycompany.com, othercompany.example]",
+                                                    "allowed_alias_domains: []"), check_files=False).config
+    left_out = parse_config(CONFIG_TEXT.replace("allowed_alias_domains: [mycompany.com, othercompany.example]\n", ""),
+                            check_files=False).config
+    assert [r.label for r in find_routes(unrestricted, cc_gmail, known)[0]] == ["alias:commercial"]
+    assert find_routes(left_out, cc_gmail, known)[0] == []
+    assert unrestricted.accepted_domain_set == left_out.accepted_domain_set == {"mycompany.com"}
 
 
 def test_fallback_before_catchall_any():
@@ -119,10 +149,25 @@ def test_duplicate_message_id_is_dropped():
     assert decision.action == "drop" and any("duplicate" in r for r in decision.reasons)
 
 
-def test_reply_to_loop_notice_is_dropped():
-    message = msg("From: c@customer.example\nTo: sales@mycompany.com\n"
-                  "References: <123-loop-detection-bounce-email@mycompany.com>\n\nx")
+@pytest.mark.parametrize("headers", [
+    "References: <123-loop-detection-bounce-email@mycompany.com>\n",
+    "In-Reply-To: <123-loop-detection-bounce-email@mycompany.com>\n",
+    "References: <first@customer.example>\nIn-Reply-To: <123-loop-detection-bounce-email@mycompany.com>\n",
+])
+def test_reply_to_loop_notice_is_dropped(headers):
+    message = msg(f"From: c@customer.example\nTo: sales@mycompany.com\n{headers}\nx")
     assert decide(message).action == "drop"
+
+
+@pytest.mark.parametrize("headers, seen", [
+    # X-Odoo-Message-Id naming a message already received, or one Odoo sent through us (its own
+    # mail coming back, e.g. an alias among a notification's recipients)
+    ("Message-ID: <fresh-9@relay.example>\nX-Odoo-Message-Id: <dup-7@customer.example>\n", ("<dup-7@customer.example>",)),
+    ("Message-ID: <fresh-9@relay.example>\nX-Odoo-Message-Id: <plain-sent-1@mycompany.com>\n", ()),
+])
+def test_duplicates_include_what_odoo_already_holds(headers, seen):
+    decision = decide(msg(f"From: staff@mycompany.com\nTo: sales@mycompany.com\n{headers}\nx"), seen=seen)
+    assert decision.action == "drop"
 
 
 SALES = "From: Robot <robot@spam.example>\nTo: sales@mycompany.com\n\nx"
@@ -151,17 +196,26 @@ def test_loop_guard_counts_per_alias_target_not_per_address():
     assert decision.action == "reject"
 
 
-def test_loop_guard_counts_replies_per_thread():
-    thread = "<1700000000.1-openerp-42-crm.lead@mycompany.com>"
+@pytest.mark.parametrize("thread", ["<1700000000.1-openerp-42-crm.lead@mycompany.com>",
+                                    "<1700000100.2-openerp-42-crm.lead@mycompany.com>"])
+def test_loop_guard_counts_replies_per_thread(thread):
+    """Per record, as Odoo: answers to two different notifications of lead 42 count together."""
     message = msg(f"From: robot@spam.example\nTo: catchall@mycompany.com\nReferences: {thread}\n\nx")
-    assert decide(message, counts={("robot@spam.example", thread): 19}).action == "deliver"
-    assert decide(message, counts={("robot@spam.example", thread): 20}).action == "reject"
+    assert decide(message, counts={("robot@spam.example", "odoo:crm.lead/42"): 19}).action == "deliver"
+    assert decide(message, counts={("robot@spam.example", "odoo:crm.lead/42"): 20}).action == "reject"
 
 
-def test_loop_guard_keeps_the_routes_that_do_not_loop():
+def test_loop_guard_counts_replies_to_other_messages_per_message_id():
+    message = msg("From: robot@spam.example\nTo: catchall@mycompany.com\nReferences: <plain-sent-1@mycompany.com>\n\nx")
+    assert decide(message, counts={("robot@spam.example", "<plain-sent-1@mycompany.com>"): 20}).action == "reject"
+
+
+def test_loop_guard_one_looping_route_refuses_the_whole_message():
+    """Odoo ignores the message when any one of its routes loops, even if the others do not."""
     message = msg("From: robot@spam.example\nTo: sales@mycompany.com, support@mycompany.com\n\nx")
     decision = decide(message, counts={("robot@spam.example", "odoo:crm.lead"): 25})
-    assert decision.action == "deliver" and decision.labels == ["alias:support"]
+    assert decision.action == "reject" and decision.reply.startswith("550 5.7.1 ")
+    assert decide(message, counts={("robot@spam.example", "odoo:crm.lead"): 19}).action == "deliver"
 
 
 @pytest.mark.parametrize("extra, text", [

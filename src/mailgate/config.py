@@ -142,6 +142,9 @@ class Config:
     catchall_alias: str = "catchall"
     bounce_alias: str = "bounce"
     allowed_alias_domains: tuple[str, ...] = ()
+    # `allowed_alias_domains: []` written out: Odoo's empty mail.catchall.domain.allowed, where an
+    # incoming_local alias matches its name on any domain (left out, the list is the alias domains)
+    incoming_local_anywhere: bool = False
     aliases: tuple[Alias, ...] = ()
     catchall_direct_write: str = "pass"
     fallback_target: str | None = None

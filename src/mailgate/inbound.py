@@ -20,8 +20,14 @@ from mailgate.tokens import split_tokenised
 LOOP_NOTICE_MARK = "-loop-detection-bounce-email@"
 DIRECT_WRITE = "catchall-direct"
 _MSGID = re.compile(r"<[^<>\s]+>")
+_FOLDED_MSGID = re.compile(r"<[^<>]+>")  # Odoo's unfold_references: whitespace inside <...> is dropped
+_FOLDING = re.compile(r"[\r\n\t ]+")
 # Odoo's tracking Message-ID: <random.timestamp-openerp-RES_ID-MODEL@host>
-_ODOO_MSGID = re.compile(r"-openerp-\d+-([a-z0-9_.]+)@", re.I)
+_ODOO_MSGID = re.compile(r"-openerp-(\d+)-([a-z0-9_.]+)@", re.I)
+# Odoo looks a reply up among the last 32 references only, and never by a `reply_to` id (the
+# Message-ID of a message posted with reply_to_force_new: answers to it are new mail).
+REPLY_REFERENCES_LIMIT = 32
+FORCE_NEW_MARK = "reply_to"
 
 TO_HEADERS = ("delivered-to", "to")
 RECIPIENT_HEADERS = TO_HEADERS + ("cc", "resent-to", "resent-cc")
@@ -70,9 +76,25 @@ class InboundMessage:
 
     @property
     def references(self) -> list[str]:
-        """`References`, or else `In-Reply-To`: the ids of the thread, oldest first."""
-        refs = _MSGID.findall(" ".join(self.values("references")))
-        return refs or _MSGID.findall(" ".join(self.values("in-reply-to")))
+        """`References`, or else `In-Reply-To`: the ids of the thread, oldest first.
+
+        Ids folded over several lines by a buggy client are unfolded, as Odoo does."""
+        refs = _unfold_ids(self.values("references"))
+        return refs or _unfold_ids(self.values("in-reply-to"))
+
+    @property
+    def thread_references(self) -> list[str]:
+        """The ids Odoo looks a reply up by: the last 32 references that are not `reply_to` ids."""
+        return [r for r in self.references if FORCE_NEW_MARK not in r][-REPLY_REFERENCES_LIMIT:]
+
+    @property
+    def odoo_message_id(self) -> str | None:
+        """`X-Odoo-Message-Id`: Odoo's own id of a message it sent, also checked for duplicates."""
+        return (self.first("x-odoo-message-id") or "").strip() or None
+
+
+def _unfold_ids(values: list[str]) -> list[str]:
+    return [_FOLDING.sub("", ref) for ref in _FOLDED_MSGID.findall(" ".join(values))]
 
 
 def _unique(items: list[str]) -> list[str]:
@@ -121,13 +143,14 @@ def is_plain_bounce(config: Config, address: str) -> bool:
 
 
 def alias_for_address(config: Config, address: str) -> Alias | None:
-    """An alias by its full address, or an `incoming_local` alias by local part on an allowed domain."""
+    """An alias by its full address, or an `incoming_local` alias by local part on an allowed
+    domain (on any domain when `allowed_alias_domains: []` says there is no restriction)."""
     address = normalize(address)
     for alias in config.aliases:
         if alias.address.lower() == address:
             return alias
     local, _, domain = address.rpartition("@")
-    if domain in config.accepted_domain_set:
+    if config.incoming_local_anywhere or domain in config.accepted_domain_set:
         for alias in config.aliases:
             if alias.incoming_local and alias.name == local:
                 return alias
@@ -137,17 +160,30 @@ def alias_for_address(config: Config, address: str) -> Alias | None:
 def thread_target(message_id: str) -> str | None:
     """The Odoo model a tracking Message-ID names, as an alias target (`odoo:crm.lead`)."""
     found = _ODOO_MSGID.search(message_id)
-    return f"odoo:{found.group(1).lower()}" if found else None
+    return f"odoo:{found.group(2).lower()}" if found else None
+
+
+def thread_key(message_id: str) -> str:
+    """What the loop guard counts replies by: the record a tracking Message-ID names
+    (`odoo:crm.lead/42`), as Odoo counts a sender's messages per record, whichever of the
+    record's messages they answer; else the Message-ID itself."""
+    found = _ODOO_MSGID.search(message_id)
+    return f"odoo:{found.group(2).lower()}/{found.group(1)}" if found else message_id
 
 
 def is_delivery_report(message: InboundMessage) -> bool:
+    """multipart/report with report-type=delivery-status; like Odoo, also a malformed type
+    such as `multipart/report: report-type=delivery-status` (the report type shows it)."""
     value = message.first("content-type")
     if not value:
         return False
     holder = Message()
     holder["Content-Type"] = clean_text(value)
     try:
-        return (holder.get_content_type() == "multipart/report"
+        content_type = holder.get_content_type()
+        if "report-type=delivery-status" in content_type:
+            return True
+        return (content_type == "multipart/report"
                 and str(holder.get_param("report-type", "")).lower() == "delivery-status")
     except (UnicodeError, ValueError):
         return False
@@ -172,13 +208,19 @@ def find_routes(config: Config, message: InboundMessage,
     if is_delivery_report(message):
         return [Route("bounce", "bounce", "bounce")], ["a delivery status report"], None
 
-    thread = known_outbound(message.references)
+    refs = message.thread_references
+    thread = known_outbound(refs) if refs else None
     if thread:
         target = thread_target(thread)
-        other = [a for a in (alias_for_address(config, t) for t in to_set)
-                 if a is not None and target is not None and a.target != target]
+        other = _unique_aliases(a for a in (alias_for_address(config, t) for t in to_set)
+                                if a is not None and target is not None and a.target != target)
         if not other:
-            return [Route("reply", thread, f"reply:{thread}")], [f"a reply to {thread}, sent by this gateway"], None
+            return ([Route("reply", thread_key(thread), f"reply:{thread}")],
+                    [f"a reply to {thread}, sent by this gateway"], None)
+        # Odoo: a forward to aliases of other targets; only those aliases route it
+        return ([Route("alias", alias.target, f"alias:{alias.name}", alias.target) for alias in other],
+                [f"alias {alias.name} ({alias.address}) of another target than the thread {thread}: "
+                 "new mail for it" for alias in other], None)
 
     if to_set and all(is_catchall(config, a) for a in to_set):
         return [Route("catchall", DIRECT_WRITE, "catchall")], ["written directly to the catchall"], None
@@ -204,7 +246,8 @@ def _unique_aliases(aliases: Iterable[Alias | None]) -> list[Alias]:
 
 
 def is_loop_notice_reply(message: InboundMessage) -> bool:
-    return any(LOOP_NOTICE_MARK in ref for ref in message.references)
+    """Odoo looks in References and In-Reply-To alike (`_detect_loop_headers`)."""
+    return any(LOOP_NOTICE_MARK in value for name in ("references", "in-reply-to") for value in message.values(name))
 
 
 def loop_counted(route: Route) -> bool:
@@ -246,20 +289,32 @@ def decide_inbound(config: Config, message: InboundMessage, *,
     if routes[0].key == DIRECT_WRITE and config.catchall_direct_write == "reject":
         return InboundDecision(tuple(routes), "reject", str(SMTP["catchall_direct"]),
                                (*reasons, "catchall_direct_write: reject"))
-    message_id = message.message_id
-    if message_id and already_received(message_id):
-        return InboundDecision(tuple(routes), "drop", None, (*reasons, f"duplicate of {message_id}: dropped"),
+    duplicate = _duplicate_of(message, known_outbound, already_received)
+    if duplicate:
+        return InboundDecision(tuple(routes), "drop", None, (*reasons, f"duplicate of {duplicate}: dropped"),
                                token)
     looping = looping_routes(config, message.sender, routes, recent_count)
     if looping:
+        # Odoo ignores the whole message when any one of its routes loops
         reasons = [*reasons, *(f"loop: {message.sender} reached {config.loop.threshold} messages on "
                                f"{r.label} within {config.loop.minutes} minutes" for r in looping)]
-        routes = [r for r in routes if r not in looping]
-        if not routes:
-            action = config.loop.action
-            reply = {"reject": str(SMTP["loop_reject"]), "defer": str(SMTP["loop_defer"])}.get(action)
-            return InboundDecision(tuple(looping), action, reply, tuple(reasons))
+        action = config.loop.action
+        reply = {"reject": str(SMTP["loop_reject"]), "defer": str(SMTP["loop_defer"])}.get(action)
+        return InboundDecision(tuple(routes), action, reply, tuple(reasons))
     return InboundDecision(tuple(routes), "deliver", None, tuple(reasons), token)
+
+
+def _duplicate_of(message: InboundMessage, known_outbound: Callable[[list[str]], str | None],
+                  already_received: Callable[[str], bool]) -> str | None:
+    """I3, as Odoo checks it: the Message-ID, or Odoo's own `X-Odoo-Message-Id`, was received
+    before. The latter is also Odoo's when it went out through this gateway: Odoo's own mail
+    coming back. (A Message-ID that went out is not enough: other applications submit here too,
+    and Odoo holds only its own messages.)"""
+    for message_id in _unique([i for i in (message.message_id, message.odoo_message_id) if i]):
+        if already_received(message_id):
+            return message_id
+    odoo_id = message.odoo_message_id
+    return known_outbound([odoo_id]) if odoo_id else None
 
 
 def on_alias_domain(config: Config, address: str) -> bool:

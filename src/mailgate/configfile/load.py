@@ -54,6 +54,7 @@ def parse_config(text: str, file: str = "<config>", *, check_files: bool = True,
     mass = reader.section(nodes["mass_mail"], "mass_mail", MASS)
     config = build(
         Config, top, servers=servers, aliases=aliases, allowed_alias_domains=allowed,
+        incoming_local_anywhere=top.get("allowed_alias_domains", None) == (),
         loop=build(LoopSettings, reader.section(nodes["loop"], "loop", LOOP)),
         bounces=build(BounceSettings, reader.section(nodes["bounces"], "bounces", BOUNCES)),
         quota=build(QuotaSettings, reader.section(nodes["quota"], "quota", QUOTA)),
