@@ -16,6 +16,7 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 UNIX_PATH_MAX = 108
 """``sizeof(sun_path)`` on Linux, including the terminating NUL."""
@@ -163,16 +164,10 @@ def blocked_directory(path: str, group: str) -> str | None:
         wanted = grp.getgrnam(group)
     except KeyError:
         return None
-    directory = os.path.dirname(os.path.abspath(path))
-    chain = [directory]
-    while directory != os.path.dirname(directory):
-        directory = os.path.dirname(directory)
-        chain.append(directory)
-    for directory in reversed(chain):
+    for directory in reversed(Path(os.path.abspath(path)).parents):  # from / down
         st = os.stat(directory)
-        if st.st_mode & stat.S_IXOTH or (st.st_gid == wanted.gr_gid and st.st_mode & stat.S_IXGRP):
-            continue
-        return directory
+        if not (st.st_mode & stat.S_IXOTH or (st.st_gid == wanted.gr_gid and st.st_mode & stat.S_IXGRP)):
+            return str(directory)
     return None
 
 

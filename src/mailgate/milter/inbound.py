@@ -48,22 +48,22 @@ def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Inb
             recent_count=lambda sender, key: store.recent_count(sender, key, since),
             token_valid=lambda token: runtime.signer.verify(token) is not None)
         is_bounce = bool(decision.routes) and decision.routes[0].kind == "bounce"
-        row = None
+        delivering = decision.action == "deliver"
+        unconfirmed = None
         if not config.dry_run:
-            delivering = decision.action == "deliver"
             counted = [r.key for r in decision.routes] if delivering else []
             row = store.record_inbound(InboundRecord(queue_id, message.message_id, message.sender,
                                                      ", ".join(decision.labels), decision.action, now,
                                                      confirmed=0 if delivering else 1), counted)
-            row = row if delivering else None
-            if decision.action == "deliver" and not is_bounce and message.sender:
+            unconfirmed = row if delivering else None
+            if delivering and not is_bounce and message.sender:
                 store.reset_bounces(message.sender, now)  # B2: the address is alive
     line = kv_line(queue_id, role="inbound", **{"from": facts.envelope_sender or None}, sender=message.sender,
                    rcpt=",".join(facts.recipients), routes=",".join(decision.labels) or None,
                    action=decision.action, reply=decision.reply, reason=decision.reasons[-1] if decision.reasons else None,
                    dry_run=config.dry_run)
-    header = ", ".join(decision.labels) if decision.action == "deliver" else None
+    header = ", ".join(decision.labels) if delivering else None
     bounce = None
-    if decision.action == "deliver" and is_bounce and not config.dry_run:
+    if delivering and is_bounce and not config.dry_run:
         bounce = process_bounce(runtime, facts, queue_id)
-    return InboundEffects(decision, header, line, bounce, row)
+    return InboundEffects(decision, header, line, bounce, unconfirmed)

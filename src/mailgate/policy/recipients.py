@@ -67,13 +67,11 @@ class GatewayPolicy:
         A failure to take the quota is the store's, the same for every claim of the batch:
         answering them again one by one would only wait for the same lock once more per claim
         (a batch of n behind a held lock would take n + 1 busy timeouts instead of one)."""
-        logger = self.runtime.logger
-        logger.error(kv_line(None, role="error", event="quota", error=type(exc).__name__, detail=str(exc),
-                             claims=len(claims)), exc_info=True)  # the traceback: which statement failed
+        self.runtime.logger.error(kv_line(None, role="error", event="quota", error=type(exc).__name__,
+                                          detail=str(exc), claims=len(claims)),
+                                  exc_info=True)  # the traceback: which statement failed
         for index, request, _ in claims:
-            logger.info(kv_line(request.queue_id or None, role="policy", **{"from": request.sender or None},
-                                rcpt=request.recipient, verdict="internal_error", action=POLICY["internal_error"]))
-            actions[index] = POLICY["internal_error"]
+            actions[index] = self._log_verdict(request, "internal_error")
         return actions
 
     def _screen(self, config: Config, request: PolicyRequest) -> str | QuotaClaim:
@@ -119,9 +117,14 @@ class GatewayPolicy:
         return granted
 
     def _refuse(self, request: PolicyRequest, verdict: str, **extra: object) -> str:
+        action = self._log_verdict(request, verdict, **extra)
+        return DUNNO if self.runtime.config.dry_run else action
+
+    def _log_verdict(self, request: PolicyRequest, verdict: str, **extra: object) -> str:
+        """One `role=policy` line for a recipient not simply let through; returns the action."""
         runtime = self.runtime
         action = POLICY[verdict]
         runtime.logger.info(kv_line(request.queue_id or None, role="policy", **{"from": request.sender or None},
                                     rcpt=request.recipient, verdict=verdict, action=action,
                                     client=request.client_address or None, **extra, dry_run=runtime.config.dry_run))
-        return DUNNO if runtime.config.dry_run else action
+        return action
