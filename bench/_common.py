@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailgate.lab.ports import free_port
-from mailgate.sockets import parse_socket_spec, socket_is_listening
+from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
 
 BENCH_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable

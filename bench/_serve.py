@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     while argv and argv[0] in PATCHES:
         PATCHES[argv[0]](argv[1])
         argv = argv[2:]
-    from mailgate.cli import main as mailgate_main
+    from mailgate.commands.cli import main as mailgate_main
     return mailgate_main(argv)
 
 

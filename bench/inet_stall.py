@@ -40,7 +40,7 @@ from _common import (SENDER, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, Triv
 from mailgate.configfile import load_config
 from mailgate.lab.ports import free_port
 from mailgate.lab.postfix import POSTCONF, PrivatePostfix, make_basedir
-from mailgate.postfixconf import main_settings, milter_address, transport_service
+from mailgate.commands.postfixconf import main_settings, milter_address, transport_service
 
 POLICY_KEYS = ("smtpd_recipient_restrictions", "smtpd_policy_service_default_action")
 LINE = re.compile(r"^(?P<t>\d+\.\d+) IP (?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): "

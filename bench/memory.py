@@ -39,8 +39,8 @@ from _common import (PYTHON, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, benc
 
 from mailgate.configfile import load_config
 from mailgate.lab.postfix import PrivatePostfix, make_basedir
-from mailgate.postfixconf import main_settings, transport_service
-from mailgate.store import SQLiteStore
+from mailgate.commands.postfixconf import main_settings, transport_service
+from mailgate.store.sqlite import SQLiteStore
 
 TARGET_RSS_GROWTH = 0.10
 UNIT_MALLOC_ARENA_MAX = 2  # systemd/mailgate.service: Environment=MALLOC_ARENA_MAX=2

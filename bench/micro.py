@@ -24,17 +24,17 @@ import time
 
 from _common import bench_config, machine
 
-from mailgate.addresses import parse_mailboxes
+from mailgate.rules.addresses import parse_mailboxes
 from mailgate.configfile import load_config
 from mailgate.lab.postfix import make_basedir
 from mailgate.milter.facts import MessageFacts
 from mailgate.milter.outbound import process_outbound
-from mailgate.outbound import OutboundRequest, decide_outbound
+from mailgate.rules.outbound import OutboundRequest, decide_outbound
 from mailgate.policy.lookup import LookupService
 from mailgate.policy.policyd import PolicyRequest, parse_request
 from mailgate.policy.recipients import GatewayPolicy
-from mailgate.routing import route_for_sender
-from mailgate.runtime import Runtime
+from mailgate.rules.routing import route_for_sender
+from mailgate.infra.runtime import Runtime
 from mailgate.store import OutboundRecord
 
 

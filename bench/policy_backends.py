@@ -19,9 +19,10 @@ from mailgate.lab.postfix import make_basedir
 from mailgate.lab.postgres import PrivatePostgres
 from mailgate.policy.policyd import PolicyRequest
 from mailgate.policy.recipients import GatewayPolicy
-from mailgate.runtime import Runtime
-from mailgate.store import SQLiteStore, open_store
-from mailgate.tokens import TokenSigner
+from mailgate.infra.runtime import Runtime
+from mailgate.store import open_store
+from mailgate.store.sqlite import SQLiteStore
+from mailgate.rules.tokens import TokenSigner
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com

@@ -21,7 +21,7 @@ from _common import median
 from memory import SECONDS_PER_DAY, fill_bounces, fill_deliveries
 from stats_indexes import scratch_store
 
-from mailgate.retention import purge_expired
+from mailgate.rules.retention import purge_expired
 
 
 def fill_messages(conn: sqlite3.Connection, rows: int, now: float, rng: random.Random) -> None:

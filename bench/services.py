@@ -46,8 +46,8 @@ from _common import BENCH_DIR, PYTHON, Serve, bench_config, cpu_seconds, machine
 
 from mailgate.lab.postfix import make_basedir
 from mailgate.policy.netstring import encode
-from mailgate.sockets import parse_socket_spec, socket_is_listening
-from mailgate.tokens import TokenSigner
+from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
+from mailgate.rules.tokens import TokenSigner
 
 try:
     import uvloop  # noqa: F401

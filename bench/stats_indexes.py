@@ -25,7 +25,7 @@ from memory import fill_bounces, fill_deliveries
 from mailgate.config import Config
 from mailgate.configfile import load_config
 from mailgate.lab.postfix import make_basedir
-from mailgate.store import SQLiteStore
+from mailgate.store.sqlite import SQLiteStore
 
 DAY = 86400.0
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from _common import median
 
-from mailgate.store import OutboundRecord, SQLiteStore
+from mailgate.store import OutboundRecord
+from mailgate.store.sqlite import SQLiteStore
 
 
 def record(now: float) -> OutboundRecord:

@@ -53,7 +53,7 @@ from _common import (SENDER, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, Triv
 from mailgate.configfile import load_config
 from mailgate.lab.ports import free_port
 from mailgate.lab.postfix import POSTCONF, PrivatePostfix, make_basedir
-from mailgate.postfixconf import main_settings, transport_service
+from mailgate.commands.postfixconf import main_settings, transport_service
 
 TARGET_FULL_PATH = 0.85
 POLICY_KEYS = ("smtpd_recipient_restrictions", "smtpd_policy_service_default_action")
@@ -134,7 +134,7 @@ class Bench:
 
         def trivial_milter(mode: str) -> dict[str, str]:
             address = self.milters[mode].spec
-            from mailgate.postfixconf import milter_address
+            from mailgate.commands.postfixconf import milter_address
             address = milter_address(address)
             return baseline | {"smtpd_milters": address, "non_smtpd_milters": address,
                                "milter_default_action": "tempfail", "milter_protocol": "6"}

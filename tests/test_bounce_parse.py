@@ -17,7 +17,7 @@ import flufl.bounce
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mailgate import bouncetext
+from mailgate.bounceparse import phrases as bouncetext
 from mailgate.bounceparse import BounceReport, find_token, parse_bounce, report_json
 
 SAMPLES = Path(__file__).parent / "bounces"

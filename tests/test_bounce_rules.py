@@ -1,15 +1,15 @@
-"""odoo-rules B2-B3 and Q as tables: the blacklist rule, stale tokens, where reports go, the quota."""
+"""docs/rules.md B2-B3 and Q as tables: the blacklist rule, stale tokens, where reports go, the quota."""
 
 from __future__ import annotations
 
 import pytest
 
-from mailgate.bounces import blacklist_verdict, report_destination, token_is_stale
+from mailgate.rules.bounces import blacklist_verdict, report_destination, token_is_stale
 from mailgate.config import BounceSettings
 from mailgate.configfile import parse_config
-from mailgate.quota import quota_allows, quota_key, quota_limit
-from mailgate.store.records import BounceFact
-from mailgate.tokens import TokenSigner
+from mailgate.rules.quota import quota_allows, quota_key, quota_limit
+from mailgate.store.interface import BounceFact
+from mailgate.rules.tokens import TokenSigner
 
 DAY = 86400.0
 NOW = 2_000_000_000.0

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.store import BounceRecord, SQLiteStore
+from mailgate.store import BounceRecord
+from mailgate.store.sqlite import SQLiteStore
 
 SAMPLES = Path(__file__).resolve().parent / "bounces"
 DAY = 86400.0

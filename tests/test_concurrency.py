@@ -32,9 +32,9 @@ import pytest
 from faultlab import db_rows, delivery_counts, gateway, make_message, store_path, uid
 from mailgate.lab.gateway import LabGateway
 from mailgate.configfile import load_config
-from mailgate.quota import WINDOW, quota_key
-from mailgate.replies import POLICY, SMTP
-from mailgate.store import SQLiteStore
+from mailgate.rules.quota import WINDOW, quota_key
+from mailgate.rules.replies import POLICY, SMTP
+from mailgate.store.sqlite import SQLiteStore
 
 SESSIONS = 64
 THRESHOLD = 20            # loop.threshold

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from mailgate import deliver
+from mailgate.odoo import deliver
 from mailgate.config import Config
 from mailgate.configfile import parse_config
-from mailgate.deliver import (EX_DATAERR, EX_OK, EX_TEMPFAIL, FAULT_RULES, DeliveryResult, classify_fault,
+from mailgate.odoo.deliver import (EX_DATAERR, EX_OK, EX_TEMPFAIL, FAULT_RULES, DeliveryResult, classify_fault,
                               deliver_to_odoo, main_deliver, odoo_model_for, read_message)
 from mailgate.lab.odoo_stub import OdooStub
 from mailgate.lab.ports import LOOPBACK, free_port

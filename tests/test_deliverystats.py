@@ -16,8 +16,9 @@ from datetime import datetime, timezone
 import pytest
 
 from mailgate.configfile import parse_config
-from mailgate.deliverystats import main_stats, prometheus_text, render_stats, summary
-from mailgate.store import BounceRecord, DeliveryRecord, SQLiteStore
+from mailgate.commands.deliverystats import main_stats, prometheus_text, render_stats, summary
+from mailgate.store import BounceRecord, DeliveryRecord
+from mailgate.store.sqlite import SQLiteStore
 
 CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
 DAY1 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc).timestamp()

@@ -31,7 +31,7 @@ from examples_lab import EXAMPLES, LabValues, rewrite
 from mailgate.configfile import parse_config
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import make_basedir
-from mailgate.postfixconf import main_settings
+from mailgate.commands.postfixconf import main_settings
 
 DKIM = EXAMPLES / "dkim"
 DOMAIN, SELECTOR = "mycompany.com", "mail"

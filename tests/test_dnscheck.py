@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dnsserver import DnsServer
-from mailgate import dnscheck
+from mailgate.commands import dnscheck
 from mailgate.configfile import parse_config
 from mailgate.lab.ports import free_port
 

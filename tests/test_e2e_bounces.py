@@ -17,7 +17,7 @@ from email.message import EmailMessage
 import pytest
 
 from mailgate.lab.gateway import GONE, LabGateway
-from mailgate.replies import POLICY
+from mailgate.rules.replies import POLICY
 
 DAY = 86400
 

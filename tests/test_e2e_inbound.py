@@ -13,7 +13,7 @@ from email.message import EmailMessage
 import pytest
 
 from mailgate.lab.gateway import LabGateway
-from mailgate.replies import SMTP
+from mailgate.rules.replies import SMTP
 
 
 pytestmark = pytest.mark.usefixtures("attach_logs")

@@ -21,7 +21,7 @@ import pytest
 
 from mailgate.lab.gateway import SASL_USER, LabGateway
 from mailgate.lab.sinks import ReceivedMessage
-from mailgate.tokens import TokenSigner, split_tokenised
+from mailgate.rules.tokens import TokenSigner, split_tokenised
 
 
 pytestmark = pytest.mark.usefixtures("attach_logs")

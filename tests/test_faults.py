@@ -34,8 +34,8 @@ from faultlab import (ACCEPTED, PERMANENT, TEMPORARY, Ledger, Sent, assert_nothi
                       wait_until)
 from mailgate.lab import sinks as sinks_module
 from mailgate.lab.gateway import LabGateway
-from mailgate.sockets import parse_socket_spec, socket_is_listening
-from mailgate.tokens import split_tokenised
+from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
+from mailgate.rules.tokens import split_tokenised
 
 MOUNT_OK, MOUNT_WHY = tmpfs_mount_support()
 needs_mount = pytest.mark.skipif(not MOUNT_OK, reason=f"needs a tmpfs for the store directory: {MOUNT_WHY}")

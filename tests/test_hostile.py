@@ -33,10 +33,11 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from faultlab import (ACCEPTED, PERMANENT, db_rows, delivered_copies, delivery_report, gateway,
                       make_message, send, uid, wait_until)
 from mailgate.configfile import parse_config
-from mailgate.inbound import InboundMessage, decide_inbound
+from mailgate.rules.inbound import decide_inbound
+from mailgate.rules.message import InboundMessage
 from mailgate.lab.gateway import ODOO_PASSWORD, SASL_PASSWORD, SASL_USER, LabGateway
-from mailgate.outbound import OutboundRequest, decide_outbound
-from mailgate.tokens import TokenSigner
+from mailgate.rules.outbound import OutboundRequest, decide_outbound
+from mailgate.rules.tokens import TokenSigner
 
 GATEWAY_EXTRA_CONFIG = "quota: {daily: null, mass_daily: null}\n"
 NOTIFICATION = "notifications@mycompany.com"
@@ -231,7 +232,7 @@ PATHOLOGICAL_UNITS = ['""', "\\\\", ". ", "@,", "x,", "(),", ",,"]
 def test_pathological_address_lists_are_parsed_in_bounded_time():
     code = textwrap.dedent(f"""
         import time
-        from mailgate.addresses import parse_mailboxes
+        from mailgate.rules.addresses import parse_mailboxes
         for unit in {PATHOLOGICAL_UNITS!r}:
             value = (unit * 40_000)[:63_000] + "a@example.com"
             started = time.perf_counter()

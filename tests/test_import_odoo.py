@@ -20,7 +20,7 @@ import pytest
 
 from mailgate.config import Config
 from mailgate.configfile import load_config, parse_config
-from mailgate.importodoo import ImportResult, import_odoo, main_import
+from mailgate.commands.importodoo import ImportResult, import_odoo, main_import
 from mailgate.lab.postfix import make_basedir
 from mailgate.lab.postgres import PrivatePostgres
 

@@ -1,4 +1,4 @@
-"""odoo-rules.md I1-I4 as tables, with sample messages inline, without sockets."""
+"""docs/rules.md I1-I4 as tables, with sample messages inline, without sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import email
 import pytest
 
 from mailgate.configfile import parse_config
-from mailgate.inbound import InboundMessage, decide_inbound, find_routes, thread_target
+from mailgate.rules.inbound import decide_inbound, find_routes, thread_target
+from mailgate.rules.message import InboundMessage
 
 CONFIG_TEXT = """
 alias_domain: mycompany.com
@@ -102,7 +103,7 @@ def test_route_order(text, rcpts, expected):
 
 
 def test_an_explicitly_empty_allowed_list_lets_incoming_local_aliases_match_on_any_domain():
-    """design.md: `allowed_alias_domains` empty means no restriction, as Odoo's empty
+    """docs/rules.md I2: `allowed_alias_domains` empty means no restriction, as Odoo's empty
     mail.catchall.domain.allowed; left out, it is the alias domains (the commercial@gmail.com
     guard). Full-address aliases never match on another domain either way."""
     cc_gmail = msg("From: c@customer.example\nTo: someone@mycompany.com\nCc: commercial@gmail.com, sales@gmail.com\n\nx")

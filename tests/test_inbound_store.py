@@ -7,9 +7,9 @@ import threading
 from mailgate.configfile import parse_config
 from mailgate.milter.facts import MessageFacts
 from mailgate.milter.inbound import process_inbound
-from mailgate.runtime import Runtime
-from mailgate.store import SQLiteStore
-from mailgate.tokens import TokenSigner
+from mailgate.infra.runtime import Runtime
+from mailgate.store.sqlite import SQLiteStore
+from mailgate.rules.tokens import TokenSigner
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com

@@ -9,10 +9,10 @@ import Milter
 
 from mailgate.configfile import parse_config
 from mailgate.milter.app import GatewayMilter
-from mailgate.replies import SMTP
-from mailgate.runtime import Runtime
-from mailgate.store import SQLiteStore
-from mailgate.tokens import TokenSigner
+from mailgate.rules.replies import SMTP
+from mailgate.infra.runtime import Runtime
+from mailgate.store.sqlite import SQLiteStore
+from mailgate.rules.tokens import TokenSigner
 
 MESSAGE = b"""From: "Admin" <admin@example.com>
 To: c@customer.example

@@ -1,4 +1,4 @@
-"""odoo-rules.md O1-O7 as tables: every rule and example is a test, without sockets."""
+"""docs/rules.md O1-O7 as tables: every rule and example is a test, without sockets."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import textwrap
 
 import pytest
 
-from mailgate.addresses import parse_mailboxes, to_wire
+from mailgate.rules.addresses import parse_mailboxes, to_wire
 from mailgate.configfile import parse_config
-from mailgate.filters import FromFilter
-from mailgate.outbound import (OutboundRequest, bounce_address, decide_outbound, is_mass_mail,
+from mailgate.rules.filters import FromFilter
+from mailgate.rules.outbound import (OutboundRequest, bounce_address, decide_outbound, is_mass_mail,
                                notification_address)
-from mailgate.routing import route_for_sender
-from mailgate.tokens import TokenSigner
+from mailgate.rules.routing import route_for_sender
+from mailgate.rules.tokens import TokenSigner
 
 SIGNER = TokenSigner(b"0123456789abcdef0123456789abcdef")
 

@@ -24,12 +24,12 @@ from mailgate.policy.policyd import (
 )
 from mailgate.configfile import parse_config
 from mailgate.policy.recipients import GatewayPolicy
-from mailgate.replies import POLICY
-from mailgate.runtime import Runtime
-from mailgate.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
-from mailgate.store import SQLiteStore
+from mailgate.rules.replies import POLICY
+from mailgate.infra.runtime import Runtime
+from mailgate.infra.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
+from mailgate.store.sqlite import SQLiteStore
 from mailgate.store import sqlite as sqlite_store
-from mailgate.tokens import TokenSigner
+from mailgate.rules.tokens import TokenSigner
 
 LOGGER = "test.policyd"
 DUNNO = b"action=DUNNO\n\n"

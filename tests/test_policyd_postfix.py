@@ -15,7 +15,7 @@ import pytest
 from mailgate.lab.postfix import PrivatePostfix, make_basedir
 from mailgate.lab.sinks import Sink
 from mailgate.policy.policyd import PolicyRequest, PolicyServer
-from mailgate.sockets import parse_socket_spec
+from mailgate.infra.sockets import parse_socket_spec
 
 UNKNOWN = "no-such@mycompany.com"
 NO_SUCH_ALIAS = f"550 5.1.1 <{UNKNOWN}>: no such alias"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from mailgate.configfile import parse_config
-from mailgate.postfixconf import render
+from mailgate.commands.postfixconf import render
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com

@@ -22,11 +22,11 @@ import pytest
 from examples_lab import (EXAMPLES, SASL_LOGIN, SASL_REALM, SASL_SECRET, ExamplePostfix, example_postfix,
                           tls_context)
 from mailgate.configfile import parse_config
-from mailgate.inbound import ODOO_TRANSPORT
+from mailgate.rules.delivery import ODOO_TRANSPORT
 from faultlab import make_message
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import make_basedir
-from mailgate.postfixconf import SUBMISSION_LISTENER, main_settings, render
+from mailgate.commands.postfixconf import SUBMISSION_LISTENER, main_settings, render
 
 FOLDERS = ["local-odoo", "remote-odoo-sasl", "inbound"]
 

@@ -6,12 +6,12 @@ import string
 
 from hypothesis import given, settings, strategies as st
 
-from mailgate.addresses import format_mailbox, parse_mailboxes
+from mailgate.rules.addresses import format_mailbox, parse_mailboxes
 from mailgate.configfile import parse_config
-from mailgate.filters import FromFilter
-from mailgate.outbound import OutboundRequest, decide_outbound
-from mailgate.routing import route_for_sender
-from mailgate.tokens import TokenSigner, split_tokenised
+from mailgate.rules.filters import FromFilter
+from mailgate.rules.outbound import OutboundRequest, decide_outbound
+from mailgate.rules.routing import route_for_sender
+from mailgate.rules.tokens import TokenSigner, split_tokenised
 
 label = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=12)
 domains = st.builds(lambda labels, tld: ".".join(labels + [tld]), st.lists(label, min_size=1, max_size=3),

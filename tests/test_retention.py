@@ -12,9 +12,9 @@ import pytest
 from test_store import NOW, bounce, open_same, outbound, store  # noqa: F401  (fixtures)
 
 from mailgate.configfile import parse_config
-from mailgate.retention import DAY, purge_expired, retention_cutoffs
+from mailgate.rules.retention import DAY, purge_expired, retention_cutoffs
 from mailgate.store import DeliveryRecord, InboundRecord
-from mailgate.watchlog import EXPIRY_HORIZON
+from mailgate.commands.watchlog import EXPIRY_HORIZON
 
 CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
 

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from mailgate.lab.postfix import make_basedir
 from mailgate.policy.netstring import NetstringDecoder, encode
-from mailgate.sockets import parse_socket_spec, socket_is_listening
+from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
 
 CONFIG = """
 alias_domain: mycompany.com
@@ -147,7 +147,7 @@ def test_a_killed_serve_takes_its_milter_process_with_it():
 def test_configuration_frames_survive_the_pipe_and_restarts_are_budgeted():
     from mailgate.configfile import parse_config
     from mailgate.milter.worker import read_frame, write_frame
-    from mailgate.serve import RestartBudget
+    from mailgate.commands.serve import RestartBudget
 
     config = parse_config(CONFIG.format(base="/tmp", extra=""), "c.yaml", check_files=False).config
     config.active_servers  # a derived view already computed does not travel
@@ -167,7 +167,7 @@ def test_serve_purges_rows_past_their_retention_soon_after_start():
 
     from test_store import bounce
 
-    from mailgate.store import SQLiteStore
+    from mailgate.store.sqlite import SQLiteStore
 
     base = make_basedir()
     store = SQLiteStore(base / "state.sqlite3")

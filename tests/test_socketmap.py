@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from mailgate import routing
+from mailgate.rules import routing
 from mailgate.configfile import parse_config
 from mailgate.policy.lookup import LookupService
 from mailgate.policy.netstring import NetstringDecoder, encode
 from mailgate.policy.socketmap import SocketmapReply, SocketmapServer
-from mailgate.routing import route_for_sender
-from mailgate.runtime import Runtime
-from mailgate.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
-from mailgate.store import SQLiteStore
-from mailgate.tokens import TokenSigner
+from mailgate.rules.routing import route_for_sender
+from mailgate.infra.runtime import Runtime
+from mailgate.infra.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
+from mailgate.store.sqlite import SQLiteStore
+from mailgate.rules.tokens import TokenSigner
 
 
 def handler(mapname: str, key: str) -> SocketmapReply:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.sockets import (
+from mailgate.infra.sockets import (
     SocketInUseError,
     SocketSpec,
     blocked_directory,

@@ -14,11 +14,11 @@ import uuid
 
 import pytest
 
-from mailgate.store import (BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord, SQLiteStore,
-                            open_store)
+from mailgate.store import BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord, open_store
 from mailgate.store import postgres as postgres_backend
 from mailgate.store import sqlite as sqlite_backend
-from mailgate.store.records import StoreUnavailable
+from mailgate.store.sqlite import SQLiteStore
+from mailgate.store.interface import StoreUnavailable
 
 NOW = 1_900_000_000.0
 

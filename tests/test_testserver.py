@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from mailgate import testserver
+from mailgate.commands import testserver
 from mailgate.config import Config
 from mailgate.configfile import parse_config
 from mailgate.lab.certs import CertBundle, make_ca_and_cert

@@ -21,12 +21,13 @@ from datetime import datetime, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mailgate import watchlog
+from mailgate.commands import watchlog
 from mailgate.configfile import parse_config
 from mailgate.lab.postfix import make_basedir
-from mailgate.store import OutboundRecord, SQLiteStore, open_store
-from mailgate.watchlog import LogEvent, derived_server, follow, follow_journal, main_watch_log, parse_line
-from mailgate.watchlog.parsing import parse_current
+from mailgate.store import OutboundRecord, open_store
+from mailgate.store.sqlite import SQLiteStore
+from mailgate.commands.watchlog import LogEvent, derived_server, follow, follow_journal, main_watch_log, parse_line
+from mailgate.commands.watchlog.parsing import parse_current
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com
@@ -344,11 +345,11 @@ def test_a_crash_inside_a_batch_leaves_neither_rows_nor_position(tmp_path, store
         if len(calls) == 3:
             raise RuntimeError("power cut")
         return real(store_, config, event)
-    monkeypatch.setattr("mailgate.watchlog.recording.record_event", failing)
+    monkeypatch.setattr("mailgate.commands.watchlog.recording.record_event", failing)
     with pytest.raises(RuntimeError):
         read(log, store)
     assert counted(store) == [] and store.log_position(watchlog.position_key(str(log))) is None
-    monkeypatch.setattr("mailgate.watchlog.recording.record_event", real)
+    monkeypatch.setattr("mailgate.commands.watchlog.recording.record_event", real)
     read(log, store)
     assert counted(store) == expected(0, 5)
 

@@ -1,5 +1,5 @@
 import sys
 
-from mailgate.cli import main
+from mailgate.commands.cli import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
-from mailgate.filters import FromFilter
+from mailgate.rules.filters import FromFilter
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailgate/mailgate.yaml")
 
@@ -81,7 +81,7 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class BounceSettings:
-    """The blacklist rule (odoo-rules B3) and what becomes of a report once recorded."""
+    """The blacklist rule (docs/rules.md B3) and what becomes of a report once recorded."""
 
     blacklist_after: int = 5
     window_days: int = 91

@@ -7,7 +7,7 @@ import re
 from email.message import Message
 from email.parser import HeaderParser
 
-from mailgate import bouncetext as bt
+from mailgate.bounceparse import phrases as bt
 from mailgate.bounceparse.mime import (
     MAX_TEXT, clean, clean_address, decode_transfer, decoded_text, field, header_text, is_ours,
     is_text, notification_text, report_parts)

@@ -14,7 +14,7 @@ from email.message import Message
 from email.parser import HeaderParser
 from typing import Iterator
 
-from mailgate import bouncetext as bt
+from mailgate.bounceparse import phrases as bt
 
 MAX_INPUT = 1 << 20
 MAX_LINE = 998

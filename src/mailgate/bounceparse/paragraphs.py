@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from mailgate import bouncetext as bt
+from mailgate.bounceparse import phrases as bt
 from mailgate.bounceparse.mime import ADDRESS_RE
 
 

@@ -39,7 +39,7 @@ def find_token(raw: bytes, bounce_alias: str = "bounce") -> str | None:
     The envelope headers (Delivered-To, X-Original-To, Envelope-To) come before To and Cc: they
     are written by our own MTA from the envelope recipient, which is the address the remote
     server bounced to, while To is whatever the remote server chose to write. The local part is
-    matched case-insensitively and the token lower-cased, as `inbound.bounce_token_of` does,
+    matched case-insensitively and the token lower-cased, as `rules.classify.bounce_token_of` does,
     because some servers fold the case of the address they bounce to.
     """
     try:

@@ -14,7 +14,7 @@ try:
 except ImportError:  # a dependency; without it only our own patterns read non-DSN reports
     all_failures = None
 
-from mailgate import bouncetext as bt
+from mailgate.bounceparse import phrases as bt
 from mailgate.bounceparse.mime import (
     MAX_INPUT, ADDRESS_RE, ORIGINAL_TYPES, attached_headers, clean, clean_address, decoded_text,
     header_text, is_ours, is_text, notification_text, report_parts)

@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from mailgate.addresses import is_valid_address, is_valid_domain
+from mailgate.rules.addresses import is_valid_address, is_valid_domain
 from mailgate.config import (BOUNCE_FORWARDS, QUOTA_ACTIONS, DIRECT_WRITE_ACTIONS, LOOP_ACTIONS, MALFORMED_ACTIONS, QUOTA_SCOPES,
                              SECURITY_MODES, SERVER_SELECTIONS)
-from mailgate.filters import FromFilter
+from mailgate.rules.filters import FromFilter
 
 _LOCAL_PART = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$", re.I)
 
@@ -150,7 +150,7 @@ def _database(value: Any) -> str:
 
 
 def _socket_spec(value: Any) -> str:
-    from mailgate.sockets import parse_socket_spec
+    from mailgate.infra.sockets import parse_socket_spec
     text = _str(value)
     try:
         return str(parse_socket_spec(text))

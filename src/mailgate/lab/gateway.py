@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mailgate.clock import OFFSET_FILE_VARIABLE
+from mailgate.infra.clock import OFFSET_FILE_VARIABLE
 from mailgate.configfile import load_config
 from mailgate.lab.certs import make_ca_and_cert
 from mailgate.lab.odoo_stub import OdooStub
 from mailgate.lab.postfix import PrivatePostfix
 from mailgate.lab.sinks import Sink
-from mailgate.postfixconf import (INBOUND_LISTENER, SUBMISSION_LISTENER, Wiring, main_settings,
+from mailgate.commands.postfixconf import (INBOUND_LISTENER, SUBMISSION_LISTENER, Wiring, main_settings,
                                   odoo_pipe_service, transport_service)
-from mailgate.sockets import parse_socket_spec, socket_is_listening
+from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
 from mailgate.store import open_store
-from mailgate.tokens import TokenSigner
+from mailgate.rules.tokens import TokenSigner
 
 SASL_USER, SASL_PASSWORD = "odoo@mycompany.com", "relay-password"
 ODOO_PASSWORD = "odoo-admin-password"

@@ -15,15 +15,15 @@ from typing import Callable
 
 import Milter
 
-from mailgate.addresses import clean_text
-from mailgate.inbound import takes_inbound_role
-from mailgate.logfmt import kv_line
+from mailgate.rules.addresses import clean_text
+from mailgate.rules.classify import takes_inbound_role
+from mailgate.infra.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
 from mailgate.milter.inbound import ROUTE_HEADER, process_inbound
 from mailgate.milter.outbound import process_outbound
-from mailgate.replies import SMTP
-from mailgate.runtime import Runtime
-from mailgate.sockets import parse_socket_spec
+from mailgate.rules.replies import SMTP
+from mailgate.infra.runtime import Runtime
+from mailgate.infra.sockets import parse_socket_spec
 
 # Headers a rule reads; the rest are never kept.
 READ_HEADERS = {"from", "sender", "reply-to", "message-id", "precedence", "list-unsubscribe",

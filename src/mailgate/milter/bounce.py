@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.addresses import normalize
+from mailgate.rules.addresses import normalize
 from mailgate.bounceparse import BounceReport, parse_bounce
-from mailgate.bouncerecord import bounce_lock, record_and_judge
-from mailgate.bounces import report_destination, token_is_stale
-from mailgate.inbound import bounce_token_of
-from mailgate.logfmt import kv_line
+from mailgate.rules.blacklist import bounce_lock, record_and_judge
+from mailgate.rules.bounces import report_destination, token_is_stale
+from mailgate.rules.classify import bounce_token_of
+from mailgate.infra.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
-from mailgate.runtime import Runtime
-from mailgate.store.records import BounceRecord
-from mailgate.tokens import BounceToken
+from mailgate.infra.runtime import Runtime
+from mailgate.store.interface import BounceRecord
+from mailgate.rules.tokens import BounceToken
 
 
 @dataclass(frozen=True)

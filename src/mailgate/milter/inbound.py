@@ -1,6 +1,6 @@
 """The inbound role: from gathered facts to the milter's verdict on one incoming message.
 
-The decision is `mailgate.inbound.decide_inbound`; this module runs it inside one store
+The decision is `mailgate.rules.inbound.decide_inbound`; this module runs it inside one store
 transaction, so that the duplicate check, the loop counts and the row they lead to are atomic
 even when several deliveries from the same sender arrive at once.
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.inbound import InboundDecision, InboundMessage, decide_inbound
-from mailgate.logfmt import kv_line
+from mailgate.rules.inbound import InboundDecision, decide_inbound
+from mailgate.rules.message import InboundMessage
+from mailgate.infra.logfmt import kv_line
 from mailgate.milter.bounce import BounceEffects, process_bounce
 from mailgate.milter.facts import MessageFacts
-from mailgate.runtime import Runtime
+from mailgate.infra.runtime import Runtime
 from mailgate.store import InboundRecord
 
 ROUTE_HEADER = "X-Mailgate-Route"

@@ -1,6 +1,6 @@
 """The outbound role: from gathered facts to the changes the milter applies.
 
-The decision itself is `mailgate.outbound.decide_outbound`; this module adds what needs the
+The decision itself is `mailgate.rules.outbound.decide_outbound`; this module adds what needs the
 runtime (the message row, the signed token) and says which milter actions follow.
 """
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.addresses import domain_of, normalize, parse_mailboxes, to_wire
-from mailgate.logfmt import kv_line
+from mailgate.rules.addresses import domain_of, normalize, parse_mailboxes, to_wire
+from mailgate.infra.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
-from mailgate.outbound import OutboundDecision, OutboundRequest, decide_outbound, is_mass_mail
-from mailgate.runtime import Runtime
+from mailgate.rules.outbound import OutboundDecision, OutboundRequest, decide_outbound, is_mass_mail
+from mailgate.infra.runtime import Runtime
 from mailgate.store import OutboundRecord
 
 STREAM_HEADER = "X-Mailgate-Stream"

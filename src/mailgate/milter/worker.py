@@ -31,8 +31,8 @@ import time
 from typing import BinaryIO
 
 from mailgate.config import Config
-from mailgate.logfmt import kv_line, setup_logging
-from mailgate.sockets import parse_socket_spec
+from mailgate.infra.logfmt import kv_line, setup_logging
+from mailgate.infra.sockets import parse_socket_spec
 
 _LENGTH = struct.Struct(">I")
 READY = b"ready\n"
@@ -172,7 +172,7 @@ def main() -> int:
         return 1
     logger = setup_logging()
     from mailgate.milter.app import serve_milter
-    from mailgate.runtime import Runtime
+    from mailgate.infra.runtime import Runtime
 
     try:
         runtime = Runtime.from_config(config)

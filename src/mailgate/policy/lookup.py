@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 
 from mailgate.config import Config
-from mailgate.inbound import delivery_transport
-from mailgate.logfmt import kv_line
+from mailgate.rules.delivery import delivery_transport
+from mailgate.infra.logfmt import kv_line
 from mailgate.policy.socketmap import SocketmapReply
-from mailgate.replies import LOOKUP
-from mailgate.routing import PerConfig, route_for_sender
-from mailgate.runtime import Runtime
+from mailgate.rules.replies import LOOKUP
+from mailgate.rules.routing import PerConfig, route_for_sender
+from mailgate.infra.runtime import Runtime
 
 SASL_PREFIX = "sasl-"
 NOTFOUND = SocketmapReply.notfound()

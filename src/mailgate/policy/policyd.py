@@ -23,8 +23,8 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from mailgate.policy.service import ServiceConnection, StreamService
-from mailgate.replies import POLICY
-from mailgate.sockets import SocketSpec
+from mailgate.rules.replies import POLICY
+from mailgate.infra.sockets import SocketSpec
 
 MALFORMED_DUNNO = POLICY["malformed_dunno"]
 MALFORMED_DEFER = POLICY["malformed_defer"]

@@ -19,12 +19,12 @@ from collections import Counter
 from collections.abc import Sequence
 
 from mailgate.config import Config
-from mailgate.inbound import on_alias_domain, recipient_verdict
-from mailgate.logfmt import kv_line
+from mailgate.rules.classify import on_alias_domain, recipient_verdict
+from mailgate.infra.logfmt import kv_line
 from mailgate.policy.policyd import PolicyRequest
-from mailgate.quota import WINDOW, QuotaClaim, quota_allows, quota_claim
-from mailgate.replies import POLICY
-from mailgate.runtime import Runtime
+from mailgate.rules.quota import WINDOW, QuotaClaim, quota_allows, quota_claim
+from mailgate.rules.replies import POLICY
+from mailgate.infra.runtime import Runtime
 
 DUNNO = POLICY["outside"]
 

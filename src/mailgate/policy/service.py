@@ -21,8 +21,8 @@ import signal
 import threading
 from typing import cast
 
-from mailgate import sockets
-from mailgate.sockets import SocketSpec
+from mailgate.infra import sockets
+from mailgate.infra.sockets import SocketSpec
 
 BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 READ_BUFFER = 16 * 1024

@@ -25,8 +25,8 @@ from mailgate.policy.netstring import (
     encode,
 )
 from mailgate.policy.service import ServiceConnection, StreamService
-from mailgate.replies import LOOKUP
-from mailgate.sockets import SocketSpec
+from mailgate.rules.replies import LOOKUP
+from mailgate.infra.sockets import SocketSpec
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from mailgate.logfmt import kv_line
+from mailgate.infra.logfmt import kv_line
 from mailgate.store.sql import QUOTA_COUNTERS, SQLStore, new_store_id
 
 

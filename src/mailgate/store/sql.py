@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
 
-from mailgate.store.records import BounceFact, BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord
+from mailgate.store.interface import BounceFact, BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord
 
 
 QUOTA_COUNTERS = ("create table quota_counters (key text not null, stream text not null, minute bigint not null, "
@@ -287,7 +287,7 @@ class SQLStore:
     # -- retention ------------------------------------------------------------------------------------
 
     def purge(self, cutoffs: Mapping[str, float], batch: int = PURGE_BATCH) -> dict[str, int]:
-        """Delete the rows older than each table's cutoff (`mailgate.retention.retention_cutoffs`);
+        """Delete the rows older than each table's cutoff (`mailgate.rules.retention.retention_cutoffs`);
         returns the rows deleted per table. `inbound_messages` takes its `inbound_routes` along;
         `quota_counters` is the quota's own purge (`purge_quota`, its figure is recipients, under
         `quota_recipients`). Bounces a blacklist entry names are kept; deleted bounces and

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import sqlite_utils
 
-from mailgate.store.records import StoreUnavailable
+from mailgate.store.interface import StoreUnavailable
 from mailgate.store.sql import QUOTA_COUNTERS, SQLStore, new_store_id
 
 BUSY_TIMEOUT_MS = 5000

@@ -1,0 +1,1 @@
+"""The `mailgate` command line: one module (or package) per subcommand, `cli` dispatching."""

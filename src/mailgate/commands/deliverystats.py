@@ -1,0 +1,104 @@
+"""`mailgate stats`: what Postfix did with the mail, per upstream server and per day.
+
+The rows come from `watch-log` (one per delivery attempt). People get two small tables, scripts
+`--json`, and monitoring `--prometheus`: the text exposition format a node_exporter textfile
+collector or a scrape through a tiny HTTP wrapper reads, so that an alert can watch the bounce
+and deferral rates of each upstream server without parsing our tables.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from typing import TextIO
+
+from mailgate.config import Config
+from mailgate.store import open_store
+from mailgate.store.sql import SQLStore
+from mailgate.commands.views import parse_since, table
+
+STATUSES = ("sent", "deferred", "bounced", "expired")
+
+
+def _pivot(rows: list[dict], key: str) -> list[dict]:
+    """One row per `key` value with a column per status, in first-seen order (the store sorts)."""
+    pivoted: dict[str, dict] = {}
+    for row in rows:
+        line = pivoted.setdefault(row[key], {key: row[key], **{s: 0 for s in STATUSES}, "total": 0})
+        line[row["status"]] = line.get(row["status"], 0) + row["count"]
+        line["total"] += row["count"]
+    return list(pivoted.values())
+
+
+def summary(rows: list[dict]) -> dict[str, list[dict]]:
+    """`delivery_stats` rows (day, server, status, count) as per-server and per-day totals."""
+    return {"per_server": sorted(_pivot(rows, "server"), key=lambda r: r["server"]),
+            "per_day": _pivot(rows, "day")}
+
+
+def render_stats(rows: list[dict]) -> str:
+    """The human view: a table per server, then per day; statuses Postfix never reported show 0."""
+    data = summary(rows)
+    out = io.StringIO()
+    for title, key in (("per server", "server"), ("per day", "day")):
+        print(f"# {title}", file=out)
+        table(data[title.replace(" ", "_")], [key, *STATUSES, "total"], out)
+        print(file=out)
+    return out.getvalue()
+
+
+def _label(value: object) -> str:
+    """A label value as the exposition format quotes it (backslash, quote and newline escaped)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, object], int]]) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+        lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+    return lines
+
+
+def prometheus_text(store: SQLStore) -> str:
+    """All-time counters (Prometheus computes rates itself) and the blacklist's current size."""
+    deliveries = [({"server": r["server"], "status": r["status"]}, r["count"]) for r in store.delivery_totals()]
+    kinds = {"hard": 0, "soft": 0, "unknown": 0}
+    for row in store.bounce_kind_totals():
+        kinds[row["kind"]] = row["bounces"]
+    lines = [
+        *_family("mailgate_deliveries_total", "counter",
+                 "Delivery attempts Postfix logged, per upstream server and status.", deliveries),
+        *_family("mailgate_bounces_total", "counter", "Bounces recorded, by kind (hard: a 5.x.x status).",
+                 [({"kind": kind}, count) for kind, count in kinds.items()]),
+        *_family("mailgate_blacklisted_addresses", "gauge", "Addresses on the blacklist now.",
+                 [({}, len(store.blacklist_entries()))]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main_stats(config: Config, since: str | None, as_json: bool, prometheus: bool, *,
+               out: TextIO | None = None, now: float | None = None) -> int:
+    """`mailgate stats [--since 7d] [--json] [--prometheus]` (`--since` does not apply to the
+    Prometheus counters, which are all-time by definition)."""
+    out = out or sys.stdout
+    try:
+        start = parse_since(since, time.time() if now is None else now)
+    except ValueError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 2
+    store = open_store(config.database, config.database_password_file)
+    try:
+        if prometheus:
+            out.write(prometheus_text(store))
+            return 0
+        rows = store.delivery_stats(start)
+        if as_json:
+            print(json.dumps({"since": start, **summary(rows), "rows": rows}, ensure_ascii=False), file=out)
+        else:
+            out.write(render_stats(rows))
+        return 0
+    finally:
+        store.close()

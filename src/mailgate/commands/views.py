@@ -1,0 +1,136 @@
+"""Operator views: `mailgate bounces list|stats` and `mailgate blacklist list|add|remove|why`.
+
+Plain aligned tables for people, `--json` (one object on stdout) for scripts. These commands
+open the live store; writes (add/remove) are single statements, safe next to a running gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+from mailgate.rules.addresses import is_valid_address, normalize
+from mailgate.rules.blacklist import bounce_lock
+from mailgate.store.sql import bounce_ids_of
+from mailgate.store.sqlite import SQLiteStore
+
+_SPAN = re.compile(r"^(\d+)([dhm])$")
+
+
+def default_since(since: str | None, all_time: bool, window_days: int) -> str | None:
+    """What a statistics view reads without `--since`: the last `window_days` days (the
+    blacklist rule's window, `bounces.window_days`) — all time grew to seconds of CPU on a store
+    of a million rows; `--all` asks for all time, an explicit `--since` wins."""
+    if since or all_time:
+        return since
+    return f"{window_days}d"
+
+
+def parse_since(text: str | None, now: float) -> float:
+    """`7d`, `24h`, `30m`, or a date/time (`2026-11-01`, ISO 8601); None: everything."""
+    if not text:
+        return 0.0
+    found = _SPAN.match(text.strip())
+    if found:
+        return now - int(found.group(1)) * {"d": 86400, "h": 3600, "m": 60}[found.group(2)]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--since: expected 7d, 24h, 30m or a date like 2026-11-01, got {text!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _when(stamp: float | None) -> str:
+    return "-" if stamp is None else datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def table(rows: list[dict], columns: list[str], out: TextIO) -> None:
+    if not rows:
+        print("(none)", file=out)
+        return
+    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+
+
+def _emit(data: Any, as_json: bool, human, out: TextIO) -> int:
+    if as_json:
+        print(json.dumps(data, ensure_ascii=False), file=out)
+    else:
+        human()
+    return 0
+
+
+def bounces_list(store: SQLiteStore, since: float, address: str | None, as_json: bool, out: TextIO = sys.stdout,
+                 limit: int = 200) -> int:
+    rows = store.bounce_rows(since=since, address=normalize(address) if address else None, limit=limit)
+    for row in rows:
+        row["when"] = _when(row["created_at"])
+        row["kind"] = {1: "hard", 0: "soft"}.get(row["permanent"], "unknown")
+    columns = ["when", "recipient", "kind", "status", "server", "message", "source", "stale", "reason"]
+    return _emit({"bounces": rows}, as_json, lambda: table(rows, columns, out), out)
+
+
+def bounces_stats(store: SQLiteStore, since: float, as_json: bool, out: TextIO = sys.stdout) -> int:
+    stats = {"since": since, **store.bounce_stats(since)}
+
+    def human() -> None:
+        print(f"# since {_when(since) if since else 'the first bounce'}", file=out)
+        for title, columns in (("per day", ["day", "bounces", "hard"]), ("per server", ["server", "bounces"]),
+                               ("hard/soft", ["kind", "bounces"]), ("top domains", ["domain", "bounces"])):
+            print(f"# {title}", file=out)
+            table(stats[title.replace(" ", "_").replace("hard/soft", "per_kind")], columns, out)
+            print(file=out)
+    return _emit(stats, as_json, human, out)
+
+
+def blacklist_list(store: SQLiteStore, as_json: bool, out: TextIO = sys.stdout) -> int:
+    rows = store.blacklist_entries()
+    for row in rows:
+        row["since"] = _when(row["added_at"])
+    return _emit({"blacklist": rows}, as_json, lambda: table(rows, ["address", "since", "source", "reason"], out), out)
+
+
+def blacklist_change(store: SQLiteStore, action: str, address: str, reason: str | None, as_json: bool,
+                     out: TextIO = sys.stdout, now: float | None = None) -> int:
+    address = normalize(address)
+    if not is_valid_address(address):
+        print(f"mailgate: not an email address: {address!r}", file=sys.stderr)
+        return 2
+    now = time.time() if now is None else now
+    with store.transaction(bounce_lock(address)):
+        if action == "add":
+            changed = store.blacklist_add(address, now, reason or "added by the operator", "operator", [])
+        else:
+            changed = store.blacklist_remove(address, now, reason or "removed by the operator")
+    state = {"address": address, "action": action, "changed": changed}
+    text = f"{address}: {'added to' if action == 'add' else 'removed from'} the blacklist" if changed else \
+        f"{address}: {'already on' if action == 'add' else 'not on'} the blacklist"
+    return _emit(state, as_json, lambda: print(text, file=out), out)
+
+
+def blacklist_why(store: SQLiteStore, address: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+    address = normalize(address)
+    history = store.blacklist_history(address)
+    ids = sorted({i for entry in history for i in bounce_ids_of(entry["bounce_ids"])})
+    causes = store.bounce_rows(ids=ids) if ids else []
+    data = {"address": address, "blacklisted": any(e["removed_at"] is None for e in history),
+            "history": history, "bounces": causes}
+
+    def human() -> None:
+        print(f"{address}: {'blacklisted' if data['blacklisted'] else 'not blacklisted'}", file=out)
+        for entry in history:
+            removed = f", removed {_when(entry['removed_at'])} ({entry['removed_reason']})" if entry["removed_at"] else ""
+            print(f"  added {_when(entry['added_at'])} by {entry['source']}: {entry['reason']}{removed}", file=out)
+        if causes:
+            print("  bounces that caused it:", file=out)
+            for row in causes:
+                print(f"    {_when(row['created_at'])}  {row['status'] or '-'}  {row['server'] or '-'}  "
+                      f"{row['reason'] or ''}", file=out)
+    return _emit(data, as_json, human, out)

@@ -1,0 +1,1 @@
+"""Talking to Odoo: handing accepted mail to its mail gateway (`mailgate deliver`)."""

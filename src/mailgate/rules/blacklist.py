@@ -1,0 +1,64 @@
+"""What a recorded bounce, and a later successful delivery, do to the blacklist (B2, B3).
+
+Two readers learn that a recipient failed: the milter, from delivery reports to our tokenised
+bounce address, and `watch-log`, from Postfix's own `status=bounced` lines. Both must record the
+row and run the blacklist rule the same way, inside the caller's transaction, so that the count
+and the entry it leads to are atomic; this module is that one way. The caller's transaction
+holds the lock key `bounce_lock(address)` for every address it touches (PostgreSQL queues
+concurrent gateways on it; SQLite's write lock covers it anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailgate.rules.bounces import blacklist_verdict
+from mailgate.config import BounceSettings
+from mailgate.store.interface import BounceRecord, Store
+
+RULE_SOURCE = "rule"
+DELIVERED_REASON = "delivered successfully"
+
+
+def bounce_lock(address: str) -> str:
+    """The transaction lock key of an address's bounces and blacklist entry."""
+    return f"bounce:{address}"
+
+
+@dataclass(frozen=True)
+class BounceOutcome:
+    bounce_id: int
+    blacklisted: str | None      # the rule's reason when this bounce put the address on the list
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    reset: bool                  # the address had bounces that counted; they no longer do
+    unblacklisted: bool          # the rule's blacklist entry was ended
+
+
+def record_and_judge(store: Store, settings: BounceSettings, record: BounceRecord, now: float) -> BounceOutcome:
+    """Record one failed recipient and, when it may count (tied to a message of ours and not
+    stale), run the blacklist rule over the address's bounces. Call inside
+    `store.transaction(bounce_lock(record.recipient))`."""
+    bounce_id = store.record_bounce(record)
+    if not record.matched or record.stale:
+        return BounceOutcome(bounce_id, None)
+    verdict = blacklist_verdict(store.countable_bounces(record.recipient, 0.0), settings, now)
+    if verdict.due and store.blacklist_add(record.recipient, now, verdict.reason, RULE_SOURCE,
+                                           list(verdict.bounce_ids)):
+        return BounceOutcome(bounce_id, verdict.reason)
+    return BounceOutcome(bounce_id, None)
+
+
+def clear_after_delivery(store: Store, address: str, at: float) -> DeliveryOutcome:
+    """A message reached the address: its earlier bounces stop counting (B2) and the rule's
+    blacklist entry ends; an operator's entry stays, because the operator had a reason the
+    rule cannot see. The reset is written only when something counted, so that every
+    delivered recipient does not cost a write. Call inside
+    `store.transaction(bounce_lock(address))`."""
+    reset = bool(store.countable_bounces(address, 0.0))
+    if reset:
+        store.reset_bounces(address, at)
+    removed = store.blacklist_remove(address, at, DELIVERED_REASON, source=RULE_SOURCE)
+    return DeliveryOutcome(reset, removed)

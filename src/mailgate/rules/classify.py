@@ -1,0 +1,80 @@
+"""Which addresses are Odoo's (docs/rules.md I1, I2): the catchall and bounce addresses of the
+alias domains, tokenised bounce addresses, aliases by full address or local part, the policy
+service's verdict on one RCPT, and which milter role a message takes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mailgate.config import Alias, Config
+from mailgate.rules.addresses import normalize
+from mailgate.rules.tokens import split_tokenised
+
+def _address_set(config: Config, local: str) -> set[str]:
+    return {f"{local}@{d}" for d in config.alias_domain_set}
+
+
+def is_catchall(config: Config, address: str) -> bool:
+    return normalize(address) in _address_set(config, config.catchall_alias)
+
+
+def bounce_token_of(config: Config, address: str) -> str | None:
+    """The token of `bounce+TOKEN@alias-domain`, or None when the address is not one."""
+    parts = split_tokenised(normalize(address), config.bounce_alias)
+    if parts and parts[1] in config.alias_domain_set:
+        return parts[0]
+    return None
+
+
+def is_plain_bounce(config: Config, address: str) -> bool:
+    return normalize(address) in _address_set(config, config.bounce_alias)
+
+
+def alias_for_address(config: Config, address: str) -> Alias | None:
+    """An alias by its full address, or an `incoming_local` alias by local part on an allowed
+    domain (on any domain when `allowed_alias_domains: []` says there is no restriction)."""
+    address = normalize(address)
+    for alias in config.aliases:
+        if alias.address.lower() == address:
+            return alias
+    local, _, domain = address.rpartition("@")
+    if config.incoming_local_anywhere or domain in config.accepted_domain_set:
+        for alias in config.aliases:
+            if alias.incoming_local and alias.name == local:
+                return alias
+    return None
+
+
+def on_alias_domain(config: Config, address: str) -> bool:
+    domain = normalize(address).rpartition("@")[2]
+    return domain in config.accepted_domain_set
+
+
+def recipient_verdict(config: Config, address: str, token_valid: Callable[[str], bool]) -> str:
+    """What the policy service says of one RCPT: `outside`, `accept`, `no_such_alias`, `forged_bounce`.
+
+    Only addresses on the alias domains (and the allowed alias domains) are judged; with a
+    fallback target every address there is accepted, since Odoo would route it to the fallback.
+    """
+    if not on_alias_domain(config, address):
+        return "outside"
+    token = bounce_token_of(config, address)
+    if token is not None:
+        return "accept" if token_valid(token) else "forged_bounce"
+    if is_catchall(config, address) or is_plain_bounce(config, address) or alias_for_address(config, address):
+        return "accept"
+    return "accept" if config.fallback_target else "no_such_alias"
+
+
+def takes_inbound_role(config: Config, listener: str | None, envelope_sender: str, recipients: list[str]) -> bool:
+    """Mail on an inbound listener, or a delivery report (null sender) to our bounce addresses.
+
+    The second case is Postfix's own reports on mail it could not deliver upstream: they are
+    made inside Postfix (non_smtpd_milters, `internal_mail_filter_classes = bounce`) and reach
+    the milter on the submission side, but they are inbound reports all the same.
+    """
+    if listener in config.inbound_listeners:
+        return True
+    return (not envelope_sender and bool(recipients)
+            and all(bounce_token_of(config, r) is not None or is_plain_bounce(config, r) for r in recipients))

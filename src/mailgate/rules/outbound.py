@@ -1,0 +1,215 @@
+"""The outbound decision (docs/rules.md O1-O7): server, header From and envelope sender.
+
+Pure functions over the configuration: the milter, the lookup service and `mailgate explain`
+all call `decide_outbound` or `route_sender`, so the three can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mailgate.rules.addresses import Mailbox, domain_of, format_mailbox, normalize, parse_mailboxes
+from mailgate.config import Config, Server
+from mailgate.rules.filters import FromFilter
+
+# Why a server was chosen: the log's `reason=` and explain's first reason.
+STEP_TEXT = {
+    "mass": "mass mail goes to the dedicated mass server",
+    "from-address": "a server's from_filter lists the From address",
+    "from-domain": "a server's from_filter lists the From domain",
+    "notification-address": "a server's from_filter lists the notification address",
+    "notification-domain": "a server's from_filter lists the notification address's domain",
+    "no-filter": "no filter matches the From: first server without a from_filter",
+    "fallback-first": "no server fits the From: first server used anyway",
+    "no-servers": "no upstream server configured: Postfix's default route",
+}
+
+
+@dataclass(frozen=True)
+class OutboundRequest:
+    """What the milter (or `explain`) knows about one outgoing message."""
+
+    header_from: str | None
+    envelope_sender: str | None = None
+    mass: bool = False
+
+
+@dataclass(frozen=True)
+class OutboundDecision:
+    server: Server | None
+    step: str
+    header_from: str | None          # the From header to send (the original when kept)
+    original_from: str | None
+    rewritten: bool
+    envelope_from: str               # plain MAIL FROM, before any token
+    bounce_address: str | None       # the bounce address of this message (O1)
+    envelope_is_bounce: bool         # the envelope is the bounce address: mailgate tokenises it
+    reasons: tuple[str, ...] = field(default=())
+    warning: str | None = None
+
+    @property
+    def server_name(self) -> str | None:
+        return self.server.name if self.server else None
+
+
+def notification_address(config: Config) -> str | None:
+    """O1: `default_from` as is when it holds `@`, else joined to the alias domain."""
+    default_from = (config.default_from or "").strip()
+    if "@" in default_from:
+        return default_from
+    if default_from and config.alias_domain:
+        return f"{default_from}@{config.alias_domain}"
+    return None
+
+
+def is_alias_domain_address(config: Config, address: str | None) -> bool:
+    domain = domain_of(address)
+    return bool(domain) and domain in config.alias_domain_set
+
+
+def bounce_address(config: Config, envelope_sender: str | None) -> str | None:
+    """O1: the client's own envelope when it sits on an alias domain, else `bounce@alias-domain`."""
+    if envelope_sender and is_alias_domain_address(config, envelope_sender):
+        return envelope_sender
+    if config.alias_domain:
+        return f"{config.bounce_alias}@{config.alias_domain}"
+    return None
+
+
+def _first_listing(servers: tuple[Server, ...], address: str) -> tuple[Server | None, str]:
+    """The first server listing the address, else the first listing its domain."""
+    for server in servers:
+        if server.from_filter.lists_address(address):
+            return server, "address"
+    domain = domain_of(address)
+    for server in servers:
+        if server.from_filter.lists_domain(domain):
+            return server, "domain"
+    return None, ""
+
+
+def choose_server(config: Config, from_boxes: list[Mailbox] | None) -> tuple[Server | None, bool, str]:
+    """O3: (server, send as the notification address?, step) in Odoo's order.
+
+    `documented` selection swaps steps 2 and 3, as the seed document words the rule.
+    """
+    servers = config.active_servers
+    notification = notification_address(config)
+    if len(from_boxes or []) == 1:
+        server, kind = _first_listing(servers, from_boxes[0].address)
+        if server:
+            return server, False, f"from-{kind}"
+
+    def by_notification() -> tuple[Server | None, bool, str] | None:
+        if notification:
+            server, kind = _first_listing(servers, notification)
+            if server:
+                return server, True, f"notification-{kind}"
+        return None
+
+    def unfiltered() -> tuple[Server | None, bool, str] | None:
+        for server in servers:
+            if server.from_filter.is_empty:
+                return server, notification is not None, "no-filter"
+        return None
+
+    steps = (by_notification, unfiltered) if config.server_selection == "odoo" else (unfiltered, by_notification)
+    for step in steps:
+        found = step()
+        if found:
+            return found
+    if servers:
+        return servers[0], notification is not None, "fallback-first"
+    keep = len(from_boxes or []) == 1 and config.default_from_filter.matches(from_boxes[0].address)
+    return None, (not keep and notification is not None), "no-servers"
+
+
+def _encapsulate(boxes: list[Mailbox], notification: str) -> str:
+    """O5: `"Name" <notification>`, the name falling back to the old local part."""
+    first = boxes[0]
+    return format_mailbox(first.name or first.local_part, notification)
+
+
+def decide_outbound(config: Config, request: OutboundRequest) -> OutboundDecision:
+    """The whole outbound decision for one message."""
+    boxes = parse_mailboxes(request.header_from)
+    reasons: list[str] = []
+    warning = None
+    mass_server = config.mass_server if request.mass else None
+    if mass_server:
+        server, as_notification, step = mass_server, False, "mass"
+    else:
+        server, as_notification, step = choose_server(config, boxes)
+    reasons.append(STEP_TEXT[step] + (f" ({server.name})" if server else ""))
+    if step == "fallback-first":
+        warning = f"no mail server matches the from_filter, using {server.name} as fallback"
+    if request.mass and not mass_server:
+        reasons.append("mass mail without an active mass server follows the normal order")
+
+    notification = notification_address(config)
+    header_from = request.header_from
+    rewritten = False
+    if as_notification and notification:
+        if boxes is None:
+            reasons.append("From cannot be parsed: left alone")
+        elif not boxes:
+            reasons.append("no From address: nothing to rewrite")
+        elif not (len(boxes) == 1 and normalize(boxes[0].address) == normalize(notification)):
+            header_from = _encapsulate(boxes, notification)
+            rewritten = True
+            reasons.append(f"From rewritten to the notification address {notification}")
+    if not rewritten:
+        reasons.append("From kept")
+
+    bounce = bounce_address(config, request.envelope_sender)
+    envelope, is_bounce = _envelope(config, server, bounce, boxes, header_from, rewritten,
+                                    notification, request.envelope_sender)
+    reasons.append("envelope sender is the bounce address" if is_bounce
+                   else "envelope sender is the From address (the bounce address is outside the server's filter)")
+    return OutboundDecision(server, step, header_from, request.header_from, rewritten, envelope,
+                            bounce, is_bounce, tuple(reasons), warning)
+
+
+def _envelope(config: Config, server: Server | None, bounce: str | None, boxes: list[Mailbox] | None,
+              header_from: str | None, rewritten: bool, notification: str | None,
+              envelope_sender: str | None) -> tuple[str, bool]:
+    """O6: the bounce address when the server's filter allows it, else the header From's address.
+
+    Without a bounce address Odoo falls back to the original From as its bounce address; without
+    any usable From the client's own envelope sender is kept.
+    """
+    server_filter: FromFilter = server.from_filter if server else config.default_from_filter
+    original = boxes[-1].address if boxes else None
+    candidate = bounce or original
+    if candidate and server_filter.matches(candidate):
+        return candidate, candidate == bounce
+    if rewritten and notification:
+        return notification, False
+    if original:
+        return original, False
+    return envelope_sender or "", False
+
+
+def route_sender(config: Config, sender: str) -> Server | None:
+    """O7 without a token: run the server choice with the envelope sender as the From."""
+    return choose_server(config, [Mailbox("", sender)])[0]
+
+
+def is_mass_mail(config: Config, listener: str | None, sasl_user: str | None,
+                 headers: list[tuple[str, str]]) -> bool:
+    """O4's signs: the listener, the SASL user, a configured header, or `X-Mailgate-Stream: mass`."""
+    signs = config.mass_mail
+    if listener and listener in signs.listeners:
+        return True
+    if sasl_user and sasl_user in signs.sasl_users:
+        return True
+    for name, value in headers:
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == "x-mailgate-stream":
+            if value == "mass":
+                return True
+            continue
+        for wanted_name, wanted_value in signs.headers:
+            if name == wanted_name and (wanted_value is None or value == wanted_value):
+                return True
+    return False

@@ -1,0 +1,58 @@
+"""The daily sending limit (docs/rules.md Q): recipients per rolling 24 hours, per scope.
+
+The seed's 200 a day is a limit of Odoo's hosted service; mailgate offers it as its own abuse
+guard, counted per recipient that leaves the gateway, with a separate limit for mass mail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailgate.rules.addresses import domain_of
+from mailgate.config import Config
+
+WINDOW = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class QuotaClaim:
+    """One leaving recipient's take from a quota: which counter, and its limit."""
+
+    key: str
+    stream: str   # transactional | mass
+    limit: int
+
+    @property
+    def lock_key(self) -> str:
+        """What concurrent gateways serialise on while counting and taking."""
+        return f"quota:{self.key}:{self.stream}"
+
+
+def quota_key(config: Config, sender: str, sasl_user: str | None) -> str | None:
+    """What the limit is counted by; None when the mail is not counted (the null sender)."""
+    scope = config.quota.scope
+    if scope == "gateway":
+        return "gateway"
+    if scope == "sasl_user" and sasl_user:
+        return f"sasl:{sasl_user.lower()}"
+    domain = domain_of(sender)
+    return f"domain:{domain}" if domain else None
+
+
+def quota_limit(config: Config, mass: bool) -> int | None:
+    return config.quota.mass_daily if mass else config.quota.daily
+
+
+def quota_claim(config: Config, sender: str, sasl_user: str | None, mass: bool) -> QuotaClaim | None:
+    """The claim one leaving recipient makes; None when nothing is counted (no limit, or the
+    null sender)."""
+    key = quota_key(config, sender, sasl_user)
+    limit = quota_limit(config, mass)
+    if key is None or limit is None:
+        return None
+    return QuotaClaim(key, "mass" if mass else "transactional", limit)
+
+
+def quota_allows(count: int, limit: int | None) -> bool:
+    """`count` recipients already taken in the window: one more is allowed while below the limit."""
+    return limit is None or count < limit
