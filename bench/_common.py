@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailgate.infra.sockets import socket_is_listening
+from mailgate.infra.socketspec import parse_socket_spec
 from mailgate.lab.ports import free_port
-from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
 
 BENCH_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -117,7 +118,7 @@ class SmtpSink:
         self.log = base / f"{name}.out"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "SmtpSink":
+    def start(self) -> SmtpSink:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([SMTP_SINK, "-u", "postfix", f"127.0.0.1:{self.port}", "256"],
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -182,7 +183,7 @@ class Serve:
     def log_path(self) -> Path:
         return self.config_path.with_suffix(".log")
 
-    def start(self) -> "Serve":
+    def start(self) -> Serve:
         from mailgate.configfile import load_config
         config = load_config(self.config_path).config
         if self.wrapper_args:
@@ -193,7 +194,7 @@ class Serve:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
-        specs = [parse_socket_spec(s) for s in (config.listen.milter, config.listen.lookup, config.listen.policy)]
+        specs = [config.listen.milter, config.listen.lookup, config.listen.policy]
         deadline = time.monotonic() + 30
         while not all(socket_is_listening(spec) for spec in specs):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -222,7 +223,7 @@ class TrivialMilter:
         self.log = base / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "TrivialMilter":
+    def start(self) -> TrivialMilter:
         argv = [PYTHON, str(BENCH_DIR / "trivial_milter.py"), self.spec] + (["--nodelay"] if self.nodelay else []) \
             + (["--data-reply"] if self.data_reply else []) + (["--like-mailgate"] if self.like_mailgate else [])
         with open(self.log, "ab") as log:

@@ -34,13 +34,23 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _common import (SENDER, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, TrivialMilter, bench_config, machine,
-                     smtp_source, stop_process)
+from _common import (
+    SENDER,
+    SUBMISSION_ROLE,
+    LogFollower,
+    Serve,
+    SmtpSink,
+    TrivialMilter,
+    bench_config,
+    machine,
+    smtp_source,
+    stop_process,
+)
 
+from mailgate.commands.postfixconf import main_settings, milter_address, transport_service
 from mailgate.configfile import load_config
 from mailgate.lab.ports import free_port
 from mailgate.lab.postfix import POSTCONF, PrivatePostfix, make_basedir
-from mailgate.commands.postfixconf import main_settings, milter_address, transport_service
 
 POLICY_KEYS = ("smtpd_recipient_restrictions", "smtpd_policy_service_default_action")
 LINE = re.compile(r"^(?P<t>\d+\.\d+) IP (?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): "
@@ -173,8 +183,10 @@ def main() -> int:
             line = f"{name:<24} {result['rate']:6.1f} msgs/s accepted ({result['ms_per_msg']:.1f} ms per message)"
             if analysis:
                 per = {k: v / count for k, v in analysis["stalls"].items()}
-                line += ("; stalls per message: " + (", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())) or "none")
-                         + (f" ({sum(analysis['stall_ms'].values()) / count:.1f} ms/msg)" if analysis["stall_ms"] else ""))
+                line += ("; stalls per message: "
+                         + (", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())) or "none")
+                         + (f" ({sum(analysis['stall_ms'].values()) / count:.1f} ms/msg)"
+                            if analysis["stall_ms"] else ""))
             print(line, flush=True)
             if sent < count:
                 broken = True

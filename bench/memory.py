@@ -34,12 +34,23 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (PYTHON, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, bench_config, machine, median,
-                     process_tree, rss_kib, smtp_source)
+from _common import (
+    PYTHON,
+    SUBMISSION_ROLE,
+    LogFollower,
+    Serve,
+    SmtpSink,
+    bench_config,
+    machine,
+    median,
+    process_tree,
+    rss_kib,
+    smtp_source,
+)
 
+from mailgate.commands.postfixconf import main_settings, transport_service
 from mailgate.configfile import load_config
 from mailgate.lab.postfix import PrivatePostfix, make_basedir
-from mailgate.commands.postfixconf import main_settings, transport_service
 from mailgate.store.sqlite import SQLiteStore
 
 TARGET_RSS_GROWTH = 0.10
@@ -177,7 +188,8 @@ def fill_bounces(conn: sqlite3.Connection, start: int, stop: int, now: float, rn
     def rows():
         for i in range(start, stop):
             status, permanent, reason = statuses[rng.randrange(len(statuses))]
-            yield (now - rng.random() * 365 * SECONDS_PER_DAY, f"user{rng.randrange(50_000)}@d{rng.randrange(2_000)}.example",
+            yield (now - rng.random() * 365 * SECONDS_PER_DAY,
+                   f"user{rng.randrange(50_000)}@d{rng.randrange(2_000)}.example",
                    status, "failed", permanent, reason, "dns; mx.example", "dns; mx.example", i,
                    servers[i % len(servers)], "dsn", 0, 1)
     conn.executemany("insert into bounces (created_at, recipient, status, action, permanent, reason, reporting_mta, "
@@ -291,16 +303,16 @@ def stats_part(base: Path, levels: list[int], repeat: int) -> list[dict]:
                                       repeat)
         row["cli_list_s"], _ = time_cli(["bounces", "list", "--config", str(config_path), "--json"], repeat)
         row["store_all_ms"] = time_call(lambda: store.bounce_stats(0.0), repeat) * 1000
-        row["store_7d_ms"] = time_call(lambda: store.bounce_stats(since_week), repeat) * 1000
+        row["store_7d_ms"] = time_call(lambda since_week=since_week: store.bounce_stats(since_week), repeat) * 1000
         row["delivery_all_ms"] = time_call(lambda: store.delivery_stats(0.0), repeat) * 1000
-        row["delivery_7d_ms"] = time_call(lambda: store.delivery_stats(since_week), repeat) * 1000
+        row["delivery_7d_ms"] = time_call(lambda since_week=since_week: store.delivery_stats(since_week), repeat) * 1000
         if stats_cli:
             row["stats_cli_s"], _ = time_cli(["stats", "--config", str(config_path)], repeat)
             row["stats_cli_7d_s"], _ = time_cli(["stats", "--config", str(config_path), "--since", "7d"], repeat)
             row["stats_prom_s"], _ = time_cli(["stats", "--config", str(config_path), "--prometheus"], repeat)
         row["plans"] = {}
         for name, call in (("bounce_stats(all)", lambda: store.bounce_stats(0.0)),
-                           ("bounce_stats(7d)", lambda: store.bounce_stats(since_week)),
+                           ("bounce_stats(7d)", lambda since_week=since_week: store.bounce_stats(since_week)),
                            ("delivery_stats(all)", lambda: store.delivery_stats(0.0)),
                            ("delivery_totals", lambda: store.delivery_totals())):
             for number, sql in enumerate(capture.capture(call), start=1):
@@ -377,8 +389,8 @@ def main() -> int:
               f"{live['messages_rows']} message rows, {live['quota_rows']} quota rows; "
               f"main+wal+shm during the run {live['db_after'] / 1e6:.1f}MB)")
         print(f"RESULT milter_tempfails={live['tempfails']} (451 answered because of an internal error; "
-              f"{len(live['errors'])} role=error lines" + (f", e.g. {live['errors'][0][:160]!r}" if live["errors"] else "")
-              + ")")
+              f"{len(live['errors'])} role=error lines"
+              + (f", e.g. {live['errors'][0][:160]!r}" if live["errors"] else "") + ")")
         for traceback in live["tracebacks"][:3]:
             print(traceback[-1500:], end="")
         met = growth_idle <= TARGET_RSS_GROWTH
@@ -388,7 +400,8 @@ def main() -> int:
               f"{' [not enforced: --quick]' if args.quick else ''}")
     for row in stats:
         print(f"RESULT stats rows={row['rows']}: `bounces stats` {row['cli_all_s']:.3f}s (--since 7d "
-              f"{row['cli_7d_s']:.3f}s); store.bounce_stats {row['store_all_ms']:.1f}ms (7d {row['store_7d_ms']:.1f}ms); "
+              f"{row['cli_7d_s']:.3f}s); store.bounce_stats {row['store_all_ms']:.1f}ms "
+              f"(7d {row['store_7d_ms']:.1f}ms); "
               f"store.delivery_stats {row['delivery_all_ms']:.1f}ms (7d {row['delivery_7d_ms']:.1f}ms)"
               + (f"; `mailgate stats` {row['stats_cli_s']:.3f}s (--since 7d {row['stats_cli_7d_s']:.3f}s, --prometheus "
                  f"{row['stats_prom_s']:.3f}s)" if "stats_cli_s" in row else "; `mailgate stats`: absent"))
@@ -398,7 +411,8 @@ def main() -> int:
         if len(stats) > 1:
             first, last = stats[0], stats[-1]
             factor = last["rows"] / first["rows"]
-            print(f"RESULT stats scaling x{factor:.0f} rows: bounce_stats(all) x{last['store_all_ms'] / first['store_all_ms']:.1f}, "
+            print(f"RESULT stats scaling x{factor:.0f} rows: "
+                  f"bounce_stats(all) x{last['store_all_ms'] / first['store_all_ms']:.1f}, "
                   f"bounce_stats(7d) x{last['store_7d_ms'] / first['store_7d_ms']:.1f}, "
                   f"delivery_stats(all) x{last['delivery_all_ms'] / first['delivery_all_ms']:.1f}")
     if args.keep or broken:

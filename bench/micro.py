@@ -24,17 +24,17 @@ import time
 
 from _common import bench_config, machine
 
-from mailgate.rules.addresses import parse_mailboxes
 from mailgate.configfile import load_config
+from mailgate.infra.runtime import Runtime
 from mailgate.lab.postfix import make_basedir
 from mailgate.milter.facts import MessageFacts
 from mailgate.milter.outbound import process_outbound
-from mailgate.rules.outbound import OutboundRequest, decide_outbound
+from mailgate.policy.attributes import PolicyRequest, parse_request
 from mailgate.policy.lookup import LookupService
-from mailgate.policy.policyd import PolicyRequest, parse_request
 from mailgate.policy.recipients import GatewayPolicy
+from mailgate.rules.addresses import parse_mailboxes
+from mailgate.rules.outbound import OutboundRequest, decide_outbound
 from mailgate.rules.routing import route_for_sender
-from mailgate.infra.runtime import Runtime
 from mailgate.store import OutboundRecord
 
 
@@ -66,7 +66,7 @@ def main() -> int:
         now = time.time()
         tokens = [f"bounce+{runtime.signer.make(i, 'transactional', now)}@mycompany.com" for i in range(1000)]
         plain = [f"user{i}@mycompany.com" for i in range(1000)]
-        from services import policy_out_requests, policy_in_requests  # the same requests as bench/services.py
+        from services import policy_in_requests, policy_out_requests  # the same requests as bench/services.py
         outs = [PolicyRequest(parse_request(r[:-2], 128)) for r in policy_out_requests()]
         ins = [PolicyRequest(parse_request(r[:-2], 128)) for r in policy_in_requests()]
         raw_out = policy_out_requests()

@@ -15,14 +15,14 @@ import shutil
 import time
 
 from mailgate.configfile import parse_config
+from mailgate.infra.runtime import Runtime
 from mailgate.lab.postfix import make_basedir
 from mailgate.lab.postgres import PrivatePostgres
-from mailgate.policy.policyd import PolicyRequest
+from mailgate.policy.attributes import PolicyRequest
 from mailgate.policy.recipients import GatewayPolicy
-from mailgate.infra.runtime import Runtime
+from mailgate.rules.tokens import TokenSigner
 from mailgate.store import open_store
 from mailgate.store.sqlite import SQLiteStore
-from mailgate.rules.tokens import TokenSigner
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com

@@ -44,9 +44,10 @@ from pathlib import Path
 
 from _common import BENCH_DIR, PYTHON, Serve, bench_config, cpu_seconds, machine, percentile, stop_process
 
+from mailgate.infra.sockets import socket_is_listening
+from mailgate.infra.socketspec import parse_socket_spec
 from mailgate.lab.postfix import make_basedir
 from mailgate.policy.netstring import encode
-from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
 from mailgate.rules.tokens import TokenSigner
 
 try:
@@ -212,7 +213,8 @@ def start_echo(base: Path, name: str, socketmap: Path, policy: Path, *, uvloop: 
     """bench/echo_services.py on the standard asyncio loop, or on uvloop's."""
     script = str(BENCH_DIR / "echo_services.py")
     if uvloop:
-        argv = [PYTHON, "-c", "import asyncio, runpy, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+        argv = [PYTHON, "-c", "import asyncio, runpy, sys, uvloop; "
+                "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
                 f"sys.argv = sys.argv[1:]; runpy.run_path({script!r}, run_name='__main__')", script]
     else:
         argv = [PYTHON, script]
@@ -354,7 +356,8 @@ def main() -> int:
                                f"{p99:.3f} ms"))
     for text, met, value in checks:
         missed |= not met
-        print(f"TARGET {text}: {'MET' if met else 'MISSED'} ({value}){' [not enforced: --quick]' if args.quick else ''}")
+        print(f"TARGET {text}: {'MET' if met else 'MISSED'} ({value})"
+              f"{' [not enforced: --quick]' if args.quick else ''}")
     if args.keep or broken:
         print(f"# work directory kept: {base}")
     else:

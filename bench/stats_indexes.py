@@ -16,8 +16,8 @@ import shutil
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from _common import bench_config, median
 from memory import fill_bounces, fill_deliveries

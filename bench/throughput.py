@@ -47,13 +47,27 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (SENDER, SUBMISSION_ROLE, LogFollower, Serve, SmtpSink, TrivialMilter, bench_config,
-                     busy_fraction, cpu_seconds, machine, median, process_tree, smtp_source, system_cpu)
+from _common import (
+    SENDER,
+    SUBMISSION_ROLE,
+    LogFollower,
+    Serve,
+    SmtpSink,
+    TrivialMilter,
+    bench_config,
+    busy_fraction,
+    cpu_seconds,
+    machine,
+    median,
+    process_tree,
+    smtp_source,
+    system_cpu,
+)
 
+from mailgate.commands.postfixconf import main_settings, transport_service
 from mailgate.configfile import load_config
 from mailgate.lab.ports import free_port
 from mailgate.lab.postfix import POSTCONF, PrivatePostfix, make_basedir
-from mailgate.commands.postfixconf import main_settings, transport_service
 
 TARGET_FULL_PATH = 0.85
 POLICY_KEYS = ("smtpd_recipient_restrictions", "smtpd_policy_service_default_action")
@@ -346,7 +360,8 @@ def main() -> int:
             sent = sum(r["sent"] for r in results if SERVE_OF[r["mode"]] == file.stem.split("-", 1)[1])
             for line in file.read_text().splitlines():
                 what, number = line.rsplit(" ", 1)
-                print(f"LOOKUPS {file.stem.split('-', 1)[1]} {what}: {number} ({int(number) / max(sent, 1):.2f} per message)")
+                print(f"LOOKUPS {file.stem.split('-', 1)[1]} {what}: {number} "
+                      f"({int(number) / max(sent, 1):.2f} per message)")
     by_mode: dict[str, list[dict]] = {m: [r for r in results if r["mode"] == m] for m in modes}
     baseline_of_round = {r["round"]: r["rate"] for r in by_mode.get("a", [])}
     summary = {}

@@ -2,13 +2,58 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from mailgate.lab.gateway import LabGateway
-from mailgate.lab.postfix import make_basedir
+from mailgate.lab.postfix import PrivatePostfix, make_basedir
+from mailgate.lab.postgres import PrivatePostgres
+
+# Fixtures that start real daemons (Postfix, `mailgate serve`, PostgreSQL, OpenDKIM): a test that
+# uses one belongs to the e2e set, which `pytest -m "not e2e"` leaves out. Here: gw, postgres and
+# postgres_server; module-local: gateways (test_postfix_examples), chain (test_dkim_chain), pg
+# (test_import_odoo), pair (test_e2e_two_gateways), lab (test_lab, test_policyd_postfix).
+E2E_FIXTURES = frozenset({"gw", "postgres", "postgres_server", "gateways", "chain", "pg", "pair", "lab"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fail the run when a test uses a daemon fixture but is not marked e2e: a new end-to-end test
+    must not land silently in the fast set (mark it `@pytest.mark.e2e` or the module
+    `pytestmark = pytest.mark.e2e`)."""
+    unmarked = [f"{item.nodeid} (uses {', '.join(sorted(E2E_FIXTURES & set(item.fixturenames)))})"
+                for item in items
+                if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("e2e") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start real daemons must be marked e2e:\n  " + "\n  ".join(unmarked))
+
+
+# The same rule at run time, for daemons a test starts itself or through a fixture collection
+# cannot name: the lab's start methods refuse to run for a test that is not marked e2e.
+_running_e2e = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    global _running_e2e
+    _running_e2e = item.get_closest_marker("e2e") is not None
+
+
+def _e2e_only(cls) -> None:
+    start = cls.start
+
+    @functools.wraps(start)
+    def guarded(self, *args, **kwargs):
+        if not _running_e2e:
+            pytest.fail(f"{cls.__name__}.start() in a test that is not marked e2e", pytrace=False)
+        return start(self, *args, **kwargs)
+    cls.start = guarded
+
+
+for _daemon in (LabGateway, PrivatePostfix, PrivatePostgres):
+    _e2e_only(_daemon)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -34,16 +79,25 @@ def gw(request) -> Iterator[LabGateway]:
 
 
 @pytest.fixture(scope="session")
-def postgres():
+def postgres_server():
     """One private PostgreSQL (loopback, own data directory) for the whole run; tests create
-    their own databases in it."""
-    from mailgate.lab.postgres import PrivatePostgres
+    their own databases in it. Tests ask for `postgres`, which checks the e2e marker."""
     base = make_basedir("mgpg")
     server = PrivatePostgres(base)
     server.start()
     yield server
     server.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres(request, postgres_server):
+    """The run's private PostgreSQL, for e2e tests only. A check at run time as well as at
+    collection: a fixture parametrised over backends may ask for it with request.getfixturevalue,
+    which collection cannot see (mark such a parameter `pytest.param("postgresql", marks=pytest.mark.e2e)`)."""
+    if request.node.get_closest_marker("e2e") is None:
+        pytest.fail(f"{request.node.nodeid} starts the private PostgreSQL but is not marked e2e", pytrace=False)
+    return postgres_server
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from __future__ import annotations
 import socketserver
 import struct
 import threading
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import dns.exception
 import dns.flags

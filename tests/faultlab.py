@@ -26,10 +26,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Iterator
 
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import make_basedir
@@ -54,7 +54,7 @@ def tmpfs_mount_support() -> tuple[bool, str]:
     if _mount_probe is not None:
         return _mount_probe
     if os.geteuid() != 0:
-        _mount_probe = (False, "mount(2) needs root (CAP_SYS_ADMIN); the tests run as uid %d" % os.geteuid())
+        _mount_probe = (False, f"mount(2) needs root (CAP_SYS_ADMIN); the tests run as uid {os.geteuid()}")
         return _mount_probe
     probe = Path(tempfile.mkdtemp(prefix="mgmnt", dir="/tmp"))
     try:

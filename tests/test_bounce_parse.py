@@ -17,8 +17,7 @@ import flufl.bounce
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mailgate.bounceparse import phrases as bouncetext
-from mailgate.bounceparse import BounceReport, find_token, parse_bounce, report_json
+from mailgate.bounceparse import BounceReport, find_token, parse_bounce, phrases as bouncetext, report_json
 
 SAMPLES = Path(__file__).parent / "bounces"
 EXPECTED = json.loads((SAMPLES / "expected.json").read_text())

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from mailgate.rules.bounces import blacklist_verdict, report_destination, token_is_stale
 from mailgate.config import BounceSettings
 from mailgate.configfile import parse_config
+from mailgate.rules.bounces import blacklist_verdict, report_destination, token_is_stale
 from mailgate.rules.quota import quota_allows, quota_key, quota_limit
-from mailgate.store.interface import BounceFact
 from mailgate.rules.tokens import TokenSigner
+from mailgate.store.interface import BounceFact
 
 DAY = 86400.0
 NOW = 2_000_000_000.0

@@ -1,4 +1,5 @@
-"""`mailgate explain outbound`: the JSON shape of docs/rules.md (the command line contract) and the human-readable form."""
+"""`mailgate explain outbound`: the JSON shape of docs/rules.md (the command line contract) and the
+human-readable form."""
 
 from __future__ import annotations
 

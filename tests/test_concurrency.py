@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from faultlab import db_rows, delivery_counts, gateway, make_message, store_path, uid
-from mailgate.lab.gateway import LabGateway
 from mailgate.configfile import load_config
+from mailgate.lab.gateway import LabGateway
 from mailgate.rules.quota import WINDOW, quota_key
 from mailgate.rules.replies import POLICY, SMTP
 from mailgate.store.sqlite import SQLiteStore
+
+pytestmark = pytest.mark.e2e
 
 SESSIONS = 64
 THRESHOLD = 20            # loop.threshold
@@ -219,7 +221,8 @@ def test_64_parallel_sessions_keep_loop_guard_and_quota_exact(gw):
         refused = [j for j in jobs if not j.accepted]
         if len(accepted) != THRESHOLD:
             problems.append(f"{sender}: {len(accepted)} accepted, expected {THRESHOLD}")
-        wrong = [j.final for j in refused if j.final != (int(LOOP_REPLY.code), f"{LOOP_REPLY.status} {LOOP_REPLY.text}")]
+        loop_reply = (int(LOOP_REPLY.code), f"{LOOP_REPLY.status} {LOOP_REPLY.text}")
+        wrong = [j.final for j in refused if j.final != loop_reply]
         if wrong:
             problems.append(f"{sender}: refused otherwise than by the loop guard: {wrong[:3]}")
     for sender, jobs in outbound.items():

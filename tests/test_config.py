@@ -41,7 +41,7 @@ def test_empty_file_gives_every_default(tmp_path):
     assert config.quota.daily == 200 and config.bounces.blacklist_after == 5 and config.bounces.window_days == 91
     assert config.default_from == "notifications" and config.bounce_alias == "bounce"
     assert config.server_selection == "odoo" and not config.dry_run and config.servers == ()
-    assert config.listen.milter == "unix:/run/mailgate/milter.sock"
+    assert str(config.listen.milter) == "unix:/run/mailgate/milter.sock"
     assert loaded.warnings == ()
 
 

@@ -18,13 +18,23 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.odoo import deliver
 from mailgate.config import Config
 from mailgate.configfile import parse_config
-from mailgate.odoo.deliver import (EX_DATAERR, EX_OK, EX_TEMPFAIL, FAULT_RULES, DeliveryResult, classify_fault,
-                              deliver_to_odoo, main_deliver, odoo_model_for, read_message)
 from mailgate.lab.odoo_stub import OdooStub
 from mailgate.lab.ports import LOOPBACK, free_port
+from mailgate.odoo import deliver
+from mailgate.odoo.deliver import (
+    EX_DATAERR,
+    EX_OK,
+    EX_TEMPFAIL,
+    FAULT_RULES,
+    DeliveryResult,
+    classify_fault,
+    deliver_to_odoo,
+    main_deliver,
+    odoo_model_for,
+    read_message,
+)
 
 PASSWORD = "Sup3r-S3cret!pw"
 MESSAGE = (b"From: Customer <customer@example.org>\r\nTo: sales@mycompany.com\r\n"

@@ -19,19 +19,19 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from importlib import resources
-from typing import Iterator
 
 import dkim
 import pytest
 
 from examples_lab import EXAMPLES, LabValues, rewrite
+from mailgate.commands.postfixconf import main_settings
 from mailgate.configfile import parse_config
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import make_basedir
-from mailgate.commands.postfixconf import main_settings
 
 DKIM = EXAMPLES / "dkim"
 DOMAIN, SELECTOR = "mycompany.com", "mail"
@@ -163,6 +163,7 @@ def test_example_chain_puts_mailgate_first():
         assert example_milters()[key] == f"{mailgate[key]}, unix:/run/opendkim/opendkim.sock"
 
 
+@pytest.mark.e2e
 def test_opendkim_signs_the_from_mailgate_wrote(chain):
     data = send(chain.gw, '"Admin" <admin@example.com>', "admin@example.com")
     assert re.search(rb"^From: (.*)$", data, re.M).group(1).strip() == b'"Admin" <notifications@mycompany.com>'
@@ -172,6 +173,7 @@ def test_opendkim_signs_the_from_mailgate_wrote(chain):
     assert dkim.verify(data, dnsfunc=chain.opendkim.dns), "the signature does not verify over the message as sent"
 
 
+@pytest.mark.e2e
 def test_signature_breaks_if_the_signed_from_is_changed(chain):
     """The check above has teeth: the same bytes with the author's From put back fail."""
     data = send(chain.gw, '"Admin" <admin@example.com>', "admin@example.com")
@@ -179,6 +181,7 @@ def test_signature_breaks_if_the_signed_from_is_changed(chain):
     assert not dkim.verify(forged, dnsfunc=chain.opendkim.dns)
 
 
+@pytest.mark.e2e
 def test_opendkim_first_sees_the_authors_from_and_signs_nothing(chain):
     """The wrong order: OpenDKIM runs before the rewrite, sees From: admin@example.com (not a domain
     it signs for), and the mail leaves with mycompany.com in From but no signature for it."""

@@ -22,7 +22,7 @@ from mailgate.rules.replies import POLICY
 DAY = 86400
 
 
-pytestmark = pytest.mark.usefixtures("attach_logs")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("attach_logs")]
 
 
 def message(header_from: str, to: list[str], **headers: str) -> bytes:
@@ -79,7 +79,7 @@ def test_postfix_report_is_recorded_and_handed_back_to_odoos_bounce_address(gw):
 
 def test_five_bounces_over_weeks_blacklist_mass_mail_but_not_transactional(gw):
     before = len(rows(gw, "select id from bounces where recipient = ?", GONE))
-    for number in range(5 - before):
+    for _ in range(5 - before):
         gw.move_clock(2 * DAY)
         bounce_once(gw)
     wait_rows(gw, 1, "select * from blacklist where address = ? and removed_at is null", GONE)

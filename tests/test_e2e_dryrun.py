@@ -13,7 +13,7 @@ from faultlab import make_message
 from mailgate.lab.gateway import GONE
 
 GATEWAY_EXTRA_CONFIG = "dry_run: true\nloop: {threshold: 1}\n"
-pytestmark = pytest.mark.usefixtures("attach_logs")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("attach_logs")]
 
 
 def message(header_from: str, to: str) -> bytes:

@@ -15,8 +15,7 @@ import pytest
 from mailgate.lab.gateway import LabGateway
 from mailgate.rules.replies import SMTP
 
-
-pytestmark = pytest.mark.usefixtures("attach_logs")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("attach_logs")]
 
 
 def message(sender: str, to: str, cc: str | None = None, msgid: str | None = None, **headers: str) -> bytes:
@@ -117,7 +116,7 @@ def test_duplicate_catchall_message_is_dropped(gw):
 
 def test_loop_guard_refuses_the_21st_message_and_forgets_after_the_window(gw):
     robot = f"robot{uuid.uuid4().hex[:6]}@spam.example"
-    for number in range(20):
+    for _ in range(20):
         gw.submit(message(robot, "support@mycompany.com"), robot, ["support@mycompany.com"], listener="inbound")
     with pytest.raises(smtplib.SMTPResponseException) as refused:
         gw.submit(message(robot, "support@mycompany.com"), robot, ["support@mycompany.com"], listener="inbound")

@@ -23,8 +23,7 @@ from mailgate.lab.gateway import SASL_USER, LabGateway
 from mailgate.lab.sinks import ReceivedMessage
 from mailgate.rules.tokens import TokenSigner, split_tokenised
 
-
-pytestmark = pytest.mark.usefixtures("attach_logs")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("attach_logs")]
 
 
 def message(header_from: str, to: str, **headers: str) -> tuple[bytes, str]:

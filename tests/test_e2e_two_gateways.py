@@ -13,13 +13,15 @@ import smtplib
 import subprocess
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from faultlab import make_message
 from mailgate.lab.gateway import GONE, LabGateway
 from mailgate.lab.postfix import make_basedir
+
+pytestmark = pytest.mark.e2e
 
 DAY = 86400
 EXTRA = "loop: {threshold: 4}\nquota: {daily: 6}\n"

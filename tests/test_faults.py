@@ -28,13 +28,33 @@ from unittest import mock
 
 import pytest
 
-from faultlab import (ACCEPTED, PERMANENT, TEMPORARY, Ledger, Sent, assert_nothing_lost, db_rows,
-                      delivered_copies, delivery_report, gateway, make_message, mailgate_alive, remount, send,
-                      settle, socket_mode, store_path, submit_until_accepted, tmpfs_mount_support, uid,
-                      wait_until)
+from faultlab import (
+    ACCEPTED,
+    PERMANENT,
+    TEMPORARY,
+    Ledger,
+    Sent,
+    assert_nothing_lost,
+    db_rows,
+    delivered_copies,
+    delivery_report,
+    gateway,
+    mailgate_alive,
+    make_message,
+    remount,
+    send,
+    settle,
+    socket_mode,
+    store_path,
+    submit_until_accepted,
+    tmpfs_mount_support,
+    uid,
+    wait_until,
+)
+from mailgate.infra.sockets import socket_is_listening
+from mailgate.infra.socketspec import parse_socket_spec
 from mailgate.lab import sinks as sinks_module
 from mailgate.lab.gateway import LabGateway
-from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
 from mailgate.rules.tokens import split_tokenised
 
 MOUNT_OK, MOUNT_WHY = tmpfs_mount_support()
@@ -46,7 +66,7 @@ needs_mount = pytest.mark.skipif(not MOUNT_OK, reason=f"needs a tmpfs for the st
 GATEWAY_EXTRA_CONFIG = "quota: {daily: null, mass_daily: 100000}\n"
 BUSY_TIMEOUT = 5.0  # mailgate.store.sqlite.BUSY_TIMEOUT_MS
 
-pytestmark = pytest.mark.usefixtures("attach_logs")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("attach_logs")]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +151,7 @@ class Traffic:
                 self.ledger.record(sent, send(self.gw.pf.port(sent.listener), sent.sender, sent.recipients,
                                               sent.data))
 
-    def start(self) -> "Traffic":
+    def start(self) -> Traffic:
         for thread in self.threads:
             thread.start()
         return self
@@ -219,7 +239,7 @@ class HeldLock:
     def __init__(self, gw: LabGateway):
         self.conn = sqlite3.connect(store_path(gw), timeout=30, isolation_level=None)
 
-    def __enter__(self) -> "HeldLock":
+    def __enter__(self) -> HeldLock:
         self.conn.execute("BEGIN EXCLUSIVE")
         return self
 
@@ -392,7 +412,7 @@ class ReadOnlyStore:
     def __init__(self, gw: LabGateway):
         self.state = store_path(gw).parent
 
-    def __enter__(self) -> "ReadOnlyStore":
+    def __enter__(self) -> ReadOnlyStore:
         subprocess.run(["mount", "--bind", str(self.state), str(self.state)], check=True, capture_output=True)
         subprocess.run(["mount", "-o", "remount,bind,ro", str(self.state)], check=True, capture_output=True)
         with pytest.raises(OSError):
@@ -595,15 +615,15 @@ def test_broken_config_reloaded_under_load_refuses_nothing_and_keeps_the_old_one
         thread.start()
     try:
         refused_before = gw.mailgate_log().count("event=reload result=refused")
-        for number, (name, breaker) in enumerate(BROKEN_CONFIGS.items(), start=1):
+        for name, breaker in BROKEN_CONFIGS.items():
             text = breaker(gw.good_config)
             if name == "not utf-8":
                 gw.config_path.write_bytes(text.encode("latin-1"))
             else:
                 gw.config_path.write_text(text)
             os.kill(pid, signal.SIGHUP)
-            wait_until(lambda: gw.mailgate_log().count("event=reload result=refused") > refused_before, 20,
-                       what=f"the reload of the {name!r} file to be refused")
+            wait_until(lambda before=refused_before: gw.mailgate_log().count("event=reload result=refused") > before,
+                       20, what=f"the reload of the {name!r} file to be refused")
             refused_before = gw.mailgate_log().count("event=reload result=refused")
             time.sleep(0.5)
         # the file gone altogether

@@ -13,14 +13,14 @@ from __future__ import annotations
 import io
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
+from mailgate.commands.importodoo import ImportResult, import_odoo, main_import
 from mailgate.config import Config
 from mailgate.configfile import load_config, parse_config
-from mailgate.commands.importodoo import ImportResult, import_odoo, main_import
 from mailgate.lab.postfix import make_basedir
 from mailgate.lab.postgres import PrivatePostgres
 
@@ -73,7 +73,8 @@ INSERT INTO mail_alias (alias_name, alias_model_id) VALUES
     ('jobs', (SELECT id FROM ir_model WHERE model = 'hr.applicant')),
     (NULL, (SELECT id FROM ir_model WHERE model = 'project.task')),
     ('', (SELECT id FROM ir_model WHERE model = 'project.task'));
-INSERT INTO mail_gateway_allowed (email, email_normalized) VALUES ('Monitor@Partner.example', 'monitor@partner.example');
+INSERT INTO mail_gateway_allowed (email, email_normalized)
+    VALUES ('Monitor@Partner.example', 'monitor@partner.example');
 """
 
 ODOO17 = COMMON_SCHEMA.format(version="17.0.1.3") + """
@@ -169,6 +170,7 @@ def _secret(path: Path | None) -> str:
     return path.read_text()
 
 
+@pytest.mark.e2e
 def test_odoo16_layout(imported16) -> None:
     result, folder = imported16
     assert result.layout == "ir_config_parameter"
@@ -182,6 +184,7 @@ def test_odoo16_layout(imported16) -> None:
     assert config.default_from_filter.is_empty
 
 
+@pytest.mark.e2e
 def test_odoo16_servers(imported16) -> None:
     result, folder = imported16
     config = _load(result, folder)
@@ -202,6 +205,7 @@ def test_odoo16_servers(imported16) -> None:
     assert sorted(result.secret_files) == sorted([office.password_file, brevo.password_file])
 
 
+@pytest.mark.e2e
 def test_odoo16_aliases_match_by_local_part(imported16) -> None:
     """Odoo 16 matched aliases by local part: the import keeps that with incoming_local."""
     config = _load(*imported16)
@@ -213,6 +217,7 @@ def test_odoo16_aliases_match_by_local_part(imported16) -> None:
     assert all(a.domain == "mycompany.com" and a.incoming_local for a in aliases.values())
 
 
+@pytest.mark.e2e
 def test_odoo17_layout(imported17) -> None:
     result, folder = imported17
     assert result.layout == "mail_alias_domain"
@@ -226,6 +231,7 @@ def test_odoo17_layout(imported17) -> None:
     assert config.mass_mail.server is None and config.mass_server is None
 
 
+@pytest.mark.e2e
 def test_odoo17_servers(imported17) -> None:
     result, folder = imported17
     config = _load(result, folder)
@@ -241,6 +247,7 @@ def test_odoo17_servers(imported17) -> None:
     assert any("certificate" in w for w in result.warnings)
 
 
+@pytest.mark.e2e
 def test_odoo17_aliases(imported17) -> None:
     result, folder = imported17
     aliases = {a.name: a for a in _load(result, folder).aliases}
@@ -253,6 +260,7 @@ def test_odoo17_aliases(imported17) -> None:
     assert any("'catchall-brand'" in w for w in result.warnings)   # the second domain's catchall
 
 
+@pytest.mark.e2e
 def test_yaml_is_commented_and_holds_no_password(imported16, imported17) -> None:
     for result, _ in (imported16, imported17):
         text = result.yaml_text
@@ -263,6 +271,7 @@ def test_yaml_is_commented_and_holds_no_password(imported16, imported17) -> None
         assert text.endswith("\n") and "not set in Odoo: mailgate's default applies" in text
 
 
+@pytest.mark.e2e
 def test_odoo_side_change(imported16, imported17) -> None:
     change16, change17 = imported16[0].odoo_changes, imported17[0].odoo_changes
     assert "127.0.0.1, port 10025" in change16 and "Encryption: None" in change16
@@ -274,6 +283,7 @@ def test_odoo_side_change(imported16, imported17) -> None:
     assert "'Certificate relay' (relay.mycompany.com:465) -> mailgate server certificate-relay (inactive" in change17
 
 
+@pytest.mark.e2e
 def test_missing_and_odd_values_keep_mailgate_defaults(pg: PrivatePostgres, tmp_path: Path) -> None:
     result = import_odoo(pg.dsn("bare"), output_dir=tmp_path)
     config = _load(result, tmp_path)
@@ -290,17 +300,20 @@ def test_missing_and_odd_values_keep_mailgate_defaults(pg: PrivatePostgres, tmp_
         assert any(expected in w for w in result.warnings), expected
 
 
+@pytest.mark.e2e
 def test_main_writes_file_and_refuses_to_overwrite(pg: PrivatePostgres, tmp_path: Path) -> None:
     output, err = tmp_path / "etc" / "mailgate.yaml", io.StringIO()
     output.parent.mkdir()
     assert main_import(pg.dsn("odoo16"), output, stdout=io.StringIO(), stderr=err) == 0
-    assert load_config(output).config.servers[1].password_file == tmp_path / "etc" / "secrets" / "office-365-transactional"
+    assert (load_config(output).config.servers[1].password_file
+            == tmp_path / "etc" / "secrets" / "office-365-transactional")
     assert "Odoo-side change" in err.getvalue() and pg.password not in err.getvalue()
     again = io.StringIO()
     assert main_import(pg.dsn("odoo16"), output, stderr=again) == 1
     assert "exists" in again.getvalue() and len(again.getvalue().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_main_to_stdout(pg: PrivatePostgres, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     out, err = io.StringIO(), io.StringIO()
@@ -324,6 +337,7 @@ def test_bad_dsn_is_one_clear_line(dsn: str, expected: str, tmp_path: Path) -> N
     assert out.getvalue() == "" and not (tmp_path / "s").exists()
 
 
+@pytest.mark.e2e
 def test_wrong_password_and_missing_database(pg: PrivatePostgres, tmp_path: Path) -> None:
     wrong = pg.dsn("odoo16").replace(pg.password, "wrong-hunter2")
     for dsn, expected in ((wrong, "password authentication failed"), (pg.dsn("nosuchdb"), "does not exist")):
@@ -333,6 +347,7 @@ def test_wrong_password_and_missing_database(pg: PrivatePostgres, tmp_path: Path
         assert "hunter2" not in err.getvalue() and pg.password not in err.getvalue()
 
 
+@pytest.mark.e2e
 def test_not_an_odoo_database(pg: PrivatePostgres, tmp_path: Path) -> None:
     err = io.StringIO()
     assert main_import(pg.dsn("notodoo"), None, tmp_path / "s", stdout=io.StringIO(), stderr=err) == 1
@@ -340,6 +355,7 @@ def test_not_an_odoo_database(pg: PrivatePostgres, tmp_path: Path) -> None:
     assert len(err.getvalue().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_harness_retries_a_taken_port_and_stops_cleanly(monkeypatch) -> None:
     """The harness itself: a port taken between the check and the bind is retried; stop leaves
     no process of the cluster behind."""

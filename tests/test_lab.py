@@ -12,16 +12,18 @@ import shutil
 import smtplib
 import subprocess
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from mailgate.lab.certs import make_ca_and_cert
 from mailgate.lab.postfix import PrivatePostfix, make_basedir
 from mailgate.lab.sinks import ReceivedMessage, Sink
+
+pytestmark = pytest.mark.e2e
 
 SASL_USER, SASL_PASSWORD = "user", "password"
 REJECTED = "nobody@reject.test"

@@ -8,11 +8,11 @@ import logging
 import Milter
 
 from mailgate.configfile import parse_config
+from mailgate.infra.runtime import Runtime
 from mailgate.milter.app import GatewayMilter
 from mailgate.rules.replies import SMTP
-from mailgate.infra.runtime import Runtime
-from mailgate.store.sqlite import SQLiteStore
 from mailgate.rules.tokens import TokenSigner
+from mailgate.store.sqlite import SQLiteStore
 
 MESSAGE = b"""From: "Admin" <admin@example.com>
 To: c@customer.example

@@ -1,8 +1,7 @@
 """Netstring codec: exact framing, incremental decoding, and only NetstringError on bad input."""
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from mailgate.policy.netstring import (
     NetstringDecoder,
@@ -111,7 +110,7 @@ def test_dribbled_frame_is_not_reparsed_until_complete() -> None:
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
 
 @given(st.lists(st.binary(max_size=300), max_size=10), st.lists(st.integers(0, 10_000)))

@@ -6,11 +6,10 @@ import textwrap
 
 import pytest
 
-from mailgate.rules.addresses import parse_mailboxes, to_wire
 from mailgate.configfile import parse_config
+from mailgate.rules.addresses import parse_mailboxes, to_wire
 from mailgate.rules.filters import FromFilter
-from mailgate.rules.outbound import (OutboundRequest, bounce_address, decide_outbound, is_mass_mail,
-                               notification_address)
+from mailgate.rules.outbound import OutboundRequest, bounce_address, decide_outbound, is_mass_mail, notification_address
 from mailgate.rules.routing import route_for_sender
 from mailgate.rules.tokens import TokenSigner
 

@@ -35,5 +35,6 @@ def test_installed_distribution_has_no_top_level_milter_or_policy():
 
 
 def test_console_script_runs():
-    result = subprocess.run([str(Path(sys.executable).with_name("mailgate")), "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(Path(sys.executable).with_name("mailgate")), "--help"], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0 and "explain" in result.stdout

@@ -12,24 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
+from mailgate.configfile import parse_config
+from mailgate.infra.runtime import Runtime
+from mailgate.infra.sockets import SocketInUseError, socket_is_listening
+from mailgate.infra.socketspec import SocketSpec, parse_socket_spec
+from mailgate.policy.attributes import PolicyRequest
 from mailgate.policy.policyd import (
     INTERNAL_ERROR_ACTION,
     MALFORMED_DEFER,
-    PolicyRequest,
     PolicyServer,
     _Connection,
 )
-from mailgate.configfile import parse_config
 from mailgate.policy.recipients import GatewayPolicy
 from mailgate.rules.replies import POLICY
-from mailgate.infra.runtime import Runtime
-from mailgate.infra.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
-from mailgate.store.sqlite import SQLiteStore
-from mailgate.store import sqlite as sqlite_store
 from mailgate.rules.tokens import TokenSigner
+from mailgate.store import sqlite as sqlite_store
+from mailgate.store.sqlite import SQLiteStore
 
 LOGGER = "test.policyd"
 DUNNO = b"action=DUNNO\n\n"
@@ -656,7 +656,7 @@ def chunked(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     stream = draw(_stream)
     cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=20)))
     bounds = [0, *cuts, len(stream)]
-    return stream, [stream[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return stream, [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

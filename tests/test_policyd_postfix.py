@@ -12,10 +12,13 @@ from email.message import EmailMessage
 
 import pytest
 
+from mailgate.infra.socketspec import parse_socket_spec
 from mailgate.lab.postfix import PrivatePostfix, make_basedir
 from mailgate.lab.sinks import Sink
-from mailgate.policy.policyd import PolicyRequest, PolicyServer
-from mailgate.infra.sockets import parse_socket_spec
+from mailgate.policy.attributes import PolicyRequest
+from mailgate.policy.policyd import PolicyServer
+
+pytestmark = pytest.mark.e2e
 
 UNKNOWN = "no-such@mycompany.com"
 NO_SUCH_ALIAS = f"550 5.1.1 <{UNKNOWN}>: no such alias"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from mailgate.configfile import parse_config
 from mailgate.commands.postfixconf import render
+from mailgate.configfile import parse_config
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com
@@ -87,6 +87,6 @@ def test_postfix_examples_match_the_command():
                            check_files=False).config
     root = Path(__file__).resolve().parent.parent / "postfix-examples"
     for part in ("main", "master"):
-        expected = [l for l in render(example, part).splitlines() if l and not l.startswith("#")]
-        shown = [l for l in (root / f"{part}.cf").read_text().splitlines() if l and not l.startswith("#")]
+        expected = [line for line in render(example, part).splitlines() if line and not line.startswith("#")]
+        shown = [line for line in (root / f"{part}.cf").read_text().splitlines() if line and not line.startswith("#")]
         assert shown == expected, part

@@ -13,20 +13,19 @@ import smtplib
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from examples_lab import (EXAMPLES, SASL_LOGIN, SASL_REALM, SASL_SECRET, ExamplePostfix, example_postfix,
-                          tls_context)
-from mailgate.configfile import parse_config
-from mailgate.rules.delivery import ODOO_TRANSPORT
+from examples_lab import EXAMPLES, SASL_LOGIN, SASL_REALM, SASL_SECRET, ExamplePostfix, example_postfix, tls_context
 from faultlab import make_message
+from mailgate.commands.postfixconf import SUBMISSION_LISTENER, main_settings, render
+from mailgate.configfile import parse_config
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import make_basedir
-from mailgate.commands.postfixconf import SUBMISSION_LISTENER, main_settings, render
+from mailgate.rules.delivery import ODOO_TRANSPORT
 
 FOLDERS = ["local-odoo", "remote-odoo-sasl", "inbound"]
 
@@ -118,6 +117,7 @@ def test_sasl_submission_listener_plays_the_outbound_role():
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
+@pytest.mark.e2e
 def test_example_passes_postfix_check(folder, gateways):
     """Once paths are real (the lab's instance of the example, see examples_lab.rewrites), `postfix
     check` and postconf (which warns about unknown or misspelt parameters) have nothing to say."""
@@ -190,6 +190,7 @@ def logs(gw: LabGateway) -> str:
     return f"--- mailgate ---\n{gw.mailgate_log()[-3000:]}\n{gw.pf.log_tail(40) if gw.pf else ''}"
 
 
+@pytest.mark.e2e
 def test_local_odoo_mail_leaves_through_the_relay_with_from_rewritten(local_gw):
     to = customer()
     sent = local_gw.submit(message('"Admin" <admin@example.com>', to), "admin@example.com", [to])
@@ -200,6 +201,7 @@ def test_local_odoo_mail_leaves_through_the_relay_with_from_rewritten(local_gw):
     assert got.mail_from.startswith("bounce+") and got.mail_from.endswith("@mycompany.com")
 
 
+@pytest.mark.e2e
 def test_local_odoo_mass_listener_uses_the_mass_relay(local_gw):
     to = customer()
     sent = local_gw.submit(message("News <news@mycompany.com>", to), "news@mycompany.com", [to], listener="mass")
@@ -218,6 +220,7 @@ def sasl_client(gw: LabGateway) -> smtplib.SMTP:
     return client
 
 
+@pytest.mark.e2e
 def test_remote_odoo_logged_in_mail_is_processed_by_mailgate(sasl_gw):
     to = customer()
     with sasl_client(sasl_gw) as client:
@@ -237,6 +240,7 @@ def test_remote_odoo_logged_in_mail_is_processed_by_mailgate(sasl_gw):
                      sasl_gw.mailgate_log()), logs(sasl_gw)
 
 
+@pytest.mark.e2e
 def test_remote_odoo_without_login_is_refused(sasl_gw):
     """Past STARTTLS but not logged in: no relaying, and not even the alias domain (mail there
     would otherwise enter the outbound role unauthenticated)."""
@@ -248,6 +252,7 @@ def test_remote_odoo_without_login_is_refused(sasl_gw):
     assert alias[0] == 554 and alias[1].startswith(b"5.7.1 "), alias
 
 
+@pytest.mark.e2e
 def test_remote_odoo_without_tls_gets_nothing(sasl_gw):
     assert sasl_gw.pf is not None
     with smtplib.SMTP("127.0.0.1", sasl_gw.pf.port("sasl"), timeout=30) as client:
@@ -256,6 +261,7 @@ def test_remote_odoo_without_tls_gets_nothing(sasl_gw):
     assert code == 530 and b"STARTTLS" in reply, reply
 
 
+@pytest.mark.e2e
 def test_inbound_alias_mail_reaches_odoo(inbound_gw):
     who = f"c{uuid.uuid4().hex[:8]}@customer.example"
     inbound_gw.submit(message(who, "sales@mycompany.com"), who, ["sales@mycompany.com"], listener="inbound")
@@ -268,6 +274,7 @@ def test_inbound_alias_mail_reaches_odoo(inbound_gw):
     assert b"X-Mailgate-Route: alias:sales" in calls[0].message
 
 
+@pytest.mark.e2e
 def test_inbound_unknown_alias_is_refused_at_rcpt(inbound_gw):
     who = f"c{uuid.uuid4().hex[:8]}@customer.example"
     with pytest.raises(smtplib.SMTPResponseException) as refused:
@@ -276,6 +283,7 @@ def test_inbound_unknown_alias_is_refused_at_rcpt(inbound_gw):
     assert refused.value.smtp_error.startswith(b"5.1.1 <unknown@mycompany.com>")
 
 
+@pytest.mark.e2e
 def test_example_instances_logged_no_warning(gateways):
     """Run last in this module: whatever the examples did so far (start-up included), Postfix found
     nothing to warn about in them."""

@@ -6,8 +6,8 @@ import string
 
 from hypothesis import given, settings, strategies as st
 
-from mailgate.rules.addresses import format_mailbox, parse_mailboxes
 from mailgate.configfile import parse_config
+from mailgate.rules.addresses import format_mailbox, parse_mailboxes
 from mailgate.rules.filters import FromFilter
 from mailgate.rules.outbound import OutboundRequest, decide_outbound
 from mailgate.rules.routing import route_for_sender
@@ -18,7 +18,7 @@ domains = st.builds(lambda labels, tld: ".".join(labels + [tld]), st.lists(label
                     st.sampled_from(["com", "org", "example", "net"]))
 locals_ = st.text(string.ascii_letters + string.digits + "._+-", min_size=1, max_size=20).filter(
     lambda s: not s.startswith(".") and not s.endswith(".") and ".." not in s)
-addresses = st.builds(lambda l, d: f"{l}@{d}", locals_, domains)
+addresses = st.builds(lambda lp, d: f"{lp}@{d}", locals_, domains)
 names = st.text(min_size=0, max_size=60)
 
 CONFIG = parse_config("""

@@ -13,7 +13,7 @@ from test_store import NOW, bounce, open_same, outbound, store  # noqa: F401  (f
 
 from mailgate.configfile import parse_config
 from mailgate.rules.retention import DAY, purge_expired, retention_cutoffs
-from mailgate.store import DeliveryRecord, InboundRecord
+from mailgate.store import DeliveryRecord, DeliveryTotal, InboundRecord
 from mailgate.commands.watchlog import EXPIRY_HORIZON
 
 CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
@@ -107,7 +107,7 @@ def test_purge_runs_in_bounded_batches(store, monkeypatch):
         assert store.purge({"deliveries": NOW - 91 * DAY}, batch=2) == {"deliveries": 7}
     assert seen["transactions"] == 4, "one transaction per batch of 2"
     assert count(store, "deliveries") == 0
-    assert store.delivery_totals() == [{"server": "trans", "status": "sent", "count": 7}]
+    assert store.delivery_totals() == [DeliveryTotal("trans", "sent", 7)]
 
 
 def test_batches_end_on_rows_that_share_one_time(store):

@@ -10,13 +10,16 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
+from pathlib import Path
 
+import pytest
+
+from mailgate.infra.sockets import socket_is_listening
+from mailgate.infra.socketspec import parse_socket_spec
 from mailgate.lab.postfix import make_basedir
 from mailgate.policy.netstring import NetstringDecoder, encode
-from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
 
 CONFIG = """
 alias_domain: mycompany.com
@@ -47,6 +50,7 @@ def wait_for(predicate, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.e2e
 def test_ready_reload_and_stop():
     base = make_basedir()
     config = base / "mailgate.yaml"
@@ -120,6 +124,7 @@ def serving(base: Path | None = None) -> Iterator[tuple[Path, subprocess.Popen]]
             process.wait(10)
 
 
+@pytest.mark.e2e
 def test_the_milter_process_is_restarted_when_it_dies_and_stops_with_serve():
     with serving() as (base, process):
         milter_spec = parse_socket_spec(f"unix:{base}/milter.sock")
@@ -136,6 +141,7 @@ def test_the_milter_process_is_restarted_when_it_dies_and_stops_with_serve():
         assert not (base / "milter.sock").exists()
 
 
+@pytest.mark.e2e
 def test_a_killed_serve_takes_its_milter_process_with_it():
     with serving() as (_, process):
         [child] = milter_children(process.pid)
@@ -145,12 +151,12 @@ def test_a_killed_serve_takes_its_milter_process_with_it():
 
 
 def test_configuration_frames_survive_the_pipe_and_restarts_are_budgeted():
+    from mailgate.commands.serve import RestartBudget
     from mailgate.configfile import parse_config
     from mailgate.milter.worker import read_frame, write_frame
-    from mailgate.commands.serve import RestartBudget
 
     config = parse_config(CONFIG.format(base="/tmp", extra=""), "c.yaml", check_files=False).config
-    config.active_servers  # a derived view already computed does not travel
+    config.active_servers  # noqa: B018 (a derived view already computed does not travel)
     read_end, write_end = os.pipe()
     with os.fdopen(write_end, "wb") as writer:
         write_frame(writer, config)
@@ -162,12 +168,12 @@ def test_configuration_frames_survive_the_pipe_and_restarts_are_budgeted():
     assert budget.allow(0) and budget.allow(1) and not budget.allow(2) and budget.allow(70)
 
 
+@pytest.mark.e2e
 def test_serve_purges_rows_past_their_retention_soon_after_start():
     import time as clock
 
-    from test_store import bounce
-
     from mailgate.store.sqlite import SQLiteStore
+    from test_store import bounce
 
     base = make_basedir()
     store = SQLiteStore(base / "state.sqlite3")
@@ -177,7 +183,7 @@ def test_serve_purges_rows_past_their_retention_soon_after_start():
     store.close()
     with serving(base) as (_, process):
         wait_for(lambda: "event=retention" in (base / "serve.log").read_text(), 30)
-        line = next(l for l in (base / "serve.log").read_text().splitlines() if "event=retention" in l)
+        line = next(entry for entry in (base / "serve.log").read_text().splitlines() if "event=retention" in entry)
         assert "bounces=1" in line, line
     store = SQLiteStore(base / "state.sqlite3")
     try:

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.rules import routing
 from mailgate.configfile import parse_config
+from mailgate.infra.runtime import Runtime
+from mailgate.infra.sockets import SocketInUseError, socket_is_listening
+from mailgate.infra.socketspec import SocketSpec, parse_socket_spec
 from mailgate.policy.lookup import LookupService
 from mailgate.policy.netstring import NetstringDecoder, encode
 from mailgate.policy.socketmap import SocketmapReply, SocketmapServer
+from mailgate.rules import routing
 from mailgate.rules.routing import route_for_sender
-from mailgate.infra.runtime import Runtime
-from mailgate.infra.sockets import SocketInUseError, SocketSpec, parse_socket_spec, socket_is_listening
-from mailgate.store.sqlite import SQLiteStore
 from mailgate.rules.tokens import TokenSigner
+from mailgate.store.sqlite import SQLiteStore
 
 
 def handler(mapname: str, key: str) -> SocketmapReply:

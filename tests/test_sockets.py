@@ -3,8 +3,8 @@
 import asyncio
 import grp
 import os
-import socket
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -14,14 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.infra.sockets import (
-    SocketInUseError,
-    SocketSpec,
-    blocked_directory,
-    parse_socket_spec,
-    socket_is_listening,
-    start_stream_server,
-)
+from mailgate.infra.sockets import SocketInUseError, blocked_directory, socket_is_listening, start_stream_server
+from mailgate.infra.socketspec import SocketSpec, parse_socket_spec
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,8 @@ def test_hardening(name):
     unit = directives(name)
     for key, value in {"ProtectSystem": "strict", "ProtectHome": "true", "NoNewPrivileges": "true",
                        "PrivateTmp": "true", "CapabilityBoundingSet": "", "SystemCallFilter": "@system-service",
-                       "User": "mailgate", "Group": "mailgate", "Restart": "on-failure", "StateDirectory": "mailgate"}.items():
+                       "User": "mailgate", "Group": "mailgate", "Restart": "on-failure",
+                       "StateDirectory": "mailgate"}.items():
         assert unit.get(key) == value, key
 
 
@@ -38,6 +39,7 @@ def test_gateway_unit_contract():
     unit = directives("mailgate.service")
     assert unit["Type"] == "notify" and unit["ExecStart"].endswith("mailgate serve")
     assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    assert unit["RuntimeDirectory"] == "mailgate" and unit["SupplementaryGroups"] == "postfix" and unit["UMask"] == "0007"
+    assert (unit["RuntimeDirectory"] == "mailgate" and unit["SupplementaryGroups"] == "postfix"
+            and unit["UMask"] == "0007")
     # Postfix's processes are not in group mailgate: they reach the sockets through "others"
     assert int(unit["RuntimeDirectoryMode"], 8) & 0o001

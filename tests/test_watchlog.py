@@ -148,7 +148,7 @@ def test_server_derived_from_the_tag_or_a_unique_configured_relay():
 
 # -- recording -----------------------------------------------------------------------------------
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
 def store(request, tmp_path):
     """Both backends: the PostgreSQL one also proves the lock keys and the backend-neutral SQL."""
     if request.param == "sqlite":
@@ -211,8 +211,8 @@ def test_five_bounces_over_days_blacklist_and_a_delivery_clears_it(tmp_path, sto
     with caplog.at_level(logging.INFO, logger="mailgate"):
         read(log, store)
     entry = store.blacklist_entries()[0]
-    assert entry["address"] == "gone@dead.example" and entry["source"] == "rule"
-    assert entry["added_at"] == at("2026-11-13T10:00:00")
+    assert entry.address == "gone@dead.example" and entry.source == "rule"
+    assert entry.added_at == at("2026-11-13T10:00:00")
     assert "role=blacklist rcpt=<gone@dead.example> action=add" in caplog.text
 
     store.blacklist_add("kept@dead.example", 0.0, "operator said so", "operator", [])
@@ -393,6 +393,7 @@ def send(port: int, recipients: list[str]) -> str:
     return reply.decode().rsplit(" ", 1)[1]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not shutil.which("postfix") and not os.path.exists("/usr/sbin/postfix"), reason="no Postfix")
 def test_a_lab_postfix_maillog_end_to_end(sqlite_store):
     store = sqlite_store

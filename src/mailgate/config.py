@@ -10,19 +10,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
+from typing import Literal, get_args
 
+from mailgate.infra.socketspec import SocketSpec
 from mailgate.rules.filters import FromFilter
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailgate/mailgate.yaml")
 
-SECURITY_MODES = ("none", "starttls", "tls")
-SERVER_SELECTIONS = ("odoo", "documented")
-LOOP_ACTIONS = ("reject", "defer", "hold")
-DIRECT_WRITE_ACTIONS = ("pass", "reject")
-QUOTA_SCOPES = ("gateway", "sender_domain", "sasl_user")
-MALFORMED_ACTIONS = ("dunno", "defer")
-BOUNCE_FORWARDS = ("odoo", "discard")
-QUOTA_ACTIONS = ("defer", "hold")
+# Every choice a key offers, as a type (carried through the code) and its values (for the loader).
+SecurityMode = Literal["none", "starttls", "tls"]
+ServerSelection = Literal["odoo", "documented"]
+LoopAction = Literal["reject", "defer", "hold"]
+DirectWriteAction = Literal["pass", "reject"]
+QuotaScope = Literal["gateway", "sender_domain", "sasl_user"]
+MalformedAction = Literal["dunno", "defer"]
+BounceForward = Literal["odoo", "discard"]
+QuotaAction = Literal["defer", "hold"]
+SECURITY_MODES = get_args(SecurityMode)
+SERVER_SELECTIONS = get_args(ServerSelection)
+LOOP_ACTIONS = get_args(LoopAction)
+DIRECT_WRITE_ACTIONS = get_args(DirectWriteAction)
+QUOTA_SCOPES = get_args(QuotaScope)
+MALFORMED_ACTIONS = get_args(MalformedAction)
+BOUNCE_FORWARDS = get_args(BounceForward)
+QUOTA_ACTIONS = get_args(QuotaAction)
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,7 @@ class Server:
     name: str
     host: str
     port: int = 587
-    security: str = "starttls"
+    security: SecurityMode = "starttls"
     username: str | None = None
     password_file: Path | None = None
     from_filter: FromFilter = field(default_factory=FromFilter.empty)
@@ -75,7 +86,7 @@ class Alias:
 class LoopSettings:
     minutes: int = 120
     threshold: int = 20
-    action: str = "reject"
+    action: LoopAction = "reject"
     allowed_senders: tuple[str, ...] = ()
 
 
@@ -88,7 +99,7 @@ class BounceSettings:
     min_spread_days: int = 7
     count_soft: bool = False
     token_days: int = 30          # a report on an older token is recorded as stale, never counted
-    forward: str = "odoo"         # odoo: hand the report to Odoo | discard: record only
+    forward: BounceForward = "odoo"         # odoo: hand the report to Odoo | discard: record only
 
 
 @dataclass(frozen=True)
@@ -97,8 +108,8 @@ class QuotaSettings:
 
     daily: int | None = 200
     mass_daily: int | None = 200
-    scope: str = "sender_domain"
-    action: str = "defer"         # defer: DEFER_IF_PERMIT 4.7.1 | hold: Postfix's hold queue
+    scope: QuotaScope = "sender_domain"
+    action: QuotaAction = "defer"         # defer: DEFER_IF_PERMIT 4.7.1 | hold: Postfix's hold queue
 
 
 @dataclass(frozen=True)
@@ -113,9 +124,9 @@ class MassMailSettings:
 
 @dataclass(frozen=True)
 class ListenSettings:
-    milter: str = "unix:/run/mailgate/milter.sock"
-    lookup: str = "unix:/run/mailgate/lookup.sock"
-    policy: str = "unix:/run/mailgate/policy.sock"
+    milter: SocketSpec = SocketSpec("unix", path="/run/mailgate/milter.sock")
+    lookup: SocketSpec = SocketSpec("unix", path="/run/mailgate/lookup.sock")
+    policy: SocketSpec = SocketSpec("unix", path="/run/mailgate/policy.sock")
     socket_group: str | None = "postfix"
 
 
@@ -123,7 +134,7 @@ class ListenSettings:
 class PolicySettings:
     """What the policy service answers a request it cannot read: let Postfix go on, or defer."""
 
-    on_malformed: str = "dunno"
+    on_malformed: MalformedAction = "dunno"
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,7 @@ class Config:
     # incoming_local alias matches its name on any domain (left out, the list is the alias domains)
     incoming_local_anywhere: bool = False
     aliases: tuple[Alias, ...] = ()
-    catchall_direct_write: str = "pass"
+    catchall_direct_write: DirectWriteAction = "pass"
     fallback_target: str | None = None
     loop: LoopSettings = field(default_factory=LoopSettings)
     bounces: BounceSettings = field(default_factory=BounceSettings)
@@ -157,7 +168,7 @@ class Config:
     listen: ListenSettings = field(default_factory=ListenSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     odoo: OdooSettings = field(default_factory=OdooSettings)
-    server_selection: str = "odoo"
+    server_selection: ServerSelection = "odoo"
     dry_run: bool = False
     database: str = "/var/lib/mailgate/mailgate.sqlite3"
     database_password_file: Path | None = None

@@ -12,7 +12,7 @@ import re
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import HeaderParser
-from typing import Iterator
+from typing import Iterator, overload
 
 from mailgate.bounceparse import phrases as bt
 
@@ -48,9 +48,9 @@ def original_message_id(msg: Message) -> str | None:
             if found:
                 return found
     for text in quoted:
-        found = _QUOTED_MSGID_RE.search(text)
-        if found:
-            return found.group(1)
+        match = _QUOTED_MSGID_RE.search(text)
+        if match:
+            return match.group(1)
     return None
 
 
@@ -217,6 +217,14 @@ def clean_address(text: str) -> str | None:
 def is_ours(address: str, bounce_alias: str) -> bool:
     """Our own tokenised return path, which heuristics can pick up from a quoted original."""
     return bool(bounce_alias) and address.rpartition("@")[0].startswith(bounce_alias.lower() + "+")
+
+
+@overload
+def clean(text: str) -> str: ...
+@overload
+def clean(text: None) -> None: ...
+@overload
+def clean(text: str | None) -> str | None: ...
 
 
 def clean(text: str | None) -> str | None:

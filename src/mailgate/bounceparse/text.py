@@ -8,9 +8,12 @@ import email
 import logging
 import re
 from email.message import Message
+from typing import Callable
 
+all_failures: Callable[[Message], tuple[frozenset[bytes], frozenset[bytes]]] | None
 try:
-    from flufl.bounce import all_failures
+    from flufl.bounce import all_failures as _flufl_all_failures
+    all_failures = _flufl_all_failures
 except ImportError:  # a dependency; without it only our own patterns read non-DSN reports
     all_failures = None
 
@@ -98,7 +101,7 @@ def _not_recipients(msg: Message) -> set[str]:
     """Address-shaped strings a heuristic may pick up that are never the failed recipient: the
     report's own sender, Message-IDs, and addresses quoted only in header lines of the returned
     message (its From, Reply-To...) and nowhere in the report's own words."""
-    excluded = set()
+    excluded: set[str] = set()
     for name in ("from", "reply-to", "sender", "return-path"):
         for value in msg.get_all(name) or []:
             excluded.update(a.lower() for a in ADDRESS_RE.findall(header_text(value)))

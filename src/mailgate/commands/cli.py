@@ -12,13 +12,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mailgate.config import DEFAULT_CONFIG_PATH, Config
 from mailgate.configfile import ConfigError, LoadedConfig, load_config
 from mailgate.infra.logfmt import setup_logging
+from mailgate.rules.replies import EXIT
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78  # 78: EX_CONFIG
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = EXIT["ok"], EXIT["failure"], EXIT["usage"], EXIT["config"]
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -50,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime = Runtime.from_config(config)
     except StoreUnavailable as exc:  # systemd restarts us; the log says why
         print(f"mailgate: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     return serve(runtime, config_path(args))
 
 
@@ -79,7 +80,7 @@ def cmd_explain_outbound(args: argparse.Namespace) -> int:
         print(f"server:        {result['server'] or '(Postfix default route)'}")
         print(f"header From:   {result['header_from']}{'  (rewritten)' if decision.rewritten else ''}")
         print(f"envelope from: {result['envelope_from']}")
-        for reason in result["reasons"]:
+        for reason in decision.reasons:
             print(f"  - {reason}")
         if decision.warning:
             print(f"warning: {decision.warning}", file=sys.stderr)
@@ -104,14 +105,15 @@ def cmd_explain_inbound(args: argparse.Namespace) -> int:
     message = InboundMessage(tuple((k, str(v)) for k, v in parsed.items()), tuple(args.rcpt or ()))
     facts = read_only_facts(config)
     decision = decide_inbound(config, message, **facts)
-    result = {"routes": decision.labels, "action": decision.action, "smtp_reply": decision.reply,
+    smtp_reply = str(decision.reply) if decision.reply else None
+    result = {"routes": decision.labels, "action": decision.action, "smtp_reply": smtp_reply,
               "reasons": list(decision.reasons)}
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
-        print(f"routes:     {', '.join(result['routes']) or '(none)'}")
-        print(f"action:     {result['action']}{'  ' + result['smtp_reply'] if result['smtp_reply'] else ''}")
-        for reason in result["reasons"]:
+        print(f"routes:     {', '.join(decision.labels) or '(none)'}")
+        print(f"action:     {decision.action}{'  ' + smtp_reply if smtp_reply else ''}")
+        for reason in decision.reasons:
             print(f"  - {reason}")
     return EXIT_OK
 
@@ -343,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HANDLERS = {
+HANDLERS: dict[str | tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "serve": cmd_serve,
     "deliver": cmd_deliver,
@@ -373,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
-        return 130
+        return EXIT["interrupted"]
 
 
 if __name__ == "__main__":

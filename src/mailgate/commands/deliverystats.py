@@ -12,33 +12,36 @@ import io
 import json
 import sys
 import time
-from typing import TextIO
+from dataclasses import asdict
+from typing import Sequence, TextIO
 
 from mailgate.config import Config
 from mailgate.store import open_store
-from mailgate.store.sql import SQLStore
+from mailgate.store.interface import DeliveryCount, Store
 from mailgate.commands.views import parse_since, table
 
 STATUSES = ("sent", "deferred", "bounced", "expired")
 
 
-def _pivot(rows: list[dict], key: str) -> list[dict]:
-    """One row per `key` value with a column per status, in first-seen order (the store sorts)."""
+def _pivot(rows: Sequence[DeliveryCount], key: str) -> list[dict]:
+    """One row per `key` value (`server` or `day`) with a column per status, in first-seen order
+    (the store sorts)."""
     pivoted: dict[str, dict] = {}
     for row in rows:
-        line = pivoted.setdefault(row[key], {key: row[key], **{s: 0 for s in STATUSES}, "total": 0})
-        line[row["status"]] = line.get(row["status"], 0) + row["count"]
-        line["total"] += row["count"]
+        value = getattr(row, key)
+        line = pivoted.setdefault(value, {key: value, **{s: 0 for s in STATUSES}, "total": 0})
+        line[row.status] = line.get(row.status, 0) + row.count
+        line["total"] += row.count
     return list(pivoted.values())
 
 
-def summary(rows: list[dict]) -> dict[str, list[dict]]:
+def summary(rows: Sequence[DeliveryCount]) -> dict[str, list[dict]]:
     """`delivery_stats` rows (day, server, status, count) as per-server and per-day totals."""
     return {"per_server": sorted(_pivot(rows, "server"), key=lambda r: r["server"]),
             "per_day": _pivot(rows, "day")}
 
 
-def render_stats(rows: list[dict]) -> str:
+def render_stats(rows: Sequence[DeliveryCount]) -> str:
     """The human view: a table per server, then per day; statuses Postfix never reported show 0."""
     data = summary(rows)
     out = io.StringIO()
@@ -62,12 +65,13 @@ def _family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, 
     return lines
 
 
-def prometheus_text(store: SQLStore) -> str:
+def prometheus_text(store: Store) -> str:
     """All-time counters (Prometheus computes rates itself) and the blacklist's current size."""
-    deliveries = [({"server": r["server"], "status": r["status"]}, r["count"]) for r in store.delivery_totals()]
+    deliveries: list[tuple[dict[str, object], int]] = [
+        ({"server": total.server, "status": total.status}, total.count) for total in store.delivery_totals()]
     kinds = {"hard": 0, "soft": 0, "unknown": 0}
     for row in store.bounce_kind_totals():
-        kinds[row["kind"]] = row["bounces"]
+        kinds[row.kind] = row.bounces
     lines = [
         *_family("mailgate_deliveries_total", "counter",
                  "Delivery attempts Postfix logged, per upstream server and status.", deliveries),
@@ -96,7 +100,8 @@ def main_stats(config: Config, since: str | None, as_json: bool, prometheus: boo
             return 0
         rows = store.delivery_stats(start)
         if as_json:
-            print(json.dumps({"since": start, **summary(rows), "rows": rows}, ensure_ascii=False), file=out)
+            print(json.dumps({"since": start, **summary(rows), "rows": [asdict(row) for row in rows]},
+                             ensure_ascii=False), file=out)
         else:
             out.write(render_stats(rows))
         return 0

@@ -18,6 +18,7 @@ from email.message import EmailMessage
 
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import make_basedir
+from mailgate.rules.replies import EXIT
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def run_demo(keep: bool = False, out=sys.stdout) -> int:
     if os.geteuid() != 0 or not shutil.which("postfix"):
         print("mailgate demo needs root and Debian's postfix package (see the README's first command).",
               file=sys.stderr)
-        return 1
+        return EXIT["failure"]
     base = make_basedir("mgdemo")
     gateway = LabGateway(base)
     print(f"Starting a private Postfix and `mailgate serve` under {base} ...", file=out)
@@ -75,6 +76,7 @@ def run_demo(keep: bool = False, out=sys.stdout) -> int:
         for number, example in enumerate(EXAMPLES, start=1):
             _run_example(gateway, number, example, out)
         if keep:
+            assert gateway.pf is not None  # set by gateway.start()
             print(f"mailgate's log: {gateway.log_path}\nPostfix's log:  {gateway.pf.maillog}\n"
                   f"Message rows:   {base / 'state' / 'mailgate.sqlite3'} (table messages)", file=out)
         else:
@@ -92,6 +94,7 @@ def _run_example(gateway: LabGateway, number: int, example: Example, out) -> Non
     to = f"customer{number}@customer.example"
     data, msgid = _message(example, to)
     if example.via_sendmail:
+        assert gateway.pf is not None  # run_demo started the gateway
         gateway.pf.sendmail(example.sender, [to], data)
         queue_id = gateway.pf.wait_for_log(rf"(\w+): message-id={re.escape(msgid)}", 30).group(1)
     else:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from mailgate.config import DEFAULT_CONFIG_PATH, Config, Server
 from mailgate.rules.delivery import ODOO_TRANSPORT
-from mailgate.infra.sockets import parse_socket_spec
+from mailgate.rules.replies import POLICY_UNAVAILABLE
+from mailgate.infra.socketspec import SocketSpec
 
 SUBMISSION_LISTENER = "ORIGINATING"
 INBOUND_LISTENER = "INBOUND"
@@ -30,14 +31,14 @@ class Wiring:
     pipe_user: str = "mailgate"
 
 
-def postfix_map(spec: str, mapname: str) -> str:
+def postfix_map(spec: SocketSpec, mapname: str) -> str:
     """A socketmap table reference: `socketmap:unix:/run/mailgate/lookup.sock:transport`."""
-    return f"socketmap:{parse_socket_spec(spec).postfix_address()}:{mapname}"
+    return f"socketmap:{spec.postfix_address()}:{mapname}"
 
 
-def milter_address(spec: str) -> str:
+def milter_address(spec: SocketSpec) -> str:
     """Postfix's milter address syntax: `unix:/path` or `inet:host:port`."""
-    return parse_socket_spec(spec).postfix_address()
+    return spec.postfix_address()
 
 
 def main_settings(config: Config) -> list[tuple[str, str]]:
@@ -59,8 +60,8 @@ def main_settings(config: Config) -> list[tuple[str, str]]:
             ("relay_domains", " ".join(domains)),
             ("transport_maps", postfix_map(config.listen.lookup, "delivery")),
             ("smtpd_recipient_restrictions",
-             f"check_policy_service {parse_socket_spec(config.listen.policy).postfix_address()}"),
-            ("smtpd_policy_service_default_action", "451 4.3.5 mailgate policy service unavailable"),
+             f"check_policy_service {config.listen.policy.postfix_address()}"),
+            ("smtpd_policy_service_default_action", str(POLICY_UNAVAILABLE)),
             (f"{ODOO_TRANSPORT}_destination_recipient_limit", "1"),
             ("internal_mail_filter_classes", "bounce"),
         ]

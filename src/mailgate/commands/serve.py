@@ -28,7 +28,7 @@ from mailgate.policy.recipients import GatewayPolicy
 from mailgate.policy.socketmap import SocketmapServer
 from mailgate.rules.retention import purge_expired
 from mailgate.infra.runtime import Runtime, read_passwords
-from mailgate.infra.sockets import blocked_directory, parse_socket_spec
+from mailgate.infra.sockets import blocked_directory
 
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 # What a reload can change in place; the rest is read once at start (a restart applies it).
@@ -88,14 +88,14 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     config = runtime.config
     logger = logging.getLogger("mailgate")
     for spec in (config.listen.milter, config.listen.lookup, config.listen.policy):
-        path = parse_socket_spec(spec).path
+        path = spec.path
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _warn_if_unreachable(logger, path, config.listen.socket_group)
-    lookup = SocketmapServer(LookupService(runtime), parse_socket_spec(config.listen.lookup),
+    lookup = SocketmapServer(LookupService(runtime), config.listen.lookup,
                              group=config.listen.socket_group, logger=logger)
     malformed = MALFORMED_DEFER if config.policy.on_malformed == "defer" else MALFORMED_DUNNO
-    policy = PolicyServer(GatewayPolicy(runtime), parse_socket_spec(config.listen.policy),
+    policy = PolicyServer(GatewayPolicy(runtime), config.listen.policy,
                           on_malformed=malformed, group=config.listen.socket_group, logger=logger)
     # No signal handlers: the signals stay blocked in every thread (the listeners' threads inherit
     # the mask) and the main loop takes them with sigtimedwait, one at a time. A handler that

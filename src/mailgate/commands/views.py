@@ -10,13 +10,13 @@ import json
 import re
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 from mailgate.rules.addresses import is_valid_address, normalize
 from mailgate.rules.blacklist import bounce_lock
-from mailgate.store.sql import bounce_ids_of
-from mailgate.store.sqlite import SQLiteStore
+from mailgate.store.interface import BlacklistEntry, Store, StoredBounce
 
 _SPAN = re.compile(r"^(\d+)([dhm])$")
 
@@ -48,7 +48,7 @@ def _when(stamp: float | None) -> str:
     return "-" if stamp is None else datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
-def table(rows: list[dict], columns: list[str], out: TextIO) -> None:
+def table(rows: Sequence[Mapping[str, Any]], columns: list[str], out: TextIO) -> None:
     if not rows:
         print("(none)", file=out)
         return
@@ -59,6 +59,12 @@ def table(rows: list[dict], columns: list[str], out: TextIO) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
 
 
+def as_printed(record: StoredBounce | BlacklistEntry) -> dict[str, Any]:
+    """A stored row as the commands print it, in `--json` too: its columns in table order, the
+    flags as the 0/1 the table holds (the shape scripts have always read)."""
+    return {name: int(value) if isinstance(value, bool) else value for name, value in asdict(record).items()}
+
+
 def _emit(data: Any, as_json: bool, human, out: TextIO) -> int:
     if as_json:
         print(json.dumps(data, ensure_ascii=False), file=out)
@@ -67,18 +73,16 @@ def _emit(data: Any, as_json: bool, human, out: TextIO) -> int:
     return 0
 
 
-def bounces_list(store: SQLiteStore, since: float, address: str | None, as_json: bool, out: TextIO = sys.stdout,
+def bounces_list(store: Store, since: float, address: str | None, as_json: bool, out: TextIO = sys.stdout,
                  limit: int = 200) -> int:
-    rows = store.bounce_rows(since=since, address=normalize(address) if address else None, limit=limit)
-    for row in rows:
-        row["when"] = _when(row["created_at"])
-        row["kind"] = {1: "hard", 0: "soft"}.get(row["permanent"], "unknown")
+    bounces = store.bounce_rows(since=since, address=normalize(address) if address else None, limit=limit)
+    rows = [{**as_printed(bounce), "when": _when(bounce.created_at), "kind": bounce.kind} for bounce in bounces]
     columns = ["when", "recipient", "kind", "status", "server", "message", "source", "stale", "reason"]
     return _emit({"bounces": rows}, as_json, lambda: table(rows, columns, out), out)
 
 
-def bounces_stats(store: SQLiteStore, since: float, as_json: bool, out: TextIO = sys.stdout) -> int:
-    stats = {"since": since, **store.bounce_stats(since)}
+def bounces_stats(store: Store, since: float, as_json: bool, out: TextIO = sys.stdout) -> int:
+    stats: dict[str, Any] = {"since": since, **asdict(store.bounce_stats(since))}
 
     def human() -> None:
         print(f"# since {_when(since) if since else 'the first bounce'}", file=out)
@@ -90,14 +94,12 @@ def bounces_stats(store: SQLiteStore, since: float, as_json: bool, out: TextIO =
     return _emit(stats, as_json, human, out)
 
 
-def blacklist_list(store: SQLiteStore, as_json: bool, out: TextIO = sys.stdout) -> int:
-    rows = store.blacklist_entries()
-    for row in rows:
-        row["since"] = _when(row["added_at"])
+def blacklist_list(store: Store, as_json: bool, out: TextIO = sys.stdout) -> int:
+    rows = [{**as_printed(entry), "since": _when(entry.added_at)} for entry in store.blacklist_entries()]
     return _emit({"blacklist": rows}, as_json, lambda: table(rows, ["address", "since", "source", "reason"], out), out)
 
 
-def blacklist_change(store: SQLiteStore, action: str, address: str, reason: str | None, as_json: bool,
+def blacklist_change(store: Store, action: str, address: str, reason: str | None, as_json: bool,
                      out: TextIO = sys.stdout, now: float | None = None) -> int:
     address = normalize(address)
     if not is_valid_address(address):
@@ -115,22 +117,23 @@ def blacklist_change(store: SQLiteStore, action: str, address: str, reason: str 
     return _emit(state, as_json, lambda: print(text, file=out), out)
 
 
-def blacklist_why(store: SQLiteStore, address: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+def blacklist_why(store: Store, address: str, as_json: bool, out: TextIO = sys.stdout) -> int:
     address = normalize(address)
     history = store.blacklist_history(address)
-    ids = sorted({i for entry in history for i in bounce_ids_of(entry["bounce_ids"])})
+    ids = sorted({i for entry in history for i in entry.cause_ids})
     causes = store.bounce_rows(ids=ids) if ids else []
-    data = {"address": address, "blacklisted": any(e["removed_at"] is None for e in history),
-            "history": history, "bounces": causes}
+    blacklisted = any(entry.active for entry in history)
+    data = {"address": address, "blacklisted": blacklisted,
+            "history": [as_printed(entry) for entry in history], "bounces": [as_printed(row) for row in causes]}
 
     def human() -> None:
-        print(f"{address}: {'blacklisted' if data['blacklisted'] else 'not blacklisted'}", file=out)
+        print(f"{address}: {'blacklisted' if blacklisted else 'not blacklisted'}", file=out)
         for entry in history:
-            removed = f", removed {_when(entry['removed_at'])} ({entry['removed_reason']})" if entry["removed_at"] else ""
-            print(f"  added {_when(entry['added_at'])} by {entry['source']}: {entry['reason']}{removed}", file=out)
+            removed = f", removed {_when(entry.removed_at)} ({entry.removed_reason})" if entry.removed_at else ""
+            print(f"  added {_when(entry.added_at)} by {entry.source}: {entry.reason}{removed}", file=out)
         if causes:
             print("  bounces that caused it:", file=out)
             for row in causes:
-                print(f"    {_when(row['created_at'])}  {row['status'] or '-'}  {row['server'] or '-'}  "
-                      f"{row['reason'] or ''}", file=out)
+                print(f"    {_when(row.created_at)}  {row.status or '-'}  {row.server or '-'}  "
+                      f"{row.reason or ''}", file=out)
     return _emit(data, as_json, human, out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import fields as dc_fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -50,7 +50,7 @@ class Reader:
         return entries
 
     def section(self, node: yaml.Node | None, key: str,
-                converters: dict[str, Callable[[Any], Any]]) -> dict[str, Any]:
+                converters: Mapping[str, Callable[[Any], Any]]) -> dict[str, Any]:
         """Convert the known keys of a mapping; report unknown keys with a did-you-mean."""
         result: dict[str, Any] = {}
         for name, (key_node, value_node) in self.mapping(node, key).items():

@@ -39,12 +39,12 @@ def read_servers(reader: Reader, node: yaml.Node | None, check_files: bool) -> t
         if names:
             key = f"servers[{position}]({reader.value(names[0])})"
         values = reader.section(item, key, SERVER)
-        name = values.get("name")
         missing = [k for k in ("name", "host") if k not in values and node_of(values, k) is None]
         for required in missing:
             reader.problem(item, f"{key}.{required}", "missing (every server needs a name and a host)")
         if "name" not in values or "host" not in values:
             continue
+        name = values["name"]
         if not _SERVER_NAME.match(name):
             reader.problem(node_of(values, "name"), f"{key}.name",
                            "expected lower-case letters, digits, '-' or '_' (it names a Postfix transport)")
@@ -52,7 +52,9 @@ def read_servers(reader: Reader, node: yaml.Node | None, check_files: bool) -> t
         if name in seen:
             reader.problem(node_of(values, "name"), f"{key}.name", f"duplicate server name (also at line {seen[name]})")
             continue
-        seen[name] = node_of(values, "name").start_mark.line + 1
+        name_node = node_of(values, "name")
+        assert name_node is not None  # section() keeps the node of every key it converted
+        seen[name] = name_node.start_mark.line + 1
         port = values.get("port", 587)
         security = values.get("security") or ("tls" if port in _IMPLICIT_TLS_PORTS else "starttls")
         _check_security(reader, values, key, port, security)
@@ -121,12 +123,13 @@ def cross_checks(reader: Reader, config: Config, top: dict[str, Any], mass: dict
                   check_files: bool) -> None:
     """Checks that involve several keys or the file system."""
     mass_name = config.mass_mail.server
-    if mass_name and config.server_named(mass_name) is None:
+    mass_server = config.server_named(mass_name) if mass_name else None
+    if mass_name and mass_server is None:
         names = [s.name for s in config.servers]
         close = difflib.get_close_matches(mass_name, names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; servers are: {', '.join(names) or 'none'}"
         reader.problem(node_of(mass, "server"), "mass_mail.server", f"no server named '{mass_name}'{hint}")
-    elif mass_name and not config.server_named(mass_name).active:
+    elif mass_server is not None and not mass_server.active:
         reader.problem(node_of(mass, "server"), "mass_mail.server",
                        f"server '{mass_name}' is inactive: mass mail will follow the normal order", "warning")
     if "default_from" in top and config.default_from and "@" not in config.default_from and not config.alias_domain:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from mailgate.infra.socketspec import SocketSpec, parse_socket_spec
 from mailgate.rules.addresses import is_valid_address, is_valid_domain
 from mailgate.config import (BOUNCE_FORWARDS, QUOTA_ACTIONS, DIRECT_WRITE_ACTIONS, LOOP_ACTIONS, MALFORMED_ACTIONS, QUOTA_SCOPES,
                              SECURITY_MODES, SERVER_SELECTIONS)
@@ -149,11 +150,10 @@ def _database(value: Any) -> str:
     return text
 
 
-def _socket_spec(value: Any) -> str:
-    from mailgate.infra.sockets import parse_socket_spec
+def _socket_spec(value: Any) -> SocketSpec:
     text = _str(value)
     try:
-        return str(parse_socket_spec(text))
+        return parse_socket_spec(text)
     except ValueError as exc:
         raise Invalid(str(exc)) from None
 

@@ -15,7 +15,6 @@ from typing import Callable
 from mailgate.infra.clock import gateway_clock
 from mailgate.config import Config
 from mailgate.store import Store, is_postgres, open_store
-from mailgate.store.sqlite import SQLiteStore
 from mailgate.infra.secretfile import load_or_create_secret
 from mailgate.rules.tokens import TokenSigner
 
@@ -67,10 +66,8 @@ def read_only_facts(config: Config, now: float | None = None) -> dict[str, Calla
     now = time.time() if now is None else now
     since = now - config.loop.minutes * 60
     store: Store | None = None
-    if is_postgres(config.database):
-        store = open_store(config.database, config.database_password_file)
-    elif Path(config.database).exists():
-        store = SQLiteStore(config.database, read_only=True)
+    if is_postgres(config.database) or Path(config.database).exists():
+        store = open_store(config.database, config.database_password_file, read_only=True)
     signer: TokenSigner | None = None
     try:
         signer = TokenSigner(Path(config.secret_file).read_bytes().strip(), _identity(store))
@@ -80,5 +77,5 @@ def read_only_facts(config: Config, now: float | None = None) -> dict[str, Calla
         "known_outbound": store.known_outbound if store else (lambda ids: None),
         "already_received": store.already_received if store else (lambda message_id: False),
         "recent_count": (lambda s, k: store.recent_count(s, k, since)) if store else (lambda s, k: 0),
-        "token_valid": (lambda token: signer.verify(token) is not None) if signer else (lambda token: False),
+        "verify_token": signer.verify if signer else (lambda token: None),
     }

@@ -1,7 +1,7 @@
-"""Listening socket specs in the milter convention, and servers bound to them.
+"""Servers bound to socket specs (`mailgate.infra.socketspec`), and the socket files they own.
 
-Admins already write ``unix:/path`` or ``inet:PORT@HOST`` for postsrsd and OpenDKIM, so every
-mailgate listener takes the same syntax. Unix sockets get the mode and group Postfix needs to
+Every listener of mailgate, the milter (libmilter binds its own) included, goes through these
+helpers: unix sockets get the mode and group Postfix needs to
 connect (its daemons run as ``postfix``, not as us) before ``listen()``, so no client ever sees
 a socket with the wrong permissions; a stale file left by a crash is replaced, but a socket a
 live process still serves is never stolen.
@@ -15,11 +15,10 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-UNIX_PATH_MAX = 108
-"""``sizeof(sun_path)`` on Linux, including the terminating NUL."""
+from mailgate.infra.socketspec import SocketSpec
 
 StreamCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 
@@ -28,101 +27,11 @@ class SocketInUseError(OSError):
     """Another process is listening on the unix socket we were asked to bind."""
 
 
-@dataclass(frozen=True)
-class SocketSpec:
-    """Where a service listens. ``port`` 0 (only when built directly) means any free port."""
-
-    family: str
-    path: str | None = None
-    host: str | None = None
-    port: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.family == "unix":
-            if not self.path or self.host is not None or self.port is not None:
-                raise ValueError("a unix socket spec has a path and no host/port")
-        elif self.family in ("inet", "inet6"):
-            if not self.host or self.port is None or self.path is not None:
-                raise ValueError(f"an {self.family} socket spec has a host and a port, no path")
-            if not 0 <= self.port <= 65535:
-                raise ValueError(f"port {self.port} out of range 1-65535")
-        else:
-            raise ValueError(f"unknown socket family {self.family!r}")
-
-    def __str__(self) -> str:
-        if self.family == "unix":
-            return f"unix:{self.path}"
-        return f"{self.family}:{self.port}@{self.host}"
-
-    def postfix_address(self) -> str:
-        """The form Postfix map and service addresses use, e.g. ``socketmap:<this>:name``."""
-        if self.family == "unix":
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if self.family == "inet6" else self.host
-        return f"inet:{host}:{self.port}"
-
-
-def _parse_port(text: str, spec: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise ValueError(f"invalid port {text!r} in socket spec {spec!r}")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} out of range 1-65535 in socket spec {spec!r}")
-    return port
-
-
-def _parse_host(text: str, family: str, spec: str) -> str:
-    if family == "inet6" and text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    if not text or any(c.isspace() or c in "[]@/" for c in text):
-        raise ValueError(f"invalid host {text!r} in socket spec {spec!r}")
-    return text
-
-
-def _parse_unix(path: str, spec: str) -> SocketSpec:
-    if not path.startswith("/"):
-        raise ValueError(f"unix socket path must be absolute in socket spec {spec!r}")
-    if len(os.fsencode(path)) >= UNIX_PATH_MAX:
-        raise ValueError(
-            f"unix socket path is {len(os.fsencode(path))} bytes, must be under {UNIX_PATH_MAX}: {spec!r}"
-        )
-    if "\0" in path:
-        raise ValueError(f"NUL byte in unix socket path {spec!r}")
-    return SocketSpec("unix", path=path)
-
-
-def parse_socket_spec(text: str) -> SocketSpec:
-    """Parse ``unix:/p``, ``local:/p``, ``/p``, ``inet:PORT@HOST``, ``inet:PORT``, ``inet:HOST:PORT``,
-    ``inet6:PORT@HOST`` (``inet6:PORT`` = ``::1``, ``inet6:[ADDR]:PORT`` also accepted)."""
-    spec = text.strip()
-    if spec.startswith("/"):
-        return _parse_unix(spec, text)
-    family, sep, rest = spec.partition(":")
-    if not sep:
-        raise ValueError(f"socket spec {text!r} has no family (unix:, local:, inet:, inet6:)")
-    family = family.lower()
-    if family in ("unix", "local"):
-        return _parse_unix(rest, text)
-    if family not in ("inet", "inet6"):
-        raise ValueError(f"unknown socket family {family!r} in socket spec {text!r}")
-    default_host = "127.0.0.1" if family == "inet" else "::1"
-    if "@" in rest:
-        port, _, host = rest.partition("@")
-    elif family == "inet6" and rest.startswith("["):
-        host, sep, port = rest.rpartition("]:")
-        if not sep:
-            raise ValueError(f"expected inet6:[ADDR]:PORT in socket spec {text!r}")
-        host += "]"
-    elif family == "inet" and ":" in rest:
-        host, _, port = rest.rpartition(":")
-    else:
-        port, host = rest, default_host
-    return SocketSpec(family, host=_parse_host(host, family, text), port=_parse_port(port, text))
-
-
 def socket_is_listening(spec: SocketSpec, timeout: float = 1.0) -> bool:
     """True if something accepts connections at ``spec`` right now."""
+    addresses: list[tuple[socket.AddressFamily, str | tuple[Any, ...]]]
     if spec.family == "unix":
+        assert spec.path is not None  # a unix spec always has a path
         addresses = [(socket.AF_UNIX, spec.path)]
     else:
         family = socket.AF_INET6 if spec.family == "inet6" else socket.AF_INET
@@ -142,7 +51,9 @@ def socket_is_listening(spec: SocketSpec, timeout: float = 1.0) -> bool:
     return False
 
 
-def _remove_stale_socket(spec: SocketSpec) -> None:
+def remove_stale_socket(spec: SocketSpec) -> None:
+    """Make way for a new unix socket: a file left by a crash goes, a live socket is never stolen."""
+    assert spec.path is not None  # a unix spec
     try:
         st = os.lstat(spec.path)
     except FileNotFoundError:
@@ -171,17 +82,26 @@ def blocked_directory(path: str, group: str) -> str | None:
     return None
 
 
+def secure_socket_file(spec: SocketSpec, mode: int, group: str | None) -> None:
+    """Give a freshly bound unix socket the mode and group Postfix connects with (a group that
+    does not exist on this host is skipped: the lab and the tests run without one)."""
+    if spec.path is None:
+        return
+    os.chmod(spec.path, mode)
+    if group is not None:
+        try:
+            os.chown(spec.path, -1, grp.getgrnam(group).gr_gid)
+        except KeyError:
+            pass
+
+
 def _bind_unix(spec: SocketSpec, mode: int, group: str | None) -> socket.socket:
-    _remove_stale_socket(spec)
+    assert spec.path is not None  # a unix spec
+    remove_stale_socket(spec)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(spec.path)
-        os.chmod(spec.path, mode)
-        if group is not None:
-            try:
-                os.chown(spec.path, -1, grp.getgrnam(group).gr_gid)
-            except KeyError:
-                pass
+        secure_socket_file(spec, mode, group)
     except BaseException:
         sock.close()
         raise
@@ -194,7 +114,7 @@ async def start_protocol_server(
     *,
     mode: int = 0o660,
     group: str | None = None,
-) -> asyncio.AbstractServer:
+) -> asyncio.Server:
     """Like ``start_stream_server`` for a bare ``asyncio.Protocol``: the lean path for hot servers."""
     loop = asyncio.get_running_loop()
     if spec.family == "unix":
@@ -205,6 +125,7 @@ async def start_protocol_server(
             sock.close()
             raise
     family = socket.AF_INET6 if spec.family == "inet6" else socket.AF_INET
+    assert spec.port is not None  # an inet spec always has a port
     return await loop.create_server(
         protocol_factory, spec.host, spec.port, family=family, reuse_address=True
     )
@@ -216,7 +137,7 @@ async def start_stream_server(
     *,
     mode: int = 0o660,
     group: str | None = None,
-) -> asyncio.AbstractServer:
+) -> asyncio.Server:
     """``asyncio.start_server``/``start_unix_server`` for a spec, with stale-socket handling and
     the unix socket's ``mode`` and ``group`` (skipped if the group does not exist) set."""
     loop = asyncio.get_running_loop()
@@ -227,7 +148,7 @@ async def start_stream_server(
     return await start_protocol_server(spec, factory, mode=mode, group=group)
 
 
-def bound_spec(spec: SocketSpec, server: asyncio.AbstractServer) -> SocketSpec:
+def bound_spec(spec: SocketSpec, server: asyncio.Server) -> SocketSpec:
     """``spec`` with the port actually bound (differs when ``spec.port`` was 0)."""
     if spec.family == "unix" or spec.port:
         return spec
@@ -239,6 +160,7 @@ def socket_file_identity(spec: SocketSpec) -> tuple[int, int] | None:
     """``(st_dev, st_ino)`` of a unix socket file, to recognise our own file at shutdown."""
     if spec.family != "unix":
         return None
+    assert spec.path is not None  # a unix spec
     try:
         st = os.lstat(spec.path)
     except OSError:
@@ -249,6 +171,7 @@ def socket_file_identity(spec: SocketSpec) -> tuple[int, int] | None:
 def remove_socket_file(spec: SocketSpec, identity: tuple[int, int] | None) -> None:
     """Unlink the socket file if it is still the one we created (a successor may own the path)."""
     if identity is not None and socket_file_identity(spec) == identity:
+        assert spec.path is not None  # only a unix spec has a file identity
         try:
             os.unlink(spec.path)
         except FileNotFoundError:

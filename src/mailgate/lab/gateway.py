@@ -27,7 +27,7 @@ from mailgate.lab.postfix import PrivatePostfix
 from mailgate.lab.sinks import Sink
 from mailgate.commands.postfixconf import (INBOUND_LISTENER, SUBMISSION_LISTENER, Wiring, main_settings,
                                   odoo_pipe_service, transport_service)
-from mailgate.infra.sockets import parse_socket_spec, socket_is_listening
+from mailgate.infra.sockets import socket_is_listening
 from mailgate.store import open_store
 from mailgate.rules.tokens import TokenSigner
 
@@ -158,7 +158,7 @@ class LabGateway:
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", OFFSET_FILE_VARIABLE: str(self.clock_file)})
         log.close()
-        specs = [parse_socket_spec(spec) for spec in (config.listen.milter, config.listen.lookup, config.listen.policy)]
+        specs = [config.listen.milter, config.listen.lookup, config.listen.policy]
         deadline = time.monotonic() + 20
         while not all(socket_is_listening(spec) for spec in specs):
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -230,10 +230,11 @@ class PrivatePostgres:
         return self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), *args], check=check)
 
     def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        switch = {} if self._user.pw_uid == os.geteuid() else {"user": self._user.pw_uid,
-                                                                "group": self._user.pw_gid,
-                                                                "extra_groups": []}
-        result = subprocess.run(argv, capture_output=True, cwd=self.basedir, **switch)
+        if self._user.pw_uid == os.geteuid():
+            result = subprocess.run(argv, capture_output=True, cwd=self.basedir)
+        else:
+            result = subprocess.run(argv, capture_output=True, cwd=self.basedir, user=self._user.pw_uid,
+                                    group=self._user.pw_gid, extra_groups=[])
         if check and result.returncode != 0:
             raise PostgresError(f"{' '.join(argv)} exited {result.returncode}: {_output(result)}\n"
                                 f"{self.log_tail()}")

@@ -10,6 +10,7 @@ log line (``status=sent (250 saved 3)``) to the stored message.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import hmac
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, cast
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -70,7 +71,8 @@ class _PortReportingController(Controller):
 
     def _trigger_server(self) -> None:
         assert self.server is not None
-        self.port = self.server.sockets[0].getsockname()[1]
+        # aiosmtpd types it AbstractServer; it comes from loop.create_server, an asyncio.Server
+        self.port = cast(asyncio.Server, self.server).sockets[0].getsockname()[1]
         super()._trigger_server()
 
 

@@ -7,7 +7,6 @@ answers TEMPFAIL with a logged queue id, so Postfix keeps the message and the cl
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
 import socket
@@ -15,15 +14,18 @@ from typing import Callable
 
 import Milter
 
+from mailgate.config import Config
+
 from mailgate.rules.addresses import clean_text
 from mailgate.rules.classify import takes_inbound_role
 from mailgate.infra.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
 from mailgate.milter.inbound import ROUTE_HEADER, process_inbound
 from mailgate.milter.outbound import process_outbound
-from mailgate.rules.replies import SMTP
+from mailgate.rules.replies import HOLD_REASONS, SMTP
 from mailgate.infra.runtime import Runtime
-from mailgate.infra.sockets import parse_socket_spec
+from mailgate.infra.sockets import remove_socket_file, remove_stale_socket, secure_socket_file, socket_file_identity
+from mailgate.infra.socketspec import SocketSpec
 
 # Headers a rule reads; the rest are never kept.
 READ_HEADERS = {"from", "sender", "reply-to", "message-id", "precedence", "list-unsubscribe",
@@ -75,7 +77,8 @@ class GatewayMilter(Milter.Base):
     @Milter.noreply
     def envfrom(self, sender: str, *params: str) -> int:
         self._confirm_delivered()
-        self.facts = MessageFacts(listener=self.listener, sasl_user=self.getsymval("{auth_authen}") or None,
+        self.facts = MessageFacts(config=self.runtime.config, listener=self.listener,
+                                  sasl_user=self.getsymval("{auth_authen}") or None,
                                   envelope_sender=clean_text(_strip_brackets(sender)))
         return Milter.CONTINUE
 
@@ -88,8 +91,8 @@ class GatewayMilter(Milter.Base):
     def header(self, name: str, value: str) -> int:
         facts = self.facts
         if facts.inbound is None:
-            facts.inbound = takes_inbound_role(self.runtime.config, facts.listener, facts.envelope_sender,
-                                               facts.recipients)
+            facts.inbound = takes_inbound_role(facts.config_for(self.runtime.config), facts.listener,
+                                               facts.envelope_sender, facts.recipients)
         if facts.inbound:
             facts.all_headers.append((name, value))  # raw for the report parser (re-encoded as it came)
         if name.lower() in READ_HEADERS:
@@ -125,11 +128,12 @@ class GatewayMilter(Milter.Base):
         try:
             facts = self.facts
             if facts.inbound is None:  # a message without a single header line
-                facts.inbound = takes_inbound_role(runtime.config, facts.listener, facts.envelope_sender,
-                                                   facts.recipients)
+                facts.inbound = takes_inbound_role(facts.config_for(runtime.config), facts.listener,
+                                                   facts.envelope_sender, facts.recipients)
+            config = facts.config_for(runtime.config)
             if facts.inbound:
-                return self._inbound(runtime, queue_id)
-            return self._outbound(runtime, queue_id)
+                return self._inbound(runtime, config, queue_id)
+            return self._outbound(runtime, config, queue_id)
         except Exception as exc:  # any failure must keep the mail with Postfix, never lose it
             runtime.logger.error(kv_line(queue_id, role="error", error=type(exc).__name__, detail=str(exc)),
                                  exc_info=True)  # the traceback follows: which statement failed
@@ -137,14 +141,14 @@ class GatewayMilter(Milter.Base):
             self.setreply(reply.code, reply.status, reply.text)
             return Milter.TEMPFAIL
 
-    def _outbound(self, runtime: Runtime, queue_id: str) -> int:
+    def _outbound(self, runtime: Runtime, config: Config, queue_id: str) -> int:
         effects = process_outbound(runtime, self.facts, queue_id)
         runtime.logger.info(effects.log_line)
         for line in effects.blacklist_lines:
             runtime.logger.info(line)
         if effects.decision.warning:
             runtime.logger.warning(kv_line(queue_id, role="outbound", warning=effects.decision.warning))
-        if runtime.config.dry_run:
+        if config.dry_run:
             return Milter.CONTINUE
         if effects.discard:
             return Milter.DISCARD
@@ -158,14 +162,14 @@ class GatewayMilter(Milter.Base):
             self.chgfrom(f"<{effects.new_envelope}>")
         return Milter.CONTINUE
 
-    def _inbound(self, runtime: Runtime, queue_id: str) -> int:
+    def _inbound(self, runtime: Runtime, config: Config, queue_id: str) -> int:
         effects = process_inbound(runtime, self.facts, queue_id)
         runtime.logger.info(effects.log_line)
         decision = effects.decision
         bounce = effects.bounce
         for line in bounce.log_lines if bounce else ():
             runtime.logger.info(line)
-        if runtime.config.dry_run:
+        if config.dry_run:
             return Milter.CONTINUE
         for index in range(len(self.facts.header_values(ROUTE_HEADER)), 0, -1):
             self.chgheader(ROUTE_HEADER, index, "")
@@ -182,11 +186,11 @@ class GatewayMilter(Milter.Base):
         if decision.action == "drop":
             return Milter.DISCARD
         if decision.action == "hold":
-            self.quarantine("mailgate: mail loop suspected")
+            self.quarantine(HOLD_REASONS["loop"])
             return Milter.CONTINUE
-        code, status, text = decision.reply.split(" ", 2)
-        self.setreply(code, status, text.replace("%", "%%"))
-        return Milter.REJECT if code.startswith("5") else Milter.TEMPFAIL
+        reply = decision.reply or SMTP["internal_error"]
+        self.setreply(reply.code, reply.status, reply.text.replace("%", "%%"))
+        return Milter.REJECT if reply.permanent else Milter.TEMPFAIL
 
     def abort(self) -> int:
         self._confirm_delivered()  # Postfix aborts after every transaction, the accepted ones too
@@ -208,15 +212,17 @@ class TcpGatewayMilter(GatewayMilter):
         return Milter.CONTINUE
 
 
-def serve_milter(runtime: Runtime, spec: str, *, group: str | None, timeout: int = 600,
+def serve_milter(runtime: Runtime, spec: SocketSpec, *, group: str | None, timeout: int = 600,
                  on_ready: Callable[[], None] | None = None) -> None:
     """Run the milter until libmilter stops (SIGTERM/SIGINT): blocks the calling (main) thread.
 
-    This follows pymilter's own `runmilter`, with one addition: between opening the socket and
-    serving, the socket file is made 0660 and given the Postfix group, so that Postfix (and
-    nobody else) can connect.
+    This follows pymilter's own `runmilter`; libmilter binds the socket itself, and the socket
+    file is handled by the same helpers as every other listener's (`mailgate.infra.sockets`): a
+    stale file is replaced but a live milter's is never stolen, the new file is made 0660 with
+    the Postfix group before Postfix can connect, and only the file this process made is removed
+    at the end.
     """
-    tcp = parse_socket_spec(spec).family != "unix"
+    tcp = spec.family != "unix"
     GatewayMilter.runtime = runtime
     Milter.factory = TcpGatewayMilter if tcp else GatewayMilter
     Milter.set_flags(ACTION_FLAGS)
@@ -231,28 +237,31 @@ def serve_milter(runtime: Runtime, spec: str, *, group: str | None, timeout: int
     milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
     milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
     milter.set_close_callback(Milter.close_callback)
-    milter.setconn(spec)
+    milter.setconn(str(spec))
     milter.settimeout(timeout)
     milter.register("mailgate", data=lambda ctx: ctx.getpriv().data(),
                     unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
                     negotiate=Milter.negotiate_callback)
+    if not tcp:
+        remove_stale_socket(spec)
     old_umask = os.umask(0o007)
     try:
-        milter.opensocket(True)
+        milter.opensocket(False)   # never remove a socket file here: remove_stale_socket decided
     finally:
         os.umask(old_umask)
-    _secure_socket(spec, group)
-    if tcp:
-        _no_delay(parse_socket_spec(spec).port)
+    identity = None
+    if not tcp:
+        secure_socket_file(spec, 0o660, group)
+        identity = socket_file_identity(spec)
+    elif spec.port is not None:
+        _no_delay(spec.port)
     if on_ready:
         on_ready()
-    logging.getLogger("mailgate").info(kv_line(None, event="listening", service="milter", socket=spec))
+    logging.getLogger("mailgate").info(kv_line(None, event="listening", service="milter", socket=str(spec)))
     try:
         milter.main()
     finally:
-        path = _socket_path(spec)
-        if path and os.path.exists(path):
-            os.unlink(path)
+        remove_socket_file(spec, identity)
 
 
 def _no_delay(port: int) -> None:
@@ -274,21 +283,3 @@ def _no_delay(port: int) -> None:
             pass
         finally:
             sock.close()
-
-
-def _socket_path(spec: str) -> str | None:
-    if spec.startswith(("unix:", "local:")):
-        return spec.split(":", 1)[1]
-    return spec if spec.startswith("/") else None
-
-
-def _secure_socket(spec: str, group: str | None) -> None:
-    path = _socket_path(spec)
-    if not path:
-        return
-    os.chmod(path, 0o660)
-    if group:
-        try:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        except KeyError:
-            pass

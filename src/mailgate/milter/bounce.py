@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mailgate.config import Config
 from mailgate.rules.addresses import normalize
 from mailgate.bounceparse import BounceReport, parse_bounce
 from mailgate.rules.blacklist import bounce_lock, record_and_judge
-from mailgate.rules.bounces import report_destination, token_is_stale
+from mailgate.rules.bounces import ReportDestination, report_destination, token_is_stale
 from mailgate.rules.classify import bounce_token_of
 from mailgate.infra.logfmt import kv_line
 from mailgate.milter.facts import MessageFacts
@@ -24,31 +25,23 @@ from mailgate.rules.tokens import BounceToken
 @dataclass(frozen=True)
 class BounceEffects:
     report: BounceReport
-    destination: str              # original | odoo | discard
+    destination: ReportDestination
     original: str | None          # Odoo's own bounce address, when the report goes back to it
     bounce_recipients: tuple[str, ...]   # our bounce addresses among the envelope recipients
     log_lines: tuple[str, ...]
 
 
-def _token(runtime: Runtime, facts: MessageFacts) -> BounceToken | None:
-    for recipient in facts.recipients:
-        text = bounce_token_of(runtime.config, recipient)
-        if text is not None:
-            token = runtime.signer.verify(text)
-            if token is not None:
-                return token
-    return None
-
-
-def process_bounce(runtime: Runtime, facts: MessageFacts, queue_id: str) -> BounceEffects:
-    config, store = runtime.config, runtime.store
+def process_bounce(runtime: Runtime, config: Config, facts: MessageFacts, queue_id: str,
+                   token: BounceToken | None) -> BounceEffects:
+    """`token`: the bounce token the inbound decision verified (None for a report to the plain
+    bounce address, or one recognised by its form alone)."""
+    store = runtime.store
     report = parse_bounce(facts.raw_message(), bounce_alias=config.bounce_alias)
-    token = _token(runtime, facts)
     now = runtime.clock()
     row = store.outbound_message(token.row_id) if token else None
     if row is None and report.original_message_id:
         row = store.outbound_by_message_id(report.original_message_id)
-    stale = bool(token) and token_is_stale(token, config.bounces, now)
+    stale = token is not None and token_is_stale(token, config.bounces, now)
     lines: list[str] = []
     with store.transaction(*(bounce_lock(normalize(r.address)) for r in report.recipients)):
         for failed in report.recipients:
@@ -56,17 +49,17 @@ def process_bounce(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Boun
             outcome = record_and_judge(store, config.bounces, BounceRecord(
                 created_at=now, recipient=address, status=failed.status, action=failed.action,
                 permanent=failed.permanent, reason=failed.reason, reporting_mta=report.reporting_mta,
-                remote_mta=failed.remote_mta, message=row["id"] if row else None,
-                server=row["server"] if row else None, source=report.kind, stale=stale, matched=row is not None),
+                remote_mta=failed.remote_mta, message=row.id if row else None,
+                server=row.server if row else None, source=report.kind, stale=stale, matched=row is not None),
                 now)
             lines.append(kv_line(queue_id, role="bounce", rcpt=address, status=failed.status,
-                                 permanent=failed.permanent, message=row["id"] if row else None,
-                                 server=row["server"] if row else None, stale=stale, bounce=outcome.bounce_id,
+                                 permanent=failed.permanent, message=row.id if row else None,
+                                 server=row.server if row else None, stale=stale, bounce=outcome.bounce_id,
                                  blacklisted=outcome.blacklisted is not None))
             if outcome.blacklisted:
                 lines.append(kv_line(queue_id, role="blacklist", rcpt=address, action="add",
                                      reason=outcome.blacklisted))
-    original = row["envelope_from_original"] if row else None
+    original = row.envelope_from_original if row else None
     destination = report_destination(config, original)
     ours = tuple(r for r in facts.recipients if bounce_token_of(config, r) is not None)
     lines.append(kv_line(queue_id, role="bounce", report=report.kind, failed=len(report.recipients),

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mailgate.config import Config
+
 BODY_LIMIT = 10 * 1024 * 1024  # a delivery report is small; the rest of a huge one is not needed
 
 
 @dataclass
 class MessageFacts:
+    """`config` is the configuration in force when the message began (MAIL FROM): a reload
+    during the message changes the next one, never this one half-way. (Built without one, as
+    tests do, the runtime's current configuration serves: `config_for`.)"""
+
+    config: Config | None = None
     listener: str | None = None
     sasl_user: str | None = None
     envelope_sender: str = ""
@@ -17,6 +24,9 @@ class MessageFacts:
     inbound: bool | None = None        # decided at the first header, once the envelope is known
     all_headers: list[tuple[str, str]] = field(default_factory=list)  # inbound only: for the report parser
     body: bytearray = field(default_factory=bytearray)                # inbound only, up to BODY_LIMIT
+
+    def config_for(self, current: Config) -> Config:
+        return self.config if self.config is not None else current
 
     def header_values(self, name: str) -> list[str]:
         name = name.lower()

@@ -34,7 +34,7 @@ def inbound_message(facts: MessageFacts) -> InboundMessage:
 
 
 def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> InboundEffects:
-    config, store = runtime.config, runtime.store
+    config, store = facts.config_for(runtime.config), runtime.store
     message = inbound_message(facts)
     now = runtime.clock()
     since = now - config.loop.minutes * 60
@@ -47,7 +47,7 @@ def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Inb
             known_outbound=store.known_outbound,
             already_received=store.already_received,
             recent_count=lambda sender, key: store.recent_count(sender, key, since),
-            token_valid=lambda token: runtime.signer.verify(token) is not None)
+            verify_token=runtime.signer.verify)
         is_bounce = bool(decision.routes) and decision.routes[0].kind == "bounce"
         delivering = decision.action == "deliver"
         unconfirmed = None
@@ -61,10 +61,10 @@ def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Inb
                 store.reset_bounces(message.sender, now)  # B2: the address is alive
     line = kv_line(queue_id, role="inbound", **{"from": facts.envelope_sender or None}, sender=message.sender,
                    rcpt=",".join(facts.recipients), routes=",".join(decision.labels) or None,
-                   action=decision.action, reply=decision.reply, reason=decision.reasons[-1] if decision.reasons else None,
+                   action=decision.action, reply=str(decision.reply) if decision.reply else None, reason=decision.reasons[-1] if decision.reasons else None,
                    dry_run=config.dry_run)
     header = ", ".join(decision.labels) if delivering else None
     bounce = None
     if delivering and is_bounce and not config.dry_run:
-        bounce = process_bounce(runtime, facts, queue_id)
+        bounce = process_bounce(runtime, config, facts, queue_id, decision.bounce_token)
     return InboundEffects(decision, header, line, bounce, unconfirmed)

@@ -32,7 +32,7 @@ class OutboundEffects:
 
 
 def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> OutboundEffects:
-    config = runtime.config
+    config = facts.config_for(runtime.config)
     mass = is_mass_mail(config, facts.listener, facts.sasl_user, facts.headers)
     decision = decide_outbound(config, OutboundRequest(facts.first_header("From"), facts.envelope_sender, mass))
     now = runtime.clock()

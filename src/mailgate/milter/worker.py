@@ -28,11 +28,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from mailgate.config import Config
 from mailgate.infra.logfmt import kv_line, setup_logging
-from mailgate.infra.sockets import parse_socket_spec
+from mailgate.infra.socketspec import SocketSpec
 
 _LENGTH = struct.Struct(">I")
 READY = b"ready\n"
@@ -45,7 +45,7 @@ class MilterStartError(RuntimeError):
     """The child exited or stayed silent before its socket listened."""
 
 
-def write_frame(stream: BinaryIO, config: Config) -> None:
+def write_frame(stream: IO[bytes], config: Config) -> None:
     payload = pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_LENGTH.pack(len(payload)) + payload)
     stream.flush()
@@ -89,6 +89,8 @@ class MilterProcess:
     def reload(self, config: Config) -> None:
         self.config = config
         if self.alive():
+            # alive() saw the process; start() opened its stdin as a pipe
+            assert self.process is not None and self.process.stdin is not None
             try:
                 write_frame(self.process.stdin, config)
             except OSError:
@@ -122,12 +124,12 @@ class MilterProcess:
         return process.wait(10)
 
 
-def stop_libmilter(spec: str) -> None:
+def stop_libmilter(spec: SocketSpec) -> None:
     """smfi_stop waits for libmilter's accept poll to wake (up to 5 s, holding its lock), so it
     runs in a thread while the listener is woken with connections: a stop takes milliseconds."""
     import milter
 
-    stopper = threading.Thread(target=milter.stop, name="milter-stop", daemon=True)
+    stopper = threading.Thread(target=milter.stop, name="milter-stop", daemon=True)  # type: ignore[attr-defined]
     stopper.start()
     deadline = time.monotonic() + 10
     while stopper.is_alive() and time.monotonic() < deadline:
@@ -135,14 +137,15 @@ def stop_libmilter(spec: str) -> None:
         stopper.join(0.05)
 
 
-def _wake_listener(spec: str) -> None:
-    parsed = parse_socket_spec(spec)
-    family = socket.AF_UNIX if parsed.family == "unix" else (socket.AF_INET6 if parsed.family == "inet6"
-                                                            else socket.AF_INET)
+def _wake_listener(spec: SocketSpec) -> None:
+    family = socket.AF_UNIX if spec.family == "unix" else (socket.AF_INET6 if spec.family == "inet6"
+                                                          else socket.AF_INET)
+    address = spec.path if spec.family == "unix" else (spec.host, spec.port)
+    assert address is not None  # a unix spec always has a path
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(1.0)
-            sock.connect(parsed.path if parsed.family == "unix" else (parsed.host, parsed.port))
+            sock.connect(address)
     except OSError:
         pass
 
@@ -154,7 +157,7 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _follow_parent(runtime: object, control: BinaryIO, spec: str) -> None:
+def _follow_parent(runtime: object, control: BinaryIO, spec: SocketSpec) -> None:
     """New configurations replace the running one whole; the end of the pipe stops the milter."""
     while (config := read_frame(control)) is not None:
         runtime.config = config  # type: ignore[attr-defined]

@@ -34,16 +34,17 @@ import xml.parsers.expat
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO, cast
 
 from mailgate.config import Config
 from mailgate.infra.logfmt import kv_line
+from mailgate.rules.replies import EXIT
 
 DELIVERED, TEMPFAIL, REFUSED = "delivered", "tempfail", "refused"
 
-EX_OK = 0          # delivered
-EX_DATAERR = 65    # sys_exits.c "5.6.0 data format error": bounces
-EX_TEMPFAIL = 75   # sys_exits.c "4.3.0 temporary failure": the only code we use to defer
+EX_OK = EXIT["ok"]                   # delivered
+EX_DATAERR = EXIT["data_error"]      # sys_exits.c "5.6.0 data format error": bounces
+EX_TEMPFAIL = EXIT["temp_failure"]   # sys_exits.c "4.3.0 temporary failure": the only code we use to defer
 
 EXIT_CODES = {DELIVERED: EX_OK, TEMPFAIL: EX_TEMPFAIL, REFUSED: EX_DATAERR}
 
@@ -173,7 +174,7 @@ def _fault_summary(fault: xmlrpc.client.Fault) -> str:
     return f"fault {fault.faultCode}: {lines[-1] if lines else ''}"
 
 
-class _Timeout:
+class _TimeoutTransport(xmlrpc.client.Transport):
     """xmlrpc.client has no timeout of its own; a hung Odoo must not hold a delivery slot."""
 
     def __init__(self, timeout: float) -> None:
@@ -186,12 +187,17 @@ class _Timeout:
         return connection
 
 
-class _TimeoutTransport(_Timeout, xmlrpc.client.Transport):
-    pass
+class _SafeTimeoutTransport(xmlrpc.client.SafeTransport):
+    """The same timeout over HTTPS (a separate class: the two transports' connections differ)."""
 
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
 
-class _SafeTimeoutTransport(_Timeout, xmlrpc.client.SafeTransport):
-    pass
+    def make_connection(self, host: Any) -> http.client.HTTPSConnection:
+        connection = super().make_connection(host)
+        connection.timeout = self.timeout
+        return connection
 
 
 def _proxy(url: str, path: str, timeout: float) -> xmlrpc.client.ServerProxy:
@@ -244,7 +250,8 @@ def deliver_to_odoo(config: Config, alias: str, message: bytes, *, timeout: floa
         return _result(TEMPFAIL, _redact(f"odoo unreachable: {type(exc).__name__}: {exc}", secret))
     if thread_id is False:
         return _result(DELIVERED, "Odoo had already processed this Message-Id")
-    return _result(DELIVERED, "delivered", thread_id)
+    # message_process answers the thread's id (or False, handled above); XML-RPC types it loosely.
+    return _result(DELIVERED, "delivered", cast("int | None", thread_id))
 
 
 class MessageTooLarge(Exception):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from mailgate.config import Config
 from mailgate.rules.classify import on_alias_domain, recipient_verdict
 from mailgate.infra.logfmt import kv_line
-from mailgate.policy.policyd import PolicyRequest
+from mailgate.policy.attributes import PolicyRequest
 from mailgate.rules.quota import WINDOW, QuotaClaim, quota_allows, quota_claim
 from mailgate.rules.replies import POLICY
 from mailgate.infra.runtime import Runtime

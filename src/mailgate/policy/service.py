@@ -22,7 +22,7 @@ import threading
 from typing import cast
 
 from mailgate.infra import sockets
-from mailgate.infra.sockets import SocketSpec
+from mailgate.infra.socketspec import SocketSpec
 
 BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 READ_BUFFER = 16 * 1024
@@ -55,7 +55,7 @@ class StreamService:
         self.group = group
         self.logger = logger or logging.getLogger(__name__)
         self.connections: set[asyncio.BaseTransport] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._file_identity: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,9 +161,11 @@ class ServiceConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         """A client pipelining without reading replies: stop reading until it catches up."""
+        assert self._transport is not None  # the transport calls this only once connected
         self._transport.pause_reading()
 
     def resume_writing(self) -> None:
+        assert self._transport is not None
         self._transport.resume_reading()
 
     def _check_idle(self) -> None:
@@ -172,6 +174,7 @@ class ServiceConnection(asyncio.BufferedProtocol):
             self._timer = self._loop.call_later(remaining, self._check_idle)
         else:
             self._timer = None
+            assert self._transport is not None  # the idle timer starts in connection_made
             self._transport.close()
 
     def get_buffer(self, sizehint: int) -> memoryview:

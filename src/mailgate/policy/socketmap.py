@@ -26,7 +26,7 @@ from mailgate.policy.netstring import (
 )
 from mailgate.policy.service import ServiceConnection, StreamService
 from mailgate.rules.replies import LOOKUP
-from mailgate.infra.sockets import SocketSpec
+from mailgate.infra.socketspec import SocketSpec
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,8 @@ class _Connection(ServiceConnection):
         self._wire = server.wire_cache
 
     def buffer_updated(self, nbytes: int) -> None:
+        transport = self._transport
+        assert transport is not None  # set by connection_made, before any data arrives
         self._last_activity = self._loop.time()
         replies = []
         try:
@@ -112,11 +114,11 @@ class _Connection(ServiceConnection):
             reply = _TOO_LONG if isinstance(exc, NetstringTooLongError) else _MALFORMED_NETSTRING
             self._server.logger.warning("socketmap: closing connection: %s", exc)
             replies.append(reply)
-            self._transport.write(b"".join(replies))
-            self._transport.close()
+            transport.write(b"".join(replies))
+            transport.close()
             return
         if replies:
-            self._transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
+            transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
 
     def _answer(self, payload: bytes) -> bytes:
         mapname, sep, key = payload.partition(b" ")

@@ -145,7 +145,8 @@ def _parse_mailboxes(value: str) -> tuple[Mailbox, ...] | None:
         if len(value) > REGISTRY_LIMIT:
             raise ValueError("long header: the linear parser reads it")
         header = _registry("from", _BETWEEN_WORDS.sub(r"\1", value))
-        boxes = tuple(Mailbox(clean_text(a.display_name or ""), clean_text(a.addr_spec)) for a in header.addresses)
+        addresses = header.addresses  # type: ignore[attr-defined]  # an AddressHeader; typeshed types BaseHeader
+        boxes = tuple(Mailbox(clean_text(a.display_name or ""), clean_text(a.addr_spec)) for a in addresses)
         if all("@" in b.address and b.local_part and b.domain for b in boxes):
             return boxes
     except Exception:  # the registry raises many types on hostile input; the fallback decides

@@ -1,4 +1,4 @@
-"""What a recorded bounce, and a later successful delivery, do to the blacklist (B2, B3).
+"""What a recorded bounce, and a later successful delivery, do to the blacklist (docs/rules.md B2, B3).
 
 Two readers learn that a recipient failed: the milter, from delivery reports to our tokenised
 bounce address, and `watch-log`, from Postfix's own `status=bounced` lines. Both must record the

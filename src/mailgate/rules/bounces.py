@@ -5,6 +5,7 @@ and where a delivery report goes once it is recorded. Pure functions, time passe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from mailgate.config import BounceSettings, Config
 from mailgate.rules.classify import bounce_token_of, is_plain_bounce
@@ -12,6 +13,7 @@ from mailgate.store.interface import BounceFact
 from mailgate.rules.tokens import BounceToken
 
 DAY = 86400.0
+ReportDestination = Literal["original", "odoo", "discard"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def is_odoo_bounce_address(config: Config, address: str | None) -> bool:
     return is_plain_bounce(config, address) or bounce_token_of(config, address) is not None
 
 
-def report_destination(config: Config, original_envelope: str | None) -> str:
+def report_destination(config: Config, original_envelope: str | None) -> ReportDestination:
     """Where a recorded report goes: back to Odoo's own bounce address when the message came
     with one (so Odoo shows its red envelope), else per `bounces.forward` (`odoo` or `discard`)."""
     if is_odoo_bounce_address(config, original_envelope):

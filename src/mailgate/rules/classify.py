@@ -1,15 +1,18 @@
-"""Which addresses are Odoo's (docs/rules.md I1, I2): the catchall and bounce addresses of the
+"""Which addresses are Odoo's (docs/rules.md I1, I2, I6, I7): the catchall and bounce addresses of the
 alias domains, tokenised bounce addresses, aliases by full address or local part, the policy
 service's verdict on one RCPT, and which milter role a message takes.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 from mailgate.config import Alias, Config
 from mailgate.rules.addresses import normalize
 from mailgate.rules.tokens import split_tokenised
+
+RecipientVerdict = Literal["outside", "accept", "no_such_alias", "forged_bounce"]
+
 
 def _address_set(config: Config, local: str) -> set[str]:
     return {f"{local}@{d}" for d in config.alias_domain_set}
@@ -51,8 +54,8 @@ def on_alias_domain(config: Config, address: str) -> bool:
     return domain in config.accepted_domain_set
 
 
-def recipient_verdict(config: Config, address: str, token_valid: Callable[[str], bool]) -> str:
-    """What the policy service says of one RCPT: `outside`, `accept`, `no_such_alias`, `forged_bounce`.
+def recipient_verdict(config: Config, address: str, token_valid: Callable[[str], bool]) -> RecipientVerdict:
+    """I6: what the policy service says of one RCPT: `outside`, `accept`, `no_such_alias`, `forged_bounce`.
 
     Only addresses on the alias domains (and the allowed alias domains) are judged; with a
     fallback target every address there is accepted, since Odoo would route it to the fallback.
@@ -68,7 +71,7 @@ def recipient_verdict(config: Config, address: str, token_valid: Callable[[str],
 
 
 def takes_inbound_role(config: Config, listener: str | None, envelope_sender: str, recipients: list[str]) -> bool:
-    """Mail on an inbound listener, or a delivery report (null sender) to our bounce addresses.
+    """I7: mail on an inbound listener, or a delivery report (null sender) to our bounce addresses.
 
     The second case is Postfix's own reports on mail it could not deliver upstream: they are
     made inside Postfix (non_smtpd_milters, `internal_mail_filter_classes = bounce`) and reach

@@ -10,26 +10,28 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 from mailgate.config import Alias, Config
 from mailgate.rules.addresses import clean_text
 from mailgate.rules.classify import alias_for_address, bounce_token_of, is_catchall, is_plain_bounce
 from mailgate.rules.loop import is_loop_notice_reply, looping_routes
 from mailgate.rules.message import InboundMessage, Route, _unique
-from mailgate.rules.replies import SMTP
+from mailgate.rules.replies import SMTP, SmtpReply
+from mailgate.rules.tokens import BounceToken
 
 _ODOO_MSGID = re.compile(r"-openerp-(\d+)-([a-z0-9_.]+)@", re.I)
 DIRECT_WRITE = "catchall-direct"
+InboundAction = Literal["deliver", "reject", "defer", "hold", "drop"]
 
 
 @dataclass(frozen=True)
 class InboundDecision:
     routes: tuple[Route, ...]
-    action: str                # deliver | reject | defer | hold | drop
-    reply: str | None          # the SMTP reply for reject/defer ("550 5.1.1 ...")
+    action: InboundAction
+    reply: SmtpReply | None    # the SMTP reply for reject/defer
     reasons: tuple[str, ...] = field(default=())
-    bounce_token: str | None = None
+    bounce_token: BounceToken | None = None   # verified once here; the bounce recording uses it
 
     @property
     def labels(self) -> list[str]:
@@ -128,18 +130,22 @@ def decide_inbound(config: Config, message: InboundMessage, *,
                    known_outbound: Callable[[list[str]], str | None],
                    already_received: Callable[[str], bool],
                    recent_count: Callable[[str, str], int],
-                   token_valid: Callable[[str], bool]) -> InboundDecision:
-    """The whole inbound decision for one message, in the order Odoo applies its checks."""
+                   verify_token: Callable[[str], BounceToken | None]) -> InboundDecision:
+    """The whole inbound decision for one message, in the order Odoo applies its checks.
+
+    `verify_token(text)` is the token signer's check: the token it returns travels with the
+    decision, so the bounce recording never parses or verifies the address again."""
     if is_loop_notice_reply(message):
         return InboundDecision((), "drop", None, ("a reply to a loop notice: dropped, as Odoo does",))
-    routes, reasons, token = find_routes(config, message, known_outbound)
-    if token is not None and not token_valid(token):
-        return InboundDecision(tuple(routes), "reject", str(SMTP["forged_bounce"]),
-                               (*reasons, "the bounce token was not issued by this gateway"), token)
+    routes, reasons, token_text = find_routes(config, message, known_outbound)
+    token = verify_token(token_text) if token_text is not None else None
+    if token_text is not None and token is None:
+        return InboundDecision(tuple(routes), "reject", SMTP["forged_bounce"],
+                               (*reasons, "the bounce token was not issued by this gateway"))
     if not routes:
-        return InboundDecision((), "reject", str(SMTP["no_route"]), tuple(reasons))
+        return InboundDecision((), "reject", SMTP["no_route"], tuple(reasons))
     if routes[0].key == DIRECT_WRITE and config.catchall_direct_write == "reject":
-        return InboundDecision(tuple(routes), "reject", str(SMTP["catchall_direct"]),
+        return InboundDecision(tuple(routes), "reject", SMTP["catchall_direct"],
                                (*reasons, "catchall_direct_write: reject"))
     duplicate = _duplicate_of(message, known_outbound, already_received)
     if duplicate:
@@ -148,11 +154,11 @@ def decide_inbound(config: Config, message: InboundMessage, *,
     looping = looping_routes(config, message.sender, routes, recent_count)
     if looping:
         # Odoo ignores the whole message when any one of its routes loops
-        reasons = [*reasons, *(f"loop: {message.sender} reached {config.loop.threshold} messages on "
-                               f"{r.label} within {config.loop.minutes} minutes" for r in looping)]
+        loop_reasons = (*reasons, *(f"loop: {message.sender} reached {config.loop.threshold} messages on "
+                                    f"{r.label} within {config.loop.minutes} minutes" for r in looping))
         action = config.loop.action
-        reply = {"reject": str(SMTP["loop_reject"]), "defer": str(SMTP["loop_defer"])}.get(action)
-        return InboundDecision(tuple(routes), action, reply, tuple(reasons))
+        reply = {"reject": SMTP["loop_reject"], "defer": SMTP["loop_defer"]}.get(action)
+        return InboundDecision(tuple(routes), action, reply, loop_reasons)
     return InboundDecision(tuple(routes), "deliver", None, tuple(reasons), token)
 
 

@@ -35,6 +35,6 @@ def looping_routes(config: Config, sender: str | None, routes: list[Route],
     `recent_count(sender, key)` is the number of messages already accepted from the sender on
     that key within `loop.minutes`; at `count >= threshold` the new message is a loop.
     """
-    if loop_exempt(config, sender):
+    if not sender or loop_exempt(config, sender):
         return []
     return [r for r in routes if loop_counted(r) and recent_count(sender, r.key) >= config.loop.threshold]

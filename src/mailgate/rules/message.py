@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Literal
 
 from mailgate.rules.addresses import normalize, parse_mailboxes
 
@@ -102,9 +102,12 @@ def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(i for i in items if i))
 
 
+RouteKind = Literal["bounce", "reply", "catchall", "alias", "fallback"]
+
+
 @dataclass(frozen=True)
 class Route:
-    kind: str                  # bounce | reply | catchall | alias | fallback
+    kind: RouteKind
     key: str                   # what the loop guard counts by: alias target, thread id, ...
     label: str                 # "alias:sales", "reply:<id>", "catchall", "bounce", "fallback:<t>"
     target: str | None = None  # where Postfix delivers (alias target, fallback target)

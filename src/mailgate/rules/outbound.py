@@ -7,13 +7,16 @@ all call `decide_outbound` or `route_sender`, so the three can never disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mailgate.rules.addresses import Mailbox, domain_of, format_mailbox, normalize, parse_mailboxes
 from mailgate.config import Config, Server
 from mailgate.rules.filters import FromFilter
 
+Step = Literal["mass", "from-address", "from-domain", "notification-address", "notification-domain", "no-filter",
+               "fallback-first", "no-servers"]
 # Why a server was chosen: the log's `reason=` and explain's first reason.
-STEP_TEXT = {
+STEP_TEXT: dict[Step, str] = {
     "mass": "mass mail goes to the dedicated mass server",
     "from-address": "a server's from_filter lists the From address",
     "from-domain": "a server's from_filter lists the From domain",
@@ -37,7 +40,7 @@ class OutboundRequest:
 @dataclass(frozen=True)
 class OutboundDecision:
     server: Server | None
-    step: str
+    step: Step
     header_from: str | None          # the From header to send (the original when kept)
     original_from: str | None
     rewritten: bool
@@ -76,7 +79,7 @@ def bounce_address(config: Config, envelope_sender: str | None) -> str | None:
     return None
 
 
-def _first_listing(servers: tuple[Server, ...], address: str) -> tuple[Server | None, str]:
+def _first_listing(servers: tuple[Server, ...], address: str) -> tuple[Server | None, Literal["address", "domain", ""]]:
     """The first server listing the address, else the first listing its domain."""
     for server in servers:
         if server.from_filter.lists_address(address):
@@ -88,26 +91,26 @@ def _first_listing(servers: tuple[Server, ...], address: str) -> tuple[Server | 
     return None, ""
 
 
-def choose_server(config: Config, from_boxes: list[Mailbox] | None) -> tuple[Server | None, bool, str]:
+def choose_server(config: Config, from_boxes: list[Mailbox] | None) -> tuple[Server | None, bool, Step]:
     """O3: (server, send as the notification address?, step) in Odoo's order.
 
     `documented` selection swaps steps 2 and 3, as the seed document words the rule.
     """
     servers = config.active_servers
     notification = notification_address(config)
-    if len(from_boxes or []) == 1:
+    if from_boxes and len(from_boxes) == 1:
         server, kind = _first_listing(servers, from_boxes[0].address)
         if server:
-            return server, False, f"from-{kind}"
+            return server, False, "from-address" if kind == "address" else "from-domain"
 
-    def by_notification() -> tuple[Server | None, bool, str] | None:
+    def by_notification() -> tuple[Server | None, bool, Step] | None:
         if notification:
             server, kind = _first_listing(servers, notification)
             if server:
-                return server, True, f"notification-{kind}"
+                return server, True, "notification-address" if kind == "address" else "notification-domain"
         return None
 
-    def unfiltered() -> tuple[Server | None, bool, str] | None:
+    def unfiltered() -> tuple[Server | None, bool, Step] | None:
         for server in servers:
             if server.from_filter.is_empty:
                 return server, notification is not None, "no-filter"
@@ -120,7 +123,7 @@ def choose_server(config: Config, from_boxes: list[Mailbox] | None) -> tuple[Ser
             return found
     if servers:
         return servers[0], notification is not None, "fallback-first"
-    keep = len(from_boxes or []) == 1 and config.default_from_filter.matches(from_boxes[0].address)
+    keep = from_boxes is not None and len(from_boxes) == 1 and config.default_from_filter.matches(from_boxes[0].address)
     return None, (not keep and notification is not None), "no-servers"
 
 
@@ -136,12 +139,15 @@ def decide_outbound(config: Config, request: OutboundRequest) -> OutboundDecisio
     reasons: list[str] = []
     warning = None
     mass_server = config.mass_server if request.mass else None
+    server: Server | None
+    step: Step
     if mass_server:
         server, as_notification, step = mass_server, False, "mass"
     else:
         server, as_notification, step = choose_server(config, boxes)
     reasons.append(STEP_TEXT[step] + (f" ({server.name})" if server else ""))
     if step == "fallback-first":
+        assert server is not None  # choose_server only falls back to an existing first server
         warning = f"no mail server matches the from_filter, using {server.name} as fallback"
     if request.mass and not mass_server:
         reasons.append("mass mail without an active mass server follows the normal order")

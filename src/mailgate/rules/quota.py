@@ -7,11 +7,13 @@ guard, counted per recipient that leaves the gateway, with a separate limit for 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from mailgate.rules.addresses import domain_of
 from mailgate.config import Config
 
 WINDOW = 24 * 3600.0
+Stream = Literal["transactional", "mass"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,7 @@ class QuotaClaim:
     """One leaving recipient's take from a quota: which counter, and its limit."""
 
     key: str
-    stream: str   # transactional | mass
+    stream: Stream
     limit: int
 
     @property

@@ -1,8 +1,11 @@
-"""Every answer mailgate gives Postfix, in one table.
+"""Every answer mailgate gives Postfix, a client or a shell, in one table (docs/rules.md, Replies).
 
-SMTP replies (milter), lookup answers (socketmap) and policy actions are data here, so that an
-operator can read in one place what a client or Postfix will be told, and tests can refer to
-the same entries instead of repeating literals.
+SMTP replies (the milter), access(5) actions (the policy service), socketmap answers (the lookup
+service), the reason given with a message put on hold, the reply Postfix gives when the policy
+service is down (written into main.cf by `postfix-config`), and the exit statuses of the commands
+are data here, so that an operator can read in one place what will be said, and tests refer to
+the same entries instead of repeating literals. tests/test_replies.py checks that every code
+agrees in class with its enhanced status code and that every entry is used.
 """
 
 from __future__ import annotations
@@ -19,17 +22,30 @@ class SmtpReply:
     def __str__(self) -> str:
         return f"{self.code} {self.status} {self.text}"
 
+    @property
+    def permanent(self) -> bool:
+        """A 5xx refusal: the client gives up (and its server tells the sender)."""
+        return self.code.startswith("5")
+
 
 SMTP = {
     # mailgate itself failed: the client must retry, nothing is accepted and lost.
     "internal_error": SmtpReply("451", "4.3.0", "mailgate: temporary internal error, try again later"),
-    "store_unavailable": SmtpReply("451", "4.3.0", "mailgate: message store unavailable, try again later"),
     # Inbound, at end of message (docs/rules.md I2-I4).
     "no_route": SmtpReply("550", "5.1.1", "no such alias: no possible route for this message"),
     "catchall_direct": SmtpReply("550", "5.1.1", "this address only accepts replies to our messages"),
     "forged_bounce": SmtpReply("550", "5.7.1", "bounce address not issued by this server"),
     "loop_reject": SmtpReply("550", "5.7.1", "too many messages from this sender: mail loop suspected"),
     "loop_defer": SmtpReply("450", "4.7.1", "too many messages from this sender: try again later"),
+}
+
+# What Postfix answers every RCPT while the policy service cannot be reached
+# (`smtpd_policy_service_default_action`): defer, never accept unchecked.
+POLICY_UNAVAILABLE = SmtpReply("451", "4.3.5", "mailgate policy service unavailable")
+
+# Why a message went to Postfix's hold queue (the milter's quarantine reason, shown by postqueue).
+HOLD_REASONS = {
+    "loop": "mailgate: mail loop suspected",
 }
 
 # Socketmap answers that are not a route (the route itself is the transport string).
@@ -54,4 +70,17 @@ POLICY = {
     "malformed_dunno": "DUNNO",
     "malformed_defer": "DEFER_IF_PERMIT 4.3.0 mailgate: malformed policy request",
     "internal_error": "DEFER_IF_PERMIT 4.3.0 mailgate: temporary internal error",
+}
+
+# Exit statuses. The commands' own follow sysexits.h; `deliver`'s are read by Postfix's pipe(8),
+# for which only 75 (and 71) defer and every other non-zero status bounces (sys_exits.c), so
+# everything that is our fault or the operator's exits 75 and only Odoo's own refusal exits 65.
+EXIT = {
+    "ok": 0,
+    "failure": 1,          # a check failed (test-server, check-dns, explain on a bad message)
+    "usage": 2,            # the command line or its arguments
+    "data_error": 65,      # EX_DATAERR, pipe(8) "5.6.0": Odoo refused the message for good (bounces)
+    "temp_failure": 75,    # EX_TEMPFAIL, pipe(8) "4.3.0": try again later (stays queued)
+    "config": 78,          # EX_CONFIG: the configuration does not load
+    "interrupted": 130,    # SIGINT (128 + 2)
 }

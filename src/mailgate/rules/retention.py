@@ -1,4 +1,4 @@
-"""Retention: how long each table's rows still matter, and the purge of the older ones.
+"""Retention (docs/rules.md R1): how long each table's rows still matter, and the purge of the older ones.
 
 Nothing else deletes: without a purge the store grows by ≈ 370 bytes per message (1.1 GB a
 month at 100,000 mails a day) and every scan over it slows down. A row is kept as long as the

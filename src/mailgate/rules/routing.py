@@ -1,4 +1,4 @@
-"""O7: which upstream server a queued message leaves through, from its envelope sender alone.
+"""docs/rules.md O7: which upstream server a queued message leaves through, from its envelope sender alone.
 
 Postfix asks at delivery time with the sender the milter set; a valid token names the server
 without a database read, anything else is routed by the outbound rule applied to the sender.
@@ -14,13 +14,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from mailgate.config import Config, Server
 from mailgate.rules.outbound import route_sender
 from mailgate.rules.tokens import TokenSigner, server_tag, split_tokenised
 
 View = TypeVar("View")
+RouteReason = Literal["null-sender", "domain-key", "token", "token-default", "rule", "no-servers"]
 
 PLAIN_ROUTE_CACHE_SIZE = 4096
 """Senders without a token whose route is remembered: Odoo's few sending addresses, not a
@@ -60,7 +61,7 @@ class PerConfig(Generic[View]):
 @dataclass(frozen=True)
 class Route:
     server: Server | None   # None: Postfix's default route
-    reason: str             # null-sender | domain-key | token | token-default | rule | no-servers
+    reason: RouteReason
 
 
 NULL_SENDER = Route(None, "null-sender")
@@ -118,7 +119,7 @@ def route_for_sender(config: Config, signer: TokenSigner, sender: str) -> Route:
         if token is not None:
             if token.server_tag == 0:
                 return TOKEN_DEFAULT
-            route = view.token_routes.get(token.server_tag)
-            if route is not None:
-                return route
+            token_route = view.token_routes.get(token.server_tag)
+            if token_route is not None:
+                return token_route
     return view.rule_route(address)

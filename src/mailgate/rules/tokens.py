@@ -1,4 +1,4 @@
-"""Signed bounce tokens: `bounce+TOKEN@alias-domain` names the message row and its server.
+"""Signed bounce tokens (docs/rules.md T1): `bounce+TOKEN@alias-domain` names the message row and its server.
 
 The lookup service routes on the token alone, without a database read, and the bounce path
 trusts only tokens it signed itself. The token is lower-case base32 so that it survives remote

@@ -9,21 +9,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailgate.store.interface import (BounceFact, BounceRecord, DeliveryRecord, InboundRecord,  # noqa: F401
-                                      OutboundRecord, Store, StoreUnavailable)
+from mailgate.store.interface import (BlacklistEntry, BounceDay, BounceFact, BounceRecord,  # noqa: F401
+                                      BounceStats, DeliveryCount, DeliveryRecord, DeliveryTotal, DomainBounces,
+                                      InboundRecord, KindBounces, OutboundRecord, ServerBounces, Store,
+                                      StoredBounce, StoredDelivery, StoredOutbound, StoreUnavailable, TableBatch)
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def is_postgres(database: str) -> bool:
+    """Whether `database` names the shared PostgreSQL store (else it is a SQLite file)."""
     return database.startswith(POSTGRES_SCHEMES)
 
 
-def open_store(database: str, password_file: Path | None = None) -> Store:
-    """The store named by the configuration's `database` (password from a file or PG* variables)."""
+def open_store(database: str, password_file: Path | None = None, *, read_only: bool = False) -> Store:
+    """The store named by the configuration's `database` (password from a file or PG* variables).
+
+    `read_only` opens an existing SQLite file without migrating or writing it (`explain`, the
+    source of `migrate-store`). It does not apply to PostgreSQL, which is opened as the gateways
+    open it: shared, its schema is kept current by whichever gateway starts."""
     if is_postgres(database):
         from mailgate.store.postgres import PostgresStore
         password = Path(password_file).read_text().strip() if password_file else None
         return PostgresStore(database, password=password)
     from mailgate.store.sqlite import SQLiteStore
-    return SQLiteStore(database)
+    return SQLiteStore(database, read_only=read_only)

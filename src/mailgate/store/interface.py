@@ -2,14 +2,16 @@
 
 The interface is named for what the callers need (record a message, count recent messages on
 a route, add a bounce, is this address blacklisted, take from a quota), so that a backend for
-several gateways sharing one state is one more class, not a rewrite.
+several gateways sharing one state is one more class, not a rewrite. Every caller, the operator
+views and `migrate-store` included, sees a store through `Store` alone, and reads rows back as
+the typed records below (never a backend's dicts), so that it works the same on either backend.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 
 class StoreUnavailable(RuntimeError):
@@ -97,16 +99,184 @@ class BounceFact:
     permanent: bool | None
 
 
+def bounce_ids_of(text: str | None) -> list[int]:
+    """The bounce row ids a blacklist entry names (`bounce_ids`, comma separated)."""
+    return [int(part) for part in (text or "").split(",") if part]
+
+
+# -- rows read back ---------------------------------------------------------------------------------
+# Fields in the order of their table's columns: the operator commands print them in that order.
+
+
+@dataclass(frozen=True)
+class StoredOutbound:
+    """An outgoing message as recorded (`OutboundRecord`), with its row id: what a bounce token
+    names and what a delivery report is tied to. `tokenised` is None for a row from before the
+    flag existed (schema v4): such a message may have carried a token, so its reports cannot be
+    assumed to come back by the log alone."""
+
+    id: int
+    queue_id: str | None
+    message_id: str | None
+    envelope_from_original: str | None
+    envelope_from: str | None
+    header_from_before: str | None
+    header_from_after: str | None
+    server: str | None
+    mass: bool | None
+    listener: str | None
+    sasl_user: str | None
+    created_at: float
+    tokenised: bool | None
+
+
+@dataclass(frozen=True)
+class StoredBounce:
+    """One recorded bounce (`BounceRecord`), with its row id: what a blacklist entry names."""
+
+    id: int
+    created_at: float
+    recipient: str
+    status: str | None
+    action: str | None
+    permanent: bool | None
+    reason: str | None
+    reporting_mta: str | None
+    remote_mta: str | None
+    message: int | None
+    server: str | None
+    source: str | None
+    stale: bool
+    matched: bool
+
+    @property
+    def kind(self) -> str:
+        """hard (a permanent failure), soft, or unknown (the report did not say)."""
+        if self.permanent is None:
+            return "unknown"
+        return "hard" if self.permanent else "soft"
+
+
+@dataclass(frozen=True)
+class BlacklistEntry:
+    """One blacklisting of an address, active or ended (the history keeps both)."""
+
+    id: int
+    address: str
+    added_at: float
+    reason: str | None
+    source: str | None           # rule | operator
+    bounce_ids: str | None       # the bounces that caused it, as stored (comma separated ids)
+    removed_at: float | None
+    removed_reason: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.removed_at is None
+
+    @property
+    def cause_ids(self) -> list[int]:
+        """The bounce row ids the entry names."""
+        return bounce_ids_of(self.bounce_ids)
+
+
+@dataclass(frozen=True)
+class StoredDelivery:
+    """One recorded delivery attempt (`DeliveryRecord`), with its row id."""
+
+    id: int
+    at: float
+    queue_id: str
+    recipient: str | None
+    relay: str | None
+    status: str
+    dsn: str | None
+    delay: float | None
+    reason: str | None
+    message: int | None
+    server: str | None
+
+
+# -- the operator views' aggregates -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BounceDay:
+    day: str                     # YYYY-MM-DD, UTC
+    bounces: int
+    hard: int
+
+
+@dataclass(frozen=True)
+class ServerBounces:
+    server: str                  # "-": no server known
+    bounces: int
+
+
+@dataclass(frozen=True)
+class KindBounces:
+    kind: str                    # hard | soft | unknown
+    bounces: int
+
+
+@dataclass(frozen=True)
+class DomainBounces:
+    domain: str
+    bounces: int
+
+
+@dataclass(frozen=True)
+class BounceStats:
+    """`bounces stats`: counts per day, per server, per kind and the top recipient domains."""
+
+    per_day: tuple[BounceDay, ...]
+    per_server: tuple[ServerBounces, ...]
+    per_kind: tuple[KindBounces, ...]
+    top_domains: tuple[DomainBounces, ...]
+
+
+@dataclass(frozen=True)
+class DeliveryCount:
+    """Delivery attempts of one day, server and status."""
+
+    day: str                     # YYYY-MM-DD, UTC
+    server: str                  # "-": no server known
+    status: str
+    count: int
+
+
+@dataclass(frozen=True)
+class DeliveryTotal:
+    """All-time delivery attempts of one server and status (purged rows included)."""
+
+    server: str
+    status: str
+    count: int
+
+
+@dataclass(frozen=True)
+class TableBatch:
+    """Rows of one table as stored, ids included (what `migrate-store` copies)."""
+
+    columns: tuple[str, ...]
+    rows: Sequence[Sequence[Any]]
+
+
+@runtime_checkable
 class Store(Protocol):
+    """What every caller may ask of a store, whichever backend it is."""
+
     def transaction(self, *lock_keys: str) -> AbstractContextManager[None]: ...
     def close(self) -> None: ...
     def store_id(self) -> str: ...
-    def purge(self, cutoffs: Mapping[str, float]) -> dict[str, int]: ...
+    @property
+    def schema_version(self) -> int: ...
     # outbound
     def record_outbound(self, record: OutboundRecord) -> int: ...
-    def outbound_message(self, row_id: int) -> dict | None: ...
+    def outbound_message(self, row_id: int) -> StoredOutbound | None: ...
     def known_outbound(self, message_ids: list[str]) -> str | None: ...
-    def outbound_by_message_id(self, message_id: str) -> dict | None: ...
+    def outbound_by_message_id(self, message_id: str) -> StoredOutbound | None: ...
+    def outbound_by_queue_id(self, queue_id: str) -> StoredOutbound | None: ...
     # inbound
     def already_received(self, message_id: str) -> bool: ...
     def recent_count(self, sender: str, key: str, since: float) -> int: ...
@@ -119,12 +289,28 @@ class Store(Protocol):
     def blacklisted(self, addresses: list[str]) -> set[str]: ...
     def blacklist_add(self, address: str, at: float, reason: str, source: str, bounce_ids: list[int]) -> bool: ...
     def blacklist_remove(self, address: str, at: float, reason: str, source: str | None = None) -> bool: ...
+    def blacklist_entries(self, include_removed: bool = False) -> list[BlacklistEntry]: ...
+    def blacklist_history(self, address: str) -> list[BlacklistEntry]: ...
+    def bounce_rows(self, since: float = 0.0, address: str | None = None, ids: list[int] | None = None,
+                    limit: int | None = None) -> list[StoredBounce]: ...
+    def bounce_stats(self, since: float) -> BounceStats: ...
+    def bounce_kind_totals(self) -> list[KindBounces]: ...
     # deliveries (from Postfix's log)
-    def outbound_by_queue_id(self, queue_id: str) -> dict | None: ...
     def record_delivery(self, record: DeliveryRecord) -> int: ...
-    def deliveries_of(self, queue_id: str, since: float) -> list[dict]: ...
+    def deliveries_of(self, queue_id: str, since: float) -> list[StoredDelivery]: ...
+    def delivery_stats(self, since: float) -> list[DeliveryCount]: ...
+    def delivery_totals(self) -> list[DeliveryTotal]: ...
     def log_position(self, path: str) -> tuple[int, int] | None: ...
     def save_log_position(self, path: str, inode: int, offset: int, at: float) -> None: ...
     # quota
     def quota_count(self, key: str, stream: str, since: float) -> int: ...
     def quota_take(self, key: str, stream: str, at: float, count: int = 1) -> None: ...
+    def purge_quota(self, before: float) -> int: ...
+    # retention
+    def purge(self, cutoffs: Mapping[str, float]) -> dict[str, int]: ...
+    # copying a whole store (migrate-store)
+    def table_rows(self, table: str, batch: int = ...) -> Iterator[TableBatch]: ...
+    def tables_with_rows(self, tables: Sequence[str]) -> list[str]: ...
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None: ...
+    def reset_id_sequences(self) -> None: ...
+    def adopt_store_id(self, store_id: str) -> None: ...

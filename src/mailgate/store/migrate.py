@@ -4,7 +4,8 @@ For a site that grows from one gateway to several: every table is copied with it
 blacklist names its bounce rows by id), in one transaction, into an empty PostgreSQL store
 whose schema is at the same version; the id sequences then continue after the copied rows. The
 PostgreSQL store takes the SQLite store's identity too: the rows are the same, so the bounce
-tokens already issued must keep matching them.
+tokens already issued must keep matching them. Both stores are used through the `Store`
+interface alone.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailgate.store.postgres import PostgresStore
-from mailgate.store.sqlite import SQLiteStore
+from mailgate.store import open_store
+from mailgate.store.interface import Store
+from mailgate.store.sql import DATA_TABLES
 
-TABLES = ("messages", "inbound_messages", "inbound_routes", "bounces", "bounce_resets", "blacklist",
-          "quota_counters", "deliveries", "log_positions", "purged_counts")
-WITH_IDS = ("messages", "inbound_messages", "bounces", "blacklist", "deliveries")
 BATCH = 1000
 
 
@@ -30,39 +29,33 @@ class MigrationResult:
     rows: dict[str, int]
 
 
-def migrate_store(source: Path, target: PostgresStore) -> MigrationResult:
+def migrate_store(source: Path, target: Store) -> MigrationResult:
+    """Copy the SQLite store file `source` into `target` (an empty store of the same schema
+    version); returns the rows copied per table, or raises MigrationError having written nothing."""
     if not Path(source).exists():
         raise MigrationError(f"{source}: no such SQLite store")
-    sqlite = SQLiteStore(source, read_only=True)
+    sqlite = open_store(str(source), read_only=True)
     try:
         if sqlite.schema_version != target.schema_version:
             raise MigrationError(f"schema versions differ ({sqlite.schema_version} vs {target.schema_version}): "
                                  "start `mailgate serve` once on the SQLite file to migrate it first")
         copied: dict[str, int] = {}
         with target.transaction("migrate-store"):
-            busy = [t for t in TABLES if target._scalar(f"select count(*) from {t}")]
+            busy = target.tables_with_rows(DATA_TABLES)
             if busy:
                 raise MigrationError(f"the PostgreSQL store is not empty ({', '.join(busy)}): refusing to mix")
-            for table in TABLES:
+            for table in DATA_TABLES:
                 copied[table] = _copy_table(sqlite, target, table)
-            for table in WITH_IDS:
-                target._execute(f"select setval(pg_get_serial_sequence('{table}', 'id'), "
-                                f"coalesce((select max(id) from {table}), 0) + 1, false)")
-            target._execute("update store_identity set id = ?", [sqlite.store_id()])
-        target._store_id = None
+            target.reset_id_sequences()
+            target.adopt_store_id(sqlite.store_id())
         return MigrationResult(copied)
     finally:
         sqlite.close()
 
 
-def _copy_table(sqlite: SQLiteStore, target: PostgresStore, table: str) -> int:
-    cursor = sqlite._execute(f"select * from {table}")
-    names = [c[0] for c in cursor.description]
-    columns = ", ".join(f'"{n}"' for n in names)
-    insert = f"insert into {table} ({columns}) values ({', '.join('?' * len(names))})"
+def _copy_table(source: Store, target: Store, table: str) -> int:
     count = 0
-    while rows := cursor.fetchmany(BATCH):
-        for row in rows:
-            target._execute(insert, row)
-        count += len(rows)
+    for batch in source.table_rows(table, BATCH):
+        target.insert_rows(table, batch.columns, batch.rows)
+        count += len(batch.rows)
     return count

@@ -22,7 +22,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from mailgate.infra.logfmt import kv_line
-from mailgate.store.sql import QUOTA_COUNTERS, SQLStore, new_store_id
+from mailgate.store.sql import QUOTA_COUNTERS, TABLES_WITH_IDS, SQLStore, new_store_id
 
 
 def _identify(conn: psycopg.Connection) -> None:
@@ -93,12 +93,19 @@ class _Fetched:
         self.description = cursor.description
         self.rowcount = cursor.rowcount
         self._rows = cursor.fetchall() if cursor.description else []
+        self._next = 0
 
     def fetchone(self) -> tuple | None:
         return self._rows[0] if self._rows else None
 
     def fetchall(self) -> list[tuple]:
         return self._rows
+
+    def fetchmany(self, size: int) -> list[tuple]:
+        """The next `size` rows (all were read already: this only hands them out in batches)."""
+        rows = self._rows[self._next:self._next + size]
+        self._next += len(rows)
+        return rows
 
 
 class PostgresStore(SQLStore):
@@ -147,7 +154,15 @@ class PostgresStore(SQLStore):
 
     @property
     def schema_version(self) -> int:
+        """The `mailgate_schema` table's version: how many of `MIGRATIONS` the database has had."""
         return self._scalar("select version from mailgate_schema")
+
+    def reset_id_sequences(self) -> None:
+        """Rows inserted with their ids leave each `bigserial` sequence behind: set it after the
+        largest id, so that the next row gets a free one."""
+        for table in TABLES_WITH_IDS:
+            self._execute(f"select setval(pg_get_serial_sequence('{table}', 'id'), "
+                          f"coalesce((select max(id) from {table}), 0) + 1, false)")
 
     def _noted(self, ok: bool, error: Exception | None = None) -> None:
         """Log an outage once when it starts and once when it ends."""

@@ -2,18 +2,22 @@
 
 The statements are plain SQL with `?` placeholders; a backend supplies the connection handling
 (`_execute`), the placeholder style and the few expressions that differ between SQLite and
-PostgreSQL (dates, greatest). Nothing here commits on its own: a caller that needs a count and
-the row it leads to to be atomic wraps them in `transaction(lock keys...)`.
+PostgreSQL (dates, greatest, the id sequences). Nothing here commits on its own: a caller that
+needs a count and the row it leads to to be atomic wraps them in `transaction(lock keys...)`.
+Rows come back as the typed records of `mailgate.store.interface`, the 0/1 flag columns as bools.
 """
 
 from __future__ import annotations
 
 import secrets
 from contextlib import AbstractContextManager
-from dataclasses import asdict
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import asdict, fields
+from typing import AbstractSet, Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
-from mailgate.store.interface import BounceFact, BounceRecord, DeliveryRecord, InboundRecord, OutboundRecord
+from mailgate.store.interface import (BlacklistEntry, BounceDay, BounceFact, BounceRecord, BounceStats,
+                                      DeliveryCount, DeliveryRecord, DeliveryTotal, DomainBounces, InboundRecord,
+                                      KindBounces, OutboundRecord, ServerBounces, StoredBounce, StoredDelivery,
+                                      StoredOutbound, TableBatch, bounce_ids_of)
 
 
 QUOTA_COUNTERS = ("create table quota_counters (key text not null, stream text not null, minute bigint not null, "
@@ -24,6 +28,14 @@ PURGE_BATCH = 1000   # rows per purge transaction: the write lock is held for on
 # log_positions (where watch-log stands).
 PURGEABLE = {"messages": ("id", "created_at"), "inbound_messages": ("id", "created_at"),
              "bounces": ("id", "created_at"), "bounce_resets": ("address", "at"), "deliveries": ("id", "at")}
+# Every table holding the store's data (not its schema version nor its identity), parents before
+# the rows that name them: what `migrate-store` copies, the only tables its methods take by name.
+DATA_TABLES = ("messages", "inbound_messages", "inbound_routes", "bounces", "bounce_resets", "blacklist",
+               "quota_counters", "deliveries", "log_positions", "purged_counts")
+TABLES_WITH_IDS = ("messages", "inbound_messages", "bounces", "blacklist", "deliveries")
+COPY_BATCH = 1000    # rows per `table_rows` batch
+
+Record = TypeVar("Record")
 
 
 def new_store_id() -> str:
@@ -31,9 +43,30 @@ def new_store_id() -> str:
     return secrets.token_hex(16)
 
 
-def bounce_ids_of(text: str | None) -> list[int]:
-    """The bounce row ids a blacklist entry names (`bounce_ids`, comma separated)."""
-    return [int(part) for part in (text or "").split(",") if part]
+def _columns(record_type: type) -> str:
+    """The select list of a stored record: its fields, which are its table's columns."""
+    return ", ".join(field.name for field in fields(record_type))
+
+
+def _flag(value: int | None) -> bool | None:
+    """A 0/1 column as a bool (NULL stays None: a row from before the column existed)."""
+    return None if value is None else bool(value)
+
+
+def _stored_outbound(row: dict) -> StoredOutbound:
+    return StoredOutbound(**{**row, "mass": _flag(row["mass"]), "tokenised": _flag(row["tokenised"])})
+
+
+def _stored_bounce(row: dict) -> StoredBounce:
+    return StoredBounce(**{**row, "permanent": _flag(row["permanent"]), "stale": bool(row["stale"]),
+                           "matched": bool(row["matched"])})
+
+
+def _data_table(table: str) -> str:
+    """`table`, checked to be one of the store's data tables (it is put into SQL by name)."""
+    if table not in DATA_TABLES:
+        raise ValueError(f"not a table of the store: {table!r}")
+    return table
 
 
 class SQLStore:
@@ -53,6 +86,11 @@ class SQLStore:
     def close(self) -> None:
         raise NotImplementedError
 
+    @property
+    def schema_version(self) -> int:
+        """The schema version the store stands at (each backend keeps it its own way)."""
+        raise NotImplementedError
+
     _store_id: str | None = None
 
     def store_id(self) -> str:
@@ -70,9 +108,13 @@ class SQLStore:
         names = [c[0] for c in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
-    def _one(self, sql: str, params: Sequence[Any] = ()) -> dict | None:
-        rows = self._rows(sql, params)
-        return rows[0] if rows else None
+    def _records(self, make: Callable[[dict], Record], sql: str, params: Sequence[Any] = ()) -> list[Record]:
+        """The rows of a query as records (`make` builds one from a row's column -> value dict)."""
+        return [make(row) for row in self._rows(sql, params)]
+
+    def _record(self, make: Callable[[dict], Record], sql: str, params: Sequence[Any] = ()) -> Record | None:
+        records = self._records(make, sql, params)
+        return records[0] if records else None
 
     def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         row = self._execute(sql, params).fetchone()
@@ -94,16 +136,20 @@ class SQLStore:
         row.update(mass=int(record.mass), tokenised=int(record.tokenised), direction="outbound")
         return self._insert("messages", row)
 
-    def outbound_message(self, row_id: int) -> dict | None:
-        return self._one("select * from messages where id = ? and direction = 'outbound'", [row_id])
+    def outbound_message(self, row_id: int) -> StoredOutbound | None:
+        """The outgoing message a bounce token names (by row id)."""
+        return self._record(_stored_outbound, f"select {_columns(StoredOutbound)} from messages "
+                            "where id = ? and direction = 'outbound'", [row_id])
 
-    def outbound_by_message_id(self, message_id: str) -> dict | None:
-        return self._one("select * from messages where message_id = ? and direction = 'outbound' "
-                         "order by id desc limit 1", [message_id])
+    def outbound_by_message_id(self, message_id: str) -> StoredOutbound | None:
+        """The latest outgoing message with this Message-ID (a report without our token)."""
+        return self._record(_stored_outbound, f"select {_columns(StoredOutbound)} from messages "
+                            "where message_id = ? and direction = 'outbound' order by id desc limit 1", [message_id])
 
-    def outbound_by_queue_id(self, queue_id: str) -> dict | None:
-        return self._one("select * from messages where queue_id = ? and direction = 'outbound' "
-                         "order by id desc limit 1", [queue_id])
+    def outbound_by_queue_id(self, queue_id: str) -> StoredOutbound | None:
+        """The latest outgoing message with this Postfix queue id (a delivery in the log)."""
+        return self._record(_stored_outbound, f"select {_columns(StoredOutbound)} from messages "
+                            "where queue_id = ? and direction = 'outbound' order by id desc limit 1", [queue_id])
 
     def known_outbound(self, message_ids: list[str]) -> str | None:
         """The most recently sent of these Message-IDs, as Odoo picks the thread of a reply."""
@@ -178,12 +224,16 @@ class SQLStore:
             params.append(source)
         return self._execute(sql, params).rowcount > 0
 
-    def blacklist_entries(self, include_removed: bool = False) -> list[dict]:
+    def blacklist_entries(self, include_removed: bool = False) -> list[BlacklistEntry]:
+        """The active entries (with `include_removed`, the ended ones too), oldest first."""
         where = "" if include_removed else " where removed_at is null"
-        return self._rows(f"select * from blacklist{where} order by added_at")
+        return self._records(lambda row: BlacklistEntry(**row),
+                             f"select {_columns(BlacklistEntry)} from blacklist{where} order by added_at")
 
-    def blacklist_history(self, address: str) -> list[dict]:
-        return self._rows("select * from blacklist where address = ? order by added_at", [address])
+    def blacklist_history(self, address: str) -> list[BlacklistEntry]:
+        """Every entry the address ever had, oldest first (`blacklist why`)."""
+        return self._records(lambda row: BlacklistEntry(**row), f"select {_columns(BlacklistEntry)} from blacklist "
+                             "where address = ? order by added_at", [address])
 
     def _blacklist_evidence(self) -> set[int]:
         """The bounces some blacklist entry names: `blacklist why` shows them for ever."""
@@ -191,8 +241,10 @@ class SQLStore:
         return {bounce_id for row in rows.fetchall() for bounce_id in bounce_ids_of(row[0])}
 
     def bounce_rows(self, since: float = 0.0, address: str | None = None, ids: list[int] | None = None,
-                    limit: int | None = None) -> list[dict]:
-        clauses, params = ["created_at >= ?"], [since]
+                    limit: int | None = None) -> list[StoredBounce]:
+        """Bounces since a time, of one address or with these ids, newest first."""
+        clauses: list[str] = ["created_at >= ?"]
+        params: list[Any] = [since]
         if address:
             clauses.append("recipient = ?")
             params.append(address)
@@ -200,34 +252,42 @@ class SQLStore:
             clauses.append(f"id in ({self._marks(ids) or 'null'})")
             params += ids
         tail = f" limit {int(limit)}" if limit else ""
-        return self._rows(f"select * from bounces where {' and '.join(clauses)} order by created_at desc{tail}",
-                          params)
+        return self._records(_stored_bounce, f"select {_columns(StoredBounce)} from bounces "
+                             f"where {' and '.join(clauses)} order by created_at desc{tail}", params)
 
-    def bounce_stats(self, since: float) -> dict[str, list[dict]]:
+    def bounce_stats(self, since: float) -> BounceStats:
         """Counts per day, per server, hard/soft and the top recipient domains (SQL aggregates)."""
         day, kind = self.day_of.format("created_at"), BOUNCE_KIND
-        return {
-            "per_day": self._rows(f"select {day} as day, count(*) as bounces, "
-                                  "sum(case when permanent = 1 then 1 else 0 end) as hard from bounces "
-                                  f"where created_at >= ? group by {day} order by day", [since]),
-            "per_server": self._rows("select coalesce(server, '-') as server, count(*) as bounces from bounces "
-                                     "where created_at >= ? group by server order by bounces desc, server", [since]),
-            "per_kind": self._rows(f"select {kind} as kind, count(*) as bounces from bounces where created_at >= ? "
-                                   f"group by {kind} order by bounces desc", [since]),
-            "top_domains": self._rows(f"select {self.domain_of('recipient')} as domain, count(*) as bounces "
-                                      f"from bounces where created_at >= ? group by {self.domain_of('recipient')} "
-                                      "order by bounces desc, domain limit 10", [since]),
-        }
+        return BounceStats(
+            per_day=tuple(self._records(lambda row: BounceDay(**row),
+                                        f"select {day} as day, count(*) as bounces, "
+                                        "sum(case when permanent = 1 then 1 else 0 end) as hard from bounces "
+                                        f"where created_at >= ? group by {day} order by day", [since])),
+            per_server=tuple(self._records(lambda row: ServerBounces(**row),
+                                           "select coalesce(server, '-') as server, count(*) as bounces from bounces "
+                                           "where created_at >= ? group by server order by bounces desc, server",
+                                           [since])),
+            per_kind=tuple(self._records(lambda row: KindBounces(**row),
+                                         f"select {kind} as kind, count(*) as bounces from bounces "
+                                         f"where created_at >= ? group by {kind} order by bounces desc", [since])),
+            top_domains=tuple(self._records(lambda row: DomainBounces(**row),
+                                            f"select {self.domain_of('recipient')} as domain, count(*) as bounces "
+                                            f"from bounces where created_at >= ? "
+                                            f"group by {self.domain_of('recipient')} "
+                                            "order by bounces desc, domain limit 10", [since])),
+        )
 
-    def bounce_kind_totals(self) -> list[dict]:
+    def bounce_kind_totals(self) -> list[KindBounces]:
         """All-time bounces per kind, those purged by retention included (for Prometheus: a
         counter must never go down)."""
-        return self._rows(f"select kind, cast(sum(bounces) as bigint) as bounces from ("
-                          f"select {BOUNCE_KIND} as kind, count(*) as bounces from bounces group by {BOUNCE_KIND} "
-                          "union all select status, count from purged_counts where family = 'bounces') as totals "
-                          "group by kind order by bounces desc, kind")
+        return self._records(lambda row: KindBounces(**row),
+                             f"select kind, cast(sum(bounces) as bigint) as bounces from ("
+                             f"select {BOUNCE_KIND} as kind, count(*) as bounces from bounces group by {BOUNCE_KIND} "
+                             "union all select status, count from purged_counts where family = 'bounces') as totals "
+                             "group by kind order by bounces desc, kind")
 
     def domain_of(self, column: str) -> str:
+        """The SQL of an address column's domain (a dialect hook: PostgreSQL has split_part)."""
         return f"substr({column}, instr({column}, '@') + 1)"
 
     # -- deliveries (from Postfix's log) --------------------------------------------------------------
@@ -235,25 +295,27 @@ class SQLStore:
     def record_delivery(self, record: DeliveryRecord) -> int:
         return self._insert("deliveries", asdict(record))
 
-    def deliveries_of(self, queue_id: str, since: float) -> list[dict]:
+    def deliveries_of(self, queue_id: str, since: float) -> list[StoredDelivery]:
         """One queue id's recorded attempts since a time, oldest first."""
-        return self._rows("select recipient, status, dsn, reason, relay from deliveries where queue_id = ? "
-                          "and at >= ? order by id", [queue_id, since])
+        return self._records(lambda row: StoredDelivery(**row), f"select {_columns(StoredDelivery)} from deliveries "
+                             "where queue_id = ? and at >= ? order by id", [queue_id, since])
 
-    def delivery_stats(self, since: float) -> list[dict]:
+    def delivery_stats(self, since: float) -> list[DeliveryCount]:
         """Attempts per day, server and status."""
         day = self.day_of.format("at")
-        return self._rows(f"select {day} as day, coalesce(server, '-') as server, status, count(*) as count "
-                          f"from deliveries where at >= ? group by {day}, server, status order by day, server, status",
-                          [since])
+        return self._records(lambda row: DeliveryCount(**row),
+                             f"select {day} as day, coalesce(server, '-') as server, status, count(*) as count "
+                             f"from deliveries where at >= ? group by {day}, server, status "
+                             "order by day, server, status", [since])
 
-    def delivery_totals(self) -> list[dict]:
+    def delivery_totals(self) -> list[DeliveryTotal]:
         """All-time counters per server and status, rows purged by retention included (for
         Prometheus: a counter must never go down)."""
-        return self._rows("select server, status, cast(sum(count) as bigint) as count from ("
-                          "select coalesce(server, '-') as server, status, count(*) as count from deliveries "
-                          "group by server, status union all select server, status, count from purged_counts "
-                          "where family = 'deliveries') as totals group by server, status order by server, status")
+        return self._records(lambda row: DeliveryTotal(**row),
+                             "select server, status, cast(sum(count) as bigint) as count from ("
+                             "select coalesce(server, '-') as server, status, count(*) as count from deliveries "
+                             "group by server, status union all select server, status, count from purged_counts "
+                             "where family = 'deliveries') as totals group by server, status order by server, status")
 
     def log_position(self, path: str) -> tuple[int, int] | None:
         row = self._execute("select inode, \"offset\" from log_positions where path = ?", [path]).fetchone()
@@ -284,6 +346,39 @@ class SQLStore:
         self._execute("delete from quota_counters where minute < ?", [minute])
         return taken
 
+    # -- copying a whole store (migrate-store) ----------------------------------------------------------
+
+    def table_rows(self, table: str, batch: int = COPY_BATCH) -> Iterator[TableBatch]:
+        """Every row of one of the store's data tables (`DATA_TABLES`) as stored, ids included,
+        `batch` rows at a time: a copy keeps the ids, which other rows name."""
+        cursor = self._execute(f"select * from {_data_table(table)}")
+        columns = tuple(column[0] for column in cursor.description)
+        while rows := cursor.fetchmany(batch):
+            yield TableBatch(columns, rows)
+
+    def tables_with_rows(self, tables: Sequence[str]) -> list[str]:
+        """Those of `tables` that hold a row (a copy goes only into tables that hold none)."""
+        return [table for table in tables
+                if self._scalar(f"select 1 from {_data_table(table)} limit 1") is not None]
+
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert rows as they are, ids included (`table_rows` batches of another store)."""
+        names = ", ".join(f'"{name}"' for name in columns)
+        insert = f"insert into {_data_table(table)} ({names}) values ({self._marks(columns)})"
+        for row in rows:
+            self._execute(insert, row)
+
+    def reset_id_sequences(self) -> None:
+        """After rows were inserted with their ids: make the next id of each table follow the
+        largest one (a dialect hook)."""
+        raise NotImplementedError
+
+    def adopt_store_id(self, store_id: str) -> None:
+        """Take another store's identity: a copy holds the same rows, so the bounce tokens
+        already issued for them must keep matching."""
+        self._execute("update store_identity set id = ?", [store_id])
+        self._store_id = None    # read again: the transaction may still roll back
+
     # -- retention ------------------------------------------------------------------------------------
 
     def purge(self, cutoffs: Mapping[str, float], batch: int = PURGE_BATCH) -> dict[str, int]:
@@ -311,13 +406,14 @@ class SQLStore:
                 deleted["inbound_routes"] = sum(routes)
         return deleted
 
-    def _purge_batches(self, table: str, cutoff: float, batch: int, keep: set | frozenset = frozenset(),
+    def _purge_batches(self, table: str, cutoff: float, batch: int, keep: AbstractSet[Any] = frozenset(),
                        before_delete: Callable[[list], Any] | None = None) -> int:
         """Oldest first, `batch` rows per transaction, skipping the keys in `keep`;
         `before_delete(keys)` runs in the same transaction, before the rows go. Each batch resumes at the time the
         last one ended (the time column is indexed), so kept rows are not read again."""
         key, column = PURGEABLE[table]
-        deleted, after, passed = 0, None, []
+        deleted, after = 0, None
+        passed: list[Any] = []
         while True:
             clauses, params = [f"{column} < ?"], [cutoff]
             if after is not None:

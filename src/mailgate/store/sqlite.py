@@ -26,60 +26,60 @@ IDLE_CONNECTIONS = 16      # connections of ended threads kept for the next ones
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["messages"].create({
+    db.table("messages").create({
         "id": int, "direction": str, "queue_id": str, "message_id": str,
         "envelope_from_original": str, "envelope_from": str,
         "header_from_before": str, "header_from_after": str,
         "server": str, "mass": int, "listener": str, "sasl_user": str, "created_at": float,
     }, pk="id", not_null={"direction", "created_at"})
-    db["messages"].create_index(["message_id"])
-    db["messages"].create_index(["queue_id"])
-    db["messages"].create_index(["created_at"])
+    db.table("messages").create_index(["message_id"])
+    db.table("messages").create_index(["queue_id"])
+    db.table("messages").create_index(["created_at"])
 
 
 def _v2(db: sqlite_utils.Database) -> None:
     """Inbound messages, and one row per accepted route: what the loop guard counts."""
-    db["inbound_messages"].create({
+    db.table("inbound_messages").create({
         "id": int, "queue_id": str, "message_id": str, "sender": str, "routes": str, "action": str,
         "created_at": float,
     }, pk="id", not_null={"created_at"})
-    db["inbound_messages"].create_index(["message_id"])
-    db["inbound_routes"].create({"message": int, "sender": str, "route_key": str, "created_at": float},
+    db.table("inbound_messages").create_index(["message_id"])
+    db.table("inbound_routes").create({"message": int, "sender": str, "route_key": str, "created_at": float},
                                 foreign_keys=[("message", "inbound_messages", "id")])
-    db["inbound_routes"].create_index(["sender", "route_key", "created_at"])
+    db.table("inbound_routes").create_index(["sender", "route_key", "created_at"])
 
 
 def _v3(db: sqlite_utils.Database) -> None:
     """Bounces, the blacklist (with its history) and the quota's events."""
-    db["bounces"].create({
+    db.table("bounces").create({
         "id": int, "created_at": float, "recipient": str, "status": str, "action": str, "permanent": int,
         "reason": str, "reporting_mta": str, "remote_mta": str, "message": int, "server": str, "source": str,
         "stale": int, "matched": int,
     }, pk="id", not_null={"created_at", "recipient"})
-    db["bounces"].create_index(["recipient", "created_at"])
-    db["bounces"].create_index(["created_at"])
-    db["bounce_resets"].create({"address": str, "at": float}, pk="address")
-    db["blacklist"].create({
+    db.table("bounces").create_index(["recipient", "created_at"])
+    db.table("bounces").create_index(["created_at"])
+    db.table("bounce_resets").create({"address": str, "at": float}, pk="address")
+    db.table("blacklist").create({
         "id": int, "address": str, "added_at": float, "reason": str, "source": str, "bounce_ids": str,
         "removed_at": float, "removed_reason": str,
     }, pk="id", not_null={"address", "added_at"})
-    db["blacklist"].create_index(["address", "removed_at"])
-    db["quota_events"].create({"key": str, "stream": str, "at": float})
-    db["quota_events"].create_index(["key", "stream", "at"])
+    db.table("blacklist").create_index(["address", "removed_at"])
+    db.table("quota_events").create({"key": str, "stream": str, "at": float})
+    db.table("quota_events").create_index(["key", "stream", "at"])
 
 
 def _v4(db: sqlite_utils.Database) -> None:
     """Delivery attempts from Postfix's log, where the log reader stands, and whether a message's
     envelope carried our token (then its reports come back to the milter, not from the log)."""
-    db["messages"].add_column("tokenised", int)
-    db["deliveries"].create({
+    db.table("messages").add_column("tokenised", int)
+    db.table("deliveries").create({
         "id": int, "at": float, "queue_id": str, "recipient": str, "relay": str, "status": str, "dsn": str,
         "delay": float, "reason": str, "message": int, "server": str,
     }, pk="id", not_null={"at", "queue_id", "status"})
-    db["deliveries"].create_index(["queue_id"])
-    db["deliveries"].create_index(["at"])
-    db["deliveries"].create_index(["server", "at"])
-    db["log_positions"].create({"path": str, "inode": int, "offset": int, "updated_at": float}, pk="path")
+    db.table("deliveries").create_index(["queue_id"])
+    db.table("deliveries").create_index(["at"])
+    db.table("deliveries").create_index(["server", "at"])
+    db.table("log_positions").create({"path": str, "inode": int, "offset": int, "updated_at": float}, pk="path")
 
 
 def _v5(db: sqlite_utils.Database) -> None:
@@ -88,7 +88,7 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.execute(QUOTA_COUNTERS)
     db.execute("insert into quota_counters (key, stream, minute, count) select key, stream, "
                "cast(at / 60 as integer), count(*) from quota_events group by 1, 2, 3")
-    db["quota_events"].drop()
+    db.table("quota_events").drop()
 
 
 def _v6(db: sqlite_utils.Database) -> None:
@@ -98,24 +98,24 @@ def _v6(db: sqlite_utils.Database) -> None:
     message); the counts retention leaves behind (the all-time totals never go down); the store's
     random identity (a re-created store's row ids start again at 1: bounce tokens of the lost
     store must not match its new messages)."""
-    db["bounces"].create_index(["created_at", "permanent", "server", "recipient"])
-    db["bounces"].drop_index("idx_bounces_created_at")
-    db["deliveries"].create_index(["at", "server", "status"])
-    db["deliveries"].drop_index("idx_deliveries_at")
-    db["deliveries"].create_index(["server", "status"])
-    db["deliveries"].drop_index("idx_deliveries_server_at")
-    db["inbound_messages"].create_index(["created_at"])
-    db["inbound_routes"].create_index(["message"])
-    db["purged_counts"].create({"family": str, "server": str, "status": str, "count": int},
+    db.table("bounces").create_index(["created_at", "permanent", "server", "recipient"])
+    db.table("bounces").drop_index("idx_bounces_created_at")
+    db.table("deliveries").create_index(["at", "server", "status"])
+    db.table("deliveries").drop_index("idx_deliveries_at")
+    db.table("deliveries").create_index(["server", "status"])
+    db.table("deliveries").drop_index("idx_deliveries_server_at")
+    db.table("inbound_messages").create_index(["created_at"])
+    db.table("inbound_routes").create_index(["message"])
+    db.table("purged_counts").create({"family": str, "server": str, "status": str, "count": int},
                                pk=("family", "server", "status"), not_null={"family", "server", "status", "count"})
-    db["store_identity"].create({"id": str}, not_null={"id"})
-    db["store_identity"].insert({"id": new_store_id()})
+    db.table("store_identity").create({"id": str}, not_null={"id"})
+    db.table("store_identity").insert({"id": new_store_id()})
 
 
 def _v7(db: sqlite_utils.Database) -> None:
     """Whether Postfix is known to have queued an inbound message (InboundRecord.confirmed):
     only then does its Message-ID make a later copy a duplicate."""
-    db["inbound_messages"].add_column("confirmed", int)
+    db.table("inbound_messages").add_column("confirmed", int)
 
 
 # Each entry moves the schema one version up; `PRAGMA user_version` says where a file stands.
@@ -237,7 +237,11 @@ class SQLiteStore(SQLStore):
 
     @property
     def schema_version(self) -> int:
+        """`PRAGMA user_version`: how many of `MIGRATIONS` the file has had."""
         return self._db().execute("PRAGMA user_version").fetchone()[0]
+
+    def reset_id_sequences(self) -> None:
+        """Nothing to do: an integer primary key takes the largest id + 1 by itself."""
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         try:

@@ -33,7 +33,7 @@ def check_dmarc(domain: str, dns_: Dns) -> list[Finding]:
     if len(records) > 1:
         return [finding("dmarc", "FAIL", "dmarc-several", count=len(records), where=where)]
     tags = _tags(records[0])
-    policy = (tags.get("sp") if where != domain and "sp" in tags else tags.get("p", "")).lower()
+    policy = (tags["sp"] if where != domain and "sp" in tags else tags.get("p", "")).lower()
     if policy not in ("none", "quarantine", "reject"):
         return [finding("dmarc", "FAIL", "dmarc-invalid", where=where, policy=policy,
                         record=records[0], proposal=proposal)]

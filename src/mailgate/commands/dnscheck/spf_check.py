@@ -115,9 +115,9 @@ def check_spf(config: Config, domain: str, dns_: Dns) -> list[Finding]:
     spf = Spf(dns_)
     records = [t for t in dns_.txt(domain) if is_spf(t)]
     if not records:
-        terms = [t for s in servers for t in _server_terms(dns_, s)] or ["mx"]
+        proposed = [t for s in servers for t in _server_terms(dns_, s)] or ["mx"]
         return [finding("spf", "FAIL", "spf-missing", domain=domain,
-                        proposal=_with_terms("v=spf1 ~all", terms))]
+                        proposal=_with_terms("v=spf1 ~all", proposed))]
     if len(records) > 1:
         merged = _with_terms("v=spf1 ~all", [w for r in records for w in r.split()[1:]
                                               if w.lstrip("+-~?").lower() != "all"])

@@ -14,6 +14,7 @@ from mailgate.commands.importodoo.odoo_changes import odoo_changes
 from mailgate.commands.importodoo.reading import read
 from mailgate.commands.importodoo.rendering import render
 from mailgate.commands.importodoo.yamlout import Out
+from mailgate.rules.replies import EXIT
 
 
 def import_odoo(dsn: str, *, output_dir: Path, secrets_dir: Path | None = None) -> ImportResult:
@@ -52,10 +53,10 @@ def main_import(dsn: str, output: Path | None, secrets_dir: Path | None = None, 
             write_text(output, result.yaml_text, 0o644)
     except ImportFailed as exc:
         print(f"mailgate import-odoo: error: {exc}", file=stderr)
-        return 1
+        return EXIT["failure"]
     except OSError as exc:
         print(f"mailgate import-odoo: error: {exc.filename or ''}: {exc.strerror or exc}", file=stderr)
-        return 1
+        return EXIT["failure"]
     for warning in result.warnings:
         print(f"mailgate import-odoo: warning: {warning}", file=stderr)
     where = f"wrote {output}" if output is not None else "configuration written to stdout"

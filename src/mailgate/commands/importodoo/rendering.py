@@ -104,7 +104,7 @@ def _render_aliases(odoo: Odoo, out: Out, main: dict[str, Any]) -> None:
         out.note("Odoo 16 has no alias_incoming_local: it matched every alias by the local part of a recipient "
                  "on an allowed domain, which is incoming_local: true (Odoo 17's upgrade sets the same)")
     entries: list[str] = []
-    kept: dict[str, str] = {}
+    kept: dict[str, str | None] = {}
     ordered = sorted(odoo.aliases, key=lambda a: (a["domain_id"] not in (None, main_id), a["id"]))
     for alias in ordered:
         name = alias["alias_name"].strip().lower()
@@ -122,17 +122,17 @@ def _render_aliases(odoo: Odoo, out: Out, main: dict[str, Any]) -> None:
             entries.append(f"  # WARNING: {problem}")
             out.warnings.append(problem)
             continue
-        fields_ = {"target": f"odoo:{alias['model']}"}
+        fields_: dict[str, object] = {"target": f"odoo:{alias['model']}"}
         if domain and alias["domain_id"] != main_id:
             fields_["domain"] = domain_name
         if alias["incoming_local"] or (legacy and alias["incoming_local"] is None):
             fields_["incoming_local"] = True
         body = ", ".join(f"{k}: {scalar(v)}" for k, v in fields_.items())
         context = f"alias_domain: {scalar(main['name'])}\n" if main.get("name") else ""
-        problem = mailgate_rejects(f"{context}aliases:\n  {scalar(name)}: {{{body}}}\n")
-        if problem:
-            entries.append(f"  # WARNING: {oneline(label)} left out: {oneline(problem)}")
-            out.warnings.append(f"{oneline(label)} left out: {oneline(problem)}")
+        rejection = mailgate_rejects(f"{context}aliases:\n  {scalar(name)}: {{{body}}}\n")
+        if rejection:
+            entries.append(f"  # WARNING: {oneline(label)} left out: {oneline(rejection)}")
+            out.warnings.append(f"{oneline(label)} left out: {oneline(rejection)}")
             continue
         kept[name] = domain_name
         entries.append(f"  {scalar(name)}: {{{body}}}  # {oneline(label)}")

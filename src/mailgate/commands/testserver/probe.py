@@ -9,7 +9,7 @@ import ssl
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Iterator, NoReturn, cast
 
 from mailgate.config import Config, Server
 from mailgate.rules.outbound import notification_address
@@ -110,7 +110,8 @@ class Probe:
         server = self.server
         with self.step("resolve") as note:
             infos = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
-            note.detail = f"{server.host} → " + ", ".join(dict.fromkeys(i[4][0] for i in infos))
+            # An inet/inet6 sockaddr: (host, port[, flowinfo, scope_id]); the host is a str.
+            note.detail = f"{server.host} → " + ", ".join(dict.fromkeys(str(i[4][0]) for i in infos))
         with self.step("connect") as note:
             self.sock = connect(infos, self.timeout)
             note.detail = "connected to {}:{}".format(*self.sock.getpeername()[:2])
@@ -155,7 +156,8 @@ class Probe:
         with self.step("tls") as note:
             self.smtp.starttls(context=context)
             self.tls = True
-            note.detail = self._tls_detail(self.smtp.sock)
+            # starttls() replaced the socket with its TLS wrapper
+            note.detail = self._tls_detail(cast(ssl.SSLSocket, self.smtp.sock))
         self.ehlo()
 
     def auth(self) -> None:
@@ -220,7 +222,9 @@ class Probe:
         head = f"{sock.version()} ({cipher[0] if cipher else '?'})"
         if not self.server.tls_verify:
             return f"{head}, certificate NOT verified (tls_verify: false)"
-        issuer = dict(pair[0] for pair in (sock.getpeercert() or {}).get("issuer", ()))
+        # "issuer" is a sequence of RDNs, each a tuple of (name, value) pairs
+        rdns = cast("tuple[tuple[tuple[str, str], ...], ...]", (sock.getpeercert() or {}).get("issuer", ()))
+        issuer = dict(pair[0] for pair in rdns)
         trusted = f"tls_ca_file {self.server.tls_ca_file}" if self.server.tls_ca_file else "system CAs"
         return (f"{head}, certificate valid for {self.server.host}, issued by "
                 f"{issuer.get('commonName') or issuer.get('organizationName', '?')} ({trusted})")

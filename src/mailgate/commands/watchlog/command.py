@@ -16,6 +16,7 @@ from mailgate.store import open_store
 from mailgate.commands.watchlog.files import follow
 from mailgate.commands.watchlog.journal import JournalError, follow_journal
 from mailgate.commands.watchlog.recording import position_key
+from mailgate.rules.replies import EXIT
 
 DEFAULT_LOG = "/var/log/mail.log"        # Debian's rsyslog file for the mail facility
 
@@ -29,7 +30,7 @@ def main_watch_log(config: Config, source: str | None, journal: bool, once: bool
         return 2
     if journal and not shutil.which("journalctl"):
         print("mailgate: watch-log --journal: journalctl not found", file=sys.stderr)
-        return 1
+        return EXIT["failure"]
     logger = setup_logging(logging.DEBUG if debug else logging.INFO)
     stop = stop or threading.Event()
     previous = {}
@@ -43,12 +44,12 @@ def main_watch_log(config: Config, source: str | None, journal: bool, once: bool
                 follow_journal(store, config, once=once, stop=stop, logger=logger)
             except (JournalError, OSError) as exc:
                 print(f"mailgate: watch-log --journal: {exc}", file=sys.stderr)
-                return 1
+                return EXIT["failure"]
             return 0
         path = source or DEFAULT_LOG
         if once and not os.path.exists(path) and store.log_position(position_key(path)) is None:
             print(f"mailgate: watch-log: no such file: {path}", file=sys.stderr)
-            return 1
+            return EXIT["failure"]
         follow(path, store, config, once=once, stop=stop, logger=logger)
         return 0
     finally:

@@ -62,9 +62,9 @@ def _still_deferred(store: Store, event: LogEvent) -> list[LogEvent]:
     """The recipients whose last recorded attempt for this queue id was a deferral: the ones an
     expiry returns to the sender."""
     rows = store.deliveries_of(event.queue_id, event.at - EXPIRY_HORIZON)
-    last = {row["recipient"]: row for row in rows}
-    return [replace(event, recipient=r["recipient"], dsn=r["dsn"], reason=r["reason"], relay=r["relay"])
-            for r in last.values() if r["status"] == "deferred"]
+    last = {row.recipient: row for row in rows}
+    return [replace(event, recipient=r.recipient, dsn=r.dsn, reason=r.reason, relay=r.relay)
+            for r in last.values() if r.status == "deferred"]
 
 
 def record_event(store: Store, config: Config, event: LogEvent) -> list[tuple[int, str]]:
@@ -74,9 +74,9 @@ def record_event(store: Store, config: Config, event: LogEvent) -> list[tuple[in
         return [line for each in _still_deferred(store, event) for line in record_event(store, config, each)]
     rcpt, qid = normalize(event.recipient), event.queue_id
     row = store.outbound_by_queue_id(qid)
-    message = row["id"] if row else None
-    server = (row or {}).get("server") or derived_server(event, config)
-    tokenised = bool(row and row.get("tokenised"))
+    message = row.id if row else None
+    server = (row.server if row else None) or derived_server(event, config)
+    tokenised = bool(row and row.tokenised)
     delivery = store.record_delivery(DeliveryRecord(
         at=event.at, queue_id=qid, recipient=rcpt, relay=event.relay, status=event.status, dsn=event.dsn,
         delay=event.delay, reason=event.reason, message=message, server=server))
@@ -84,7 +84,7 @@ def record_event(store: Store, config: Config, event: LogEvent) -> list[tuple[in
                                      relay=event.relay, server=server, message=message, tokenised=tokenised,
                                      delivery=delivery))]
     # A NULL flag is a row from before the flag existed: perhaps tokenised, so not counted here.
-    if event.status in ("bounced", "expired") and row is not None and row.get("tokenised") == 0:
+    if event.status in ("bounced", "expired") and row is not None and row.tokenised is False:
         permanent = _permanent(event.dsn)
         outcome = record_and_judge(store, config.bounces, BounceRecord(
             created_at=event.at, recipient=rcpt, status=event.dsn, action="failed", permanent=permanent,
@@ -115,7 +115,8 @@ def lock_keys(store: Store, key: str, events: list[LogEvent]) -> list[str]:
     """The transaction's locks: the log position (two readers of one log take turns) and the
     bounce lock of every address whose bounces or blacklist entry the batch may change."""
     addresses = {e.recipient for e in events if e.recipient is not None and e.status != "deferred"}
-    addresses |= {d.recipient for e in events if e.recipient is None for d in _still_deferred(store, e)}
+    addresses |= {d.recipient for e in events if e.recipient is None for d in _still_deferred(store, e)
+                  if d.recipient is not None}
     return [f"log:{key}", *{bounce_lock(normalize(a)) for a in addresses}]
 
 
