@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from mailgate.configfile import parse_config
 from mailgate.commands.deliverystats import main_stats, prometheus_text, render_stats, summary
+from mailgate.configfile import parse_config
 from mailgate.store import BounceRecord, DeliveryRecord
 from mailgate.store.sqlite import SQLiteStore
 
 CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
-DAY1 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc).timestamp()
+DAY1 = datetime(2026, 11, 1, 12, tzinfo=UTC).timestamp()
 DAY2 = DAY1 + 86400
 NOW = DAY2 + 3600
 

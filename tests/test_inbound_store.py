@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 
 from mailgate.configfile import parse_config
+from mailgate.infra.runtime import Runtime
 from mailgate.milter.facts import MessageFacts
 from mailgate.milter.inbound import process_inbound
-from mailgate.infra.runtime import Runtime
-from mailgate.store.sqlite import SQLiteStore
 from mailgate.rules.tokens import TokenSigner
+from mailgate.store.sqlite import SQLiteStore
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com

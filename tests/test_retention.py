@@ -9,12 +9,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
-from test_store import NOW, bounce, open_same, outbound, store  # noqa: F401  (fixtures)
 
+from mailgate.commands.watchlog import EXPIRY_HORIZON
 from mailgate.configfile import parse_config
 from mailgate.rules.retention import DAY, purge_expired, retention_cutoffs
 from mailgate.store import DeliveryRecord, DeliveryTotal, InboundRecord
-from mailgate.commands.watchlog import EXPIRY_HORIZON
+from test_store import NOW, bounce, open_same, outbound, store  # noqa: F401  (fixtures)
 
 CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
 

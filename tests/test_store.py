@@ -16,16 +16,28 @@ from dataclasses import asdict
 
 import pytest
 
-from mailgate.store import (BlacklistEntry, BounceRecord, DeliveryRecord, DeliveryTotal, DomainBounces, InboundRecord,
-                            KindBounces, OutboundRecord, ServerBounces, StoredBounce, StoredDelivery, StoredOutbound,
-                            open_store)
-from mailgate.store import postgres as postgres_backend
-from mailgate.store import sql as sql_backend
-from mailgate.store import sqlite as sqlite_backend
+from mailgate.store import (
+    BlacklistEntry,
+    BounceRecord,
+    DeliveryRecord,
+    DeliveryTotal,
+    DomainBounces,
+    InboundRecord,
+    KindBounces,
+    OutboundRecord,
+    ServerBounces,
+    StoredBounce,
+    StoredDelivery,
+    StoredOutbound,
+    open_store,
+    postgres as postgres_backend,
+    sql as sql_backend,
+    sqlite as sqlite_backend,
+)
+from mailgate.store.interface import Store, StoreUnavailable
 from mailgate.store.postgres import PostgresStore
 from mailgate.store.sql import SQLStore
 from mailgate.store.sqlite import SQLiteStore
-from mailgate.store.interface import Store, StoreUnavailable
 
 NOW = 1_900_000_000.0
 
@@ -506,7 +518,8 @@ def test_stats_views_read_the_bounce_window_unless_told_otherwise(tmp_path):
     now = time.time()
     for days in (1, 5, 30):
         store.record_bounce(bounce(f"a{days}@y", created_at=now - days * 86400))
-        store.record_delivery(DeliveryRecord(now - days * 86400, "Q", "r@x", None, "sent", "2.0.0", 0.1, "ok", None, "t"))
+        store.record_delivery(DeliveryRecord(now - days * 86400, "Q", "r@x", None, "sent", "2.0.0", 0.1, "ok",
+                                             None, "t"))
     store.close()
 
     def run(*args: str) -> subprocess.CompletedProcess:

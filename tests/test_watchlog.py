@@ -16,18 +16,18 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from mailgate.commands import watchlog
+from mailgate.commands.watchlog import LogEvent, derived_server, follow, follow_journal, main_watch_log, parse_line
+from mailgate.commands.watchlog.parsing import parse_current
 from mailgate.configfile import parse_config
 from mailgate.lab.postfix import make_basedir
 from mailgate.store import OutboundRecord, open_store
 from mailgate.store.sqlite import SQLiteStore
-from mailgate.commands.watchlog import LogEvent, derived_server, follow, follow_journal, main_watch_log, parse_line
-from mailgate.commands.watchlog.parsing import parse_current
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com
@@ -67,11 +67,11 @@ NOT_EVENTS = [
     "garbage",
 ]
 YEAR = 2026
-NOW = datetime(2026, 11, 26, tzinfo=timezone.utc).timestamp()
+NOW = datetime(2026, 11, 26, tzinfo=UTC).timestamp()
 
 
 def at(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -113,7 +113,7 @@ def test_lines_that_are_not_delivery_results(line):
 
 
 def test_a_december_line_read_in_january_is_last_years():
-    january = datetime(2027, 1, 1, 0, 5, tzinfo=timezone.utc).timestamp()
+    january = datetime(2027, 1, 1, 0, 5, tzinfo=UTC).timestamp()
     event = parse_current("Dec 31 23:59:00 " + REAL_SENT.split(" ", 3)[3], january)
     assert event.at == at("2026-12-31T23:59:00")
 

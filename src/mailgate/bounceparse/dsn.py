@@ -9,8 +9,18 @@ from email.parser import HeaderParser
 
 from mailgate.bounceparse import phrases as bt
 from mailgate.bounceparse.mime import (
-    MAX_TEXT, clean, clean_address, decode_transfer, decoded_text, field, header_text, is_ours,
-    is_text, notification_text, report_parts)
+    MAX_TEXT,
+    clean,
+    clean_address,
+    decode_transfer,
+    decoded_text,
+    field,
+    header_text,
+    is_ours,
+    is_text,
+    notification_text,
+    report_parts,
+)
 from mailgate.bounceparse.paragraphs import paragraph_about, remote_mta
 from mailgate.bounceparse.report import BouncedRecipient, BounceReport
 

@@ -9,10 +9,11 @@ import binascii
 import email
 import quopri
 import re
+from collections.abc import Iterator
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import HeaderParser
-from typing import Iterator, overload
+from typing import overload
 
 from mailgate.bounceparse import phrases as bt
 

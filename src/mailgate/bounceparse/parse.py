@@ -10,7 +10,13 @@ from email.parser import BytesHeaderParser
 
 from mailgate.bounceparse.dsn import from_dsn
 from mailgate.bounceparse.mime import (
-    capped, clean, header_text, message_id, original_message_id, with_boundary_repaired)
+    capped,
+    clean,
+    header_text,
+    message_id,
+    original_message_id,
+    with_boundary_repaired,
+)
 from mailgate.bounceparse.report import NOT_A_BOUNCE, BounceReport
 from mailgate.bounceparse.text import from_text, is_autoreply, report_type
 

@@ -29,7 +29,8 @@ FULL = "full"
 # then HARD (see the module docstring). Patterns are searched case-insensitively.
 TEXT_RULES: tuple[tuple[str, str], ...] = (
     (r"mail ?(?:box|folder) (?:is )?full|mail ?(?:box|folder).{0,20}(?:is )?full|full mailbox", FULL),
-    (r"mailbox (?:\w+ ){0,3}exceeds?|メールボックス(?:の容量)?が(?:一杯|いっぱい|満杯)|容量(?:が|を)?(?:超過|オーバー)", FULL),
+    (r"mailbox (?:\w+ ){0,3}exceeds?|メールボックス(?:の容量)?が(?:一杯|いっぱい|満杯)"
+     r"|容量(?:が|を)?(?:超過|オーバー)", FULL),
     (r"over ?quota|quota (?:exceeded|exceed)|exceeds? (?:\w+ ){0,3}quota|disk quota", FULL),
     (r"insufficient (?:system )?storage|storage allocation|out of storage|mailbox size limit", FULL),
     (r"try (?:again )?later|retry later|temporar(?:il)?y|transient", SOFT),

@@ -7,8 +7,26 @@ from __future__ import annotations
 import email
 import logging
 import re
+from collections.abc import Callable
 from email.message import Message
-from typing import Callable
+
+from mailgate.bounceparse import phrases as bt
+from mailgate.bounceparse.mime import (
+    ADDRESS_RE,
+    MAX_INPUT,
+    ORIGINAL_TYPES,
+    attached_headers,
+    clean,
+    clean_address,
+    decoded_text,
+    header_text,
+    is_ours,
+    is_text,
+    notification_text,
+    report_parts,
+)
+from mailgate.bounceparse.paragraphs import address_pattern, coded_paragraph, paragraph_about, remote_mta
+from mailgate.bounceparse.report import BouncedRecipient, BounceReport
 
 all_failures: Callable[[Message], tuple[frozenset[bytes], frozenset[bytes]]] | None
 try:
@@ -16,13 +34,6 @@ try:
     all_failures = _flufl_all_failures
 except ImportError:  # a dependency; without it only our own patterns read non-DSN reports
     all_failures = None
-
-from mailgate.bounceparse import phrases as bt
-from mailgate.bounceparse.mime import (
-    MAX_INPUT, ADDRESS_RE, ORIGINAL_TYPES, attached_headers, clean, clean_address, decoded_text,
-    header_text, is_ours, is_text, notification_text, report_parts)
-from mailgate.bounceparse.paragraphs import address_pattern, coded_paragraph, paragraph_about, remote_mta
-from mailgate.bounceparse.report import BouncedRecipient, BounceReport
 
 logging.getLogger("flufl.bounce").addHandler(logging.NullHandler())
 

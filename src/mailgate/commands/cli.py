@@ -11,8 +11,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mailgate.config import DEFAULT_CONFIG_PATH, Config
 from mailgate.configfile import ConfigError, LoadedConfig, load_config
@@ -42,8 +42,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mailgate.infra.runtime import Runtime
     from mailgate.commands.serve import serve
+    from mailgate.infra.runtime import Runtime
     from mailgate.store.interface import StoreUnavailable
     config = _load(args).config
     setup_logging()
@@ -57,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_postfix_config(args: argparse.Namespace) -> int:
     import shutil
+
     from mailgate.commands.postfixconf import DEFAULT_BIN, Wiring, render
     wiring = Wiring(mailgate_bin=args.mailgate_bin or shutil.which("mailgate") or DEFAULT_BIN,
                     config_path=str(config_path(args).resolve()), pipe_user=args.pipe_user)
@@ -92,9 +93,9 @@ def cmd_explain_inbound(args: argparse.Namespace) -> int:
     import email
     from email import policy as email_policy
 
+    from mailgate.infra.runtime import read_only_facts
     from mailgate.rules.inbound import decide_inbound
     from mailgate.rules.message import InboundMessage
-    from mailgate.infra.runtime import read_only_facts
     config: Config = _load(args, check_files=False).config
     try:
         raw = Path(args.message).read_bytes() if args.message != "-" else sys.stdin.buffer.read()
@@ -151,6 +152,7 @@ def cmd_bounce_parse(args: argparse.Namespace) -> int:
 
 def cmd_bounces(args: argparse.Namespace) -> int:
     import time
+
     from mailgate.commands import views
     config = _load(args, check_files=False).config
     store = _store(args, config)

@@ -12,13 +12,15 @@ import io
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Sequence, TextIO
+from typing import TextIO
 
+from mailgate.commands.views import parse_since, table
 from mailgate.config import Config
+from mailgate.rules.replies import EXIT
 from mailgate.store import open_store
 from mailgate.store.interface import DeliveryCount, Store
-from mailgate.commands.views import parse_since, table
 
 STATUSES = ("sent", "deferred", "bounced", "expired")
 
@@ -92,18 +94,18 @@ def main_stats(config: Config, since: str | None, as_json: bool, prometheus: boo
         start = parse_since(since, time.time() if now is None else now)
     except ValueError as exc:
         print(f"mailgate: {exc}", file=sys.stderr)
-        return 2
+        return EXIT["usage"]
     store = open_store(config.database, config.database_password_file)
     try:
         if prometheus:
             out.write(prometheus_text(store))
-            return 0
+            return EXIT["ok"]
         rows = store.delivery_stats(start)
         if as_json:
             print(json.dumps({"since": start, **summary(rows), "rows": [asdict(row) for row in rows]},
                              ensure_ascii=False), file=out)
         else:
             out.write(render_stats(rows))
-        return 0
+        return EXIT["ok"]
     finally:
         store.close()

@@ -81,7 +81,7 @@ def run_demo(keep: bool = False, out=sys.stdout) -> int:
                   f"Message rows:   {base / 'state' / 'mailgate.sqlite3'} (table messages)", file=out)
         else:
             print("Run `mailgate demo --keep` to keep the logs, the config and the SQLite file.", file=out)
-        return 0
+        return EXIT["ok"]
     finally:
         gateway.stop()
         if keep:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailgate.config import DEFAULT_CONFIG_PATH, Config, Server
+from mailgate.infra.socketspec import SocketSpec
 from mailgate.rules.delivery import ODOO_TRANSPORT
 from mailgate.rules.replies import POLICY_UNAVAILABLE
-from mailgate.infra.socketspec import SocketSpec
 
 SUBMISSION_LISTENER = "ORIGINATING"
 INBOUND_LISTENER = "INBOUND"

@@ -21,14 +21,15 @@ from pathlib import Path
 from mailgate.config import Config
 from mailgate.configfile import ConfigError, load_config
 from mailgate.infra.logfmt import kv_line
+from mailgate.infra.runtime import Runtime, read_passwords
+from mailgate.infra.sockets import blocked_directory
 from mailgate.milter.worker import MilterProcess, MilterStartError
 from mailgate.policy.lookup import LookupService
 from mailgate.policy.policyd import MALFORMED_DEFER, MALFORMED_DUNNO, PolicyServer
 from mailgate.policy.recipients import GatewayPolicy
 from mailgate.policy.socketmap import SocketmapServer
+from mailgate.rules.replies import EXIT
 from mailgate.rules.retention import purge_expired
-from mailgate.infra.runtime import Runtime, read_passwords
-from mailgate.infra.sockets import blocked_directory
 
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 # What a reload can change in place; the rest is read once at start (a restart applies it).
@@ -106,7 +107,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     retention = RetentionPass(runtime, logger)
     milter = MilterProcess(runtime.config)
     restarts = RestartBudget()
-    status = 0
+    status = EXIT["ok"]
     try:
         milter.start()
         notify_systemd("READY=1")
@@ -124,7 +125,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
                 logger.error(kv_line(None, event="milter", error="exited", status=milter.exit_status))
                 if not restarts.allow(time.monotonic()):
                     logger.error(kv_line(None, event="milter", error="restarting too often", detail="giving up"))
-                    status = 1
+                    status = EXIT["failure"]
                     break
                 milter.stop(timeout=5)
                 milter = MilterProcess(runtime.config)
@@ -132,7 +133,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
                 logger.info(kv_line(None, event="milter", result="restarted"))
     except MilterStartError as exc:
         logger.error(kv_line(None, event="milter", error=type(exc).__name__, detail=str(exc)))
-        status = 1
+        status = EXIT["failure"]
     finally:
         notify_systemd("STOPPING=1")
         milter.stop()

@@ -10,12 +10,14 @@ import json
 import re
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence, TextIO
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 from mailgate.rules.addresses import is_valid_address, normalize
 from mailgate.rules.blacklist import bounce_lock
+from mailgate.rules.replies import EXIT
 from mailgate.store.interface import BlacklistEntry, Store, StoredBounce
 
 _SPAN = re.compile(r"^(\d+)([dhm])$")
@@ -41,11 +43,11 @@ def parse_since(text: str | None, now: float) -> float:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
         raise ValueError(f"--since: expected 7d, 24h, 30m or a date like 2026-11-01, got {text!r}") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _when(stamp: float | None) -> str:
-    return "-" if stamp is None else datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return "-" if stamp is None else datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: list[str], out: TextIO) -> None:
@@ -54,9 +56,9 @@ def table(rows: Sequence[Mapping[str, Any]], columns: list[str], out: TextIO) ->
         return
     cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip(), file=out)
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
 def as_printed(record: StoredBounce | BlacklistEntry) -> dict[str, Any]:
@@ -70,7 +72,7 @@ def _emit(data: Any, as_json: bool, human, out: TextIO) -> int:
         print(json.dumps(data, ensure_ascii=False), file=out)
     else:
         human()
-    return 0
+    return EXIT["ok"]
 
 
 def bounces_list(store: Store, since: float, address: str | None, as_json: bool, out: TextIO = sys.stdout,
@@ -104,7 +106,7 @@ def blacklist_change(store: Store, action: str, address: str, reason: str | None
     address = normalize(address)
     if not is_valid_address(address):
         print(f"mailgate: not an email address: {address!r}", file=sys.stderr)
-        return 2
+        return EXIT["usage"]
     now = time.time() if now is None else now
     with store.transaction(bounce_lock(address)):
         if action == "add":

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import yaml
 
-from mailgate.config import (BounceSettings, Config, ListenSettings, LoopSettings, MassMailSettings, OdooSettings,
-                             PolicySettings, QuotaSettings)
+from mailgate.config import (
+    BounceSettings,
+    Config,
+    ListenSettings,
+    LoopSettings,
+    MassMailSettings,
+    OdooSettings,
+    PolicySettings,
+    QuotaSettings,
+)
 from mailgate.configfile.problems import ConfigError, ConfigProblem
 from mailgate.configfile.reader import Reader, build, node_of
 from mailgate.configfile.sections import cross_checks, read_aliases, read_servers

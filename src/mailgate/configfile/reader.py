@@ -8,9 +8,10 @@ position, a plain value does not. The reader converts each known key with its co
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Mapping
 from dataclasses import fields as dc_fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 

@@ -8,13 +8,22 @@ from a table is unknown (and gets a did-you-mean).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from mailgate.config import (
+    BOUNCE_FORWARDS,
+    DIRECT_WRITE_ACTIONS,
+    LOOP_ACTIONS,
+    MALFORMED_ACTIONS,
+    QUOTA_ACTIONS,
+    QUOTA_SCOPES,
+    SECURITY_MODES,
+    SERVER_SELECTIONS,
+)
 from mailgate.infra.socketspec import SocketSpec, parse_socket_spec
 from mailgate.rules.addresses import is_valid_address, is_valid_domain
-from mailgate.config import (BOUNCE_FORWARDS, QUOTA_ACTIONS, DIRECT_WRITE_ACTIONS, LOOP_ACTIONS, MALFORMED_ACTIONS, QUOTA_SCOPES,
-                             SECURITY_MODES, SERVER_SELECTIONS)
 from mailgate.rules.filters import FromFilter
 
 _LOCAL_PART = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$", re.I)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 OFFSET_FILE_VARIABLE = "MAILGATE_CLOCK_OFFSET_FILE"
 

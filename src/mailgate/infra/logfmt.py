@@ -39,7 +39,7 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     The lines carry no source location, thread or multiprocessing name, so the logging module is
     told not to collect them: finding the caller walks the stack for every line, a fifth of the
     milter's Python time per message (bench/RESULTS.md)."""
-    logging._srcfile = None  # type: ignore[attr-defined]  # the documented switch (logging's "Optimization")
+    logging._srcfile = None  # the documented switch (logging's "Optimization")
     logging.logThreads = False
     logging.logMultiprocessing = False
     logger = logging.getLogger("mailgate")

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from mailgate.infra.clock import gateway_clock
 from mailgate.config import Config
-from mailgate.store import Store, is_postgres, open_store
+from mailgate.infra.clock import gateway_clock
 from mailgate.infra.secretfile import load_or_create_secret
 from mailgate.rules.tokens import TokenSigner
+from mailgate.store import Store, is_postgres, open_store
 
 
 def read_passwords(config: Config) -> dict[str, tuple[str, str]]:
@@ -39,7 +39,7 @@ class Runtime:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("mailgate"))
 
     @classmethod
-    def from_config(cls, config: Config) -> "Runtime":
+    def from_config(cls, config: Config) -> Runtime:
         secret = load_or_create_secret(Path(config.secret_file))
         store = open_store(config.database, config.database_password_file)
         return cls(config, store, TokenSigner(secret, store.store_id()), read_passwords(config),

@@ -11,9 +11,9 @@ import datetime
 import ipaddress
 import os
 import pwd
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -72,7 +72,7 @@ def make_ca_and_cert(
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o755)
     hostnames = tuple(hostnames)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())

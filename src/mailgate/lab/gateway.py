@@ -15,26 +15,32 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from mailgate.infra.clock import OFFSET_FILE_VARIABLE
+from mailgate.commands.postfixconf import (
+    INBOUND_LISTENER,
+    SUBMISSION_LISTENER,
+    Wiring,
+    main_settings,
+    odoo_pipe_service,
+    transport_service,
+)
 from mailgate.configfile import load_config
+from mailgate.infra.clock import OFFSET_FILE_VARIABLE
+from mailgate.infra.sockets import socket_is_listening
 from mailgate.lab.certs import make_ca_and_cert
 from mailgate.lab.odoo_stub import OdooStub
 from mailgate.lab.postfix import PrivatePostfix
 from mailgate.lab.sinks import Sink
-from mailgate.commands.postfixconf import (INBOUND_LISTENER, SUBMISSION_LISTENER, Wiring, main_settings,
-                                  odoo_pipe_service, transport_service)
-from mailgate.infra.sockets import socket_is_listening
-from mailgate.store import open_store
 from mailgate.rules.tokens import TokenSigner
+from mailgate.store import open_store
 
 SASL_USER, SASL_PASSWORD = "odoo@mycompany.com", "relay-password"
 ODOO_PASSWORD = "odoo-admin-password"
-PIPE_USER = "nobody"
-GONE = "gone@customer.example"  # every upstream sink refuses it with 550 5.1.1  # pipe(8) never runs as root; Debian always has this user
+PIPE_USER = "nobody"  # pipe(8) never runs as root; Debian always has this user
+GONE = "gone@customer.example"  # every upstream sink refuses it with 550 5.1.1
 
 
 @dataclass
@@ -55,7 +61,7 @@ class LabGateway:
     """
 
     def __init__(self, base: Path, extra_config: str = "", *, main_cf_extra: dict[str, str] | None = None,
-                 before_start: Callable[["LabGateway"], None] | None = None, database: str | None = None,
+                 before_start: Callable[[LabGateway], None] | None = None, database: str | None = None,
                  secret_file: Path | None = None):
         """`main_cf_extra` overrides Postfix settings (e.g. a milter chain); `before_start` runs
         after mailgate is up and before Postfix starts (e.g. to start another milter);
@@ -76,7 +82,7 @@ class LabGateway:
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def start(self) -> "LabGateway":
+    def start(self) -> LabGateway:
         certs = make_ca_and_cert(self.base / "tls")
         cert = (certs.cert, certs.key)
         gone = {GONE: "550 5.1.1 <gone@customer.example>: Recipient address rejected: User unknown"}
@@ -186,7 +192,7 @@ class LabGateway:
         for sink in self.sinks.values():
             sink.stop()
 
-    def __enter__(self) -> "LabGateway":
+    def __enter__(self) -> LabGateway:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

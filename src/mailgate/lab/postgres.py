@@ -19,13 +19,14 @@ import re
 import secrets
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import quote
 
 from mailgate.lab.ports import LOOPBACK, free_port
-from mailgate.lab.processes import alive, kill, wait_gone
 from mailgate.lab.postfix import check_reachable
+from mailgate.lab.processes import alive, kill, wait_gone
 
 PG_ROOT = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"

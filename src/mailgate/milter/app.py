@@ -10,22 +10,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 import Milter
 
 from mailgate.config import Config
-
-from mailgate.rules.addresses import clean_text
-from mailgate.rules.classify import takes_inbound_role
 from mailgate.infra.logfmt import kv_line
-from mailgate.milter.facts import MessageFacts
-from mailgate.milter.inbound import ROUTE_HEADER, process_inbound
-from mailgate.milter.outbound import process_outbound
-from mailgate.rules.replies import HOLD_REASONS, SMTP
 from mailgate.infra.runtime import Runtime
 from mailgate.infra.sockets import remove_socket_file, remove_stale_socket, secure_socket_file, socket_file_identity
 from mailgate.infra.socketspec import SocketSpec
+from mailgate.milter.facts import MessageFacts
+from mailgate.milter.inbound import ROUTE_HEADER, process_inbound
+from mailgate.milter.outbound import process_outbound
+from mailgate.rules.addresses import clean_text
+from mailgate.rules.classify import takes_inbound_role
+from mailgate.rules.replies import HOLD_REASONS, SMTP
 
 # Headers a rule reads; the rest are never kept.
 READ_HEADERS = {"from", "sender", "reply-to", "message-id", "precedence", "list-unsubscribe",

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.config import Config
-from mailgate.rules.addresses import normalize
 from mailgate.bounceparse import BounceReport, parse_bounce
+from mailgate.config import Config
+from mailgate.infra.logfmt import kv_line
+from mailgate.infra.runtime import Runtime
+from mailgate.milter.facts import MessageFacts
+from mailgate.rules.addresses import normalize
 from mailgate.rules.blacklist import bounce_lock, record_and_judge
 from mailgate.rules.bounces import ReportDestination, report_destination, token_is_stale
 from mailgate.rules.classify import bounce_token_of
-from mailgate.infra.logfmt import kv_line
-from mailgate.milter.facts import MessageFacts
-from mailgate.infra.runtime import Runtime
-from mailgate.store.interface import BounceRecord
 from mailgate.rules.tokens import BounceToken
+from mailgate.store.interface import BounceRecord
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.rules.inbound import InboundDecision, decide_inbound
-from mailgate.rules.message import InboundMessage
 from mailgate.infra.logfmt import kv_line
+from mailgate.infra.runtime import Runtime
 from mailgate.milter.bounce import BounceEffects, process_bounce
 from mailgate.milter.facts import MessageFacts
-from mailgate.infra.runtime import Runtime
+from mailgate.rules.inbound import InboundDecision, decide_inbound
+from mailgate.rules.message import InboundMessage
 from mailgate.store import InboundRecord
 
 ROUTE_HEADER = "X-Mailgate-Route"
@@ -61,8 +61,8 @@ def process_inbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Inb
                 store.reset_bounces(message.sender, now)  # B2: the address is alive
     line = kv_line(queue_id, role="inbound", **{"from": facts.envelope_sender or None}, sender=message.sender,
                    rcpt=",".join(facts.recipients), routes=",".join(decision.labels) or None,
-                   action=decision.action, reply=str(decision.reply) if decision.reply else None, reason=decision.reasons[-1] if decision.reasons else None,
-                   dry_run=config.dry_run)
+                   action=decision.action, reply=str(decision.reply) if decision.reply else None,
+                   reason=decision.reasons[-1] if decision.reasons else None, dry_run=config.dry_run)
     header = ", ".join(decision.labels) if delivering else None
     bounce = None
     if delivering and is_bounce and not config.dry_run:

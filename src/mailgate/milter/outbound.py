@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.rules.addresses import domain_of, normalize, parse_mailboxes, to_wire
 from mailgate.infra.logfmt import kv_line
-from mailgate.milter.facts import MessageFacts
-from mailgate.rules.outbound import OutboundDecision, OutboundRequest, decide_outbound, is_mass_mail
 from mailgate.infra.runtime import Runtime
+from mailgate.milter.facts import MessageFacts
+from mailgate.rules.addresses import domain_of, normalize, parse_mailboxes, to_wire
+from mailgate.rules.outbound import OutboundDecision, OutboundRequest, decide_outbound, is_mass_mail
 from mailgate.store import OutboundRecord
 
 STREAM_HEADER = "X-Mailgate-Stream"
@@ -60,7 +60,8 @@ def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Ou
                            bool(removed) and len(removed) == len(facts.recipients), blacklist_lines)
 
 
-def _blacklisted(runtime: Runtime, facts: MessageFacts, queue_id: str, mass: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _blacklisted(runtime: Runtime, facts: MessageFacts, queue_id: str,
+                 mass: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Mass mail loses its blacklisted recipients; transactional mail is never blocked, only logged."""
     blocked = runtime.store.blacklisted([normalize(r) for r in facts.recipients])
     if not blocked:

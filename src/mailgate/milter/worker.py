@@ -174,8 +174,8 @@ def main() -> int:
     if config is None:
         return 1
     logger = setup_logging()
-    from mailgate.milter.app import serve_milter
     from mailgate.infra.runtime import Runtime
+    from mailgate.milter.app import serve_milter
 
     try:
         runtime = Runtime.from_config(config)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 
 from mailgate.config import Config
-from mailgate.rules.delivery import delivery_transport
 from mailgate.infra.logfmt import kv_line
+from mailgate.infra.runtime import Runtime
 from mailgate.policy.socketmap import SocketmapReply
+from mailgate.rules.delivery import delivery_transport
 from mailgate.rules.replies import LOOKUP
 from mailgate.rules.routing import PerConfig, route_for_sender
-from mailgate.infra.runtime import Runtime
 
 SASL_PREFIX = "sasl-"
 NOTFOUND = SocketmapReply.notfound()

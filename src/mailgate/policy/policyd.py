@@ -22,11 +22,17 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from mailgate.policy.attributes import (DEFAULT_MAX_ATTRIBUTES, LOG_SNIPPET, MalformedRequest, PolicyRequest,
-                                        encode_action, parse_request)
+from mailgate.infra.socketspec import SocketSpec
+from mailgate.policy.attributes import (
+    DEFAULT_MAX_ATTRIBUTES,
+    LOG_SNIPPET,
+    MalformedRequest,
+    PolicyRequest,
+    encode_action,
+    parse_request,
+)
 from mailgate.policy.service import ServiceConnection, StreamService
 from mailgate.rules.replies import POLICY
-from mailgate.infra.socketspec import SocketSpec
 
 MALFORMED_DUNNO = POLICY["malformed_dunno"]
 MALFORMED_DEFER = POLICY["malformed_defer"]
@@ -216,7 +222,7 @@ class PolicyServer(StreamService):
                 self.logger.exception("policyd: answering %d requests together failed; answering each alone",
                                       len(requests))
             else:
-                return [self._reply(request, action) for request, action in zip(requests, actions)]
+                return [self._reply(request, action) for request, action in zip(requests, actions, strict=True)]
         return [self._reply_alone(request) for request in requests]
 
     def _reply_alone(self, request: PolicyRequest) -> bytes:

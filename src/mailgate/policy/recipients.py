@@ -19,12 +19,12 @@ from collections import Counter
 from collections.abc import Sequence
 
 from mailgate.config import Config
-from mailgate.rules.classify import on_alias_domain, recipient_verdict
 from mailgate.infra.logfmt import kv_line
+from mailgate.infra.runtime import Runtime
 from mailgate.policy.attributes import PolicyRequest
+from mailgate.rules.classify import on_alias_domain, recipient_verdict
 from mailgate.rules.quota import WINDOW, QuotaClaim, quota_allows, quota_claim
 from mailgate.rules.replies import POLICY
-from mailgate.infra.runtime import Runtime
 
 DUNNO = POLICY["outside"]
 
@@ -53,7 +53,7 @@ class GatewayPolicy:
                 granted = self._take_quota(config, [claim for _, _, claim in claims])
             except Exception as exc:  # the store failed (locked past its busy timeout, gone, ...)
                 return self._defer_claims(actions, claims, exc)
-            for (index, request, claim), allowed in zip(claims, granted):
+            for (index, request, claim), allowed in zip(claims, granted, strict=True):
                 if not allowed:
                     actions[index] = self._refuse(
                         request, "quota_hold" if config.quota.action == "hold" else "quota_defer",

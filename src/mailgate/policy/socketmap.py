@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mailgate.infra.socketspec import SocketSpec
 from mailgate.policy.netstring import (
     DEFAULT_MAX_LENGTH,
     NetstringDecoder,
@@ -26,7 +27,6 @@ from mailgate.policy.netstring import (
 )
 from mailgate.policy.service import ServiceConnection, StreamService
 from mailgate.rules.replies import LOOKUP
-from mailgate.infra.socketspec import SocketSpec
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def is_valid_domain(domain: str) -> bool:
     except UnicodeError:
         return False
     labels = ascii_domain.split(".")
-    return len(labels) >= 2 and len(ascii_domain) <= 253 and all(_DOMAIN_LABEL.match(l) for l in labels)
+    return len(labels) >= 2 and len(ascii_domain) <= 253 and all(_DOMAIN_LABEL.match(label) for label in labels)
 
 
 def idna_domain(domain: str) -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.rules.bounces import blacklist_verdict
 from mailgate.config import BounceSettings
+from mailgate.rules.bounces import blacklist_verdict
 from mailgate.store.interface import BounceRecord, Store
 
 RULE_SOURCE = "rule"

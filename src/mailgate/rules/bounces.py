@@ -9,8 +9,8 @@ from typing import Literal
 
 from mailgate.config import BounceSettings, Config
 from mailgate.rules.classify import bounce_token_of, is_plain_bounce
-from mailgate.store.interface import BounceFact
 from mailgate.rules.tokens import BounceToken
+from mailgate.store.interface import BounceFact
 
 DAY = 86400.0
 ReportDestination = Literal["original", "odoo", "discard"]

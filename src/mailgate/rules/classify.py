@@ -5,7 +5,8 @@ service's verdict on one RCPT, and which milter role a message takes.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from mailgate.config import Alias, Config
 from mailgate.rules.addresses import normalize

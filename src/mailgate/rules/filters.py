@@ -18,11 +18,11 @@ class FromFilter:
     domains: tuple[str, ...]
 
     @classmethod
-    def empty(cls) -> "FromFilter":
+    def empty(cls) -> FromFilter:
         return cls(None, (), ())
 
     @classmethod
-    def parse(cls, raw: str | None) -> "FromFilter":
+    def parse(cls, raw: str | None) -> FromFilter:
         """Split a comma list into address parts (with `@`) and domain parts (without)."""
         parts = [normalize(p) for p in (raw or "").split(",")]
         parts = [p for p in parts if p]

@@ -8,9 +8,10 @@ store knows (outbound Message-IDs, recent counts) is passed in as callables, so 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 from mailgate.config import Alias, Config
 from mailgate.rules.addresses import clean_text

@@ -4,7 +4,7 @@ replies to Odoo's own loop notices that are dropped.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mailgate.config import Config
 from mailgate.rules.addresses import normalize

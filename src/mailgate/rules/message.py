@@ -5,8 +5,9 @@ Message-ID and thread references, and the route value the inbound rules hand on.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 from mailgate.rules.addresses import normalize, parse_mailboxes
 

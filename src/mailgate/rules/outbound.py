@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mailgate.rules.addresses import Mailbox, domain_of, format_mailbox, normalize, parse_mailboxes
 from mailgate.config import Config, Server
+from mailgate.rules.addresses import Mailbox, domain_of, format_mailbox, normalize, parse_mailboxes
 from mailgate.rules.filters import FromFilter
 
 Step = Literal["mass", "from-address", "from-domain", "notification-address", "notification-domain", "no-filter",

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mailgate.rules.addresses import domain_of
 from mailgate.config import Config
+from mailgate.rules.addresses import domain_of
 
 WINDOW = 24 * 3600.0
 Stream = Literal["transactional", "mass"]

@@ -9,10 +9,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailgate.store.interface import (BlacklistEntry, BounceDay, BounceFact, BounceRecord,  # noqa: F401
-                                      BounceStats, DeliveryCount, DeliveryRecord, DeliveryTotal, DomainBounces,
-                                      InboundRecord, KindBounces, OutboundRecord, ServerBounces, Store,
-                                      StoredBounce, StoredDelivery, StoredOutbound, StoreUnavailable, TableBatch)
+from mailgate.store.interface import (  # noqa: F401
+    BlacklistEntry,
+    BounceDay,
+    BounceFact,
+    BounceRecord,
+    BounceStats,
+    DeliveryCount,
+    DeliveryRecord,
+    DeliveryTotal,
+    DomainBounces,
+    InboundRecord,
+    KindBounces,
+    OutboundRecord,
+    ServerBounces,
+    Store,
+    StoredBounce,
+    StoredDelivery,
+    StoredOutbound,
+    StoreUnavailable,
+    TableBatch,
+)
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 

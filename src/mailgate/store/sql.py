@@ -10,15 +10,32 @@ Rows come back as the typed records of `mailgate.store.interface`, the 0/1 flag 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set as AbstractSet
 from contextlib import AbstractContextManager
 from dataclasses import asdict, fields
-from typing import AbstractSet, Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
-from mailgate.store.interface import (BlacklistEntry, BounceDay, BounceFact, BounceRecord, BounceStats,
-                                      DeliveryCount, DeliveryRecord, DeliveryTotal, DomainBounces, InboundRecord,
-                                      KindBounces, OutboundRecord, ServerBounces, StoredBounce, StoredDelivery,
-                                      StoredOutbound, TableBatch, bounce_ids_of)
-
+from mailgate.store.interface import (
+    BlacklistEntry,
+    BounceDay,
+    BounceFact,
+    BounceRecord,
+    BounceStats,
+    DeliveryCount,
+    DeliveryRecord,
+    DeliveryTotal,
+    DomainBounces,
+    InboundRecord,
+    KindBounces,
+    OutboundRecord,
+    ServerBounces,
+    StoredBounce,
+    StoredDelivery,
+    StoredOutbound,
+    TableBatch,
+    bounce_ids_of,
+)
 
 QUOTA_COUNTERS = ("create table quota_counters (key text not null, stream text not null, minute bigint not null, "
                   "count integer not null, primary key (key, stream, minute))")
@@ -106,7 +123,7 @@ class SQLStore:
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict]:
         cursor = self._execute(sql, params)
         names = [c[0] for c in cursor.description]
-        return [dict(zip(names, row)) for row in cursor.fetchall()]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def _records(self, make: Callable[[dict], Record], sql: str, params: Sequence[Any] = ()) -> list[Record]:
         """The rows of a query as records (`make` builds one from a row's column -> value dict)."""
@@ -397,11 +414,12 @@ class SQLStore:
                     deleted["quota_recipients"] = self.purge_quota(cutoff)
                 continue
             routes: list[int] = []
-            before_delete = {"inbound_messages": lambda ids: routes.append(self._delete_routes_of(ids)),
-                             "bounces": lambda ids: self._count_purged("bounces", BOUNCE_KIND, ids),
-                             "deliveries": lambda ids: self._count_purged("deliveries", "status", ids)}.get(table)
+            before_delete: dict[str, Callable[[list[Any]], Any]] = {
+                "inbound_messages": partial(self._collect_routes_of, routes),
+                "bounces": partial(self._count_purged, "bounces", BOUNCE_KIND),
+                "deliveries": partial(self._count_purged, "deliveries", "status")}
             keep = self._blacklist_evidence() if table == "bounces" else frozenset()
-            deleted[table] = self._purge_batches(table, cutoff, batch, keep, before_delete)
+            deleted[table] = self._purge_batches(table, cutoff, batch, keep, before_delete.get(table))
             if table == "inbound_messages":
                 deleted["inbound_routes"] = sum(routes)
         return deleted
@@ -437,6 +455,9 @@ class SQLStore:
             # kept rows at the time the next batch starts from (rows of one report share it)
             passed = (passed if last == after else []) + [k for k, at in rows if at == last and k in keep]
             after = last
+
+    def _collect_routes_of(self, deleted: list[int], ids: list[int]) -> None:
+        deleted.append(self._delete_routes_of(ids))
 
     def _delete_routes_of(self, ids: list[int]) -> int:
         return self._execute(f"delete from inbound_routes where message in ({self._marks(ids)})", ids).rowcount

@@ -12,9 +12,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import sqlite_utils
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import dns.resolver
 
-from mailgate.config import Config
 from mailgate.commands.dnscheck.dmarc_dkim_mx import check_dkim, check_dmarc, check_mx
 from mailgate.commands.dnscheck.findings import Finding, finding
 from mailgate.commands.dnscheck.resolver import Dns, DnsTrouble
 from mailgate.commands.dnscheck.spf_check import check_spf
+from mailgate.config import Config
 
 
 def check_dns(config: Config, domain: str | None = None, *,

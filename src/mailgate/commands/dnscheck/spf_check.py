@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
-from mailgate.config import Config, Server
 from mailgate.commands.dnscheck.findings import Finding, finding
 from mailgate.commands.dnscheck.resolver import Dns, DnsTrouble
 from mailgate.commands.dnscheck.spf import LOOKUP_LIMIT, Spf, follows_redirect, is_spf, parse_spf
+from mailgate.config import Config, Server
 
 # Relays whose SMTP host is not where their mail leaves from: their documented include counts.
 PROVIDER_INCLUDES: tuple[tuple[str, str, str], ...] = (

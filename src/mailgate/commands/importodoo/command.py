@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from mailgate.configfile import ConfigError, parse_config
 from mailgate.commands.importodoo.files import write_secrets, write_text
 from mailgate.commands.importodoo.model import ImportFailed, ImportResult, oneline
 from mailgate.commands.importodoo.odoo_changes import odoo_changes
 from mailgate.commands.importodoo.reading import read
 from mailgate.commands.importodoo.rendering import render
 from mailgate.commands.importodoo.yamlout import Out
+from mailgate.configfile import ConfigError, parse_config
 from mailgate.rules.replies import EXIT
 
 
@@ -64,4 +64,4 @@ def main_import(dsn: str, output: Path | None, secrets_dir: Path | None = None, 
         if result.secret_files else ""
     print(f"mailgate import-odoo: {where}{secrets_note}; check it with: mailgate check-config", file=stderr)
     print(result.odoo_changes, file=stderr)
-    return 0
+    return EXIT["ok"]

@@ -40,8 +40,10 @@ def _alias_settings(odoo: Odoo, out: Out) -> dict[str, Any]:
         if main.get("companies"):
             source["name"] += f", used by {main['companies']}"
     else:
-        main = {"name": odoo.params.get("mail.catchall.domain"), "catchall_alias": odoo.params.get("mail.catchall.alias"),
-                "bounce_alias": odoo.params.get("mail.bounce.alias"), "default_from": odoo.params.get("mail.default.from")}
+        main = {"name": odoo.params.get("mail.catchall.domain"),
+                "catchall_alias": odoo.params.get("mail.catchall.alias"),
+                "bounce_alias": odoo.params.get("mail.bounce.alias"),
+                "default_from": odoo.params.get("mail.default.from")}
         source = {"name": "mail.catchall.domain", "catchall_alias": "mail.catchall.alias",
                   "bounce_alias": "mail.bounce.alias", "default_from": "mail.default.from"}
     for odoo_key, key, default in (("name", "alias_domain", "unset"), ("default_from", "default_from", "notifications"),

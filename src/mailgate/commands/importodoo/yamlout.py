@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailgate.configfile import ConfigError, parse_config
 from mailgate.commands.importodoo.model import oneline
+from mailgate.configfile import ConfigError, parse_config
 
 _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def chain(exc: BaseException) -> Iterator[BaseException]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import difflib
 
-from mailgate.config import Config
 from mailgate.commands.testserver.probe import Probe, Stop
 from mailgate.commands.testserver.result import FIXES, ServerTestResult, Step
+from mailgate.config import Config
 
 
 def test_server(config: Config, name: str, *, send_to: str | None = None,

@@ -6,17 +6,18 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, NoReturn, cast
+from typing import NoReturn, cast
 
-from mailgate.config import Config, Server
-from mailgate.rules.outbound import notification_address
 from mailgate.commands.testserver.connection import Session, connect
 from mailgate.commands.testserver.details import chain, describe, reply
 from mailgate.commands.testserver.message import test_message
 from mailgate.commands.testserver.result import FIXES, Step
+from mailgate.config import Config, Server
+from mailgate.rules.outbound import notification_address
 
 
 class Stop(Exception):

@@ -10,13 +10,13 @@ import signal
 import sys
 import threading
 
-from mailgate.config import Config
-from mailgate.infra.logfmt import setup_logging
-from mailgate.store import open_store
 from mailgate.commands.watchlog.files import follow
 from mailgate.commands.watchlog.journal import JournalError, follow_journal
 from mailgate.commands.watchlog.recording import position_key
+from mailgate.config import Config
+from mailgate.infra.logfmt import setup_logging
 from mailgate.rules.replies import EXIT
+from mailgate.store import open_store
 
 DEFAULT_LOG = "/var/log/mail.log"        # Debian's rsyslog file for the mail facility
 
@@ -27,7 +27,7 @@ def main_watch_log(config: Config, source: str | None, journal: bool, once: bool
     SIGTERM and SIGINT end it after the batch in hand (its position is saved with it)."""
     if journal and source:
         print("mailgate: watch-log takes a FILE or --journal, not both", file=sys.stderr)
-        return 2
+        return EXIT["usage"]
     if journal and not shutil.which("journalctl"):
         print("mailgate: watch-log --journal: journalctl not found", file=sys.stderr)
         return EXIT["failure"]
@@ -45,13 +45,13 @@ def main_watch_log(config: Config, source: str | None, journal: bool, once: bool
             except (JournalError, OSError) as exc:
                 print(f"mailgate: watch-log --journal: {exc}", file=sys.stderr)
                 return EXIT["failure"]
-            return 0
+            return EXIT["ok"]
         path = source or DEFAULT_LOG
         if once and not os.path.exists(path) and store.log_position(position_key(path)) is None:
             print(f"mailgate: watch-log: no such file: {path}", file=sys.stderr)
             return EXIT["failure"]
         follow(path, store, config, once=once, stop=stop, logger=logger)
-        return 0
+        return EXIT["ok"]
     finally:
         store.close()
         for number, handler in previous.items():

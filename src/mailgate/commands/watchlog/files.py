@@ -10,11 +10,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from mailgate.commands.watchlog.parsing import parse_current
+from mailgate.commands.watchlog.recording import CHUNK, Clock, Moved, commit, position_key
 from mailgate.config import Config
 from mailgate.infra.logfmt import kv_line
 from mailgate.store.interface import Store
-from mailgate.commands.watchlog.parsing import parse_current
-from mailgate.commands.watchlog.recording import CHUNK, Clock, Moved, commit, position_key
 
 
 @dataclass(frozen=True)

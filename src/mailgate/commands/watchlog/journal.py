@@ -11,11 +11,11 @@ import subprocess
 import threading
 import time
 
+from mailgate.commands.watchlog.parsing import LogEvent, parse_message
+from mailgate.commands.watchlog.recording import CHUNK, JOURNAL, JOURNAL_BATCH, Clock, Moved, commit, position_key
 from mailgate.config import Config
 from mailgate.infra.logfmt import kv_line
 from mailgate.store.interface import Store
-from mailgate.commands.watchlog.parsing import LogEvent, parse_message
-from mailgate.commands.watchlog.recording import CHUNK, JOURNAL, JOURNAL_BATCH, Clock, Moved, commit, position_key
 
 
 def journal_command(after_usec: int, follow: bool) -> list[str]:
@@ -56,7 +56,8 @@ def follow_journal(store: Store, config: Config, *, once: bool = False, poll: fl
     key = position_key(JOURNAL)
     saved = store.log_position(key)
     after = saved[1] if saved else 0
-    process = subprocess.Popen(command or journal_command(after, follow=not once), stdout=subprocess.PIPE)
+    argv = command or journal_command(after, follow=not once)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE)
     assert process.stdout is not None
     pending: list[LogEvent] = []
     buffer, last, total, eof = b"", after, 0, False
@@ -80,8 +81,10 @@ def follow_journal(store: Store, config: Config, *, once: bool = False, poll: fl
                     break
                 saved, pending = (0, last), []
         if eof and (code := process.wait(5)) != 0:
-            raise JournalError(f"{' '.join(process.args)} exited with status {code}")
+            raise JournalError(f"{' '.join(argv)} exited with status {code}")
     finally:
         process.terminate()
         process.wait(5)
+        if process.stdout is not None:
+            process.stdout.close()
     return total

@@ -9,16 +9,16 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
-from mailgate.rules.addresses import normalize
-from mailgate.rules.retention import EXPIRY_HORIZON
-from mailgate.rules.blacklist import DELIVERED_REASON, bounce_lock, clear_after_delivery, record_and_judge
+from mailgate.commands.watchlog.parsing import LogEvent
 from mailgate.config import Config
 from mailgate.infra.logfmt import kv_line
+from mailgate.rules.addresses import normalize
+from mailgate.rules.blacklist import DELIVERED_REASON, bounce_lock, clear_after_delivery, record_and_judge
+from mailgate.rules.retention import EXPIRY_HORIZON
 from mailgate.store.interface import BounceRecord, DeliveryRecord, Store
-from mailgate.commands.watchlog.parsing import LogEvent
 
 JOURNAL = "journal:postfix*"             # what the journal reader follows, as a log_positions key
 CHUNK = 1 << 16                          # bytes read (and committed) per batch: a few hundred lines,
