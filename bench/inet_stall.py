@@ -49,6 +49,7 @@ from _common import (
 
 from mailgate.commands.postfixconf import main_settings, milter_address, transport_service
 from mailgate.configfile import load_config
+from mailgate.infra.socketspec import parse_socket_spec
 from mailgate.lab.ports import free_port
 from mailgate.lab.postfix import POSTCONF, PrivatePostfix, make_basedir
 
@@ -133,7 +134,7 @@ def main() -> int:
                 transport = first_config.servers[0].transport
                 static = base / "sender-transport"
                 static.write_text(f"{SENDER} {transport}\n")
-                address = milter_address(spec)
+                address = milter_address(parse_socket_spec(spec))
                 wanted = {"sender_dependent_default_transport_maps": f"texthash:{static}", "smtpd_milters": address,
                           "non_smtpd_milters": address, "milter_default_action": "tempfail", "milter_protocol": "6"}
             settings[name] = wanted

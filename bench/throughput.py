@@ -149,7 +149,8 @@ class Bench:
         def trivial_milter(mode: str) -> dict[str, str]:
             address = self.milters[mode].spec
             from mailgate.commands.postfixconf import milter_address
-            address = milter_address(address)
+            from mailgate.infra.socketspec import parse_socket_spec
+            address = milter_address(parse_socket_spec(address))
             return baseline | {"smtpd_milters": address, "non_smtpd_milters": address,
                                "milter_default_action": "tempfail", "milter_protocol": "6"}
 
