@@ -1,15 +1,25 @@
-"""docs/rules.md B2-B3 and Q as tables: the blacklist rule, stale tokens, where reports go, the quota."""
+"""docs/rules.md B1-B3 and Q as tables: what a report may record, the blacklist rule, stale tokens, where
+reports go, the quota."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
 from mailgate.config import BounceSettings
 from mailgate.configfile import parse_config
-from mailgate.rules.bounces import blacklist_verdict, report_destination, token_is_stale
+from mailgate.rules.blacklist import record_and_judge
+from mailgate.rules.bounces import (
+    UNTIED_ROWS_PER_REPORT,
+    blacklist_verdict,
+    report_destination,
+    screen_failed,
+    token_is_stale,
+)
 from mailgate.rules.quota import quota_allows, quota_key, quota_limit
 from mailgate.rules.tokens import TokenSigner
-from mailgate.store.interface import BounceFact
+from mailgate.store.interface import BounceFact, BounceRecord
 
 DAY = 86400.0
 NOW = 2_000_000_000.0
@@ -93,3 +103,76 @@ def test_quota_limits_and_allowance():
     config = parse_config("quota: {daily: 200, mass_daily: 5000}\n", check_files=False).config
     assert quota_limit(config, False) == 200 and quota_limit(config, True) == 5000
     assert quota_allows(199, 200) and not quota_allows(200, 200) and quota_allows(10**9, None)
+
+
+# -- B1: a report counts only for the message's own recipients, once, with bounded work ------------
+
+SENT_TO = {"a@customer.example", "b@customer.example"}
+
+
+def sent_to(candidates: list[str]) -> set[str]:
+    return {c for c in candidates if c in SENT_TO}
+
+
+def test_a_report_is_recorded_only_for_the_messages_recipients():
+    addresses = ["a@customer.example", "stranger@else.example", "b@customer.example", "a@customer.example"]
+    screen = screen_failed(addresses, 2, sent_to)
+    assert screen.recorded == (0, 2)
+    assert (screen.not_recipients, screen.repeated, screen.over_limit) == (1, 1, 0)
+
+
+def test_a_report_naming_five_hundred_strangers_is_bounded_by_the_messages_recipients():
+    addresses = [f"victim{n}@else.example" for n in range(500)] + ["a@customer.example"]
+    looked_at: list[list[str]] = []
+    screen = screen_failed(addresses, 2, lambda c: looked_at.append(c) or sent_to(c))
+    assert screen.recorded == ()
+    assert len(looked_at[0]) == 2 + UNTIED_ROWS_PER_REPORT, "only as many addresses as the message could fail"
+    assert screen.not_recipients == 2 + UNTIED_ROWS_PER_REPORT and screen.over_limit == 501 - 12
+
+
+def test_a_report_tied_to_no_known_recipients_writes_a_few_rows_that_never_count():
+    addresses = [f"r{n}@else.example" for n in range(50)]
+    screen = screen_failed(addresses, None, lambda c: pytest.fail("no recipients to look at"))
+    assert screen.recorded == tuple(range(UNTIED_ROWS_PER_REPORT)) and screen.over_limit == 40
+
+
+class OneMessageStore:
+    """What `record_and_judge` asks of a store, for one address's rows."""
+
+    def __init__(self):
+        self.rows: list[BounceRecord] = []
+
+    def bounce_recorded(self, message, recipient):
+        return any(r.message == message and r.recipient == recipient for r in self.rows)
+
+    def record_bounce(self, record):
+        self.rows.append(record)
+        return len(self.rows)
+
+    def countable_bounces(self, address, since):
+        return [BounceFact(i, r.created_at, r.permanent) for i, r in enumerate(self.rows, 1)
+                if r.recipient == address and r.matched and not r.stale]
+
+    def blacklist_add(self, *args):
+        return True
+
+
+def test_a_message_fails_once_per_recipient_however_many_reports_say_so():
+    """B1/B3: five reports (five Message-IDs) on one message are one bounce, never a blacklist."""
+    store = OneMessageStore()
+    record = BounceRecord(NOW, "a@customer.example", "5.1.1", "failed", True, None, None, None, 7, "t", "dsn")
+    outcomes = [record_and_judge(store, BounceSettings(), replace(record, created_at=NOW + d * 2 * DAY),
+                                 NOW + d * 2 * DAY) for d in range(5)]
+    assert [o.repeat for o in outcomes] == [False, True, True, True, True]
+    assert len(store.rows) == 1 and not any(o.blacklisted for o in outcomes)
+    # the same failure on five messages does count (the control)
+    outcomes = [record_and_judge(store, BounceSettings(), replace(record, message=10 + d, created_at=NOW + d * 2 * DAY),
+                                 NOW + d * 2 * DAY) for d in range(5)]
+    assert outcomes[-1].blacklisted
+
+
+def test_a_report_to_odoos_own_pre_token_address_goes_to_odoo_as_addressed():
+    """T1: `bounce+991-mail.mail-17@` is Odoo's own form, on mail Odoo sent before the cut-over."""
+    config = parse_config("alias_domain: mycompany.com\nbounces: {forward: discard}\n", check_files=False).config
+    assert report_destination(config, None, to_odoo_own=True) == "odoo"
+    assert report_destination(config, "bounce+991-mail.mail-17@mycompany.com") == "original"

@@ -179,7 +179,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_check_config_cli(tmp_path):
-    good = write(tmp_path, "alias_domain: mycompany.com\n", "good.yaml")
+    good = write(tmp_path, "alias_domain: mycompany.com\nsecret_file: secret\n", "good.yaml")
     bad = write(tmp_path, "alias_domain: mycompany.com\nloop: {treshold: 3}\n", "bad.yaml")
     ok = run_cli("check-config", "--config", str(good))
     assert ok.returncode == 0, ok.stderr
@@ -195,10 +195,90 @@ def test_check_config_cli(tmp_path):
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
     result = run_cli("check-config", "--config", str(tmp_path / "nope.yaml"))
-    assert result.returncode != 0 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 78 and result.stderr == f"{tmp_path}/nope.yaml: no such file: {tmp_path}/nope.yaml\n"
 
 
 def test_serve_refuses_a_bad_config(tmp_path):
     bad = write(tmp_path, "servers: [{name: A B, host: h}]\n")
     result = run_cli("serve", "--config", str(bad))
     assert result.returncode != 0 and "servers[0]" in result.stderr and "Traceback" not in result.stderr
+
+
+# Issue 15, item 6: what `serve` needs at start, `check-config` checks; both refuse with one line, 78.
+
+def serving_config(tmp_path: Path, text: str) -> Path:
+    """A config whose sockets and store are in `tmp_path`, so a `serve` that got past the checks
+    would not touch the machine's own."""
+    sockets = f"""
+        listen: {{milter: "unix:{tmp_path}/milter.sock", lookup: "unix:{tmp_path}/lookup.sock",
+                  policy: "unix:{tmp_path}/policy.sock"}}
+        database: {tmp_path}/state.sqlite3
+        """
+    return write(tmp_path, textwrap.dedent(sockets) + textwrap.dedent(text).lstrip("\n"))
+
+
+def refused_by_check_config_and_serve(path: Path, expected: str) -> None:
+    for command in ("check-config", "serve"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 78, (command, result.stderr)
+        assert result.stderr.count("\n") == 1 and expected in result.stderr, (command, result.stderr)
+        assert not list(path.parent.glob("*.sock")), command
+
+
+def test_a_password_file_that_is_a_directory_is_refused(tmp_path):
+    directory = tmp_path / "pw"
+    directory.mkdir(mode=0o750)
+    directory.chmod(0o750)
+    path = serving_config(tmp_path, f"""
+        secret_file: secret
+        servers: [{{name: a, host: h.example.net, username: u, password_file: {directory}}}]
+        """)
+    refused_by_check_config_and_serve(path, f":5: servers[0](a).password_file: {directory} is a directory, "
+                                            "not a regular file")
+
+
+def test_a_secret_file_whose_directory_does_not_exist_is_refused(tmp_path):
+    path = serving_config(tmp_path, f"secret_file: {tmp_path}/missing/secret\n")
+    refused_by_check_config_and_serve(path, f":4: secret_file: {tmp_path}/missing/secret does not exist and "
+                                            f"cannot be made: no directory {tmp_path}/missing")
+
+
+def test_a_secret_shorter_than_the_minimum_is_refused(tmp_path):
+    (tmp_path / "secret").write_text("short\n")
+    (tmp_path / "secret").chmod(0o600)
+    path = serving_config(tmp_path, "secret_file: secret\n")
+    refused_by_check_config_and_serve(path, ":4: secret_file: ")
+    assert "holds 5 bytes, fewer than 16" in run_cli("check-config", "--config", str(path)).stderr
+
+
+@pytest.mark.skipif(Path("/etc/mailgate").is_dir(), reason="the default secret's directory exists here")
+def test_an_empty_config_whose_default_secret_cannot_be_made_is_refused(tmp_path):
+    empty = write(tmp_path, "")
+    result = run_cli("check-config", "--config", str(empty))
+    assert result.returncode == 78
+    assert result.stderr == (f"{empty}: secret_file: /etc/mailgate/secret does not exist and cannot be made: "
+                             "no directory /etc/mailgate\n")
+    refused_by_check_config_and_serve(serving_config(tmp_path, ""), ": secret_file: /etc/mailgate/secret")
+
+
+def test_a_secret_made_at_start_passes_check_config(tmp_path):
+    """A missing key in a directory it can be made in is fine: serve makes it."""
+    path = serving_config(tmp_path, "secret_file: secret\n")
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "secret").exists(), "check-config creates nothing"
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_a_password_file_that_never_ends_is_refused(tmp_path, special):
+    if special == "fifo":
+        os.mkfifo(tmp_path / "fifo", 0o600)
+        special = str(tmp_path / "fifo")
+    key = secret(tmp_path, "secret")
+    key.write_text("k" * 32)
+    found = problems(tmp_path, f"""
+        secret_file: {key}
+        servers: [{{name: a, host: h.example.net, username: u, password_file: {special}}}]
+        """)
+    assert found == [f"{tmp_path}/mailgate.yaml:2: servers[0](a).password_file: {special} is a "
+                     f"{'character device' if special == '/dev/zero' else 'named pipe'}, not a regular file"]

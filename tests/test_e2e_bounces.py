@@ -143,3 +143,109 @@ def test_quota_defers_the_201st_recipient_of_a_day(gw):
         client.mail(f"app@{shop}")
         assert client.rcpt(recipients[200])[0] == 250
         client.rset()
+
+
+# -- docs/rules.md B1: a report counts only for the message's own recipients, once -----------------
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def sent_token(gw: LabGateway, recipients: list[str]) -> tuple[str, int]:
+    """Send one message to `recipients` (all delivered); (the token of its envelope, its row id)."""
+    sent = gw.submit(message('"Sales" <sales@mycompany.com>', recipients), "sales@mycompany.com", recipients)
+    sink, index = gw.delivery(sent.queue_id, recipients[0])
+    mail_from = gw.sinks[sink].messages[index].mail_from
+    token = re.fullmatch(r"bounce\+([a-z2-7]{32})@mycompany\.com", mail_from)
+    assert token, mail_from
+    [row] = rows(gw, "select id from messages where queue_id = ?", sent.queue_id)
+    return token.group(1), row["id"]
+
+
+def report_naming(to: str, failed: list[str]) -> tuple[bytes, str]:
+    """An RFC 3464 report to `to` with one failed group per address (any number of them)."""
+    report_id = f"<{uuid.uuid4().hex}@remote.example>"
+    groups = "".join(f"Final-Recipient: rfc822; {address}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+                     "Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n\r\n" for address in failed)
+    text = (f"From: MAILER-DAEMON@remote.example\r\nTo: {to}\r\nSubject: Undelivered Mail Returned to Sender\r\n"
+            f"Message-ID: {report_id}\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+            "--B\r\nContent-Type: text/plain\r\n\r\nIt bounced.\r\n"
+            "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; remote.example\r\n\r\n"
+            f"{groups}--B--\r\n")
+    return text.encode(), report_id
+
+
+def send_report(gw: LabGateway, to: str, failed: list[str]) -> str:
+    """The report through Postfix's inbound listener, null sender; returns its Message-ID once
+    mailgate has logged its summary line."""
+    data, report_id = report_naming(to, failed)
+    with smtplib.SMTP("127.0.0.1", gw.pf.port("inbound"), timeout=60) as client:
+        client.ehlo("remote.example")
+        assert client.mail("")[0] == 250
+        code, reply = client.rcpt(to)
+        assert code == 250, (code, reply)
+        code, reply = client.data(data)
+        assert code == 250, (code, reply)
+    queue_id = re.search(rb"queued as (\w+)", reply).group(1).decode()
+    deadline = time.monotonic() + 30
+    while f"{queue_id}: role=bounce report=dsn failed={len(failed)} " not in gw.mailgate_log():
+        assert time.monotonic() < deadline, f"no summary line for the report {queue_id}"
+        time.sleep(0.2)
+    return queue_id
+
+
+def test_a_report_naming_five_hundred_strangers_counts_only_the_real_recipient_once(gw):
+    """B1: the report's address is in every recipient's Return-Path; naming 500 people who never
+    got the message writes nothing for them, and the same failure under another Message-ID is
+    not a second bounce. One report writes at most as many rows as the message had recipients."""
+    real, other = f"real{uid()}@customer.example", f"other{uid()}@customer.example"
+    token, row = sent_token(gw, [real, other])
+    strangers = [f"stranger{n}.{uid()}@else.example" for n in range(500)]
+    first = send_report(gw, f"bounce+{token}@mycompany.com", [*strangers[:5], real, *strangers[5:]])
+    assert [(b["recipient"], b["matched"], b["permanent"]) for b in
+            rows(gw, "select * from bounces where message = ?", row)] == [(real, 1, 1)]
+    assert not rows(gw, "select id from bounces where recipient like 'stranger%'")
+    log = gw.mailgate_log()
+    assert re.search(rf"{first}: role=bounce report=dsn failed=501 recorded=1 ignored=500 not_recipients=11 "
+                     r"repeated=0 over_limit=489 ", log), "only 2 + 10 addresses are looked at, the real one among them"
+
+    again = send_report(gw, f"bounce+{token}@mycompany.com", [real])
+    assert len(rows(gw, "select id from bounces where message = ?", row)) == 1
+    assert re.search(rf"{again}: role=bounce report=dsn failed=1 recorded=0 ignored=1 not_recipients=0 repeated=1 ",
+                     gw.mailgate_log())
+
+
+def test_reports_naming_an_address_that_was_never_mailed_never_blacklist_it(gw):
+    """B1/B3: five reports two days apart, each on a real message of ours, name `victim`, who got
+    none of them: it is not blacklisted and mass mail to it still goes; the message's own
+    recipient, named by the same reports, is (the control: the reports did count)."""
+    victim, real = f"victim{uid()}@customer.example", f"real{uid()}@customer.example"
+    for _ in range(5):
+        gw.move_clock(2 * DAY)
+        token, _ = sent_token(gw, [real])
+        send_report(gw, f"bounce+{token}@mycompany.com", [victim, real])
+    assert rows(gw, "select id from blacklist where address = ? and removed_at is null", real)
+    assert not rows(gw, "select id from bounces where recipient = ?", victim)
+    assert not rows(gw, "select id from blacklist where address = ?", victim)
+    sent = gw.submit(message("News <news@mycompany.com>", [victim]), "news@mycompany.com", [victim], listener="mass")
+    assert gw.delivery(sent.queue_id, victim)[0] == "mass"
+
+
+def test_a_report_to_odoos_own_pre_token_address_is_passed_to_odoo(gw):
+    """T1, I2.1, I5, I6: Odoo 16's own bounce address, in mail sent before the cut-over, is
+    accepted at RCPT (no longer refused as a forged token), delivered to Odoo as addressed, and
+    names no message row of ours: its rows never count."""
+    odoo_own = f"bounce+{int(uid(), 16) % 10**6}-mail.mail-17@mycompany.com"
+    failed = f"pre{uid()}@customer.example"
+    queue_id = send_report(gw, odoo_own, [failed])
+    [bounce] = rows(gw, "select * from bounces where recipient = ?", failed)
+    assert bounce["message"] is None and bounce["matched"] == 0
+    assert re.search(rf"{queue_id}: role=bounce report=dsn failed=1 recorded=1 ignored=0 odoo_own=yes "
+                     r"destination=odoo", gw.mailgate_log())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(failed.encode() in c.message for c in gw.odoo.calls):
+        time.sleep(0.2)
+    [call] = [c for c in gw.odoo.calls if failed.encode() in c.message]
+    assert f"Delivered-To: {odoo_own}".encode() in call.message and call.model is None

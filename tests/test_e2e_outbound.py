@@ -6,6 +6,9 @@ uses its own addresses and finds its mail by queue id, so the tests do not depen
 
 from __future__ import annotations
 
+import email.header
+import email.headerregistry
+import email.policy
 import os
 import re
 import signal
@@ -244,3 +247,67 @@ def test_a_reload_reaches_the_milter_process(gw):
             time.sleep(0.1)
     got = send(gw, '"Admin" <admin@example.com>', "admin@example.com").got
     assert re.search(rb"^From: (.*)$", got.data, re.M).group(1).strip() == b'"Admin" <notifications@mycompany.com>'
+
+
+# docs/rules.md O5: the rewritten From is folded (issue 15, item 5), a comment is a name (item 8).
+
+LONG_NAMES = {
+    "long ASCII name with spaces and quotes": 'Jane "JJ" Doe, Sales \\ Support Team ' * 40,
+    "long non-ASCII name": "Zoë Ünal-Élodie Łukasz Ørsted 東京 " * 40,
+    "one long ASCII word": "N" * 900,
+}
+
+
+def _from_lines(data: bytes) -> list[bytes]:
+    """The physical lines of the From header as the sink received them."""
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    start = next(i for i, line in enumerate(head) if line.lower().startswith(b"from:"))
+    end = start + 1
+    while end < len(head) and head[end][:1] in (b" ", b"\t"):
+        end += 1
+    return head[start:end]
+
+
+def _display_name(unfolded: str) -> str:
+    """The one mailbox's name, read by the email package: its header registry for a quoted name,
+    RFC 2047 decoding for encoded words (the registry keeps the white space between them, which
+    RFC 2047 6.2 says to drop)."""
+    [mailbox] = email.policy.default.header_factory("From", unfolded).addresses
+    assert mailbox.addr_spec == "notifications@mycompany.com", unfolded
+    if "=?" not in unfolded:
+        return mailbox.display_name
+    words = unfolded.rpartition("<")[0].strip()
+    return str(email.header.make_header(email.header.decode_header(words)))
+
+
+def _folded_author(name: str, address: str) -> bytes:
+    """A well-formed, folded From as a careful client writes it: a quoted name folded before
+    its spaces, or the email package's own encoded words. (The email package's refolding of a
+    long quoted name drops its quotes, so it is not used for that.)"""
+    if name.isascii():
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return ('"' + quoted.replace(" ", "\r\n ") + f'" <{address}>').encode()
+    return (email.header.Header(name, "utf-8").encode(maxlinelen=76) + f" <{address}>").encode()
+
+
+@pytest.mark.parametrize("name", list(LONG_NAMES.values()), ids=list(LONG_NAMES))
+def test_long_names_are_folded_and_round_trip_through_postfix(gw, name):
+    name = name.strip()
+    to = rcpt()
+    msgid = f"<{uuid.uuid4().hex}@app.example>"
+    data = (b"From: " + _folded_author(name, "long@example.org") + b"\r\nTo: " + to.encode()
+            + b"\r\nSubject: long name\r\nMessage-ID: " + msgid.encode() + b"\r\n\r\nbody\r\n")
+    sent = gw.submit(data, "long@example.org", [to])
+    sink, index = gw.delivery(sent.queue_id, to)
+    out = Outcome(sent.queue_id, msgid, sink, gw.sinks[sink].messages[index])
+    lines = _from_lines(out.got.data)
+    assert all(len(line) <= 78 for line in lines), [len(line) for line in lines]
+    unfolded = b"".join(lines).decode("ascii")[len("From:"):]
+    assert _display_name(unfolded) == name
+    assert out.got.parsed["From"].addresses[0].addr_spec == "notifications@mycompany.com"
+
+
+def test_a_comment_is_kept_as_the_display_name(gw):
+    out = send(gw, "admin@example.com (Admin Person)", "admin@example.com")
+    assert out.got.parsed["From"].addresses[0].display_name == "Admin Person"
+    assert out.got.parsed["From"].addresses[0].addr_spec == "notifications@mycompany.com"

@@ -84,8 +84,35 @@ def test_daily_quota_counts_over_both_hosts(pair):
         with smtplib.SMTP("127.0.0.1", gateway.pf.port("submission"), timeout=30) as client:
             client.ehlo("lab.client")
             client.mail(f"app@{domain}")
-            answers.append(client.rcpt(f"r{number}@customer.example")[0])
+            code = client.rcpt(f"r{number}@customer.example")[0]
+            answers.append(code)
+            if code == 250:  # a recipient counts once its message is accepted (a RSET gives it back)
+                client.data(message(f'"App" <app@{domain}>', f"r{number}@customer.example"))
+            else:
+                client.rset()
+    assert answers == [250] * 6 + [450, 450]
+
+
+def test_aborted_transactions_on_both_hosts_give_back_and_the_day_stays_exact(pair):
+    """On each host in turn, a session takes a recipient and resets, then sends one message:
+    the aborted take is given back before the message's take, so exactly the 6 of `quota.daily` pass
+    over both hosts, and the rest are deferred by the quota."""
+    domain = f"q{uuid.uuid4().hex[:6]}.example"
+    sender = f"app@{domain}"
+    answers = []
+    for number in range(6 + 2):
+        gateway = pair[number % 2]
+        with smtplib.SMTP("127.0.0.1", gateway.pf.port("submission"), timeout=30) as client:
+            client.ehlo("lab.client")
+            client.mail(sender)
+            client.rcpt(f"aborted{number}@customer.example")
             client.rset()
+            client.mail(sender)
+            code, _ = client.rcpt(f"r{number}@customer.example")
+            answers.append(code)
+            if code == 250:
+                message = make_message(sender, f"r{number}@customer.example", subject="two hosts")[0]
+                assert client.data(message)[0] == 250
     assert answers == [250] * 6 + [450, 450]
 
 
@@ -109,6 +136,38 @@ def test_a_bounce_recorded_by_one_host_blacklists_for_the_other(pair):
     with pytest.raises(smtplib.SMTPResponseException) as refused:
         two.submit(message("News <news@mycompany.com>", GONE), "news@mycompany.com", [GONE], listener="mass")
     assert refused.value.smtp_code == 550 and b"blacklisted" in refused.value.smtp_error
+
+
+def test_a_report_reaching_the_other_host_counts_only_the_messages_recipients(pair):
+    """docs/rules.md B1, T1: the recipients' digests are keyed with the shared secret, not per
+    host: a report on a message sent through one host, delivered to the other, counts for the
+    message's own recipient and for nobody else."""
+    one, two, _ = pair
+    real, stranger = f"real{uuid.uuid4().hex[:6]}@customer.example", f"stranger{uuid.uuid4().hex[:6]}@else.example"
+    sent = one.submit(message('"Sales" <sales@mycompany.com>', real), "sales@mycompany.com", [real])
+    sink, index = one.delivery(sent.queue_id, real)
+    token = re.fullmatch(r"bounce\+([a-z2-7]{32})@mycompany\.com", one.sinks[sink].messages[index].mail_from)
+    assert token, one.sinks[sink].messages[index].mail_from
+    row = two.token_signer().verify(token.group(1)).row_id
+    report_to = f"bounce+{token.group(1)}@mycompany.com"
+    groups = "".join(f"Final-Recipient: rfc822; {address}\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+                     for address in (stranger, real))
+    report = (f"From: MAILER-DAEMON@remote.example\r\nTo: {report_to}\r\nSubject: failed\r\n"
+              f"Message-ID: <{uuid.uuid4().hex}@remote.example>\r\nMIME-Version: 1.0\r\n"
+              'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+              "--B\r\nContent-Type: text/plain\r\n\r\nIt bounced.\r\n--B\r\n"
+              "Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; remote.example\r\n\r\n"
+              f"{groups}--B--\r\n").encode()
+    arrived = two.submit(report, "", [report_to], listener="inbound")
+    deadline = time.monotonic() + 30
+    while f"{arrived.queue_id}: role=bounce report=dsn" not in two.mailgate_log():
+        assert time.monotonic() < deadline, "the report was not recorded"
+        time.sleep(0.2)
+    log = two.mailgate_log()
+    assert re.search(rf"{arrived.queue_id}: role=bounce rcpt=<{real}> status=5.1.1 permanent=yes message={row} ", log)
+    assert f"rcpt=<{stranger}>" not in log
+    assert re.search(rf"{arrived.queue_id}: role=bounce report=dsn failed=2 recorded=1 ignored=1 "
+                     r"not_recipients=1 ", log)
 
 
 def test_postgres_outage_tempfails_and_recovers_by_itself(pair):

@@ -563,6 +563,7 @@ def test_disk_full_tempfails_and_recovers_without_restart(gw):
     ledger = Ledger()
     state = store_path(gw).parent
     filler = state / "filler"
+    log_before = len(gw.mailgate_log())
     subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
     try:
         assert shutil.disk_usage(state).free < 64 * 1024
@@ -579,6 +580,11 @@ def test_disk_full_tempfails_and_recovers_without_restart(gw):
             "a full disk never made mailgate refuse mail"
         assert gw.process.pid == pid and mailgate_alive(gw)
         assert "database or disk is full" in gw.mailgate_log()
+        # One line per refused message; the traceback once per streak (the milter's, the
+        # policy service's), not one per message.
+        full = gw.mailgate_log()[log_before:]
+        assert full.count("role=error") >= len(refused), full[-3000:]
+        assert full.count("Traceback (most recent call last)") <= 2, full[-6000:]
     finally:
         filler.unlink()
     retry_all(gw, ledger)

@@ -20,6 +20,7 @@ import email.utils
 import grp
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -469,17 +470,19 @@ def test_forged_bounce_token_in_the_headers_is_refused_at_end_of_message(gw, nam
 def test_replayed_expired_token_is_recorded_stale_and_never_blacklists(gw):
     """A report on a token older than `bounces.token_days` (30) is signed by us, so it passes
     RCPT; it is recorded as stale and never counted: six of them spread over ten days blacklist
-    nobody, while the same six on fresh tokens do (the control)."""
+    nobody, while the same six on fresh tokens do (the control). Each report is on its own
+    message, sent to both addresses: a report counts only for a message's own recipients, once
+    (docs/rules.md B1)."""
     sender = f"app{uid()}@mycompany.com"
-    data, msgid = make_message(f'"App" <{sender}>', "r@customer.example")
-    reply = send(gw.pf.port("submission"), sender, ["r@customer.example"], data)
-    assert reply.outcome == ACCEPTED, str(reply)
-    delivered(gw, msgid)
-    [row] = db_rows(gw, "select id from messages where message_id = ?", msgid)
     stale_rcpt, fresh_rcpt = f"stale{uid()}@customer.example", f"fresh{uid()}@customer.example"
     moved = 0.0
     try:
         for _ in range(6):
+            data, msgid = make_message(f'"App" <{sender}>', [stale_rcpt, fresh_rcpt])
+            reply = send(gw.pf.port("submission"), sender, [stale_rcpt, fresh_rcpt], data)
+            assert reply.outcome == ACCEPTED, str(reply)
+            delivered(gw, msgid)
+            [row] = db_rows(gw, "select id from messages where message_id = ?", msgid)
             now = gateway_now(gw)
             for failed, issued in ((stale_rcpt, now - 40 * DAY), (fresh_rcpt, now)):
                 token = signer(gw).make(row["id"], "transactional", issued)
@@ -559,6 +562,111 @@ def test_no_secret_in_any_log_after_sessions_that_use_them(gw):
     for log_name, text in logs.items():
         for secret_name, value in secrets.items():
             assert value not in text, f"{secret_name} in the {log_name} log"
+
+
+# --------------------------------------------------------------------------------------------
+# Malformed and several From headers (docs/rules.md O5; issue 15, items 2 and 3)
+
+# Shapes no parser reads as mailboxes, each holding a foreign address. For local submission
+# Postfix's own header rewriting turns some into mailboxes (`Doe` becomes `Doe@myorigin`); for a
+# remote client (Odoo on another host) it leaves them alone, so both are tried.
+MALFORMED_FROMS = {
+    "unquoted comma in the name": b"Doe, John <john@example.com>",
+    "garbage after the address": b"<admin@example.com>, garbage",
+    "unclosed comment": b"Name (unclosed <a@example.com>",
+    "doubled angle bracket": b"<<a@example.com>",
+    "encoded word that decodes to an address and CRLF": b"=?utf-8?q?evil@example.com=0D=0A?=",
+    "encoded word hiding the address": b"=?utf-8?b?" + base64.b64encode(b"x@example.com\r\n") + b"?= garbage",
+}
+
+
+@pytest.fixture(scope="module")
+def remote_gw():
+    """A gateway whose Postfix treats every client as remote (`local_header_rewrite_clients`
+    empty, `remote_header_rewrite_domain` empty): headers reach the milter exactly as sent, as
+    from an Odoo on another host submitting with SASL."""
+    with gateway(GATEWAY_EXTRA_CONFIG, main_cf_extra={"local_header_rewrite_clients": ""}) as lab:
+        yield lab
+
+
+def _unfolded(value: bytes) -> str:
+    return value.decode("ascii", "replace")
+
+
+def assert_one_notification_from(data: bytes) -> str:
+    """Exactly one From, which parses to the notification address and names no other address."""
+    value = _unfolded(assert_clean_head(data))
+    assert [a for _, a in email.utils.getaddresses([value])] == [NOTIFICATION], value
+    assert "example.com" not in value and "attacker" not in value, value
+    return value
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+@pytest.mark.parametrize("header_from", list(MALFORMED_FROMS.values()), ids=list(MALFORMED_FROMS))
+def test_malformed_from_with_a_foreign_address_is_replaced(gw, remote_gw, where, header_from):
+    lab = gw if where == "local" else remote_gw
+    data, msgid = raw_message(header_from)
+    reply = send(lab.pf.port("submission"), "a@example.com", ["r@customer.example"], data, raw=True)
+    assert reply.outcome == ACCEPTED, str(reply)
+    [got] = delivered(lab, msgid)
+    assert_one_notification_from(got.data)
+    assert re.search(r"role=outbound .*rewritten=yes .*malformed_from=", lab.mailgate_log()), "no malformed_from="
+
+
+SECOND_FROMS = {
+    "foreign address": b"evil@attacker.example",
+    "malformed foreign address": b"Doe, Evil <evil@attacker.example>",
+    "our own domain": b"jane@mycompany.com",
+}
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+@pytest.mark.parametrize("second", list(SECOND_FROMS.values()), ids=list(SECOND_FROMS))
+def test_several_from_headers_leave_as_one_notification_from(gw, remote_gw, where, second):
+    """Issue 15 item 2: the second From used to leave as written, with `rewritten=yes` logged."""
+    lab = gw if where == "local" else remote_gw
+    data, msgid = raw_message(b'"Admin" <admin@example.com>', extra=b"From: " + second + b"\r\n")
+    reply = send(lab.pf.port("submission"), "a@example.com", ["r@customer.example"], data, raw=True)
+    assert reply.outcome == ACCEPTED, str(reply)
+    [got] = delivered(lab, msgid)
+    value = assert_one_notification_from(got.data)
+    assert email.utils.getaddresses([value])[0][0] == "Admin"
+    assert re.search(r"role=outbound .*malformed_from=\"several From headers\" froms_removed=1 ", lab.mailgate_log())
+
+
+def test_message_without_from_leaves_with_the_notification_address(remote_gw):
+    msgid = f"<{uid()}@lab.example>"
+    data = (b"To: r@customer.example\r\nSubject: no From\r\nMessage-ID: " + msgid.encode()
+            + b"\r\n\r\nbody\r\n")
+    reply = send(remote_gw.pf.port("submission"), "a@example.com", ["r@customer.example"], data, raw=True)
+    assert reply.outcome == ACCEPTED, str(reply)
+    [got] = delivered(remote_gw, msgid)
+    assert_one_notification_from(got.data)
+
+
+def test_malformed_from_reject_refuses_with_554_5_6_0(remote_gw):
+    """`malformed_from: reject`: the same shapes are refused for good, with the table's reply."""
+    lab = remote_gw
+    original = lab.config_path.read_text()
+    reloads = lab.mailgate_log().count("event=reload result=ok")
+    try:
+        lab.config_path.write_text(original + "malformed_from: reject\n")
+        os.kill(lab.process.pid, signal.SIGHUP)
+        wait_until(lambda: lab.mailgate_log().count("event=reload result=ok") > reloads, 20, what="reload")
+        for header_from in (MALFORMED_FROMS["unquoted comma in the name"], b"a@example.com"):
+            extra = b"From: evil@attacker.example\r\n" if header_from == b"a@example.com" else b""
+            data, msgid = raw_message(header_from, extra=extra)
+            reply = send(lab.pf.port("submission"), "a@example.com", ["r@customer.example"], data, raw=True)
+            assert reply.outcome == PERMANENT and reply.code == 554, str(reply)
+            assert reply.text.startswith("5.6.0 "), str(reply)
+        data, msgid = raw_message(b'"Admin" <admin@example.com>')  # well formed: rewritten as ever
+        reply = send(lab.pf.port("submission"), "a@example.com", ["r@customer.example"], data, raw=True)
+        assert reply.outcome == ACCEPTED, str(reply)
+        assert NOTIFICATION.encode() in assert_clean_head(delivered(lab, msgid)[0].data)
+    finally:
+        lab.config_path.write_text(original)
+        os.kill(lab.process.pid, signal.SIGHUP)
+        wait_until(lambda: lab.mailgate_log().count("event=reload result=ok") >= reloads + 2, 20, what="reload")
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,3 +159,61 @@ def test_inbound_actions_reach_postfix_as_milter_verdicts():
     assert deferred == Milter.TEMPFAIL and ctx.reply[:2] == ("450", "4.7.1")
     *_, (ctx, held) = inbound_run(SQLiteStore(":memory:"), "hold", 2)
     assert held == Milter.CONTINUE and ("quarantine", "mailgate: mail loop suspected") in ctx.changes
+
+
+def run_headers(store, headers: list[tuple[str, str]], extra_config: str = "") -> tuple[FakeContext, int]:
+    """Drive the callbacks for an outbound message with the given header fields."""
+    config = parse_config(extra_config + "alias_domain: mycompany.com\nservers: [{name: trans, host: t.example.net, "
+                          "from_filter: mycompany.com}]", check_files=False).config
+    GatewayMilter.runtime = Runtime(config, store, TokenSigner(b"s" * 32), clock=lambda: 1.8e9)
+    ctx = FakeContext({"{daemon_name}": "ORIGINATING", "i": "5Yk2p1Lz"})
+    milter = GatewayMilter()
+    milter._setctx(ctx)
+    milter.connect("client.example", 4, ("127.0.0.1", 2525))
+    milter.envfrom("<admin@example.com>")
+    milter.envrcpt("<c@customer.example>")
+    for name, value in headers:
+        milter.header(name, value)
+    return ctx, milter.eom()
+
+
+def from_changes(ctx: FakeContext) -> list[tuple]:
+    return [change for change in ctx.changes if change[1] == "From"]
+
+
+def test_several_from_headers_are_deleted_and_the_first_rewritten():
+    """docs/rules.md O5: the later From headers go first (by index, from the last), then the first."""
+    ctx, result = run_headers(SQLiteStore(":memory:"), [("From", '"Admin" <admin@example.com>'),
+                                                       ("From", "evil@attacker.example"),
+                                                       ("From", "jane@mycompany.com")])
+    assert result == Milter.CONTINUE
+    assert from_changes(ctx) == [("chgheader", "From", 3, ""), ("chgheader", "From", 2, ""),
+                                 ("chgheader", "From", 1, '"Admin" <notifications@mycompany.com>')]
+
+
+def test_a_message_without_from_gets_the_notification_address_added():
+    ctx, result = run_headers(SQLiteStore(":memory:"), [("To", "c@customer.example")])
+    assert result == Milter.CONTINUE
+    assert from_changes(ctx) == [("addheader", "From", "notifications@mycompany.com")]
+
+
+def test_the_rewritten_from_is_handed_to_postfix_folded():
+    """docs/rules.md O5: LF + space folds (what cleanup takes inside a header value), no line over 78."""
+    name = "Ünïcödé Ñame " * 20
+    ctx, _ = run_headers(SQLiteStore(":memory:"), [("From", f'"{name}" <u@other.example>')])
+    [(_, _, _, value)] = from_changes(ctx)
+    lines = f"From: {value}".split("\n")
+    assert len(lines) > 3 and all(len(line) <= 78 for line in lines) and "\r" not in value
+    assert all(line.startswith(" ") for line in lines[1:])
+
+
+def test_malformed_from_reject_refuses_without_recording(caplog):
+    caplog.set_level(logging.INFO, logger="mailgate")
+    store = SQLiteStore(":memory:")
+    ctx, result = run_headers(store, [("From", "Doe, John <john@example.com>"), ("Message-ID", "<r-1@app.example>")],
+                              "malformed_from: reject\n")
+    reply = SMTP["malformed_from"]
+    assert result == Milter.REJECT and ctx.reply == (reply.code, reply.status, reply.text)
+    assert ctx.changes == [] and store.outbound_by_queue_id("5Yk2p1Lz") is None
+    assert any("5Yk2p1Lz: role=outbound" in r.getMessage() and "action=reject reply=\"554 5.6.0\"" in r.getMessage()
+               for r in caplog.records)

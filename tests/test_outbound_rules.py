@@ -10,6 +10,7 @@ from mailgate.configfile import parse_config
 from mailgate.rules.addresses import parse_mailboxes, to_wire
 from mailgate.rules.filters import FromFilter
 from mailgate.rules.outbound import OutboundRequest, bounce_address, decide_outbound, is_mass_mail, notification_address
+from mailgate.rules.replies import SMTP
 from mailgate.rules.routing import route_for_sender
 from mailgate.rules.tokens import TokenSigner
 
@@ -243,11 +244,99 @@ def test_o5_encapsulation(original, expected):
     assert reparsed[0].name == (parse_mailboxes(original)[0].name or parse_mailboxes(original)[0].local_part)
 
 
-def test_o5_unparsable_from_is_left_alone():
+def test_o5_unparsable_from_without_an_address_is_replaced():
     config = cfg(servers(("comp", "mycompany.com", 1)), **BASE)
     decision = decide(config, "not an address at all")
-    assert not decision.rewritten and decision.header_from == "not an address at all"
-    assert any("cannot be parsed" in r for r in decision.reasons)
+    assert decision.rewritten and decision.header_from == "notifications@mycompany.com"
+    assert decision.malformed == "the From cannot be parsed" and decision.reply is None
+
+
+# Shapes no parser reads as mailboxes, each holding a foreign address (issue 15, item 3).
+MALFORMED_FROMS = {
+    "unquoted comma in the name": ("Doe, John <john@example.com>", "john"),
+    "garbage after the address": ("<admin@example.com>, garbage", "admin"),
+    "unclosed comment": ("Name (unclosed <a@example.com>", "a"),
+    "doubled angle bracket": ("<<a@example.com>", "a"),
+    "encoded word that decodes to an address and CRLF": ("=?utf-8?q?evil@example.com=0D=0A?=", "evil"),
+}
+
+
+@pytest.mark.parametrize("original, name", list(MALFORMED_FROMS.values()), ids=list(MALFORMED_FROMS))
+def test_o5_malformed_from_holding_a_foreign_address_is_replaced(original, name):
+    config = cfg(servers(("comp", "mycompany.com", 1)), **BASE)
+    decision = decide(config, original)
+    assert decision.rewritten and decision.header_from == f'"{name}" <notifications@mycompany.com>'
+    assert any("example.com" in reason and "may not send" in reason for reason in decision.reasons)
+
+
+@pytest.mark.parametrize("original", [v for v, _ in MALFORMED_FROMS.values()], ids=list(MALFORMED_FROMS))
+def test_o5_malformed_from_is_refused_with_malformed_from_reject(original):
+    config = cfg(servers(("comp", "mycompany.com", 1)), malformed_from="reject", **BASE)
+    decision = decide(config, original)
+    assert decision.reply == SMTP["malformed_from"] and not decision.rewritten
+    assert str(decision.reply).startswith("554 5.6.0 ")
+
+
+def test_o5_malformed_from_the_server_may_send_for_is_rewritten_not_refused():
+    """`reject` refuses only what holds an address the server may not send for; O3 still
+    sends such a From as the notification address (step 1 needs one well-formed From)."""
+    config = cfg(servers(("comp", "mycompany.com", 1)), malformed_from="reject", **BASE)
+    decision = decide(config, "Doe, Jane <jane@mycompany.com>")
+    assert decision.reply is None and decision.header_from == '"jane" <notifications@mycompany.com>'
+
+
+def test_o5_malformed_foreign_from_without_notification_address_is_refused():
+    config = cfg(servers(("comp", "mycompany.com", 1)), alias_domain="mycompany.com", default_from=None)
+    assert decide(config, "Doe, John <john@example.com>").reply == SMTP["malformed_from"]
+    assert decide(config, '"John" <john@example.com>').reply is None  # well formed: kept, as Odoo does
+
+
+def test_o5_malformed_from_on_the_mass_server_is_replaced_when_outside_its_filter():
+    config = cfg(servers(("mass", "brand.example", 1)), mass_mail="{server: mass}", **BASE)
+    assert decide(config, "Shop, The <news@brand.example>", mass=True).header_from == \
+        "Shop, The <news@brand.example>"
+    assert decide(config, "Shop, The <news@other.example>", mass=True).header_from == \
+        '"news" <notifications@mycompany.com>'
+
+
+@pytest.mark.parametrize("first, second", [
+    ('"Admin" <admin@example.com>', "evil@attacker.example"),
+    ('"Jane" <jane@mycompany.com>', "evil@attacker.example"),
+    ('"Jane" <jane@mycompany.com>', "Doe, John <john@example.com>"),
+])
+def test_o5_several_from_headers_leave_as_one_rewritten_from(first, second):
+    """Issue 15 item 2: every From header counts; the first is rewritten, the others deleted."""
+    config = cfg(servers(("comp", "mycompany.com", 1)), **BASE)
+    decision = decide_outbound(config, OutboundRequest(first, None, False, (second,)))
+    name = parse_mailboxes(first)[0].name
+    assert decision.rewritten and decision.header_from == f'"{name}" <notifications@mycompany.com>'
+    assert decision.removed_froms == 1 and decision.malformed == "several From headers"
+
+
+def test_o5_several_from_headers_the_server_may_send_for_still_leave_as_one():
+    config = cfg(servers(("mass", "mycompany.com", 1)), mass_mail="{server: mass}", **BASE)
+    decision = decide_outbound(config, OutboundRequest("a@mycompany.com", None, True, ("b@mycompany.com",)))
+    assert not decision.rewritten and decision.header_from == "a@mycompany.com" and decision.removed_froms == 1
+
+
+@pytest.mark.parametrize("header_from", [None, "", "undisclosed:;"])
+def test_o5_a_from_without_an_address_becomes_the_notification_address(header_from):
+    config = cfg(servers(("comp", "mycompany.com", 1)), **BASE)
+    decision = decide(config, header_from)
+    assert decision.rewritten and decision.header_from == "notifications@mycompany.com"
+
+
+@pytest.mark.parametrize("original, name", [
+    ("admin@example.com (Admin Person)", "Admin Person"),
+    ("(Admin Person) admin@example.com", "Admin Person"),
+    ("admin@example.com (=?utf-8?q?Ren=C3=A9_Person?=)", "René Person"),
+    ('"Quoted" <admin@example.com> (a comment)', "Quoted"),
+])
+def test_o5_a_comment_is_the_display_name(original, name):
+    """Issue 15 item 8: Odoo's getaddresses reads `a@b (Admin Person)` as "Admin Person"."""
+    config = cfg(servers(("comp", "mycompany.com", 1)), **BASE)
+    decision = decide(config, original)
+    assert decision.rewritten and parse_mailboxes(decision.header_from)[0].name == name
 
 
 def test_o5_long_non_ascii_name_is_split_into_valid_encoded_words():

@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,13 +189,29 @@ def test_request_split_byte_by_byte(client: Client) -> None:
     assert client.reply() == echoed("echo@b")
 
 
-def test_empty_line_is_an_empty_request(client: Client) -> None:
-    """A stray empty line gets its own reply, so later replies stay in step with requests."""
-    assert client.ask(b"\n") == DUNNO
+def test_empty_line_is_an_empty_request(server: PolicyServer, client: Client) -> None:
+    """A stray empty line is an (empty, malformed) request: the requests before it are answered,
+    it gets one reply, and the connection closes before anything after it is read."""
     client.send(request("echo@b") + b"\n" + request("no-such@mycompany.com"))
     assert client.reply() == echoed("echo@b")
     assert client.reply() == DUNNO
-    assert client.reply().startswith(b"action=550 5.1.1")
+    assert client.closed()
+    other = Client(server.address)
+    assert other.ask(b"\n") == DUNNO and other.closed()
+    other.close()
+
+
+@pytest.mark.parametrize("garbage", [
+    bytes(range(256)),                               # binary, with a NUL and line feeds
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello's start: no line feed at all
+    b"GET / HTTP/1.1\r\nHost: x\r\n",                # finished lines without '='
+], ids=["binary", "tls-hello", "http"])
+def test_garbage_without_an_empty_line_is_answered_and_closed(client: Client, garbage: bytes) -> None:
+    """Bytes that can never become a policy request get the malformed answer at once and the
+    connection closes, instead of waiting silently for an empty line that never comes."""
+    client.send(garbage)
+    assert client.reply() == DUNNO
+    assert client.closed()
 
 
 def test_duplicate_attribute_last_wins_and_empty_values(client: Client) -> None:
@@ -210,12 +227,15 @@ def test_duplicate_attribute_last_wins_and_empty_values(client: Client) -> None:
     b"REQUEST=smtpd_access_policy\nrecipient=echo@b\n\n",
     b"request=smtpd_access_policy\n" + b"".join(b"a%d=1\n" % i for i in range(20)) + b"\n",
 ], ids=["no-equals", "empty-name", "no-request", "wrong-request", "name-case", "too-many"])
-def test_malformed_answered_and_connection_kept(
+def test_malformed_answered_once_then_closed(
     server: PolicyServer, client: Client, raw: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Not a policy request: one answer, then the connection is closed (what followed it is
+    never read), as the socketmap does with a broken netstring; the server serves others."""
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert client.ask(raw) == DUNNO
-    assert client.ask(request("echo@b")).startswith(b"action=OK echo@b")
+        client.send(raw + request("echo@b"))
+        assert client.reply() == DUNNO
+        assert client.closed()
     other = Client(server.address)
     assert other.ask(request("echo@c")).startswith(b"action=OK echo@c")
     other.close()
@@ -243,7 +263,7 @@ def test_on_malformed_action_configurable(sockdir: Path) -> None:
     try:
         c = Client(srv.address)
         assert c.ask(b"garbage\n\n") == f"action={MALFORMED_DEFER}\n\n".encode()
-        assert c.ask(request("x@y")) == DUNNO
+        assert c.closed()
         c.close()
     finally:
         srv.stop_thread()
@@ -387,12 +407,12 @@ def test_batch_spans_connections_and_keeps_each_connections_order() -> None:
     async def run() -> None:
         (a, a_out), (b, b_out) = connect(server), connect(server)
         receive(a, request("echo1@b") + request("no-such@mycompany.com"))
-        receive(b, b"\n" + request("echo2@b"))
+        receive(b, request("echo2@b") + b"\n")
         assert a_out.written == b_out.written == b""  # answered at the end of the loop turn
         await asyncio.sleep(0)
         assert server.handler.batches == [3]
         assert a_out.written == echoed("echo1@b") + b"action=550 5.1.1 <no-such@mycompany.com>: no such alias\n\n"
-        assert b_out.written == DUNNO + echoed("echo2@b")
+        assert b_out.written == echoed("echo2@b") + DUNNO and b_out.closed and not a_out.closed
 
     asyncio.run(run())
 
@@ -524,34 +544,41 @@ MALFORMED = DUNNO
 
 
 def expected_replies(stream: bytes) -> tuple[list[bytes], bool]:
-    """Reference model: a request is everything up to the first empty line; returns the
-    replies and whether the server must close (oversize)."""
+    """Reference model: a request is everything up to the first empty line; the first that is
+    not a policy request (or too big, or an unfinished one already broken) is answered as
+    malformed and ends the connection. Returns the replies and whether the server must close."""
     replies: list[bytes] = []
     pos = 0
     while True:
         if stream.startswith(b"\n", pos):
-            replies.append(MALFORMED)
-            pos += 1
-            continue
+            return replies + [MALFORMED], True
         end = stream.find(b"\n\n", pos)
         if end < 0:
-            if len(stream) - pos >= FUZZ_MAX_BYTES:
+            tail = stream[pos:]
+            finished = tail.split(b"\n")[:-1]
+            if (len(tail) >= FUZZ_MAX_BYTES or b"\0" in tail or len(finished) > FUZZ_MAX_ATTRIBUTES
+                    or any(not line.split(b"=", 1)[0] or b"=" not in line for line in finished)):
                 return replies + [MALFORMED], True
             return replies, False
         if end + 2 - pos > FUZZ_MAX_BYTES:
             return replies + [MALFORMED], True
-        replies.append(expected_reply(stream[pos:end]))
+        block = stream[pos:end]
+        if malformed(block):
+            return replies + [MALFORMED], True
+        replies.append(expected_reply(block))
         pos = end + 2
 
 
-def expected_reply(block: bytes) -> bytes:
+def malformed(block: bytes) -> bool:
     lines = block.split(b"\n")
-    if len(lines) > FUZZ_MAX_ATTRIBUTES or any(not line.split(b"=", 1)[0] or b"=" not in line
-                                                for line in lines):
-        return MALFORMED
-    attrs = dict(line.split(b"=", 1) for line in lines)
-    if attrs.get(b"request") != b"smtpd_access_policy":
-        return MALFORMED
+    if len(lines) > FUZZ_MAX_ATTRIBUTES or b"\0" in block or any(not line.split(b"=", 1)[0] or b"=" not in line
+                                                                for line in lines):
+        return True
+    return dict(line.split(b"=", 1) for line in lines).get(b"request") != b"smtpd_access_policy"
+
+
+def expected_reply(block: bytes) -> bytes:
+    attrs = dict(line.split(b"=", 1) for line in block.split(b"\n"))
     rcpt = attrs.get(b"recipient", b"")
     if rcpt in (b"boom@x", b"none@x", b"empty@x"):
         return INTERNAL
@@ -716,3 +743,108 @@ def test_fuzz_over_real_socket(socket_fuzz_server: PolicyServer, case: tuple[byt
     fresh = Client(socket_fuzz_server.address)
     assert fresh.ask(request("x@y")) == DUNNO
     fresh.close()
+
+
+# -- the gateway's policy: only mail that is sent pays the quota -------------------------------
+
+def on(connection: int, instance: str, request: PolicyRequest, **attrs: str) -> PolicyRequest:
+    """`request` as sent on policy connection `connection` for the transaction `instance`."""
+    return PolicyRequest({**request, "instance": instance, **attrs}, connection)
+
+
+def end_of_message(connection: int, instance: str, sender: str, recipients: int) -> PolicyRequest:
+    return on(connection, instance, rcpt(sender, ""), protocol_state="END-OF-MESSAGE",
+              recipient_count=str(recipients))
+
+
+def taken(policy: GatewayPolicy, key: str = "domain:a.example") -> int:
+    return policy.runtime.store.quota_count(key, "transactional", 1_800_000_000.0 - 3600)
+
+
+def test_a_transaction_that_ends_without_its_message_gives_its_quota_back(gateway_policy: GatewayPolicy) -> None:
+    """RSET or QUIT after RCPT, a refusal at DATA, a 4xx the client retries: Postfix's next
+    request on the connection carries another instance, and the retry finds the room again."""
+    policy = gateway_policy
+    first = [on(1, "t1", rcpt("odoo@a.example", f"r{i}@customer.example")) for i in range(3)]
+    assert policy.answer_all(first) == ["DUNNO"] * 3
+    assert taken(policy) == 3
+    retry = [on(1, "t2", rcpt("odoo@a.example", f"r{i}@customer.example")) for i in range(3)]
+    assert policy.answer_all(retry) == ["DUNNO"] * 3  # not the quota's 4xx: t1 gave its 3 back first
+    assert policy(end_of_message(1, "t2", "odoo@a.example", 3)) == "DUNNO"
+    assert taken(policy) == 3
+    assert policy(on(1, "t3", rcpt("odoo@a.example", "late@customer.example"))) == POLICY["quota_defer"]
+    assert taken(policy) == 3  # t2 was sent: kept
+
+
+def test_end_of_message_gives_back_recipients_refused_after_the_take(gateway_policy: GatewayPolicy) -> None:
+    policy = gateway_policy
+    assert policy.answer_all([on(1, "t1", rcpt("odoo@a.example", f"r{i}@customer.example"))
+                              for i in range(3)]) == ["DUNNO"] * 3
+    policy(end_of_message(1, "t1", "odoo@a.example", 1))  # Postfix accepted one of the three
+    assert taken(policy) == 1
+
+
+def test_a_closed_connection_gives_back_and_a_later_end_of_message_takes_again(
+        gateway_policy: GatewayPolicy) -> None:
+    """Postfix closed the connection (QUIT, then its idle timeout; or smtpd exited): given back.
+    Should the transaction go on over a new connection (we closed an idle one), its
+    END-OF-MESSAGE takes the recipients again: the count stays exact."""
+    policy = gateway_policy
+    policy.answer_all([on(1, "t1", rcpt("odoo@a.example", "r1@customer.example")),
+                       on(1, "t1", rcpt("odoo@a.example", "r2@customer.example"))])
+    policy.answer_all([on(2, "u1", rcpt("odoo@a.example", "r3@customer.example"))])
+    assert taken(policy) == 3
+    policy.connection_closed(1)
+    policy.connection_closed(2)
+    assert taken(policy) == 0
+    policy(end_of_message(3, "t1", "odoo@a.example", 2))
+    assert taken(policy) == 2
+    policy.connection_closed(3)
+    assert taken(policy) == 2
+
+
+def test_direct_calls_and_dry_run_keep_nothing_pending(tmp_path: Path) -> None:
+    """Requests without a connection (a direct call) keep their take at once, as before."""
+    config = parse_config(QUOTA_CONFIG, "<test>", check_files=False).config
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    policy = GatewayPolicy(Runtime(config, store, TokenSigner(b"0123456789abcdef0123456789abcdef"),
+                                   clock=lambda: 1_800_000_000.0))
+    policy(on(0, "t1", rcpt("odoo@a.example", "r1@customer.example")))
+    policy(on(0, "t2", rcpt("odoo@a.example", "r2@customer.example")))
+    assert taken(policy) == 2
+    store.close()
+
+
+def test_the_server_tells_the_policy_of_a_closed_connection(tmp_path: Path) -> None:
+    """Through the real server: each request carries its connection's number, and the close of
+    a client connection reaches `connection_closed` (the stop of the server does not)."""
+    config = parse_config(QUOTA_CONFIG, "<test>", check_files=False).config
+    store = SQLiteStore(tmp_path / "store.sqlite3")
+    policy = GatewayPolicy(Runtime(config, store, TokenSigner(b"0123456789abcdef0123456789abcdef"),
+                                   clock=lambda: 1_800_000_000.0))
+    server = PolicyServer(policy, parse_socket_spec(f"unix:{tmp_path}/p.sock"))
+    server.start_in_thread()
+    try:
+        wire = "".join(f"{k}={v}\n" for k, v in on(0, "t1", rcpt("odoo@a.example", "r@customer.example")).items())
+        aborted, kept = Client(server.address), Client(server.address)
+        assert aborted.ask(wire.encode() + b"\n") == DUNNO
+        assert kept.ask(wire.replace("instance=t1", "instance=t2").encode() + b"\n") == DUNNO
+        assert taken(policy) == 2
+        aborted.close()
+        deadline = time.monotonic() + 5
+        while taken(policy) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert taken(policy) == 1
+    finally:
+        server.stop_thread()
+    assert taken(policy) == 1  # stopping is not an end: Postfix finishes t2 with whoever serves next
+    store.close()
+
+
+def test_end_of_message_without_a_recipient_count_keeps_everything(gateway_policy: GatewayPolicy) -> None:
+    """Postfix always sends `recipient_count` at END-OF-MESSAGE; without it nothing is known to
+    have been refused, so nothing is given back (too many counted, never too few)."""
+    policy = gateway_policy
+    policy.answer_all([on(1, "t1", rcpt("odoo@a.example", f"r{i}@customer.example")) for i in range(2)])
+    policy(end_of_message(1, "t1", "odoo@a.example", 0))
+    assert taken(policy) == 2

@@ -7,7 +7,7 @@ import string
 from hypothesis import given, settings, strategies as st
 
 from mailgate.configfile import parse_config
-from mailgate.rules.addresses import format_mailbox, parse_mailboxes
+from mailgate.rules.addresses import folded_mailbox, format_mailbox, parse_mailboxes, readable_addresses
 from mailgate.rules.filters import FromFilter
 from mailgate.rules.outbound import OutboundRequest, decide_outbound
 from mailgate.rules.routing import route_for_sender
@@ -56,6 +56,29 @@ def test_format_then_parse_round_trip(name, address):
     expected = " ".join(name.translate({c: " " for c in range(32)}).replace("\x7f", " ").split())
     assert " ".join(boxes[0].name.split()) == expected
     assert "\n" not in header and "\r" not in header
+
+
+long_names = st.lists(st.one_of(names, st.sampled_from(["Jane", '"JJ"', "\\", "Zoë", "東京", " ", "N" * 90])),
+                      max_size=40).map(" ".join)
+
+
+@settings(max_examples=300)
+@given(long_names, addresses)
+def test_folded_from_unfolds_to_the_same_header_and_keeps_lines_short(name, address):
+    """docs/rules.md O5: folds only where the format has white space, lines within 78."""
+    folded = folded_mailbox(name, address)
+    assert folded.replace("\n", "") == format_mailbox(name, address)
+    lines = f"From: {folded}".split("\n")
+    assert all(len(line) <= 78 for line in lines if "<" not in line or len(line) - line.index("<") < 70)
+    assert all(line[:1] == " " and line.strip() for line in lines[1:]) and "\r" not in folded
+    boxes = parse_mailboxes(folded)
+    assert boxes is not None and len(boxes) == 1 and boxes[0].address == address
+
+
+@given(st.text(max_size=80), addresses, st.text(max_size=80))
+def test_an_address_anywhere_in_a_value_is_read(before, address, after):
+    """docs/rules.md O5: whatever surrounds it, an address set off by delimiters is found."""
+    assert address in readable_addresses(f"{before} <{address}> {after}") or "@" in before + after
 
 
 @settings(max_examples=400)

@@ -47,7 +47,8 @@ def count(store, table: str) -> int:
 def fill(store) -> dict[str, list[int]]:
     """Rows on each side of every cutoff; returns the ids of the bounces."""
     for days in (200, 100, 10):
-        store.record_outbound(replace(outbound(f"Q{days}", f"<m{days}@x>"), created_at=NOW - days * DAY))
+        store.record_outbound(replace(outbound(f"Q{days}", f"<m{days}@x>"), created_at=NOW - days * DAY,
+                                      recipient_digests=(f"digest-a-{days}", f"digest-b-{days}")))
     evidence = [store.record_bounce(bounce("listed@y", 100 + d)) for d in range(5)]
     store.blacklist_add("listed@y", NOW - 100 * DAY, "5 hard bounces", "rule", evidence)
     gone = [store.record_bounce(bounce(f"b{n}@y", 95, permanent=n % 2 == 0, server="mass")) for n in range(4)]
@@ -70,9 +71,14 @@ def test_purge_deletes_what_no_window_reads(store):
     ids = fill(store)
     before = (store.delivery_totals(), store.bounce_kind_totals())
     deleted = purge_expired(store, CONFIG, NOW)
-    assert deleted == {"bounces": 4, "bounce_resets": 1, "deliveries": 3, "messages": 2, "inbound_messages": 1,
-                       "inbound_routes": 2, "quota_recipients": 1}
+    assert deleted == {"bounces": 4, "bounce_resets": 1, "deliveries": 3, "messages": 2, "outbound_recipients": 4,
+                       "inbound_messages": 1, "inbound_routes": 2, "quota_recipients": 1}
     assert [row["queue_id"] for row in store._rows("select queue_id from messages")] == ["Q10"]
+    # docs/rules.md R1, B1: a message's recipients go with it, and only with it
+    [kept_message] = store._rows("select id from messages")
+    assert store._rows("select message, recipient_digest from outbound_recipients order by recipient_digest") == [
+        {"message": kept_message["id"], "recipient_digest": "digest-a-10"},
+        {"message": kept_message["id"], "recipient_digest": "digest-b-10"}]
     remaining = {row["id"] for row in store._rows("select id from bounces")}
     assert remaining == set(ids["evidence"] + ids["kept"]), "the bounces the blacklist names stay"
     assert store.blacklisted(["listed@y"]) == {"listed@y"} and count(store, "blacklist") == 1

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mailgate.config import Config
 from mailgate.infra.sockets import socket_is_listening
 from mailgate.infra.socketspec import parse_socket_spec
 from mailgate.lab.postfix import make_basedir
@@ -191,3 +192,67 @@ def test_serve_purges_rows_past_their_retention_soon_after_start():
     finally:
         store.close()
     assert kept == [recent] and old not in kept
+
+
+@pytest.mark.e2e
+def test_a_second_serve_on_the_same_sockets_is_one_line_and_exit_1():
+    """Issue 15, item 8: the second one says why in one line; the first one goes on serving."""
+    with serving() as (base, first):
+        second = subprocess.run([sys.executable, "-m", "mailgate", "serve", "--config", str(base / "mailgate.yaml")],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stderr
+        errors = [line for line in second.stderr.splitlines() if " error=" in line]
+        assert "Traceback" not in second.stderr and len(errors) == 1, second.stderr
+        assert "event=listen error=SocketInUseError" in errors[0]
+        assert f"another process is already listening on unix:{base}/milter.sock" in second.stderr
+        assert first.poll() is None and lookup(base, "a@other.example").startswith("OK mg-first:")
+        # Only the milter's socket shared: the milter is bound in a child process of its own.
+        milter_only = base / "milter-only.yaml"
+        milter_only.write_text((base / "mailgate.yaml").read_text().replace("lookup.sock", "lookup2.sock")
+                               .replace("policy.sock", "policy2.sock"))
+        second = subprocess.run([sys.executable, "-m", "mailgate", "serve", "--config", str(milter_only)],
+                                capture_output=True, text=True, timeout=60)
+        errors = [line for line in second.stderr.splitlines() if " error=" in line]
+        assert second.returncode == 1 and "Traceback" not in second.stderr and len(errors) == 1, second.stderr
+        assert f"another process is already listening on unix:{base}/milter.sock" in errors[0]
+        assert first.poll() is None
+
+
+def start_time_config(base: Path, extra: str = "") -> Config:
+    """A configuration loaded without its files checked: what `serve` holds when a file changed
+    between the load and the start."""
+    from mailgate.configfile import parse_config
+
+    text = CONFIG.format(base=base, extra=extra).replace("secret_file: secret", f"secret_file: {base}/secret")
+    return parse_config(text, str(base / "mailgate.yaml"), check_files=False).config
+
+
+def test_a_short_secret_at_start_is_a_config_error(tmp_path):
+    """Issue 15, item 6: the start-up reads the files with the checks of `check-config`."""
+    from mailgate.configfile import ConfigError
+    from mailgate.infra.runtime import Runtime
+
+    (tmp_path / "secret").write_text("short\n")
+    (tmp_path / "secret").chmod(0o600)
+    with pytest.raises(ConfigError) as caught:
+        Runtime.from_config(start_time_config(tmp_path))
+    assert [str(p) for p in caught.value.problems] == [
+        f"{tmp_path}/mailgate.yaml: secret_file: {tmp_path}/secret holds 5 bytes, fewer than 16: "
+        "remove it and a new secret is made at the next start"]
+
+
+def test_a_password_directory_at_start_is_a_config_error(tmp_path):
+    from mailgate.configfile import ConfigError
+    from mailgate.infra.runtime import Runtime, read_passwords
+
+    (tmp_path / "pw").mkdir()
+    config = start_time_config(tmp_path, extra=f"  - {{name: second, host: h.example.net, username: u, "
+                                              f"password_file: {tmp_path}/pw}}")
+    with pytest.raises(ConfigError) as caught:
+        read_passwords(config)
+    assert [str(p) for p in caught.value.problems] == [
+        f"{tmp_path}/mailgate.yaml: servers[1](second).password_file: {tmp_path}/pw is a directory, "
+        "not a regular file"]
+    with pytest.raises(ConfigError):
+        Runtime.from_config(config)
+    assert (tmp_path / "secret").exists(), "the key is made before the passwords are read"

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -85,14 +85,16 @@ def bounce(recipient: str, days_ago: float = 0, permanent: bool | None = True, *
 
 
 def test_schema_is_current(store):
-    assert store.schema_version == 7
+    assert store.schema_version == 8
 
 
 def test_outbound_rows(store):
     row_id = store.record_outbound(outbound())
     stored = store.outbound_message(row_id)
     assert isinstance(stored, StoredOutbound)
-    assert stored == StoredOutbound(row_id, **{**asdict(outbound()), "tokenised": True})
+    fields = asdict(outbound())
+    del fields["recipient_digests"]
+    assert stored == StoredOutbound(row_id, **{**fields, "tokenised": True, "recipient_count": 0})
     assert store.outbound_by_message_id("<m1@x>").id == row_id
     assert store.outbound_by_queue_id("Q1").id == row_id
     later = store.record_outbound(outbound("Q2", "<m2@x>"))
@@ -130,7 +132,7 @@ def test_migration_from_v6_keeps_inbound_rows_received(open_same, monkeypatch):
     old.close()
     monkeypatch.undo()
     new = open_same()
-    assert new.schema_version == 7 and new.already_received("<old@x>")
+    assert new.schema_version == len(sqlite_backend.MIGRATIONS) and new.already_received("<old@x>")
 
 
 def test_transaction_rolls_back(store):
@@ -230,7 +232,7 @@ def test_migrate_store_copies_everything(tmp_path, postgres):
     import subprocess
     import sys
     source = SQLiteStore(tmp_path / "old.sqlite3")
-    row = source.record_outbound(outbound())
+    row = source.record_outbound(replace(outbound(), recipient_digests=("d-one", "d-two")))
     with source.transaction():
         ids = [source.record_bounce(bounce("m@y", d, message=row)) for d in (9, 5, 1)]
         source.blacklist_add("m@y", NOW, "rule", "rule", ids)
@@ -244,12 +246,13 @@ def test_migrate_store_copies_everything(tmp_path, postgres):
                "--to", postgres.dsn(name)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "bounces: 3 row(s)" in result.stdout
+    assert "bounces: 3 row(s)" in result.stdout and "outbound_recipients: 2 row(s)" in result.stdout
     target = open_store(postgres.dsn(name))
     try:
         assert target.blacklist_history("m@y")[0].bounce_ids == ",".join(map(str, ids))
         assert [r.id for r in target.bounce_rows(ids=ids)] == sorted(ids, reverse=True)
         assert target.already_received("<in@x>") and target.quota_count("gateway", "transactional", 0) == 1
+        assert target.sent_to(row, ["d-one", "d-two"]) == {"d-one", "d-two"}
         assert target.record_outbound(outbound("Q9", "<m9@x>")) == row + 1, "sequences continue after the copy"
         assert target.store_id() == identity, "the tokens already issued keep matching their rows"
     finally:
@@ -262,20 +265,23 @@ def test_a_store_copies_into_another_through_the_interface(open_same):
     """What migrate-store uses, on each backend: whole tables out and in with their ids, the
     sequences continuing after them, the identity taken over."""
     source, target = open_same("source"), open_same("copy")
-    row = source.record_outbound(outbound())
+    row = source.record_outbound(replace(outbound(), recipient_digests=("d-one", "d-two")))
     ids = [source.record_bounce(bounce("c@y", d, message=row)) for d in (3, 2)]
     source.blacklist_add("c@y", NOW, "rule", "rule", ids)
-    assert source.tables_with_rows(sql_backend.DATA_TABLES) == ["messages", "bounces", "blacklist"]
+    assert source.tables_with_rows(sql_backend.DATA_TABLES) == ["messages", "outbound_recipients", "bounces",
+                                                                "blacklist"]
     assert target.tables_with_rows(sql_backend.DATA_TABLES) == []
     with target.transaction("copy"):
         for table in sql_backend.DATA_TABLES:
             for batch in source.table_rows(table, batch=1):
-                assert len(batch.rows) == 1 and "id" in batch.columns
+                assert len(batch.rows) == 1 and ("id" in batch.columns or table not in sql_backend.TABLES_WITH_IDS)
                 target.insert_rows(table, batch.columns, batch.rows)
         target.reset_id_sequences()
         target.adopt_store_id(source.store_id())
     assert target.store_id() == source.store_id()
     assert target.bounce_rows() == source.bounce_rows() and target.blacklist_entries() == source.blacklist_entries()
+    assert target.sent_to(row, ["d-one", "d-two", "d-other"]) == {"d-one", "d-two"}, "B1: the recipients came along"
+    assert target.outbound_message(row).recipient_count == 2
     assert target.record_outbound(outbound("Q2", "<m2@x>")) == row + 1, "the ids continue after the copied ones"
     with pytest.raises(ValueError, match="not a table"):
         next(source.table_rows("store_identity"))
@@ -320,13 +326,13 @@ def test_migration_from_v5_keeps_the_rows_and_adds_identity_and_indexes(open_sam
     monkeypatch.setattr(postgres_backend, "MIGRATIONS", postgres_backend.MIGRATIONS[:5])
     old = open_same()
     assert old.schema_version == 5
-    row = old.record_outbound(outbound())
+    row = _old_outbound_row(old)
     old.record_bounce(bounce("a@y", 1, message=row))
     old.record_delivery(DeliveryRecord(NOW, "Q1", "a@y", None, "bounced", "5.1.1", 1.0, "no", row, "trans"))
     old.close()
     monkeypatch.undo()
     new = open_same()
-    assert new.schema_version == 7 and len(new.store_id()) == 32
+    assert new.schema_version == len(sqlite_backend.MIGRATIONS) and len(new.store_id()) == 32
     assert new.outbound_message(row).queue_id == "Q1"
     assert new.bounce_kind_totals() == [KindBounces("hard", 1)]
     assert new.delivery_totals() == [DeliveryTotal("trans", "bounced", 1)]
@@ -536,3 +542,62 @@ def test_stats_views_read_the_bounce_window_unless_told_otherwise(tmp_path):
     assert 'mailgate_deliveries_total{server="t",status="sent"} 3' in run("stats", "--prometheus").stdout
     assert run("stats", "--all", "--since", "7d").returncode == 2
     assert "# since " in run("bounces", "stats").stdout
+
+
+# -- schema v8: whom a message was sent to, once per message and recipient (docs/rules.md B1) -------
+
+
+def _old_outbound_row(store) -> int:
+    """A message row as an older schema held it (no recipients column yet)."""
+    return store._scalar("insert into messages (direction, queue_id, message_id, server, created_at, tokenised) "
+                         "values ('outbound', 'Q1', '<m1@x>', 'trans', ?, 1) returning id", [NOW])
+
+
+def test_a_message_keeps_its_recipients_digests_for_reports_to_check(store):
+    """B1: a report counts only for recipients the message was sent to; a message has thousands
+    of recipients at times, and the lookup of a report naming hundreds is batched."""
+    digests = tuple(f"digest-{n:05}" for n in range(3000))
+    row = store.record_outbound(replace(outbound(), recipient_digests=digests + digests[:5]))
+    other = store.record_outbound(replace(outbound("Q2", "<m2@x>"), recipient_digests=("digest-elsewhere",)))
+    assert store.outbound_message(row).recipient_count == 3000
+    named = [f"digest-{n:05}" for n in range(0, 6000, 5)] + ["digest-elsewhere"]   # 1,201 candidates
+    assert store.sent_to(row, named) == {f"digest-{n:05}" for n in range(0, 3000, 5)}
+    assert store.sent_to(other, named) == {"digest-elsewhere"}
+    assert store.sent_to(row, []) == set()
+
+
+def test_the_message_row_and_its_recipients_are_written_together(store):
+    """One transaction: the caller's when one is open (it rolls both back), else its own (a
+    failing recipient insert leaves no message row without its recipients)."""
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.record_outbound(replace(outbound("Q-rolled"), recipient_digests=("d1",)))
+            raise RuntimeError("boom")
+    with pytest.raises((sqlite3.IntegrityError, postgres_backend.psycopg.IntegrityError)):
+        store.record_outbound(replace(outbound("Q-broken"), recipient_digests=("d1", None)))
+    assert store._scalar("select count(*) from messages") == 0
+    assert store._scalar("select count(*) from outbound_recipients") == 0
+
+
+def test_a_failure_is_recorded_once_per_message_and_recipient(store):
+    row = store.record_outbound(replace(outbound(), recipient_digests=("d1",)))
+    assert not store.bounce_recorded(row, "a@y")
+    store.record_bounce(bounce("a@y", 1, message=row))
+    assert store.bounce_recorded(row, "a@y")
+    assert not store.bounce_recorded(row, "b@y") and not store.bounce_recorded(row + 1, "a@y")
+
+
+def test_migration_from_v7_leaves_older_messages_with_unknown_recipients(open_same, monkeypatch):
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:7])
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", postgres_backend.MIGRATIONS[:7])
+    old = open_same()
+    assert old.schema_version == 7
+    row = _old_outbound_row(old)
+    old.close()
+    monkeypatch.undo()
+    new = open_same()
+    assert new.schema_version == 8
+    assert new.outbound_message(row).recipient_count is None, "a row from before: its recipients are unknown"
+    assert new.sent_to(row, ["d1"]) == set()
+    later = new.record_outbound(replace(outbound("Q2", "<m2@x>"), recipient_digests=("d1",)))
+    assert new.outbound_message(later).recipient_count == 1 and new.sent_to(later, ["d1"]) == {"d1"}

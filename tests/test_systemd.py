@@ -43,3 +43,8 @@ def test_gateway_unit_contract():
             and unit["UMask"] == "0007")
     # Postfix's processes are not in group mailgate: they reach the sockets through "others"
     assert int(unit["RuntimeDirectoryMode"], 8) & 0o001
+
+
+def test_gateway_unit_raises_the_descriptor_limit():
+    """Postfix's connections to the lookup and policy services need more than the default 1024."""
+    assert int(directives("mailgate.service")["LimitNOFILE"]) >= 65536

@@ -26,7 +26,7 @@ from mailgate.commands.watchlog import LogEvent, derived_server, follow, follow_
 from mailgate.commands.watchlog.parsing import parse_current
 from mailgate.configfile import parse_config
 from mailgate.lab.postfix import make_basedir
-from mailgate.store import OutboundRecord, open_store
+from mailgate.store import BounceRecord, OutboundRecord, open_store
 from mailgate.store.sqlite import SQLiteStore
 
 CONFIG = parse_config("""
@@ -239,6 +239,28 @@ def test_tokenised_and_unknown_messages_bounces_are_not_counted(tmp_path, store)
         [("T1", "bounced", "transactional"), ("U1", "bounced", None)]
     assert deliveries[0]["message"] is not None and deliveries[1]["message"] is None
     assert rows(store, "bounces") == []
+
+
+def test_a_message_fails_once_per_recipient_whichever_reader_learns_it_first(tmp_path, store, caplog):
+    """docs/rules.md B1: the log's bounces are Postfix's own and count, but a message fails once
+    per recipient: a report already recorded on the message (tied by its Message-ID), or the same
+    failure logged again, is not a second bounce."""
+    log = tmp_path / "mail.log"
+    reported, logged = outbound(store, "D1"), outbound(store, "D2")
+    store.record_bounce(BounceRecord(at("2026-11-01T09:00:00"), "gone@dead.example", "5.1.1", "failed", True,
+                                     None, None, None, reported, "transactional", "dsn"))
+    log.write_text(line("2026-11-01T10:00:00", "D1", "gone@dead.example", "bounced", "5.1.1")
+                   + line("2026-11-01T10:00:00", "D2", "gone@dead.example", "bounced", "5.1.1")
+                   + line("2026-11-01T10:00:01", "D2", "Gone@dead.example", "bounced", "5.1.1")
+                   + line("2026-11-01T10:00:02", "D2", "other@dead.example", "bounced", "5.1.1"))
+    with caplog.at_level(logging.INFO, logger="mailgate"):
+        read(log, store)
+    assert [(b["message"], b["recipient"], b["source"]) for b in rows(store, "bounces")] == [
+        (reported, "gone@dead.example", "dsn"), (logged, "gone@dead.example", "postfix-log"),
+        (logged, "other@dead.example", "postfix-log")]
+    assert len(rows(store, "deliveries")) == 4, "every attempt is still a delivery row"
+    assert caplog.text.count("role=bounce rcpt=<gone@dead.example> status=5.1.1 message=") == 2
+    assert caplog.text.count("action=ignored reason=\"recorded already\"") == 2
 
 
 def test_expiry_returns_the_deferred_recipients_as_soft_bounces(tmp_path, store):

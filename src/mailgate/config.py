@@ -22,6 +22,7 @@ SecurityMode = Literal["none", "starttls", "tls"]
 ServerSelection = Literal["odoo", "documented"]
 LoopAction = Literal["reject", "defer", "hold"]
 DirectWriteAction = Literal["pass", "reject"]
+MalformedFromAction = Literal["rewrite", "reject"]
 QuotaScope = Literal["gateway", "sender_domain", "sasl_user"]
 MalformedAction = Literal["dunno", "defer"]
 BounceForward = Literal["odoo", "discard"]
@@ -30,6 +31,7 @@ SECURITY_MODES = get_args(SecurityMode)
 SERVER_SELECTIONS = get_args(ServerSelection)
 LOOP_ACTIONS = get_args(LoopAction)
 DIRECT_WRITE_ACTIONS = get_args(DirectWriteAction)
+MALFORMED_FROM_ACTIONS = get_args(MalformedFromAction)
 QUOTA_SCOPES = get_args(QuotaScope)
 MALFORMED_ACTIONS = get_args(MalformedAction)
 BOUNCE_FORWARDS = get_args(BounceForward)
@@ -169,6 +171,9 @@ class Config:
     policy: PolicySettings = field(default_factory=PolicySettings)
     odoo: OdooSettings = field(default_factory=OdooSettings)
     server_selection: ServerSelection = "odoo"
+    # docs/rules.md O5: a From that cannot be read as mailboxes, or several From headers, holding an
+    # address the server may not send for: replaced by the notification address, or refused (554 5.6.0)
+    malformed_from: MalformedFromAction = "rewrite"
     dry_run: bool = False
     database: str = "/var/lib/mailgate/mailgate.sqlite3"
     database_password_file: Path | None = None

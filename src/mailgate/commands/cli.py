@@ -26,15 +26,16 @@ def config_path(args: argparse.Namespace) -> Path:
     return Path(getattr(args, "config", None) or os.environ.get("MAILGATE_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
-def _load(args: argparse.Namespace, *, check_files: bool = True) -> LoadedConfig:
-    loaded = load_config(config_path(args), check_files=check_files)
+def _load(args: argparse.Namespace, *, check_files: bool = True, check_startup: bool = False) -> LoadedConfig:
+    loaded = load_config(config_path(args), check_files=check_files, check_startup=check_startup)
     for warning in loaded.warnings:
         print(warning, file=sys.stderr)
     return loaded
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+    """OK only for a file `serve` starts with: the same loader and the same start-up checks."""
+    loaded = _load(args, check_startup=True)
     config = loaded.config
     print(f"{config_path(args)}: OK ({len(config.servers)} server(s), {len(config.aliases)} alias(es))",
           file=sys.stderr)
@@ -45,9 +46,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mailgate.commands.serve import serve
     from mailgate.infra.runtime import Runtime
     from mailgate.store.interface import StoreUnavailable
-    config = _load(args).config
+    config = _load(args, check_startup=True).config
     setup_logging()
-    try:
+    try:  # a file it cannot use after all (changed since the load) is a ConfigError: exit 78
         runtime = Runtime.from_config(config)
     except StoreUnavailable as exc:  # systemd restarts us; the log says why
         print(f"mailgate: {exc}", file=sys.stderr)
@@ -80,6 +81,8 @@ def cmd_explain_outbound(args: argparse.Namespace) -> int:
     else:
         print(f"server:        {result['server'] or '(Postfix default route)'}")
         print(f"header From:   {result['header_from']}{'  (rewritten)' if decision.rewritten else ''}")
+        if decision.reply:
+            print(f"refused:       {decision.reply}")
         print(f"envelope from: {result['envelope_from']}")
         for reason in decision.reasons:
             print(f"  - {reason}")

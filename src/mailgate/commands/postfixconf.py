@@ -4,7 +4,9 @@ main.cf settings come as `key = value` lines for `postconf -e`; master.cf servic
 service entries for `postconf -M` (or pasting). One `smtp` transport per upstream server carries
 that server's TLS and SASL settings, so servers never share credentials or TLS policy. Inbound
 mail for the alias domains is relayed to mailgate's delivery map, checked per recipient by the
-policy service, and handed to Odoo by a pipe(8) service.
+policy service, and handed to Odoo by a pipe(8) service. The policy service is asked again at
+the end of every message: the daily quota is taken at RCPT and kept only for messages that reach
+it (docs/rules.md Q).
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def main_settings(config: Config) -> list[tuple[str, str]]:
             ("relay_domains", " ".join(domains)),
             ("transport_maps", postfix_map(config.listen.lookup, "delivery")),
             ("smtpd_recipient_restrictions",
+             f"check_policy_service {config.listen.policy.postfix_address()}"),
+            # the end of each message, so that the daily quota is paid only for mail accepted
+            ("smtpd_end_of_data_restrictions",
              f"check_policy_service {config.listen.policy.postfix_address()}"),
             ("smtpd_policy_service_default_action", str(POLICY_UNAVAILABLE)),
             (f"{ODOO_TRANSPORT}_destination_recipient_limit", "1"),

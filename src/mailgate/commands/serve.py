@@ -22,11 +22,13 @@ from mailgate.config import Config
 from mailgate.configfile import ConfigError, load_config
 from mailgate.infra.logfmt import kv_line
 from mailgate.infra.runtime import Runtime, read_passwords
-from mailgate.infra.sockets import blocked_directory
+from mailgate.infra.sockets import SocketInUseError, blocked_directory, socket_is_listening
+from mailgate.infra.socketspec import SocketSpec
 from mailgate.milter.worker import MilterProcess, MilterStartError
 from mailgate.policy.lookup import LookupService
 from mailgate.policy.policyd import MALFORMED_DEFER, MALFORMED_DUNNO, PolicyServer
 from mailgate.policy.recipients import GatewayPolicy
+from mailgate.policy.service import raise_descriptor_limit
 from mailgate.policy.socketmap import SocketmapServer
 from mailgate.rules.replies import EXIT
 from mailgate.rules.retention import purge_expired
@@ -85,14 +87,34 @@ def _warn_if_unreachable(logger: logging.Logger, path: str, group: str | None) -
                                        f"the socket (make the directory searchable, e.g. chmod o+x)"))
 
 
+def _refuse_sockets_in_use(specs: tuple[SocketSpec, ...]) -> None:
+    """A second `serve` on the same sockets stops here, before anything starts: the milter's
+    socket is bound in the child process, whose failure the parent would only see as an exit
+    status."""
+    for spec in specs:
+        if socket_is_listening(spec):
+            raise SocketInUseError(f"another process is already listening on {spec}")
+
+
+def _start_listeners(listeners: tuple[SocketmapServer, PolicyServer]) -> None:
+    """Start each listener's thread; when one cannot listen, stop those already started."""
+    started: list[SocketmapServer | PolicyServer] = []
+    try:
+        for listener in listeners:
+            listener.start_in_thread()
+            started.append(listener)
+    except BaseException:
+        for listener in reversed(started):
+            listener.stop_thread()
+        raise
+
+
 def serve(runtime: Runtime, config_path: Path | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. A socket that cannot be made, or that another process (a
+    second `serve`) already listens on, is one log line and exit status 1, not a traceback."""
     config = runtime.config
     logger = logging.getLogger("mailgate")
-    for spec in (config.listen.milter, config.listen.lookup, config.listen.policy):
-        path = spec.path
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            _warn_if_unreachable(logger, path, config.listen.socket_group)
+    raise_descriptor_limit(logger)
     lookup = SocketmapServer(LookupService(runtime), config.listen.lookup,
                              group=config.listen.socket_group, logger=logger)
     malformed = MALFORMED_DEFER if config.policy.on_malformed == "defer" else MALFORMED_DUNNO
@@ -102,8 +124,18 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     # the mask) and the main loop takes them with sigtimedwait, one at a time. A handler that
     # takes a lock (an Event) re-enters itself under a burst of SIGHUPs.
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
-    lookup.start_in_thread()
-    policy.start_in_thread()
+    specs = (config.listen.milter, config.listen.lookup, config.listen.policy)
+    try:
+        _refuse_sockets_in_use(specs)
+        for spec in specs:
+            if spec.path:
+                os.makedirs(os.path.dirname(spec.path), exist_ok=True)
+                _warn_if_unreachable(logger, spec.path, config.listen.socket_group)
+        _start_listeners((lookup, policy))
+    except OSError as exc:  # SocketInUseError, an address in use, a directory it may not make
+        logger.error(kv_line(None, event="listen", error=type(exc).__name__, detail=str(exc)))
+        runtime.store.close()
+        return EXIT["failure"]
     retention = RetentionPass(runtime, logger)
     milter = MilterProcess(runtime.config)
     restarts = RestartBudget()

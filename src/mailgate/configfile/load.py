@@ -18,10 +18,12 @@ from mailgate.config import (
     PolicySettings,
     QuotaSettings,
 )
+from mailgate.configfile.limits import MAX_CONFIG_BYTES, MAX_PROBLEMS, BoundedLoader, TooManyProblems
 from mailgate.configfile.problems import ConfigError, ConfigProblem
 from mailgate.configfile.reader import Reader, build, node_of
 from mailgate.configfile.sections import cross_checks, read_aliases, read_servers
 from mailgate.configfile.values import BOUNCES, LISTEN, LOOP, MASS, ODOO, POLICY, QUOTA, SECTIONS, TOP
+from mailgate.infra.secretfile import UnusableFile, read_regular_file
 
 
 @dataclass(frozen=True)
@@ -30,26 +32,48 @@ class LoadedConfig:
     warnings: tuple[ConfigProblem, ...]
 
 
-def parse_config(text: str, file: str = "<config>", *, check_files: bool = True,
+def _yaml_problem(file: str, exc: yaml.YAMLError) -> ConfigProblem:
+    mark = (exc.problem_mark or exc.context_mark) if isinstance(exc, yaml.MarkedYAMLError) else None
+    message = (exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None) or str(exc)
+    return ConfigProblem(file, mark.line + 1 if mark else 0, "(yaml)", message)
+
+
+def parse_config(text: str, file: str = "<config>", *, check_files: bool = True, check_startup: bool = False,
                  base: Path | None = None) -> LoadedConfig:
     """Parse and validate configuration text; raise ConfigError listing every error found.
 
     Relative paths in the file are taken relative to `base` (the file's folder), so a config
-    and its secrets can move together.
+    and its secrets can move together. `check_startup` (check-config, serve) also checks what
+    `serve` needs at start: that a missing bounce-token key can be made. The work is bounded
+    (`configfile.limits`): past a bound the file is refused with one line.
     """
-    loader = yaml.SafeLoader(text)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigProblem(file, 0, "", f"too big: more than {MAX_CONFIG_BYTES} bytes")])
+    loader = BoundedLoader(text)
     try:
         root = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        raise ConfigError([ConfigProblem(file, line, "(yaml)", f"{exc.problem or exc}")]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([ConfigProblem(file, 1, "(yaml)", str(exc))]) from None
+        raise ConfigError([_yaml_problem(file, exc)]) from None
+    except RecursionError:  # a backstop: BoundedLoader refuses deep nesting long before
+        raise ConfigError([ConfigProblem(file, 0, "(yaml)", "nested too deeply")]) from None
     finally:
         loader.dispose()
-    base = base or Path.cwd()
-    reader = Reader(loader, file, base)
+    reader = Reader(loader, file, base or Path.cwd())
+    try:
+        loaded = _read(reader, root, check_files, check_startup)
+    except TooManyProblems:
+        raise ConfigError([*sorted(reader.problems, key=lambda p: p.line),
+                           ConfigProblem(file, 0, "", f"more than {MAX_PROBLEMS} problems: stopped")]) from None
+    except yaml.YAMLError as exc:  # a value YAML cannot build, outside any key's own check
+        raise ConfigError([*sorted(reader.problems, key=lambda p: p.line), _yaml_problem(file, exc)]) from None
+    except RecursionError:
+        raise ConfigError([ConfigProblem(file, 0, "(yaml)", "nested too deeply")]) from None
+    return loaded
+
+
+def _read(reader: Reader, root: yaml.Node | None, check_files: bool, check_startup: bool) -> LoadedConfig:
+    """Assemble the Config from the composed nodes, every problem recorded in `reader`."""
+    file, base = reader.file, reader.base
     top = reader.section(root, "", TOP)
     if "database" in top and "://" not in top["database"] and not Path(top["database"]).is_absolute():
         top["database"] = str(base / top["database"])
@@ -72,20 +96,23 @@ def parse_config(text: str, file: str = "<config>", *, check_files: bool = True,
         odoo=build(OdooSettings, reader.section(nodes["odoo"], "odoo", ODOO)),
         source=Path(file),
     )
-    cross_checks(reader, config, top, mass, check_files)
+    cross_checks(reader, config, top, mass, check_files, check_startup)
     errors = [p for p in reader.problems if p.severity == "error"]
     if errors:
         raise ConfigError(sorted(reader.problems, key=lambda p: p.line))
     return LoadedConfig(config, tuple(p for p in reader.problems if p.severity != "error"))
 
 
-def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> LoadedConfig:
-    """Read and validate a configuration file."""
+def load_config(path: str | os.PathLike[str], *, check_files: bool = True,
+                check_startup: bool = False) -> LoadedConfig:
+    """Read and validate a configuration file: a regular file of at most MAX_CONFIG_BYTES (not
+    /dev/zero, not a named pipe whose open would hang), UTF-8 text."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigProblem(str(path), 0, "(file)", f"cannot read: {exc.strerror or exc}")]) from None
+        text = read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except UnusableFile as exc:
+        raise ConfigError([ConfigProblem(str(path), 0, "", str(exc))]) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigProblem(str(path), 0, "(file)", f"not UTF-8 text: {exc}")]) from None
-    return parse_config(text, str(path), check_files=check_files, base=path.resolve().parent)
+        raise ConfigError([ConfigProblem(str(path), 0, "", f"not UTF-8 text: {exc}")]) from None
+    return parse_config(text, str(path), check_files=check_files, check_startup=check_startup,
+                        base=path.resolve().parent)

@@ -1,7 +1,8 @@
 """What a loader hands back when the file is wrong: one problem per line, all of them at once.
 
 A problem prints as `file:line: key: message` (warnings say so), the form editors and operators
-can jump to; ConfigError carries every error and warning found in one pass.
+can jump to, or `file: key: message` when no line is to blame (line 0: the file itself, a
+default value); ConfigError carries every error and warning found in one pass.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class ConfigProblem:
 
     def __str__(self) -> str:
         prefix = "" if self.severity == "error" else "warning: "
-        return f"{self.file}:{self.line}: {prefix}{self.key}: {self.message}"
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {prefix}{self.key + ': ' if self.key else ''}{self.message}"
 
 
 class ConfigError(Exception):

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mailgate.configfile.limits import MAX_PROBLEMS, TooManyProblems
 from mailgate.configfile.problems import ConfigProblem
 from mailgate.configfile.values import Invalid, describe
 
@@ -29,11 +30,27 @@ class Reader:
         self.problems: list[ConfigProblem] = []
 
     def problem(self, node: yaml.Node | None, key: str, message: str, severity: str = "error") -> None:
-        line = node.start_mark.line + 1 if node is not None else 1
+        """Record a problem on the node's line (line 0, none, for a key left at its default)."""
+        if len(self.problems) >= MAX_PROBLEMS:
+            raise TooManyProblems()
+        line = node.start_mark.line + 1 if node is not None else 0
         self.problems.append(ConfigProblem(self.file, line, key, message, severity))
 
     def value(self, node: yaml.Node) -> Any:
-        return self.loader.construct_object(node, deep=True)
+        """The plain Python value of a node; a value YAML cannot build (a date like 2020-13-45,
+        an unhashable key, an unknown tag) is a yaml.MarkedYAMLError on its line."""
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as exc:
+            # PyYAML leaves the failed node marked as under construction: clear it, or the next
+            # read of a node around it reports a "recursive node" that is not one.
+            self.loader.recursive_objects.clear()
+            self.loader.state_generators = []
+            self.loader.deep_construct = False
+            if isinstance(exc, yaml.MarkedYAMLError):
+                raise
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {exc}",
+                                                    node.start_mark) from None
 
     def mapping(self, node: yaml.Node | None, key: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         if node is None or (isinstance(node, yaml.ScalarNode) and self.value(node) is None):
@@ -67,6 +84,8 @@ class Reader:
                     result[name] = self.base / converted
             except Invalid as exc:
                 self.problem(value_node, full, str(exc))
+            except yaml.MarkedYAMLError as exc:
+                self.problem(value_node, full, str(exc.problem or exc))
             except (TypeError, ValueError) as exc:
                 self.problem(value_node, full, f"invalid value: {exc}")
             result.setdefault(f"__line__{name}", value_node)

@@ -7,17 +7,17 @@ cross checks and the secret-file checks look at several keys together, or at the
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mailgate.config import Alias, Config, Server
+from mailgate.configfile.limits import MAX_ALIASES, MAX_SERVERS
 from mailgate.configfile.reader import Reader, build, node_of
 from mailgate.configfile.values import ALIAS, SERVER, Invalid, local_part
+from mailgate.infra.secretfile import UnusableFile, bounce_key_problem, read_password_file
 
 _SERVER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
 _IMPLICIT_TLS_PORTS = {465}
@@ -30,6 +30,9 @@ def read_servers(reader: Reader, node: yaml.Node | None, check_files: bool) -> t
     if not isinstance(node, yaml.SequenceNode):
         if not (isinstance(node, yaml.ScalarNode) and reader.value(node) is None):
             reader.problem(node, "servers", "expected a list of servers (each item starting with '- name:')")
+        return ()
+    if len(node.value) > MAX_SERVERS:
+        reader.problem(node, "servers", f"{len(node.value)} servers: at most {MAX_SERVERS}")
         return ()
     servers: list[Server] = []
     seen: dict[str, int] = {}
@@ -96,6 +99,9 @@ def _check_security(reader: Reader, values: dict[str, Any], key: str, port: int,
 
 def read_aliases(reader: Reader, node: yaml.Node | None, alias_domain: str | None) -> tuple[Alias, ...]:
     aliases: list[Alias] = []
+    if isinstance(node, yaml.MappingNode) and len(node.value) > MAX_ALIASES:
+        reader.problem(node, "aliases", f"{len(node.value)} aliases: at most {MAX_ALIASES}")
+        return ()
     for name, (key_node, value_node) in reader.mapping(node, "aliases").items():
         key = f"aliases.{name}"
         try:
@@ -120,8 +126,9 @@ def read_aliases(reader: Reader, node: yaml.Node | None, alias_domain: str | Non
 
 
 def cross_checks(reader: Reader, config: Config, top: dict[str, Any], mass: dict[str, Any],
-                  check_files: bool) -> None:
-    """Checks that involve several keys or the file system."""
+                  check_files: bool, check_startup: bool = False) -> None:
+    """Checks that involve several keys or the file system; with `check_startup`, also what
+    `serve` does at start with the files (make a missing bounce-token key), with the same code."""
     mass_name = config.mass_mail.server
     mass_server = config.server_named(mass_name) if mass_name else None
     if mass_name and mass_server is None:
@@ -141,24 +148,19 @@ def cross_checks(reader: Reader, config: Config, top: dict[str, Any], mass: dict
                        "is used for all mail", "warning")
     if not check_files:
         return
-    if config.secret_file.exists():
-        _check_secret(reader, config.secret_file, node_of(top, "secret_file"), "secret_file")
+    if check_startup or config.secret_file.exists():
+        problem = bounce_key_problem(config.secret_file)
+        if problem:
+            reader.problem(node_of(top, "secret_file"), "secret_file", problem)
     if config.database_password_file:
         _check_secret(reader, config.database_password_file, node_of(top, "database_password_file"),
                       "database_password_file")
 
 
 def _check_secret(reader: Reader, path: Path, node: yaml.Node | None, key: str) -> None:
-    """Secrets must exist, be readable, and not be readable by everybody."""
+    """A password file is read as `serve` reads it (`infra.secretfile`): it must be a small
+    regular file, readable here, UTF-8, and not readable by everybody."""
     try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        reader.problem(node, key, f"no such file: {path}")
-        return
-    except OSError as exc:
-        reader.problem(node, key, f"cannot read {path}: {exc.strerror}")
-        return
-    if mode & stat.S_IROTH:
-        reader.problem(node, key, f"{path} is readable by everybody: chmod 0640 (or 0600) it")
-    elif not os.access(path, os.R_OK):
-        reader.problem(node, key, f"{path} is not readable by this user")
+        read_password_file(path)
+    except UnusableFile as exc:
+        reader.problem(node, key, str(exc))

@@ -17,6 +17,7 @@ from mailgate.config import (
     DIRECT_WRITE_ACTIONS,
     LOOP_ACTIONS,
     MALFORMED_ACTIONS,
+    MALFORMED_FROM_ACTIONS,
     QUOTA_ACTIONS,
     QUOTA_SCOPES,
     SECURITY_MODES,
@@ -203,6 +204,7 @@ TOP = {
     "servers": lambda v: v, "mass_mail": lambda v: v, "inbound_listeners": _str_list, "listen": lambda v: v,
     "policy": lambda v: v,
     "odoo": lambda v: v, "server_selection": _choice(SERVER_SELECTIONS), "dry_run": _bool,
+    "malformed_from": _choice(MALFORMED_FROM_ACTIONS),
     "database": _database, "database_password_file": _opt_path, "secret_file": _path,
 }
 SECTIONS = ("aliases", "loop", "bounces", "quota", "servers", "mass_mail", "listen", "policy", "odoo")

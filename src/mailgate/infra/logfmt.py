@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 _NEEDS_QUOTES = re.compile(r'[\s"=]')
 ADDRESS_KEYS = {"from", "to", "header_from", "envelope", "orig_envelope", "sender", "rcpt"}
@@ -50,3 +53,42 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     logger.setLevel(level)
     logger.propagate = False
     return logger
+
+
+class TracebackStreak:
+    """When a failure's traceback is worth a log: at the start of a streak of the same failure.
+
+    A full disk or a store gone fails every message the same way; its line per message says so,
+    and the traceback (which statement failed) says nothing new after the first. A streak is
+    the same failure (exception type and the statement that raised it) again and again; it
+    ends when `succeeded` is called, when another failure comes, or after `quiet_seconds`
+    without it (for callers that never see the successes). Thread-safe: libmilter calls from a
+    thread per connection."""
+
+    def __init__(self, quiet_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.quiet_seconds = quiet_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._current: tuple[str, str, int] | None = None
+        self._last = 0.0
+
+    def first(self, exc: BaseException) -> bool:
+        """True when `exc` starts a streak (log its traceback), False while the streak goes on."""
+        frame = exc.__traceback__
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        where = (frame.tb_frame.f_code.co_filename, frame.tb_lineno) if frame is not None else ("", 0)
+        signature = (type(exc).__name__, *where)
+        now = self._clock()
+        with self._lock:
+            starts = signature != self._current or now - self._last > self.quiet_seconds
+            self._current, self._last = signature, now
+        return starts
+
+    def succeeded(self) -> None:
+        """The streak is over: the next failure logs its traceback again."""
+        self._current = None
+
+
+MESSAGE_FAILURES = TracebackStreak()
+"""The milter's failures at the end of a message (one streak per process)."""

@@ -13,18 +13,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailgate.config import Config
+from mailgate.configfile.problems import ConfigError, ConfigProblem
 from mailgate.infra.clock import gateway_clock
-from mailgate.infra.secretfile import load_or_create_secret
+from mailgate.infra.secretfile import (
+    MAX_SECRET_FILE_BYTES,
+    UnusableFile,
+    load_or_create_secret,
+    read_password_file,
+    read_regular_file,
+)
 from mailgate.rules.tokens import TokenSigner
 from mailgate.store import Store, is_postgres, open_store
 
 
+def unusable_setting(config: Config, key: str, exc: UnusableFile) -> ConfigError:
+    """A file the configuration names that cannot be used at start, reported like the loader's
+    problems (`file: key: message`, no line: the Config keeps none), so `serve` exits 78 with it."""
+    return ConfigError([ConfigProblem(str(config.source), 0, key, str(exc))])
+
+
 def read_passwords(config: Config) -> dict[str, tuple[str, str]]:
-    """SASL credentials per server name, read once from the password files."""
+    """SASL credentials per server name, read once from the password files (ConfigError when one
+    cannot be used: the loader checked it, but the file may have changed since)."""
     passwords: dict[str, tuple[str, str]] = {}
     for server in config.servers:
         if server.username and server.password_file:
-            secret = Path(server.password_file).read_text(encoding="utf-8").strip()
+            try:
+                secret = read_password_file(Path(server.password_file))
+            except UnusableFile as exc:
+                raise unusable_setting(config, f"servers[{server.position}]({server.name}).password_file",
+                                       exc) from None
             passwords[server.name] = (server.username, secret)
     return passwords
 
@@ -40,10 +58,20 @@ class Runtime:
 
     @classmethod
     def from_config(cls, config: Config) -> Runtime:
-        secret = load_or_create_secret(Path(config.secret_file))
+        """Everything `serve` needs at start; a file it cannot use is a ConfigError (the same
+        checks as `check-config`), a store that does not answer is StoreUnavailable."""
+        try:
+            secret = load_or_create_secret(Path(config.secret_file))
+        except UnusableFile as exc:
+            raise unusable_setting(config, "secret_file", exc) from None
+        passwords = read_passwords(config)
+        if config.database_password_file:
+            try:
+                read_password_file(Path(config.database_password_file))
+            except UnusableFile as exc:
+                raise unusable_setting(config, "database_password_file", exc) from None
         store = open_store(config.database, config.database_password_file)
-        return cls(config, store, TokenSigner(secret, store.store_id()), read_passwords(config),
-                   clock=gateway_clock())
+        return cls(config, store, TokenSigner(secret, store.store_id()), passwords, clock=gateway_clock())
 
 
 def _identity(store: Store | None) -> str:
@@ -70,8 +98,9 @@ def read_only_facts(config: Config, now: float | None = None) -> dict[str, Calla
         store = open_store(config.database, config.database_password_file, read_only=True)
     signer: TokenSigner | None = None
     try:
-        signer = TokenSigner(Path(config.secret_file).read_bytes().strip(), _identity(store))
-    except (OSError, ValueError):
+        signer = TokenSigner(read_regular_file(Path(config.secret_file), MAX_SECRET_FILE_BYTES).strip(),
+                             _identity(store))
+    except (UnusableFile, ValueError):
         pass
     return {
         "known_outbound": store.known_outbound if store else (lambda ids: None),

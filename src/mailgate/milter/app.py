@@ -15,7 +15,7 @@ from collections.abc import Callable
 import Milter
 
 from mailgate.config import Config
-from mailgate.infra.logfmt import kv_line
+from mailgate.infra.logfmt import MESSAGE_FAILURES, kv_line
 from mailgate.infra.runtime import Runtime
 from mailgate.infra.sockets import remove_socket_file, remove_stale_socket, secure_socket_file, socket_file_identity
 from mailgate.infra.socketspec import SocketSpec
@@ -130,12 +130,15 @@ class GatewayMilter(Milter.Base):
                 facts.inbound = takes_inbound_role(facts.config_for(runtime.config), facts.listener,
                                                    facts.envelope_sender, facts.recipients)
             config = facts.config_for(runtime.config)
-            if facts.inbound:
-                return self._inbound(runtime, config, queue_id)
-            return self._outbound(runtime, config, queue_id)
+            handle = self._inbound if facts.inbound else self._outbound
+            answer = handle(runtime, config, queue_id)
+            MESSAGE_FAILURES.succeeded()  # a streak of failures ends with the first message handled again
+            return answer
         except Exception as exc:  # any failure must keep the mail with Postfix, never lose it
+            # One line per message; the traceback (which statement failed) once per streak of the
+            # same failure, not once per message of a full disk.
             runtime.logger.error(kv_line(queue_id, role="error", error=type(exc).__name__, detail=str(exc)),
-                                 exc_info=True)  # the traceback follows: which statement failed
+                                 exc_info=MESSAGE_FAILURES.first(exc))
             reply = SMTP["internal_error"]
             self.setreply(reply.code, reply.status, reply.text)
             return Milter.TEMPFAIL
@@ -149,11 +152,19 @@ class GatewayMilter(Milter.Base):
             runtime.logger.warning(kv_line(queue_id, role="outbound", warning=effects.decision.warning))
         if config.dry_run:
             return Milter.CONTINUE
+        refusal = effects.refusal
+        if refusal is not None:
+            self.setreply(refusal.code, refusal.status, refusal.text.replace("%", "%%"))
+            return Milter.REJECT
         if effects.discard:
             return Milter.DISCARD
         for recipient in effects.removed_recipients:
             self.delrcpt(f"<{recipient}>")
-        if effects.new_header_from is not None:
+        for index in range(effects.drop_more_froms + 1, 1, -1):  # docs/rules.md O5: one From leaves
+            self.chgheader("From", index, "")
+        if effects.add_header_from and effects.new_header_from is not None:
+            self.addheader("From", effects.new_header_from)
+        elif effects.new_header_from is not None:
             self.chgheader("From", 1, effects.new_header_from)
         for index in range(effects.drop_stream_headers, 0, -1):
             self.chgheader("X-Mailgate-Stream", index, "")

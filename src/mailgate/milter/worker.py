@@ -191,6 +191,9 @@ def main() -> int:
 
     try:
         serve_milter(runtime, spec, group=config.listen.socket_group, on_ready=ready)
+    except OSError as exc:  # the socket taken or unusable: one line, and the parent sees the status
+        logger.error(kv_line(None, event="milter", error=type(exc).__name__, detail=str(exc)))
+        return 1
     finally:
         runtime.store.close()
     return 0

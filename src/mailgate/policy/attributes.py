@@ -24,10 +24,13 @@ class PolicyRequest(Mapping[str, str]):
     (empty string, or 0 for numbers), so handlers never need ``.get`` with defaults.
     """
 
-    __slots__ = ("_attrs",)
+    __slots__ = ("_attrs", "connection")
 
-    def __init__(self, attrs: Mapping[str, str]) -> None:
+    def __init__(self, attrs: Mapping[str, str], connection: int = 0) -> None:
         self._attrs = dict(attrs)
+        self.connection = connection
+        """Which policy connection the request came on (the server numbers them from 1; 0 when
+        unknown): Postfix sends a transaction's requests on one connection."""
 
     def __getitem__(self, name: str) -> str:
         return self._attrs[name]
@@ -126,9 +129,12 @@ def encode_action(action: str) -> bytes:
 
 def parse_request(block: bytes | bytearray, max_attributes: int) -> dict[str, str]:
     """Attributes of one request (``block`` without its final ``\\n\\n``). Bytes that are not
-    UTF-8 survive as surrogate escapes, so values round-trip and never raise."""
+    UTF-8 survive as surrogate escapes, so values round-trip and never raise; a NUL, which no
+    attribute may hold, makes the request malformed."""
     if block.count(b"\n") >= max_attributes:
         raise MalformedRequest(f"more than {max_attributes} attributes")
+    if b"\0" in block:  # names and values never hold one (SMTPD_POLICY_README)
+        raise MalformedRequest("NUL byte")
     lines = block.decode("utf-8", "surrogateescape").split("\n")
     try:
         # Every line splits in two or dict() refuses it: the whole request in one C-level pass.

@@ -11,14 +11,23 @@ empty line is an (empty, malformed) request of its own and every complete reques
 exactly one reply, which keeps a confused client's replies in step with its requests.
 
 Failures never reach Postfix as silence (which would cost every SMTP client a policy timeout):
-a malformed request is answered with the configured ``on_malformed`` action, a handler error
-with a temporary ``DEFER_IF_PERMIT``; only an oversize request closes the connection, since
-its end can no longer be found.
+a handler error is answered with a temporary ``DEFER_IF_PERMIT`` and the connection kept. What
+is not a policy request (broken lines, a NUL, the wrong request type, a stray empty line, more
+than the size limit) is answered once with the configured ``on_malformed`` action and the
+connection closed, as the socketmap server does with broken netstrings: Postfix never sends one,
+so the client is not Postfix, and nothing after it can be trusted to be in step. An unfinished
+request is judged as it arrives, so garbage without an empty line gets its answer at once
+instead of holding the connection until the idle timeout.
+
+A handler with ``connection_closed(connection)`` hears of every client connection that ends
+while the server runs (the gateway's policy gives back the quota of a transaction that did
+not reach its end); requests carry their connection's number.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -44,6 +53,29 @@ _REPLY_CACHE_SIZE = 256
 
 Handler = Callable[[PolicyRequest], str]
 BatchHandler = Callable[[Sequence[PolicyRequest]], Sequence[str]]
+CloseHandler = Callable[[int], None]
+
+
+def unfinished_request_fault(data: bytes | bytearray, start: int, new: int, max_attributes: int) -> str | None:
+    """Why the unfinished request at ``data[start:]`` can no longer become a valid one, or None;
+    ``data[new:]`` arrived with this read, the rest was judged before.
+
+    Only what no further byte can repair counts (a NUL, a finished line that breaks the
+    protocol, too many finished lines), so the verdict never depends on how the client's bytes
+    were cut into reads. Each byte is looked at about once, however the client trickles them."""
+    new = max(new, start)
+    if data.find(b"\0", new) >= 0:
+        return "NUL byte"
+    last = data.rfind(b"\n", new)
+    if last < 0:
+        return None
+    if data.count(b"\n", start, last + 1) > max_attributes:
+        return f"more than {max_attributes} attributes"
+    first = data.rfind(b"\n", start, new) + 1 or start  # the line the new bytes continue
+    for line in bytes(data[max(first, start):last]).split(b"\n"):
+        if not line.partition(b"=")[0] or b"=" not in line:
+            return f"no attribute name or '=' in line {line[:LOG_SNIPPET]!r}"
+    return None
 
 
 class _Connection(ServiceConnection):
@@ -62,12 +94,14 @@ class _Connection(ServiceConnection):
         self._pending = bytearray()
         self.queue: list[bytes | PolicyRequest] = []
         self.closing = False
+        self.number = next(server.connection_numbers)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self._pending:
             self._logger.debug("policyd: dropped %d bytes of an unfinished request at close",
                                len(self._pending))
+        self._server.connection_ended(self.number)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closing:
@@ -85,11 +119,10 @@ class _Connection(ServiceConnection):
         queue = self.queue
         queued = len(queue)
         start = 0
-        while True:
+        while not self.closing:
             if data.startswith(b"\n", start):
                 queue.append(self._reject(MalformedRequest("empty request")))
-                start += 1
-                continue
+                break
             end = data.find(b"\n\n", scan if scan > start else start)
             if end < 0:
                 break
@@ -98,9 +131,20 @@ class _Connection(ServiceConnection):
                 return
             queue.append(self._request(data[start:end]))
             start = end + 2
+        if self.closing:  # answered as malformed: what follows is not read
+            self._pending = bytearray()
+            self._server.dispatch(self)
+            return
         if len(data) - start >= self._max_bytes:
             self._oversize()
             return
+        if start < len(data):
+            fault = unfinished_request_fault(data, start, scan, self._max_attributes)
+            if fault is not None:
+                queue.append(self._reject(MalformedRequest(fault)))
+                self._pending = bytearray()
+                self._server.dispatch(self)
+                return
         if data is pending:
             del pending[:start]
         elif start < len(data):
@@ -131,13 +175,14 @@ class _Connection(ServiceConnection):
         self._server.dispatch(self)
 
     def _reject(self, exc: MalformedRequest) -> bytes:
-        self._logger.warning("policyd: malformed request (%s); answering %r",
+        self._logger.warning("policyd: malformed request (%s); answering %r and closing the connection",
                              exc, self._server.on_malformed)
+        self.closing = True
         return self._malformed
 
     def _request(self, block: bytes | bytearray) -> bytes | PolicyRequest:
         try:
-            return PolicyRequest(parse_request(block, self._max_attributes))
+            return PolicyRequest(parse_request(block, self._max_attributes), self.number)
         except MalformedRequest as exc:
             return self._reject(exc)
 
@@ -177,6 +222,9 @@ class PolicyServer(StreamService):
         super().__init__(spec, idle_timeout=idle_timeout, mode=mode, group=group, logger=logger)
         self.handler = handler
         self.answer_all: BatchHandler | None = getattr(handler, "answer_all", None)
+        self.connection_closed: CloseHandler | None = getattr(handler, "connection_closed", None)
+        self.connection_numbers = itertools.count(1)
+        self._stopping = False
         self.on_malformed = on_malformed
         self.max_request_bytes = max_request_bytes
         self.max_attributes = max_attributes
@@ -187,6 +235,24 @@ class PolicyServer(StreamService):
 
     def connection(self) -> _Connection:
         return _Connection(self)
+
+    async def close(self) -> None:
+        """Stop serving. The connections closed on the way out are not ends the handler hears
+        of: Postfix finishes their transactions with whoever serves next."""
+        self._stopping = True
+        try:
+            await super().close()
+        finally:
+            self._stopping = False
+
+    def connection_ended(self, number: int) -> None:
+        """Tell the handler that a client connection ended (never while stopping)."""
+        if self.connection_closed is None or self._stopping:
+            return
+        try:
+            self.connection_closed(number)
+        except Exception:
+            self.logger.exception("policyd: handler failed at the close of connection %d", number)
 
     def dispatch(self, connection: _Connection) -> None:
         """Answer a connection's queue now, or at the end of this loop turn when batching."""

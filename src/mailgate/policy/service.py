@@ -10,23 +10,115 @@ The loop is uvloop's when it is installed: a lookup's own work is a few microsec
 loop's machinery per request (wake up, read, write) is as much again; uvloop (libuv, in C) does
 it for less than asyncio's selector loop (bench/RESULTS-services.md has the figures).
 `MAILGATE_EVENT_LOOP=asyncio` keeps the standard loop, to compare or to rule uvloop out.
+
+File descriptors: Postfix keeps one connection per smtpd, cleanup and qmgr process, so a busy
+gateway holds thousands. `serve` raises the soft limit to the hard one (`raise_descriptor_limit`;
+the unit sets LimitNOFILE). When they run out anyway, neither loop tells: libuv accepts and at
+once closes each new connection (its reserved-descriptor trick), asyncio logs a traceback per
+attempt and retries a second later. Both keep serving the connections they have, and so does
+mailgate; `DescriptorWatch` makes it one `event=descriptors` line per streak instead of silence
+or a flood.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import resource
 import signal
 import threading
-from typing import cast
+from typing import Any, cast
 
 from mailgate.infra import sockets
+from mailgate.infra.logfmt import kv_line
 from mailgate.infra.socketspec import SocketSpec
 
 BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 READ_BUFFER = 16 * 1024
 EVENT_LOOP_VARIABLE = "MAILGATE_EVENT_LOOP"
+DESCRIPTOR_CHECK_SECONDS = 2.0
+DESCRIPTOR_MARGIN = 8
+"""Within this many of the limit, new connections are (or are about to be) refused."""
+OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
+
+
+def raise_descriptor_limit(logger: logging.Logger | None = None) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd's LimitNOFILE), log the limit
+    once, and return it: the default soft limit (1024) is far below what Postfix's connections
+    to a busy gateway need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # e.g. above the kernel's nr_open: keep the soft limit
+            pass
+    if logger is not None:
+        logger.info(kv_line(None, event="descriptors", limit=soft))
+    return soft
+
+
+def open_descriptors() -> int:
+    """How many descriptors the process has open (Linux: /proc/self/fd)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself opened
+    except OSError as exc:  # none left even to look: at the limit
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0] if exc.errno in OUT_OF_DESCRIPTORS else 0
+
+
+class DescriptorWatch:
+    """One log line when a service runs out of descriptors, one when it has them again.
+
+    Seen two ways: asyncio's accept loop reports EMFILE/ENFILE to the loop's exception handler
+    (which would otherwise log a traceback per attempt); libuv reports nothing, so a timer
+    compares the open descriptors with the limit every few seconds."""
+
+    def __init__(self, service: str, logger: logging.Logger) -> None:
+        self.service = service
+        self.logger = logger
+        self.exhausted = False
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        default = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if isinstance(exc, OSError) and exc.errno in OUT_OF_DESCRIPTORS:
+                self.out_of_descriptors(exc.strerror or str(exc))
+            elif default is not None:
+                default(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+        self._schedule(loop)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_later(DESCRIPTOR_CHECK_SECONDS, self._check, loop)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        used = open_descriptors()
+        if used >= soft - DESCRIPTOR_MARGIN:
+            self.out_of_descriptors("near the limit", used, soft)
+        elif self.exhausted:
+            self.exhausted = False
+            self.logger.info(kv_line(None, event="descriptors", service=self.service, state="recovered",
+                                     open=used, limit=soft))
+        self._schedule(loop)
+
+    def out_of_descriptors(self, detail: str, used: int | None = None, soft: int | None = None) -> None:
+        """The start of a streak is logged; the rest of it is not."""
+        if self.exhausted:
+            return
+        self.exhausted = True
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if soft is None else soft
+        self.logger.error(kv_line(None, event="descriptors", service=self.service, state="exhausted",
+                                  open=open_descriptors() if used is None else used, limit=soft, detail=detail,
+                                  effect="new connections refused, open ones served"))
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -72,6 +164,7 @@ class StreamService:
 
     async def start(self) -> None:
         """Bind and start accepting; raises if the socket is unusable (e.g. in use)."""
+        DescriptorWatch(self.name, self.logger).install(asyncio.get_running_loop())
         self._server = await sockets.start_protocol_server(
             self.spec, self.connection, mode=self.mode, group=self.group)
         self._file_identity = sockets.socket_file_identity(self.spec)

@@ -27,8 +27,13 @@ def bounce_lock(address: str) -> str:
 
 @dataclass(frozen=True)
 class BounceOutcome:
-    bounce_id: int
+    bounce_id: int | None        # None: a repeat, not written
     blacklisted: str | None      # the rule's reason when this bounce put the address on the list
+
+    @property
+    def repeat(self) -> bool:
+        """The message's failure for this recipient was recorded already (B1: once per message)."""
+        return self.bounce_id is None
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,13 @@ class DeliveryOutcome:
 
 def record_and_judge(store: Store, settings: BounceSettings, record: BounceRecord, now: float) -> BounceOutcome:
     """Record one failed recipient and, when it may count (tied to a message of ours and not
-    stale), run the blacklist rule over the address's bounces. Call inside
-    `store.transaction(bounce_lock(record.recipient))`."""
+    stale), run the blacklist rule over the address's bounces. A message fails for a recipient
+    once (B1): when a row for this message and recipient exists already (another report under
+    another Message-ID, or the log and a report on the same message), nothing is written and the
+    outcome is a repeat. Call inside `store.transaction(bounce_lock(record.recipient))`, which
+    makes the check and the row atomic."""
+    if record.message is not None and store.bounce_recorded(record.message, record.recipient):
+        return BounceOutcome(None, None)
     bounce_id = store.record_bounce(record)
     if not record.matched or record.stale:
         return BounceOutcome(bounce_id, None)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from mailgate.config import Alias, Config
 from mailgate.rules.addresses import normalize
-from mailgate.rules.tokens import split_tokenised
+from mailgate.rules.tokens import is_odoo_bounce_suffix, split_tokenised
 
 RecipientVerdict = Literal["outside", "accept", "no_such_alias", "forged_bounce"]
 
@@ -23,12 +23,35 @@ def is_catchall(config: Config, address: str) -> bool:
     return normalize(address) in _address_set(config, config.catchall_alias)
 
 
-def bounce_token_of(config: Config, address: str) -> str | None:
-    """The token of `bounce+TOKEN@alias-domain`, or None when the address is not one."""
+def _bounce_suffix(config: Config, address: str) -> str | None:
+    """The part after `<bounce_alias>+` of a bounce address on an alias domain, else None."""
     parts = split_tokenised(normalize(address), config.bounce_alias)
     if parts and parts[1] in config.alias_domain_set:
         return parts[0]
     return None
+
+
+def bounce_token_of(config: Config, address: str) -> str | None:
+    """The token of `bounce+TOKEN@alias-domain`, or None when the address is not one. Odoo's own
+    form (`bounce+991-mail.mail-17@`, T1) is not a token: it is never ours, nor forged."""
+    suffix = _bounce_suffix(config, address)
+    if suffix is None or is_odoo_bounce_suffix(suffix):
+        return None
+    return suffix
+
+
+def is_odoo_own_bounce(config: Config, address: str) -> bool:
+    """`<bounce_alias>+<mail.mail id>[-<model>-<res_id>]@<alias domain>`: the bounce address Odoo
+    16 and older put in mail sent before the cut-over to mailgate. Reports to it are Odoo's, and
+    are passed on to Odoo as addressed (docs/rules.md I2.1, I5, I6)."""
+    suffix = _bounce_suffix(config, address)
+    return suffix is not None and is_odoo_bounce_suffix(suffix)
+
+
+def is_any_bounce_address(config: Config, address: str) -> bool:
+    """The plain bounce address, or `<bounce_alias>+anything@<alias domain>`: Odoo's bounce
+    address with or without a suffix (O1), whatever the suffix holds."""
+    return is_plain_bounce(config, address) or _bounce_suffix(config, address) is not None
 
 
 def is_plain_bounce(config: Config, address: str) -> bool:
@@ -66,7 +89,8 @@ def recipient_verdict(config: Config, address: str, token_valid: Callable[[str],
     token = bounce_token_of(config, address)
     if token is not None:
         return "accept" if token_valid(token) else "forged_bounce"
-    if is_catchall(config, address) or is_plain_bounce(config, address) or alias_for_address(config, address):
+    if (is_catchall(config, address) or is_plain_bounce(config, address) or is_odoo_own_bounce(config, address)
+            or alias_for_address(config, address)):
         return "accept"
     return "accept" if config.fallback_target else "no_such_alias"
 
@@ -81,4 +105,4 @@ def takes_inbound_role(config: Config, listener: str | None, envelope_sender: st
     if listener in config.inbound_listeners:
         return True
     return (not envelope_sender and bool(recipients)
-            and all(bounce_token_of(config, r) is not None or is_plain_bounce(config, r) for r in recipients))
+            and all(is_any_bounce_address(config, r) for r in recipients))

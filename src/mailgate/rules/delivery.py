@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from mailgate.config import Config
-from mailgate.rules.classify import alias_for_address, bounce_token_of, is_catchall, is_plain_bounce, on_alias_domain
+from mailgate.rules.classify import alias_for_address, is_any_bounce_address, is_catchall, on_alias_domain
 
 ODOO_TRANSPORT = "mailgate-odoo"  # the pipe(8) service running `mailgate deliver --alias ${nexthop}`
 
@@ -25,7 +25,7 @@ def delivery_transport(config: Config, address: str) -> str | None:
     """
     if not on_alias_domain(config, address):
         return None
-    if bounce_token_of(config, address) is not None or is_plain_bounce(config, address):
+    if is_any_bounce_address(config, address):   # tokenised, Odoo's own form or plain: Odoo's bounce route
         return target_transport("odoo", config.bounce_alias)
     if is_catchall(config, address):
         return target_transport("odoo", config.catchall_alias)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from mailgate.config import Alias, Config
 from mailgate.rules.addresses import clean_text
-from mailgate.rules.classify import alias_for_address, bounce_token_of, is_catchall, is_plain_bounce
+from mailgate.rules.classify import alias_for_address, bounce_token_of, is_catchall, is_odoo_own_bounce, is_plain_bounce
 from mailgate.rules.loop import is_loop_notice_reply, looping_routes
 from mailgate.rules.message import InboundMessage, Route, _unique
 from mailgate.rules.replies import SMTP, SmtpReply
@@ -85,6 +85,9 @@ def find_routes(config: Config, message: InboundMessage,
             return [Route("bounce", "bounce", "bounce")], [f"{address} is a tokenised bounce address"], token
     if any(is_plain_bounce(config, a) for a in to_set):
         return [Route("bounce", "bounce", "bounce")], ["addressed to the bounce address"], None
+    odoo_own = next((a for a in to_set if is_odoo_own_bounce(config, a)), None)
+    if odoo_own is not None:
+        return [Route("bounce", "bounce", "bounce")], [f"{odoo_own} is Odoo's own bounce address"], None
     if sender.split("@")[0] == "mailer-daemon":
         return [Route("bounce", "bounce", "bounce")], ["sent by mailer-daemon"], None
     if is_delivery_report(message):

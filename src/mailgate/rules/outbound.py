@@ -10,8 +10,18 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mailgate.config import Config, Server
-from mailgate.rules.addresses import Mailbox, domain_of, format_mailbox, normalize, parse_mailboxes
+from mailgate.rules.addresses import (
+    Mailbox,
+    domain_of,
+    format_mailbox,
+    is_valid_address,
+    is_valid_domain,
+    normalize,
+    parse_mailboxes,
+    readable_addresses,
+)
 from mailgate.rules.filters import FromFilter
+from mailgate.rules.replies import SMTP, SmtpReply
 
 Step = Literal["mass", "from-address", "from-domain", "notification-address", "notification-domain", "no-filter",
                "fallback-first", "no-servers"]
@@ -32,9 +42,62 @@ STEP_TEXT: dict[Step, str] = {
 class OutboundRequest:
     """What the milter (or `explain`) knows about one outgoing message."""
 
-    header_from: str | None
+    header_from: str | None                 # the first From header; None: the message has none
     envelope_sender: str | None = None
     mass: bool = False
+    more_froms: tuple[str, ...] = ()        # the From headers after the first (O5: one is kept)
+
+
+@dataclass(frozen=True)
+class FromReading:
+    """The From headers of a message as O5 reads them.
+
+    `boxes` are the mailboxes of a well-formed From (one header, parsed), else None. `malformed`
+    says why not: several From headers, or a value that cannot be parsed. `addresses` is every
+    address that can be read out of all the From headers: the parsed ones, and for a malformed
+    From also every `local@domain` found anywhere in the raw and decoded text.
+    """
+
+    boxes: list[Mailbox] | None
+    addresses: tuple[str, ...]
+    malformed: str | None
+    name: str              # the display name a rewritten From keeps (O5)
+
+
+def read_from(header_from: str | None, more_froms: tuple[str, ...] = ()) -> FromReading:
+    """O5: one From header of parsed mailboxes is well formed; anything else is read defensively."""
+    values = [header_from, *more_froms] if header_from is not None else list(more_froms)
+    parsed = [_well_formed(parse_mailboxes(value)) for value in values]
+    if len(values) <= 1 and all(boxes is not None for boxes in parsed):
+        boxes = parsed[0] if parsed else []
+        assert boxes is not None
+        first = boxes[0] if boxes else None
+        return FromReading(boxes, tuple(b.address for b in boxes), None,
+                           (first.name or first.local_part) if first else "")
+    addresses: dict[str, None] = {}
+    for value, boxes in zip(values, parsed, strict=True):
+        addresses.update(dict.fromkeys(b.address for b in boxes or ()))
+        if boxes is None:
+            addresses.update(dict.fromkeys(readable_addresses(value)))
+    why = "several From headers" if len(values) > 1 else "the From cannot be parsed"
+    first_boxes = parsed[0]
+    if first_boxes:
+        name = first_boxes[0].name or first_boxes[0].local_part
+    else:
+        plausible = [a for a in addresses if is_valid_address(a)] or [a for a in addresses if a.rpartition("@")[0]]
+        name = plausible[0].rpartition("@")[0] if plausible else ""
+    return FromReading(None, tuple(addresses), why, name)
+
+
+def _well_formed(boxes: list[Mailbox] | None) -> list[Mailbox] | None:
+    """The mailboxes when every domain is a host name or a literal: the lenient fallback parser
+    takes `=?utf-8?q?evil@example.com=0D=0A?=` for an address, domain `example.com=0D=0A?=`."""
+    if boxes is None:
+        return None
+    for box in boxes:
+        if not (is_valid_domain(box.domain) or (box.domain.startswith("[") and box.domain.endswith("]"))):
+            return None
+    return boxes
 
 
 @dataclass(frozen=True)
@@ -43,12 +106,16 @@ class OutboundDecision:
     step: Step
     header_from: str | None          # the From header to send (the original when kept)
     original_from: str | None
-    rewritten: bool
+    rewritten: bool                  # header_from replaces the first From (or is added: there was none)
     envelope_from: str               # plain MAIL FROM, before any token
     bounce_address: str | None       # the bounce address of this message (O1)
     envelope_is_bounce: bool         # the envelope is the bounce address: mailgate tokenises it
     reasons: tuple[str, ...] = field(default=())
     warning: str | None = None
+    new_from: Mailbox | None = None  # the From written when rewritten: the milter folds it (O5)
+    removed_froms: int = 0           # From headers after the first that are deleted (O5)
+    malformed: str | None = None     # why the From was not one well-formed header
+    reply: SmtpReply | None = None   # the message is refused (O5: a malformed From it cannot send)
 
     @property
     def server_name(self) -> str | None:
@@ -127,15 +194,10 @@ def choose_server(config: Config, from_boxes: list[Mailbox] | None) -> tuple[Ser
     return None, (not keep and notification is not None), "no-servers"
 
 
-def _encapsulate(boxes: list[Mailbox], notification: str) -> str:
-    """O5: `"Name" <notification>`, the name falling back to the old local part."""
-    first = boxes[0]
-    return format_mailbox(first.name or first.local_part, notification)
-
-
 def decide_outbound(config: Config, request: OutboundRequest) -> OutboundDecision:
     """The whole outbound decision for one message."""
-    boxes = parse_mailboxes(request.header_from)
+    reading = read_from(request.header_from, request.more_froms)
+    boxes = reading.boxes
     reasons: list[str] = []
     warning = None
     mass_server = config.mass_server if request.mass else None
@@ -153,19 +215,39 @@ def decide_outbound(config: Config, request: OutboundRequest) -> OutboundDecisio
         reasons.append("mass mail without an active mass server follows the normal order")
 
     notification = notification_address(config)
+    server_filter = server.from_filter if server else config.default_from_filter
     header_from = request.header_from
-    rewritten = False
-    if as_notification and notification:
-        if boxes is None:
-            reasons.append("From cannot be parsed: left alone")
-        elif not boxes:
-            reasons.append("no From address: nothing to rewrite")
+    new_from: Mailbox | None = None
+    reply: SmtpReply | None = None
+    if reading.malformed:
+        foreign = [a for a in reading.addresses if not server_filter.matches(a)]
+        reasons.append(f"From malformed ({reading.malformed}): "
+                       + (f"holds {', '.join(foreign)}, which the server may not send for" if foreign
+                          else "every address in it may be sent for"))
+        if foreign and (config.malformed_from == "reject" or not notification):
+            reply = SMTP["malformed_from"]
+            reasons.append(f"refused with {reply} (" + ("malformed_from is reject" if notification
+                                                        else "no notification address to replace it with") + ")")
+        elif (foreign or as_notification) and notification:
+            new_from = Mailbox(reading.name, notification)
+    elif as_notification and notification:
+        if not boxes:
+            new_from = Mailbox("", notification)
+            reasons.append("no From address: the notification address becomes the From")
         elif not (len(boxes) == 1 and normalize(boxes[0].address) == normalize(notification)):
-            header_from = _encapsulate(boxes, notification)
-            rewritten = True
+            new_from = Mailbox(reading.name, notification)
+    if new_from is not None:
+        header_from = format_mailbox(new_from.name, new_from.address)
+        if boxes:
             reasons.append(f"From rewritten to the notification address {notification}")
-    if not rewritten:
+        elif reading.malformed:
+            reasons.append(f"From replaced by the notification address {notification}")
+    elif reply is None:
         reasons.append("From kept")
+    removed = len(request.more_froms) if reply is None else 0
+    if removed:
+        reasons.append(f"{removed} more From header{'s' if removed > 1 else ''} removed: the message leaves with one")
+    rewritten = new_from is not None
 
     bounce = bounce_address(config, request.envelope_sender)
     envelope, is_bounce = _envelope(config, server, bounce, boxes, header_from, rewritten,
@@ -173,7 +255,8 @@ def decide_outbound(config: Config, request: OutboundRequest) -> OutboundDecisio
     reasons.append("envelope sender is the bounce address" if is_bounce
                    else "envelope sender is the From address (the bounce address is outside the server's filter)")
     return OutboundDecision(server, step, header_from, request.header_from, rewritten, envelope,
-                            bounce, is_bounce, tuple(reasons), warning)
+                            bounce, is_bounce, tuple(reasons), warning, new_from, removed,
+                            reading.malformed, reply)
 
 
 def _envelope(config: Config, server: Server | None, bounce: str | None, boxes: list[Mailbox] | None,

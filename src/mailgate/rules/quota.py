@@ -2,6 +2,9 @@
 
 The seed's 200 a day is a limit of Odoo's hosted service; mailgate offers it as its own abuse
 guard, counted per recipient that leaves the gateway, with a separate limit for mass mail.
+A recipient is taken at RCPT (so that concurrent sessions cannot overshoot the limit) and given
+back when its transaction ends without the message; at the end of a message, the recipients
+Postfix refused after taking them are given back (`recipients_to_give_back`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ class QuotaClaim:
     @property
     def lock_key(self) -> str:
         """What concurrent gateways serialise on while counting and taking."""
-        return f"quota:{self.key}:{self.stream}"
+        return quota_lock_key(self.key, self.stream)
+
+
+def quota_lock_key(key: str, stream: str) -> str:
+    """The lock a take and a give-back of one counter both hold, so that across gateways every
+    count sees every change made before it."""
+    return f"quota:{key}:{stream}"
 
 
 def quota_key(config: Config, sender: str, sasl_user: str | None) -> str | None:
@@ -58,3 +67,14 @@ def quota_claim(config: Config, sender: str, sasl_user: str | None, mass: bool) 
 def quota_allows(count: int, limit: int | None) -> bool:
     """`count` recipients already taken in the window: one more is allowed while below the limit."""
     return limit is None or count < limit
+
+
+def recipients_to_give_back(taken: int, accepted: int) -> int:
+    """At the end of a message, how many of the `taken` recipients its transaction took to give
+    back, Postfix having accepted `accepted` recipients for it (`recipient_count`).
+
+    Recipients Postfix refused after the policy service let them through (a later restriction,
+    the milter at RCPT) were taken but not sent. The accepted count also includes recipients that
+    took nothing (the alias domains), so the difference may give back fewer than were refused,
+    never more: the count stays on the safe side."""
+    return max(taken - accepted, 0)

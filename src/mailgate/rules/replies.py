@@ -37,6 +37,12 @@ SMTP = {
     "forged_bounce": SmtpReply("550", "5.7.1", "bounce address not issued by this server"),
     "loop_reject": SmtpReply("550", "5.7.1", "too many messages from this sender: mail loop suspected"),
     "loop_defer": SmtpReply("450", "4.7.1", "too many messages from this sender: try again later"),
+    # Outbound, at end of message (docs/rules.md O5, `malformed_from: reject`, or no notification
+    # address to replace it with): the From cannot be read as one header of mailboxes and holds an
+    # address the server may not send for. 554: the transaction fails for the message's content,
+    # not for a mailbox; 5.6.0 (RFC 3463 "other media error"): what is wrong is the message itself,
+    # the same author in one well-formed From would be accepted (and rewritten).
+    "malformed_from": SmtpReply("554", "5.6.0", "the From header must be one header of valid mailboxes"),
 }
 
 # What Postfix answers every RCPT while the policy service cannot be reached

@@ -12,7 +12,9 @@ the purge:
   deferrals back that far);
 - messages: the longest of that window (bounces name them), the bounce tokens' lifetime
   (`bounces.token_days`: a report on an older token is still recorded against its message) and
-  watch-log's horizon (it ties deliveries to their message by queue id);
+  watch-log's horizon (it ties deliveries to their message by queue id). A message's recipients'
+  digests (docs/rules.md B1) go with it: a report is checked against them as long as it can
+  still find its message, and never after;
 - inbound messages and their routes: `loop.minutes`, the loop guard's window;
 - quota counters: the quota's rolling 24 hours.
 """

@@ -14,7 +14,10 @@ import hashlib
 import hmac
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from mailgate.rules.addresses import normalize
 
 _VERSION = 2          # MAC keyed with the secret and the store's identity
 _LEGACY_VERSION = 1   # MAC keyed with the secret alone
@@ -25,6 +28,11 @@ _MAC_BYTES = 8
 _TOKEN_CHARS = 32  # (_LAYOUT.size + _MAC_BYTES) * 8 / 5
 _TOKEN = re.compile(r"[a-z2-7]{32}", re.IGNORECASE)
 _BASE32_AS_DIGITS = str.maketrans("abcdefghijklmnopqrstuvwxyz234567", "0123456789abcdefghijklmnopqrstuv")
+_RECIPIENT_DIGEST_BYTES = 16
+# Odoo's own suffix (Odoo 16 and older, `mail.mail._send`): `<mail.mail id>`, or
+# `<mail.mail id>-<model>-<res_id>` for a message posted on a record. At most 18 digits and
+# always a `-` or digits only: never 32 base32 characters, so it cannot be taken for our token.
+_ODOO_SUFFIX = re.compile(r"\d{1,18}(?:-[a-z0-9_.]+-\d{1,18})?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,20 @@ class TokenSigner:
         self._legacy_key = secret
         self._key = hmac.digest(secret, b"mailgate store " + store_id.encode("ascii"), "sha256") if store_id else secret
         self._version = _VERSION if store_id else _LEGACY_VERSION
+        self._recipient_key = hmac.digest(secret, b"mailgate recipients", "sha256")
+
+    def recipient_digest(self, address: str) -> str:
+        """The keyed hash a message's recipient is kept as (docs/rules.md B1): enough to know that
+        a delivery report names a real recipient, without the store holding recipient lists. The
+        key comes from the secret alone (not the store's identity), so that gateways sharing a
+        store, and a store copied by `migrate-store`, compute the same digests. The address is
+        normalised first, as every address is compared."""
+        return hmac.digest(self._recipient_key, normalize(address).encode("utf-8", "surrogateescape"),
+                           "sha256")[:_RECIPIENT_DIGEST_BYTES].hex()
+
+    def recipient_digests(self, addresses: Iterable[str]) -> tuple[str, ...]:
+        """The digests of a message's recipients, each once, in order."""
+        return tuple(dict.fromkeys(self.recipient_digest(address) for address in addresses))
 
     def _mac(self, payload: bytes, key: bytes) -> bytes:
         return hmac.digest(key, payload, "sha256")[:_MAC_BYTES]
@@ -97,3 +119,10 @@ def split_tokenised(address: str, bounce_alias: str) -> tuple[str, str] | None:
     if not (at and plus and token) or alias.lower() != bounce_alias.lower():
         return None
     return token, domain
+
+
+def is_odoo_bounce_suffix(suffix: str) -> bool:
+    """Whether the part after `<bounce_alias>+` is Odoo's own (`991`, `991-mail.mail-17`,
+    `37-res.partner-9`): the bounce address Odoo 16 and older put in mail it sent itself, before
+    mailgate tokenised the envelope (docs/rules.md T1)."""
+    return _ODOO_SUFFIX.fullmatch(suffix) is not None

@@ -83,6 +83,10 @@ MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection], None], ...], ...] =
      "create table store_identity (id text not null)",
      _identify),
     ("alter table inbound_messages add column confirmed integer",),
+    ("alter table messages add column recipient_count integer",
+     """create table outbound_recipients (message bigint not null, recipient_digest text not null,
+        primary key (message, recipient_digest))""",
+     "create index bounces_message on bounces (message, recipient)"),
 )
 MIGRATION_LOCK = 7_357_001  # one gateway migrates at a time
 
@@ -188,6 +192,23 @@ class PostgresStore(SQLStore):
             raise
         self._noted(True)
         return cursor
+
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        sql = sql.replace("?", "%s")
+        conn = getattr(self._local, "conn", None)
+        try:
+            if conn is not None:
+                conn.cursor().executemany(sql, rows)
+            else:
+                with self._pool.connection() as pooled:
+                    pooled.cursor().executemany(sql, rows)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            self._noted(False, exc)
+            raise
+        self._noted(True)
+
+    def _in_transaction(self) -> bool:
+        return getattr(self._local, "conn", None) is not None
 
     @contextmanager
     def transaction(self, *lock_keys: str) -> Iterator[None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set as AbstractSet
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, fields
 from functools import partial
 from typing import Any, TypeVar
@@ -47,10 +47,11 @@ PURGEABLE = {"messages": ("id", "created_at"), "inbound_messages": ("id", "creat
              "bounces": ("id", "created_at"), "bounce_resets": ("address", "at"), "deliveries": ("id", "at")}
 # Every table holding the store's data (not its schema version nor its identity), parents before
 # the rows that name them: what `migrate-store` copies, the only tables its methods take by name.
-DATA_TABLES = ("messages", "inbound_messages", "inbound_routes", "bounces", "bounce_resets", "blacklist",
-               "quota_counters", "deliveries", "log_positions", "purged_counts")
+DATA_TABLES = ("messages", "outbound_recipients", "inbound_messages", "inbound_routes", "bounces", "bounce_resets",
+               "blacklist", "quota_counters", "deliveries", "log_positions", "purged_counts")
 TABLES_WITH_IDS = ("messages", "inbound_messages", "bounces", "blacklist", "deliveries")
 COPY_BATCH = 1000    # rows per `table_rows` batch
+LOOKUP_BATCH = 500   # values per `in (...)` list: far below either backend's limit on parameters
 
 Record = TypeVar("Record")
 
@@ -99,6 +100,24 @@ class SQLStore:
 
     def transaction(self, *lock_keys: str) -> AbstractContextManager[None]:
         raise NotImplementedError
+
+    def _in_transaction(self) -> bool:
+        """Whether this thread is inside `transaction` (a dialect hook)."""
+        raise NotImplementedError
+
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement once per row, as one batch (a dialect hook)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def _atomically(self) -> Iterator[None]:
+        """The caller's transaction when one is open, else one of its own: several statements
+        that must land together, without nesting transactions."""
+        if self._in_transaction():
+            yield
+        else:
+            with self.transaction():
+                yield
 
     def close(self) -> None:
         raise NotImplementedError
@@ -149,9 +168,29 @@ class SQLStore:
     # -- outbound -------------------------------------------------------------------------------------
 
     def record_outbound(self, record: OutboundRecord) -> int:
+        """The message row and its recipients' digests (one batch), in one transaction: the
+        caller's when one is open, else its own (one commit, as the row alone took)."""
         row = asdict(record)
-        row.update(mass=int(record.mass), tokenised=int(record.tokenised), direction="outbound")
-        return self._insert("messages", row)
+        digests = list(dict.fromkeys(row.pop("recipient_digests")))
+        row.update(mass=int(record.mass), tokenised=int(record.tokenised), direction="outbound",
+                   recipient_count=len(digests))
+        with self._atomically():
+            row_id = self._insert("messages", row)
+            if digests:
+                self._execute_many("insert into outbound_recipients (message, recipient_digest) values (?, ?)",
+                                   [(row_id, digest) for digest in digests])
+        return row_id
+
+    def sent_to(self, message: int, recipient_digests: Sequence[str]) -> set[str]:
+        """Those of the digests that are recipients of the message (docs/rules.md B1)."""
+        digests = list(dict.fromkeys(recipient_digests))
+        found: set[str] = set()
+        for start in range(0, len(digests), LOOKUP_BATCH):
+            chunk = digests[start:start + LOOKUP_BATCH]
+            rows = self._execute(f"select recipient_digest from outbound_recipients where message = ? "
+                                 f"and recipient_digest in ({self._marks(chunk)})", [message, *chunk]).fetchall()
+            found.update(row[0] for row in rows)
+        return found
 
     def outbound_message(self, row_id: int) -> StoredOutbound | None:
         """The outgoing message a bounce token names (by row id)."""
@@ -204,6 +243,12 @@ class SQLStore:
         row.update(stale=int(record.stale), matched=int(record.matched),
                    permanent=None if record.permanent is None else int(record.permanent))
         return self._insert("bounces", row)
+
+    def bounce_recorded(self, message: int, recipient: str) -> bool:
+        """Whether a failure of this message for this recipient is recorded already (B1: once
+        per message and recipient, whichever reader learnt it)."""
+        return self._scalar("select 1 from bounces where message = ? and recipient = ? limit 1",
+                            [message, recipient]) is not None
 
     def countable_bounces(self, address: str, since: float) -> list[BounceFact]:
         """Bounces that may count: matched, not stale, newer than the window and the last reset."""
@@ -356,6 +401,12 @@ class SQLStore:
                       "on conflict (key, stream, minute) do update set count = quota_counters.count + excluded.count",
                       [key, stream, int(at // 60), count])
 
+    def quota_give_back(self, key: str, stream: str, at: float, count: int) -> None:
+        """Give back `count` recipients taken at `at` that were never sent (their transaction ended
+        without the message): the same minute's counter goes down, never below zero."""
+        self._execute("update quota_counters set count = case when count > ? then count - ? else 0 end "
+                      "where key = ? and stream = ? and minute = ?", [count, count, key, stream, int(at // 60)])
+
     def purge_quota(self, before: float) -> int:
         """Forget the minutes before `before`; returns how many recipients that was."""
         minute = int(before // 60)
@@ -400,7 +451,8 @@ class SQLStore:
 
     def purge(self, cutoffs: Mapping[str, float], batch: int = PURGE_BATCH) -> dict[str, int]:
         """Delete the rows older than each table's cutoff (`mailgate.rules.retention.retention_cutoffs`);
-        returns the rows deleted per table. `inbound_messages` takes its `inbound_routes` along;
+        returns the rows deleted per table. `inbound_messages` takes its `inbound_routes` along,
+        `messages` its `outbound_recipients`;
         `quota_counters` is the quota's own purge (`purge_quota`, its figure is recipients, under
         `quota_recipients`). Bounces a blacklist entry names are kept; deleted bounces and
         deliveries are added to `purged_counts`, so that the all-time totals never go down."""
@@ -414,7 +466,9 @@ class SQLStore:
                     deleted["quota_recipients"] = self.purge_quota(cutoff)
                 continue
             routes: list[int] = []
+            recipients: list[int] = []
             before_delete: dict[str, Callable[[list[Any]], Any]] = {
+                "messages": partial(self._collect_recipients_of, recipients),
                 "inbound_messages": partial(self._collect_routes_of, routes),
                 "bounces": partial(self._count_purged, "bounces", BOUNCE_KIND),
                 "deliveries": partial(self._count_purged, "deliveries", "status")}
@@ -422,6 +476,8 @@ class SQLStore:
             deleted[table] = self._purge_batches(table, cutoff, batch, keep, before_delete.get(table))
             if table == "inbound_messages":
                 deleted["inbound_routes"] = sum(routes)
+            if table == "messages":
+                deleted["outbound_recipients"] = sum(recipients)
         return deleted
 
     def _purge_batches(self, table: str, cutoff: float, batch: int, keep: AbstractSet[Any] = frozenset(),
@@ -455,6 +511,10 @@ class SQLStore:
             # kept rows at the time the next batch starts from (rows of one report share it)
             passed = (passed if last == after else []) + [k for k, at in rows if at == last and k in keep]
             after = last
+
+    def _collect_recipients_of(self, deleted: list[int], ids: list[int]) -> None:
+        deleted.append(self._execute(f"delete from outbound_recipients where message in ({self._marks(ids)})",
+                                     ids).rowcount)
 
     def _collect_routes_of(self, deleted: list[int], ids: list[int]) -> None:
         deleted.append(self._delete_routes_of(ids))

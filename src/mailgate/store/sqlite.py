@@ -119,8 +119,19 @@ def _v7(db: sqlite_utils.Database) -> None:
     db.table("inbound_messages").add_column("confirmed", int)
 
 
+def _v8(db: sqlite_utils.Database) -> None:
+    """Whom each outgoing message was sent to, as keyed digests (a report counts only for a real
+    recipient, docs/rules.md B1), without a rowid (one b-tree, keyed for the lookup), and how many
+    (NULL: a message from before, whose recipients are unknown); bounces by message and recipient
+    (a message's failure for a recipient is recorded once)."""
+    db.table("messages").add_column("recipient_count", int)
+    db.execute("create table outbound_recipients (message integer not null, recipient_digest text not null, "
+               "primary key (message, recipient_digest)) without rowid")
+    db.table("bounces").create_index(["message", "recipient"])
+
+
 # Each entry moves the schema one version up; `PRAGMA user_version` says where a file stands.
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8)
 
 
 def _close(db: sqlite_utils.Database) -> None:
@@ -247,6 +258,14 @@ class SQLiteStore(SQLStore):
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         try:
             return self._db().conn.execute(sql, params)
+        except sqlite3.OperationalError:
+            if not self._in_transaction():
+                self._drop_connection()
+            raise
+
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            self._db().conn.executemany(sql, rows)
         except sqlite3.OperationalError:
             if not self._in_transaction():
                 self._drop_connection()

@@ -90,6 +90,10 @@ def record_event(store: Store, config: Config, event: LogEvent) -> list[tuple[in
             created_at=event.at, recipient=rcpt, status=event.dsn, action="failed", permanent=permanent,
             reason=event.reason, reporting_mta=event.host, remote_mta=_relay_host_port(event.relay)[0] or None,
             message=message, server=server, source="postfix-log"), event.at)
+        if outcome.repeat:   # B1: a message fails once per recipient (a report on it came first)
+            lines.append((logging.INFO, kv_line(qid, role="bounce", rcpt=rcpt, status=event.dsn, message=message,
+                                                source="postfix-log", action="ignored", reason="recorded already")))
+            return lines
         lines.append((logging.INFO, kv_line(qid, role="bounce", rcpt=rcpt, status=event.dsn, permanent=permanent,
                                             message=message, server=server, source="postfix-log",
                                             bounce=outcome.bounce_id, blacklisted=outcome.blacklisted is not None)))
