@@ -94,13 +94,6 @@ def token_is_stale(token: BounceToken, settings: BounceSettings, now: float) -> 
     return now - token.issued_at() > settings.token_days * DAY
 
 
-def is_odoo_bounce_address(config: Config, address: str | None) -> bool:
-    """Odoo's own bounce address (`bounce@…`, `bounce+37-mail.mail-9@…` on an alias domain)."""
-    if not address:
-        return False
-    return is_any_bounce_address(config, address)
-
-
 def report_destination(config: Config, original_envelope: str | None,
                        to_odoo_own: bool = False) -> ReportDestination:
     """Where a recorded report goes: back to Odoo's own bounce address when the message came
@@ -109,6 +102,6 @@ def report_destination(config: Config, original_envelope: str | None,
     before the cut-over: it goes to Odoo as addressed, whatever `forward` says."""
     if to_odoo_own:
         return "odoo"
-    if is_odoo_bounce_address(config, original_envelope):
+    if original_envelope and is_any_bounce_address(config, original_envelope):  # Odoo's own, any form
         return "original"
     return config.bounces.forward
