@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import shutil
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 
+import thoroughness
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import PrivatePostfix, make_basedir
 from mailgate.lab.postgres import PrivatePostgres
@@ -17,6 +19,11 @@ from mailgate.lab.postgres import PrivatePostgres
 # postgres_server; module-local: gateways (test_postfix_examples), chain (test_dkim_chain), pg
 # (test_import_odoo), pair (test_e2e_two_gateways), lab (test_lab, test_policyd_postfix).
 E2E_FIXTURES = frozenset({"gw", "postgres", "postgres_server", "gateways", "chain", "pg", "pair", "lab"})
+
+
+def pytest_configure(config):
+    """A run that leaves the e2e set out is the fast set: its property tests draw fewer examples."""
+    thoroughness.fast = "not e2e" in (config.getoption("markexpr") or "")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,14 +38,39 @@ def pytest_collection_modifyitems(config, items):
 
 
 # The same rule at run time, for daemons a test starts itself or through a fixture collection
-# cannot name: the lab's start methods refuse to run for a test that is not marked e2e.
+# cannot name: the lab's start methods refuse to run for a test that is not marked e2e, and so
+# does starting any program (the mailgate command, postconf, a second interpreter): the fast set
+# is the pure and in-process tests. Checked from a test's setup to the start of its teardown,
+# since a session fixture of the e2e set may be torn down after the last (fast) test.
 _running_e2e = False
+_guarding_programs = False
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    global _running_e2e
+    global _running_e2e, _guarding_programs
     _running_e2e = item.get_closest_marker("e2e") is not None
+    _guarding_programs = not _running_e2e
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item):
+    global _guarding_programs
+    _guarding_programs = False
+
+
+_start_program = subprocess.Popen.__init__
+
+
+@functools.wraps(_start_program)
+def _programs_only_in_e2e(self, args, *rest, **kwargs):
+    if _guarding_programs:
+        program = args if isinstance(args, str | bytes) else next(iter(args), "?")
+        pytest.fail(f"runs {program} in a test that is not marked e2e", pytrace=False)
+    _start_program(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _programs_only_in_e2e  # type: ignore[method-assign]
 
 
 def _e2e_only(cls) -> None:

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mailgate.bounceparse import BounceReport, find_token, parse_bounce, phrases as bouncetext, report_json
+from thoroughness import examples
 
 SAMPLES = Path(__file__).parent / "bounces"
 EXPECTED = json.loads((SAMPLES / "expected.json").read_text())
@@ -285,7 +286,7 @@ def _mutate(data: bytes, rnd: random.Random, steps: int) -> bytes:
     return bytes(buf)
 
 
-FUZZ = settings(max_examples=2500, deadline=None, database=None,
+FUZZ = settings(max_examples=examples(2500), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+# Each test runs `mailgate explain` as a program: the e2e set.
+pytestmark = pytest.mark.e2e
+
 CONFIG = """
 alias_domain: mycompany.com
 servers:

@@ -12,6 +12,9 @@ import pytest
 from mailgate.store import BounceRecord
 from mailgate.store.sqlite import SQLiteStore
 
+# Each test runs the operator commands as programs: the e2e set.
+pytestmark = pytest.mark.e2e
+
 SAMPLES = Path(__file__).resolve().parent / "bounces"
 DAY = 86400.0
 

@@ -178,6 +178,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})}, timeout=60)
 
 
+@pytest.mark.e2e
 def test_check_config_cli(tmp_path):
     good = write(tmp_path, "alias_domain: mycompany.com\nsecret_file: secret\n", "good.yaml")
     bad = write(tmp_path, "alias_domain: mycompany.com\nloop: {treshold: 3}\n", "bad.yaml")
@@ -193,11 +194,13 @@ def test_check_config_cli(tmp_path):
     assert before_name.returncode == 0
 
 
+@pytest.mark.e2e
 def test_missing_config_file_is_a_clear_error(tmp_path):
     result = run_cli("check-config", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 78 and result.stderr == f"{tmp_path}/nope.yaml: no such file: {tmp_path}/nope.yaml\n"
 
 
+@pytest.mark.e2e
 def test_serve_refuses_a_bad_config(tmp_path):
     bad = write(tmp_path, "servers: [{name: A B, host: h}]\n")
     result = run_cli("serve", "--config", str(bad))
@@ -225,6 +228,7 @@ def refused_by_check_config_and_serve(path: Path, expected: str) -> None:
         assert not list(path.parent.glob("*.sock")), command
 
 
+@pytest.mark.e2e
 def test_a_password_file_that_is_a_directory_is_refused(tmp_path):
     directory = tmp_path / "pw"
     directory.mkdir(mode=0o750)
@@ -237,12 +241,14 @@ def test_a_password_file_that_is_a_directory_is_refused(tmp_path):
                                             "not a regular file")
 
 
+@pytest.mark.e2e
 def test_a_secret_file_whose_directory_does_not_exist_is_refused(tmp_path):
     path = serving_config(tmp_path, f"secret_file: {tmp_path}/missing/secret\n")
     refused_by_check_config_and_serve(path, f":4: secret_file: {tmp_path}/missing/secret does not exist and "
                                             f"cannot be made: no directory {tmp_path}/missing")
 
 
+@pytest.mark.e2e
 def test_a_secret_shorter_than_the_minimum_is_refused(tmp_path):
     (tmp_path / "secret").write_text("short\n")
     (tmp_path / "secret").chmod(0o600)
@@ -251,6 +257,7 @@ def test_a_secret_shorter_than_the_minimum_is_refused(tmp_path):
     assert "holds 5 bytes, fewer than 16" in run_cli("check-config", "--config", str(path)).stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(Path("/etc/mailgate").is_dir(), reason="the default secret's directory exists here")
 def test_an_empty_config_whose_default_secret_cannot_be_made_is_refused(tmp_path):
     empty = write(tmp_path, "")
@@ -261,6 +268,7 @@ def test_an_empty_config_whose_default_secret_cannot_be_made_is_refused(tmp_path
     refused_by_check_config_and_serve(serving_config(tmp_path, ""), ": secret_file: /etc/mailgate/secret")
 
 
+@pytest.mark.e2e
 def test_a_secret_made_at_start_passes_check_config(tmp_path):
     """A missing key in a directory it can be made in is fine: serve makes it."""
     path = serving_config(tmp_path, "secret_file: secret\n")

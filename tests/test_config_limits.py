@@ -45,6 +45,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_a_5000_digit_integer_is_one_line(tmp_path):
     digits = "9" * 5000
     path = write(tmp_path, f"secret_file: secret\nservers:\n  - {{name: a, host: h.example.net, port: {digits}}}\n")
@@ -64,6 +65,7 @@ def test_a_long_number_that_is_text_can_be_quoted(tmp_path):
     ("aliases: &a\n  <<: *a\n", 2),
     ("servers: &s\n  - *s\n", 2),
 ])
+@pytest.mark.e2e
 def test_a_recursive_anchor_is_one_line(tmp_path, text, line):
     path = write(tmp_path, text)
     found = refusal(path)
@@ -73,6 +75,7 @@ def test_a_recursive_anchor_is_one_line(tmp_path, text, line):
     assert result.returncode == 78 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_50000_levels_of_nesting_are_one_line(tmp_path):
     path = write(tmp_path, "servers: " + "[" * 50_000 + "]" * 50_000 + "\n")
     assert refusal(path) == [f"{path}:1: (yaml): nested more than {MAX_DEPTH} levels deep"]
@@ -89,6 +92,7 @@ def test_anchors_that_expand_exponentially_are_refused(tmp_path):
     assert len(found) == 1 and "(yaml): more than 500000 keys and values" in found[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("special", ["/dev/zero", "fifo", "directory"])
 def test_a_config_that_is_not_a_regular_file_is_one_line(tmp_path, special):
     if special == "fifo":
@@ -104,6 +108,7 @@ def test_a_config_that_is_not_a_regular_file_is_one_line(tmp_path, special):
     assert result.returncode == 78 and result.stderr == f"{path}: {path} is {kind}, not a regular file\n"
 
 
+@pytest.mark.e2e
 def test_a_file_past_the_size_bound_is_refused_before_it_is_read(tmp_path):
     path = tmp_path / "mailgate.yaml"
     with path.open("w") as handle:
@@ -147,6 +152,7 @@ def test_a_flood_of_problems_stops_at_the_bound(tmp_path):
     ("alias_domain: !!binary 'not base64!'\n", ":1: alias_domain: failed to decode base64 data"),
     ("dry_run: !!python/object:os.system x\n", ":1: dry_run: could not determine a constructor"),
 ])
+@pytest.mark.e2e
 def test_a_value_yaml_cannot_build_names_its_line(tmp_path, text, expected):
     path = write(tmp_path, text)
     found = refusal(path)

@@ -314,6 +314,7 @@ def _deliver_is_wired() -> bool:
                                      timeout=60).returncode == 0
 
 
+@pytest.mark.e2e
 def test_the_command_line_postfix_runs(stub, password_file, tmp_path):
     if not _deliver_is_wired():
         pytest.skip("`mailgate deliver` is not a subcommand yet")

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# Each test starts a server in a child process: the e2e set.
+pytestmark = pytest.mark.e2e
+
 REQUEST = b"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=a@b\n\n"
 LIMIT = 48
 

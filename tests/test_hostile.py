@@ -49,6 +49,7 @@ from mailgate.rules.inbound import decide_inbound
 from mailgate.rules.message import InboundMessage
 from mailgate.rules.outbound import OutboundRequest, decide_outbound
 from mailgate.rules.tokens import BounceToken, TokenSigner
+from thoroughness import examples
 
 GATEWAY_EXTRA_CONFIG = "quota: {daily: null, mass_daily: null}\n"
 NOTIFICATION = "notifications@mycompany.com"
@@ -752,13 +753,13 @@ def _check_outbound(value: str | None, sender: str | None, mass: bool) -> None:
         assert [a for _, a in email.utils.getaddresses([new])] == [NOTIFICATION], (value, new)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(header_from, envelope_sender, st.booleans())
 def test_outbound_from_handling_is_total_and_never_unsafe(value, sender, mass):
     _check_outbound(value, sender, mass)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(undecodable, st.booleans())
 @example("=?utf-8?q?Zo=C3?= =?utf-8?q?=AB?= <a@example.com>", False)
 @example("Caf\udce9 <a@example.com>", False)
@@ -808,13 +809,13 @@ inbound_args = (envelope, st.one_of(st.just(""), address), st.integers(min_value
                 st.booleans())
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(header_name, header_value), max_size=10), *inbound_args)
 def test_inbound_routing_is_total_and_well_formed(headers, rcpts, sender, count, known, valid):
     _check_inbound(headers, rcpts, sender, count, known, valid)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(header_name, st.one_of(header_value, undecodable_value)), max_size=10), *inbound_args)
 @example([("Content-Type", b'text/plain; charset="\xc3\xa9\xe9"'.decode("utf-8", "surrogateescape"))],
          [], "", 0, False, False)

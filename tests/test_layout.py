@@ -54,6 +54,7 @@ def test_a_rule_names_only_allowed_project_modules(module: str) -> None:
     assert not third_party, f"{module} imports {third_party}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("module", RULE_MODULES)
 def test_a_rule_imported_alone_loads_no_adapter(module: str) -> None:
     probe = (f"import json, sys; import {module}; "
@@ -107,6 +108,7 @@ def test_top_level_folder_maps_every_module_of_its_package(folder: str) -> None:
     assert not python, f"{folder}/ holds Python: {python}"
 
 
+@pytest.mark.e2e
 def test_top_level_policy_folder_is_not_an_importable_namespace() -> None:
     """From the repository root, `import policy` must not quietly give an empty namespace package."""
     result = subprocess.run([sys.executable, "-c", "import policy; print(policy.__file__)"], cwd=REPO,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import milter
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = "import milter, mailgate.milter.app; print(milter.__file__); print(hasattr(milter, 'setconn'))"
@@ -18,6 +19,7 @@ def test_under_the_test_runner():
     assert hasattr(milter, "setconn") and hasattr(milter, "main")
 
 
+@pytest.mark.e2e
 def test_from_the_source_tree_and_elsewhere(tmp_path):
     for cwd in (ROOT, tmp_path):
         result = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, capture_output=True, text=True,
@@ -34,6 +36,7 @@ def test_installed_distribution_has_no_top_level_milter_or_policy():
     assert importlib.metadata.entry_points(group="console_scripts", name="mailgate")
 
 
+@pytest.mark.e2e
 def test_console_script_runs():
     result = subprocess.run([str(Path(sys.executable).with_name("mailgate")), "--help"], capture_output=True, text=True,
                             timeout=60)

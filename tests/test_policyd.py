@@ -31,6 +31,7 @@ from mailgate.rules.replies import POLICY
 from mailgate.rules.tokens import TokenSigner
 from mailgate.store import sqlite as sqlite_store
 from mailgate.store.sqlite import SQLiteStore
+from thoroughness import examples
 
 LOGGER = "test.policyd"
 DUNNO = b"action=DUNNO\n\n"
@@ -686,7 +687,7 @@ def chunked(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     return stream, [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chunked(), st.booleans())
 def test_fuzz_framing_any_chunking(case: tuple[bytes, list[bytes]], batching: bool) -> None:
     stream, chunks = case
@@ -711,7 +712,7 @@ def socket_fuzz_server(request: pytest.FixtureRequest) -> Iterator[PolicyServer]
         srv.stop_thread()
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=examples(60), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(chunked())
 def test_fuzz_over_real_socket(socket_fuzz_server: PolicyServer, case: tuple[bytes, list[bytes]]) -> None:

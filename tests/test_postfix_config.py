@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from mailgate.commands.postfixconf import render
 from mailgate.configfile import parse_config
 
@@ -56,6 +58,7 @@ def test_one_transport_per_server_with_its_tls_and_sasl():
     assert not any("password" in o and "maps" not in o for opts in found.values() for o in opts)
 
 
+@pytest.mark.e2e
 def test_postconf_accepts_the_output(tmp_path):
     """Postfix's own parser reads both parts without complaint."""
     text = render(CONFIG)
@@ -70,6 +73,7 @@ def test_postconf_accepts_the_output(tmp_path):
     assert "mg-submission unix" in masters.stdout
 
 
+@pytest.mark.e2e
 def test_cli(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text("alias_domain: mycompany.com\nservers: [{name: a, host: h.example.net}]\n")

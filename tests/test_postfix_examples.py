@@ -74,6 +74,7 @@ def services(directory: Path) -> dict[str, str]:
 # -- 1. the same as `mailgate postfix-config` ---------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_mailgate_main_settings_are_postfix_configs(folder):
     """Every mailgate setting an example carries has the value postfix-config prints for the
@@ -86,6 +87,7 @@ def test_mailgate_main_settings_are_postfix_configs(folder):
             assert key not in shown, (folder, key)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_mailgate_services_are_postfix_configs(folder, tmp_path):
     """Each mailgate service of an example is, option for option, the one postfix-config prints
@@ -97,6 +99,7 @@ def test_mailgate_services_are_postfix_configs(folder, tmp_path):
         assert shown.get(name) == expected[name], name
 
 
+@pytest.mark.e2e
 def test_sasl_submission_listener_plays_the_outbound_role():
     """Port 587 is not a postfix-config service, but must name the same role as 10025 for the milter
     and the policy service, and must only take logged-in clients over TLS."""

@@ -12,6 +12,7 @@ from mailgate.rules.filters import FromFilter
 from mailgate.rules.outbound import OutboundRequest, decide_outbound
 from mailgate.rules.routing import route_for_sender
 from mailgate.rules.tokens import TokenSigner, split_tokenised
+from thoroughness import examples
 
 label = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=12)
 domains = st.builds(lambda labels, tld: ".".join(labels + [tld]), st.lists(label, min_size=1, max_size=3),
@@ -62,7 +63,7 @@ long_names = st.lists(st.one_of(names, st.sampled_from(["Jane", '"JJ"', "\\", "Z
                       max_size=40).map(" ".join)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(long_names, addresses)
 def test_folded_from_unfolds_to_the_same_header_and_keeps_lines_short(name, address):
     """docs/rules.md O5: folds only where the format has white space, lines within 78."""
@@ -81,7 +82,7 @@ def test_an_address_anywhere_in_a_value_is_read(before, address, after):
     assert address in readable_addresses(f"{before} <{address}> {after}") or "@" in before + after
 
 
-@settings(max_examples=400)
+@settings(max_examples=examples(400))
 @given(st.one_of(st.none(), st.text(max_size=200)), st.one_of(st.none(), st.text(max_size=80)), st.booleans())
 def test_decide_outbound_total_on_arbitrary_input(header_from, sender, mass):
     decision = decide_outbound(CONFIG, OutboundRequest(header_from, sender, mass))
@@ -123,7 +124,7 @@ def test_tampered_tokens_are_refused(row, position):
     assert SIGNER.verify(token[:-1]) is None
 
 
-@settings(max_examples=400)
+@settings(max_examples=examples(400))
 @given(st.text(max_size=120))
 def test_routing_total_on_arbitrary_senders(sender):
     route_for_sender(CONFIG, SIGNER, sender)

@@ -279,6 +279,7 @@ def test_async_start_close(sockdir: Path) -> None:
     assert not os.path.exists(spec.path)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("postmap") is None, reason="Postfix postmap not installed")
 def test_postfix_postmap_client(sockdir: Path) -> None:
     (sockdir / "main.cf").write_text("compatibility_level = 3.6\nmeta_directory = /etc/postfix\n")

@@ -210,6 +210,7 @@ def test_inet_port_zero_for_tests() -> None:
     (0o750, True, True),     # 0750 with group postfix
     (0o700, True, False),
 ])
+@pytest.mark.e2e
 def test_blocked_directory_says_what_postfix_finds(mode: int, group_postfix: bool, reachable: bool) -> None:
     """The verdict is checked against the real thing: user postfix connecting to the socket."""
     try:

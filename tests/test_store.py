@@ -517,6 +517,7 @@ def test_concurrent_threads_get_distinct_connections_and_few_stay_idle(tmp_path)
 # -- operator views: the bounce window by default ----------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_stats_views_read_the_bounce_window_unless_told_otherwise(tmp_path):
     config = tmp_path / "mailgate.yaml"
     config.write_text("alias_domain: mycompany.com\ndatabase: store.sqlite3\nbounces: {window_days: 10}\n")

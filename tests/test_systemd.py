@@ -19,6 +19,7 @@ def directives(name: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.e2e
 def test_systemd_analyze_verify_is_clean():
     result = subprocess.run(["systemd-analyze", "verify", *(str(p) for p in sorted(UNITS.glob("*.service")))],
                             capture_output=True, text=True, timeout=60)

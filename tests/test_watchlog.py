@@ -28,6 +28,7 @@ from mailgate.configfile import parse_config
 from mailgate.lab.postfix import make_basedir
 from mailgate.store import BounceRecord, OutboundRecord, open_store
 from mailgate.store.sqlite import SQLiteStore
+from thoroughness import examples
 
 CONFIG = parse_config("""
 alias_domain: mycompany.com
@@ -118,7 +119,7 @@ def test_a_december_line_read_in_january_is_last_years():
     assert event.at == at("2026-12-31T23:59:00")
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.text())
 def test_arbitrary_text_never_raises(text):
     parse_line(text, YEAR)
@@ -129,7 +130,7 @@ _FRAGMENTS = ["Nov 25 22:46:46 ", "Feb 29 ", "2026-02-30T25:00:00+99:99 ", "9999
               "status=bounced", "status=expired, returned to sender", " (", ")", "from=<", "[", "]", ":", ",", " "]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(_FRAGMENTS), st.text(max_size=5)), max_size=25),
        st.integers(min_value=-10, max_value=20000))
 def test_near_miss_lines_never_raise(parts, year):
@@ -463,6 +464,7 @@ print(json.dumps({"__REALTIME_TIMESTAMP": "1", "MESSAGE": [104, 105]}))
 """
 
 
+@pytest.mark.e2e
 def test_journal_entries_are_recorded_once_across_runs(store):
     entries = [(1_790_000_000_000_000 + n, f"J{n}: to=<j{n}@x.example>, relay=none, delay=1, delays=0/0/0/1, "
                                           f"dsn=4.4.1, status=deferred (connect refused)") for n in range(5)]
@@ -474,6 +476,7 @@ def test_journal_entries_are_recorded_once_across_runs(store):
     assert store.log_position(watchlog.position_key(watchlog.JOURNAL)) == (0, entries[-1][0])
 
 
+@pytest.mark.e2e
 def test_a_failing_journalctl_is_an_error(store):
     with pytest.raises(watchlog.JournalError):
         follow_journal(store, CONFIG, once=True, command=[sys.executable, "-c", "import sys; sys.exit(3)"])
