@@ -99,9 +99,11 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="module")
 def gw(request) -> Iterator[LabGateway]:
     """One whole gateway (private Postfix, `mailgate serve`, sinks, Odoo stand-in) per module;
-    a module may add configuration lines with GATEWAY_EXTRA_CONFIG."""
+    a module may add configuration lines with GATEWAY_EXTRA_CONFIG, and replace the one alias
+    domain with GATEWAY_ALIAS_DOMAINS."""
     base = make_basedir()
-    gateway = LabGateway(base, getattr(request.module, "GATEWAY_EXTRA_CONFIG", ""))
+    gateway = LabGateway(base, getattr(request.module, "GATEWAY_EXTRA_CONFIG", ""),
+                         alias_domains=getattr(request.module, "GATEWAY_ALIAS_DOMAINS", None))
     try:
         gateway.start()
         yield gateway

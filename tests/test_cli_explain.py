@@ -42,7 +42,8 @@ def test_json(tmp_path, args, expected):
     result = explain(tmp_path, *args, "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert set(data) == {"server", "header_from", "envelope_from", "reasons"}
+    assert set(data) == {"server", "header_from", "envelope_from", "alias_domain", "domain_reason", "reasons"}
+    assert data["alias_domain"] == "mycompany.com"
     assert {k: data[k] for k in expected} == expected
     assert data["reasons"] and all(isinstance(r, str) for r in data["reasons"])
 
@@ -52,6 +53,7 @@ def test_human_readable(tmp_path):
     assert result.returncode == 0
     assert "server:        transactional" in result.stdout and "(rewritten)" in result.stdout
     assert "notification address" in result.stdout
+    assert "alias domain:  mycompany.com (the first alias domain" in result.stdout
 
 
 INBOUND_CONFIG = """

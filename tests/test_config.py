@@ -39,7 +39,8 @@ def test_empty_file_gives_every_default(tmp_path):
     config = loaded.config
     assert config.loop.minutes == 120 and config.loop.threshold == 20 and config.loop.action == "reject"
     assert config.quota.daily == 200 and config.bounces.blacklist_after == 5 and config.bounces.window_days == 91
-    assert config.default_from == "notifications" and config.bounce_alias == "bounce"
+    assert config.default_from == "notifications" and config.alias_domains == ()
+    assert config.bounce_aliases == ("bounce",)
     assert config.server_selection == "odoo" and not config.dry_run and config.servers == ()
     assert str(config.listen.milter) == "unix:/run/mailgate/milter.sock"
     assert loaded.warnings == ()
@@ -181,6 +182,9 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.e2e
 def test_check_config_cli(tmp_path):
     good = write(tmp_path, "alias_domain: mycompany.com\nsecret_file: secret\n", "good.yaml")
+    two = write(tmp_path, "alias_domains: [mycompany.com, {name: brand.example, catchall_alias: contact}]\n"
+                "aliases:\n  sales: {target: odoo, domain: brand.example}\n  jobs: odoo\nsecret_file: secret\n",
+                "two.yaml")
     bad = write(tmp_path, "alias_domain: mycompany.com\nloop: {treshold: 3}\n", "bad.yaml")
     ok = run_cli("check-config", "--config", str(good))
     assert ok.returncode == 0, ok.stderr
@@ -192,6 +196,13 @@ def test_check_config_cli(tmp_path):
     assert via_env.returncode != 0 and "treshold" in via_env.stderr
     before_name = run_cli("--config", str(good), "check-config")
     assert before_name.returncode == 0
+    shown = run_cli("check-config", "--config", str(two))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr.splitlines()[1:] == [
+        "  alias domain mycompany.com: bounce bounce@mycompany.com, catchall catchall@mycompany.com, "
+        "default sender notifications@mycompany.com; aliases: jobs",
+        "  alias domain brand.example: bounce bounce@brand.example, catchall contact@brand.example, "
+        "default sender notifications@brand.example; aliases: sales"]
 
 
 @pytest.mark.e2e

@@ -17,7 +17,7 @@ import pytest
 
 from mailgate.commands.deliverystats import main_stats, prometheus_text, render_stats, summary
 from mailgate.configfile import parse_config
-from mailgate.store import BounceRecord, DeliveryRecord
+from mailgate.store import BounceRecord, DeliveryRecord, OutboundRecord
 from mailgate.store.sqlite import SQLiteStore
 
 CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
@@ -154,3 +154,22 @@ def test_main_stats(store, capsys):
     parse_exposition(capsys.readouterr().out)
     assert main_stats(config, "a week", as_json=False, prometheus=False, now=NOW) == 2
     assert "--since" in capsys.readouterr().err
+
+
+def test_per_domain_is_the_domain_each_message_left_with(tmp_path):
+    """A company's mail is told apart by the alias domain it leaves with (its bounce address):
+    each delivery attempt counts for the domain of its message's envelope sender."""
+    two = SQLiteStore(tmp_path / "two.sqlite3")
+    for queue_id, envelope in (("QA", "bounce+T1@MyCompany.com"), ("QB", "rebonds+T2@brand.example")):
+        two.record_outbound(OutboundRecord(
+            queue_id=queue_id, message_id=None, envelope_from_original="bounce@x", envelope_from=envelope,
+            header_from_before=None, header_from_after=None, server="s", mass=False, listener=None,
+            sasl_user=None, created_at=DAY1, tokenised=True))
+    for n, (queue_id, status) in enumerate([("QA", "sent"), ("QA", "sent"), ("QB", "bounced"), ("QZ", "sent")]):
+        two.record_delivery(DeliveryRecord(at=DAY1 + n, queue_id=queue_id, recipient=f"r{n}@x.example", relay="none",
+                                           status=status, dsn=None, delay=None, reason=None, message=None, server="s"))
+    rows = two.delivery_stats(0.0)
+    two.close()
+    per_domain = {r["domain"]: (r["sent"], r["bounced"]) for r in summary(rows)["per_domain"]}
+    assert per_domain == {"mycompany.com": (2, 0), "brand.example": (0, 1), "-": (1, 0)}
+    assert "# per domain\ndomain" in render_stats(rows)

@@ -266,7 +266,7 @@ def test_unreachable_resolver_warns_per_check():
 
 
 def test_no_domain_is_an_error():
-    with pytest.raises(ValueError, match="no alias_domain"):
+    with pytest.raises(ValueError, match="no alias domain"):
         dnscheck.check_dns(parse_config("servers: []", check_files=False).config)
 
 
@@ -278,4 +278,21 @@ def test_render_and_json(check):
     data = dnscheck.findings_json(findings)
     assert json.loads(json.dumps(data)) == data
     assert data["ok"] is False and data["counts"]["FAIL"] == 1
-    assert data["findings"][0].keys() == {"check", "level", "message", "fix"}
+    assert data["findings"][0].keys() == {"check", "level", "message", "fix", "domain"}
+    assert {f["domain"] for f in data["findings"]} == {"example.test"}
+
+
+def test_every_alias_domain_is_checked_unless_one_is_named():
+    """Each alias domain has its own SPF, DMARC and MX: without a domain named, all are checked
+    in order, and the report heads each domain's findings with its name."""
+    two = parse_config("alias_domains: [example.test, brand.test]\nservers: []", check_files=False).config
+    server = DnsServer(copy.deepcopy(GOOD_ZONE)).start()
+    try:
+        findings = dnscheck.check_dns(two, resolver=server.resolver())
+        named = dnscheck.check_dns(two, "Brand.Test.", resolver=server.resolver())
+    finally:
+        server.stop()
+    assert list(dict.fromkeys(f.domain for f in findings)) == ["example.test", "brand.test"]
+    assert {f.domain for f in named} == {"brand.test"}
+    lines = dnscheck.render(findings).splitlines()
+    assert "example.test:" in lines and "brand.test:" in lines

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -512,7 +513,7 @@ def test_read_only_store_at_start_after_a_crash_heals_once_writable(gw):
 
     def gone(pid: int) -> bool:
         try:
-            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
             return True
     wait_until(lambda: all(gone(child) for child in children), 10, what="the milter process to die")

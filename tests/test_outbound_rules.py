@@ -49,7 +49,8 @@ def decide(config, header_from, sender=None, mass=False):
     (None, "mycompany.com", None),
 ])
 def test_o1_notification_address(default_from, alias_domain, expected):
-    assert notification_address(cfg(default_from=default_from, alias_domain=alias_domain)) == expected
+    config = cfg(default_from=default_from, alias_domain=alias_domain)
+    assert notification_address(config, config.domain_named(alias_domain)) == expected
 
 
 @pytest.mark.parametrize("top, sender, expected", [
@@ -61,7 +62,8 @@ def test_o1_notification_address(default_from, alias_domain, expected):
     ({"alias_domain": "mycompany.com"}, "someone@elsewhere.example", "bounce@mycompany.com"),
 ])
 def test_o1_bounce_address(top, sender, expected):
-    assert bounce_address(cfg(**top), sender) == expected
+    config = cfg(**top)
+    assert bounce_address(config, sender, config.domain_named(config.alias_domain)) == expected
 
 
 def test_o1_no_notification_address_means_no_rewrite():

@@ -7,12 +7,14 @@ module only says what a valid configuration looks like.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, get_args
 
 from mailgate.infra.socketspec import SocketSpec
+from mailgate.rules.addresses import domain_spellings
 from mailgate.rules.filters import FromFilter
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailgate/mailgate.yaml")
@@ -68,6 +70,34 @@ class Server:
     @property
     def transport(self) -> str:
         return f"{self.transport_name}:{self.nexthop}"
+
+
+@dataclass(frozen=True)
+class AliasDomain:
+    """One company's mail domain, Odoo 17+'s `mail.alias.domain`: its bounce and catchall
+    addresses, and the default sender a foreign author is encapsulated into (docs/rules.md O1).
+    The file's order is Odoo's `sequence` order: the first is the default domain."""
+
+    name: str
+    bounce_alias: str = "bounce"
+    catchall_alias: str = "catchall"
+    default_from: str | None = "notifications"
+
+    @property
+    def bounce_address(self) -> str:
+        return f"{self.bounce_alias}@{self.name}"
+
+    @property
+    def catchall_address(self) -> str:
+        return f"{self.catchall_alias}@{self.name}"
+
+    @property
+    def notification_address(self) -> str | None:
+        """O1: `default_from` as is when it holds `@`, else joined to this domain."""
+        default_from = (self.default_from or "").strip()
+        if "@" in default_from:
+            return default_from
+        return f"{default_from}@{self.name}" if default_from else None
 
 
 @dataclass(frozen=True)
@@ -149,11 +179,12 @@ class OdooSettings:
 
 @dataclass(frozen=True)
 class Config:
-    alias_domain: str | None = None
+    # Odoo's mail.alias.domain records in sequence order; `alias_domain` and its three companion
+    # keys in the file are the shorthand for one entry
+    alias_domains: tuple[AliasDomain, ...] = ()
+    # the notification address when no alias domain is configured (a full address, else none)
     default_from: str | None = "notifications"
     default_from_filter: FromFilter = field(default_factory=FromFilter.empty)
-    catchall_alias: str = "catchall"
-    bounce_alias: str = "bounce"
     allowed_alias_domains: tuple[str, ...] = ()
     # `allowed_alias_domains: []` written out: Odoo's empty mail.catchall.domain.allowed, where an
     # incoming_local alias matches its name on any domain (left out, the list is the alias domains)
@@ -205,21 +236,55 @@ class Config:
         server = self.server_named(self.mass_mail.server)
         return server if server is not None and server.active else None
 
+    @property
+    def alias_domain(self) -> str | None:
+        """The default (first) alias domain's name: what a command checks when told no domain."""
+        return self.alias_domains[0].name if self.alias_domains else None
+
     @cached_property
-    def alias_domains(self) -> tuple[str, ...]:
-        """Every domain that holds our aliases: the alias domain first, then the aliases' own."""
-        domains: list[str] = []
-        for domain in [self.alias_domain, *(a.domain for a in self.aliases)]:
-            if domain and domain not in domains:
-                domains.append(domain)
-        return tuple(domains)
+    def alias_domain_names(self) -> tuple[str, ...]:
+        """Every alias domain's name, in order."""
+        return tuple(d.name for d in self.alias_domains)
 
     @cached_property
     def alias_domain_set(self) -> frozenset[str]:
-        """The alias domains, lower-cased, for membership tests."""
-        return frozenset(d.lower() for d in self.alias_domains)
+        """The alias domains, lower-cased, in both spellings of a non-ASCII name."""
+        return frozenset(self._domains_by_name)
+
+    @cached_property
+    def _domains_by_name(self) -> dict[str, AliasDomain]:
+        return {spelling: d for d in self.alias_domains for spelling in domain_spellings(d.name)}
+
+    def domain_named(self, name: str | None) -> AliasDomain | None:
+        """The alias domain of that name (any case), else None."""
+        return self._domains_by_name.get((name or "").lower())
+
+    @cached_property
+    def _aliases_by_address(self) -> dict[str, Alias]:
+        found: dict[str, Alias] = {}
+        for alias in self.aliases:
+            for spelling in domain_spellings(alias.domain):
+                found.setdefault(f"{alias.name.lower()}@{spelling}", alias)
+        return found
+
+    def alias_at(self, address: str) -> Alias | None:
+        """The alias of that full address (lower-cased; either spelling of its domain)."""
+        return self._aliases_by_address.get(address)
+
+    @cached_property
+    def shared_alias_names(self) -> frozenset[str]:
+        """Alias names that live on several domains (`sales@a`, `sales@b`): Postfix hands such an
+        alias to Odoo by its full address, so that each reaches its own model."""
+        counts = Counter(a.name for a in self.aliases)
+        return frozenset(name for name, count in counts.items() if count > 1)
+
+    @cached_property
+    def bounce_aliases(self) -> tuple[str, ...]:
+        """Every domain's bounce alias (the local part before `+TOKEN`), each once; `bounce`
+        when no alias domain is configured."""
+        return tuple(dict.fromkeys(d.bounce_alias for d in self.alias_domains)) or ("bounce",)
 
     @cached_property
     def accepted_domain_set(self) -> frozenset[str]:
         """The alias domains and the allowed alias domains: where the aliases live."""
-        return self.alias_domain_set | frozenset(d.lower() for d in self.allowed_alias_domains)
+        return self.alias_domain_set.union(*(domain_spellings(d) for d in self.allowed_alias_domains))

@@ -39,7 +39,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = loaded.config
     print(f"{config_path(args)}: OK ({len(config.servers)} server(s), {len(config.aliases)} alias(es))",
           file=sys.stderr)
+    for line in alias_domain_lines(config):
+        print(line, file=sys.stderr)
     return EXIT_OK
+
+
+def alias_domain_lines(config: Config) -> list[str]:
+    """One line per alias domain: its bounce, catchall and default sender, and its aliases."""
+    lines = []
+    for domain in config.alias_domains:
+        names = [a.name + (" (incoming_local)" if a.incoming_local else "") for a in config.aliases
+                 if a.domain == domain.name]
+        lines.append(f"  alias domain {domain.name}: bounce {domain.bounce_address}, catchall "
+                     f"{domain.catchall_address}, default sender {domain.notification_address or '(none)'}; "
+                     f"aliases: {', '.join(names) or 'none'}")
+    return lines
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -67,13 +81,15 @@ def cmd_postfix_config(args: argparse.Namespace) -> int:
 
 
 def cmd_explain_outbound(args: argparse.Namespace) -> int:
-    from mailgate.rules.outbound import OutboundRequest, decide_outbound
+    from mailgate.rules.outbound import DOMAIN_TEXT, OutboundRequest, decide_outbound
     config: Config = _load(args, check_files=False).config
     decision = decide_outbound(config, OutboundRequest(args.header_from, args.sender, args.mass))
     result = {
         "server": decision.server_name,
         "header_from": decision.header_from,
         "envelope_from": decision.envelope_from,
+        "alias_domain": decision.alias_domain.name if decision.alias_domain else None,
+        "domain_reason": decision.domain_reason,
         "reasons": list(decision.reasons),
     }
     if args.json:
@@ -84,6 +100,8 @@ def cmd_explain_outbound(args: argparse.Namespace) -> int:
         if decision.reply:
             print(f"refused:       {decision.reply}")
         print(f"envelope from: {result['envelope_from']}")
+        if decision.alias_domain:
+            print(f"alias domain:  {decision.alias_domain.name} ({DOMAIN_TEXT[decision.domain_reason]})")
         for reason in decision.reasons:
             print(f"  - {reason}")
         if decision.warning:
@@ -146,10 +164,12 @@ def cmd_bounce_parse(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"mailgate: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
-    alias = "bounce"
+    aliases: tuple[str, ...] = ("bounce",)
     if getattr(args, "config", None) or os.environ.get("MAILGATE_CONFIG") or DEFAULT_CONFIG_PATH.exists():
-        alias = _load(args, check_files=False).config.bounce_alias
-    print(json.dumps(report_json(parse_bounce(raw, bounce_alias=alias), find_token(raw, alias)), ensure_ascii=False))
+        aliases = _load(args, check_files=False).config.bounce_aliases
+    found = [(alias, token) for alias in aliases if (token := find_token(raw, alias))]
+    alias, token = found[0] if found else (aliases[0], None)
+    print(json.dumps(report_json(parse_bounce(raw, bounce_alias=alias), token), ensure_ascii=False))
     return EXIT_OK
 
 
@@ -305,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     dns = commands.add_parser("check-dns", parents=[common], help="SPF, DKIM, DMARC and MX of a domain")
-    dns.add_argument("domain", nargs="?", help="default: alias_domain")
+    dns.add_argument("domain", nargs="?", help="default: every alias domain")
     dns.add_argument("--selector", action="append", metavar="S", help="a DKIM selector to check (repeatable)")
     dns.add_argument("--this-host", action="append", metavar="NAME", help="this host's name or address (MX check)")
     dns.add_argument("--json", action="store_true", help="one JSON object on stdout")

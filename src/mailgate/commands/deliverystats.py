@@ -38,16 +38,22 @@ def _pivot(rows: Sequence[DeliveryCount], key: str) -> list[dict]:
 
 
 def summary(rows: Sequence[DeliveryCount]) -> dict[str, list[dict]]:
-    """`delivery_stats` rows (day, server, status, count) as per-server and per-day totals."""
+    """`delivery_stats` rows (day, server, status, domain, count) as per-server, per-day and
+    per-domain totals (a company's alias domain is the domain its mail leaves with)."""
     return {"per_server": sorted(_pivot(rows, "server"), key=lambda r: r["server"]),
-            "per_day": _pivot(rows, "day")}
+            "per_day": _pivot(rows, "day"),
+            "per_domain": sorted(_pivot(rows, "domain"), key=lambda r: r["domain"])}
 
 
 def render_stats(rows: Sequence[DeliveryCount]) -> str:
-    """The human view: a table per server, then per day; statuses Postfix never reported show 0."""
+    """The human view: a table per server, then per day, then per domain when mail left with
+    more than one; statuses Postfix never reported show 0."""
     data = summary(rows)
     out = io.StringIO()
-    for title, key in (("per server", "server"), ("per day", "day")):
+    views = [("per server", "server"), ("per day", "day")]
+    if len(data["per_domain"]) > 1:
+        views.append(("per domain", "domain"))
+    for title, key in views:
         print(f"# {title}", file=out)
         table(data[title.replace(" ", "_")], [key, *STATUSES, "total"], out)
         print(file=out)

@@ -56,7 +56,7 @@ def main_settings(config: Config) -> list[tuple[str, str]]:
         ("smtp_tls_CApath", "/etc/ssl/certs"),
         ("smtp_tls_loglevel", "1"),
     ]
-    domains = list(dict.fromkeys([*config.alias_domains, *config.allowed_alias_domains]))
+    domains = list(dict.fromkeys([*config.alias_domain_names, *config.allowed_alias_domains]))
     if domains:
         settings += [
             ("relay_domains", " ".join(domains)),
@@ -126,7 +126,7 @@ def master_services(config: Config, wiring: Wiring = Wiring()) -> list[list[str]
     for offset, listener in enumerate(config.mass_mail.listeners, start=1):
         services.append(submission_service(f"127.0.0.1:{10025 + offset}", listener))
     services += [transport_service(config, server) for server in config.servers]
-    if config.alias_domains:
+    if config.alias_domain_names:
         services += [inbound_service(), odoo_pipe_service(wiring)]
     return services
 
@@ -149,7 +149,7 @@ def render(config: Config, part: str | None = None, wiring: Wiring = Wiring()) -
         if lines:
             lines.append("")
         lines.append("# master.cf")
-        lines += MASTER_NOTES[: None if config.alias_domains else -1]
+        lines += MASTER_NOTES[: None if config.alias_domain_names else -1]
         for service in master_services(config, wiring):
             lines += service
     return "\n".join(lines) + "\n"

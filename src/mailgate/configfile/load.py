@@ -18,6 +18,7 @@ from mailgate.config import (
     PolicySettings,
     QuotaSettings,
 )
+from mailgate.configfile.domains import check_special_addresses, read_alias_domains, with_alias_domains_of_aliases
 from mailgate.configfile.limits import MAX_CONFIG_BYTES, MAX_PROBLEMS, BoundedLoader, TooManyProblems
 from mailgate.configfile.problems import ConfigError, ConfigProblem
 from mailgate.configfile.reader import Reader, build, node_of
@@ -79,13 +80,15 @@ def _read(reader: Reader, root: yaml.Node | None, check_files: bool, check_start
         top["database"] = str(base / top["database"])
     nodes = {k: node_of(top, k) for k in SECTIONS}
     servers = read_servers(reader, nodes["servers"], check_files)
-    alias_domain = top.get("alias_domain")
-    aliases = read_aliases(reader, nodes["aliases"], alias_domain)
-    allowed = tuple(dict.fromkeys([*(d for d in [alias_domain] if d), *(a.domain for a in aliases),
-                                   *top.get("allowed_alias_domains", ())]))
+    domains = read_alias_domains(reader, nodes["alias_domains"], top)
+    aliases = read_aliases(reader, nodes["aliases"], domains[0].name if domains else None)
+    domains = with_alias_domains_of_aliases(reader, domains, aliases, nodes["alias_domains"] is not None,
+                                            nodes["aliases"])
+    check_special_addresses(reader, domains, aliases, nodes["aliases"])
+    allowed = tuple(dict.fromkeys([*(d.name for d in domains), *top.get("allowed_alias_domains", ())]))
     mass = reader.section(nodes["mass_mail"], "mass_mail", MASS)
     config = build(
-        Config, top, servers=servers, aliases=aliases, allowed_alias_domains=allowed,
+        Config, top, alias_domains=domains, servers=servers, aliases=aliases, allowed_alias_domains=allowed,
         incoming_local_anywhere=top.get("allowed_alias_domains", None) == (),
         loop=build(LoopSettings, reader.section(nodes["loop"], "loop", LOOP)),
         bounces=build(BounceSettings, reader.section(nodes["bounces"], "bounces", BOUNCES)),

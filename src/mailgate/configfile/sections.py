@@ -16,7 +16,7 @@ import yaml
 from mailgate.config import Alias, Config, Server
 from mailgate.configfile.limits import MAX_ALIASES, MAX_SERVERS
 from mailgate.configfile.reader import Reader, build, node_of
-from mailgate.configfile.values import ALIAS, SERVER, Invalid, local_part
+from mailgate.configfile.values import ALIAS, SERVER, Invalid, domain_name, local_part
 from mailgate.infra.secretfile import UnusableFile, bounce_key_problem, read_password_file
 
 _SERVER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
@@ -97,15 +97,20 @@ def _check_security(reader: Reader, values: dict[str, Any], key: str, port: int,
                        "warning")
 
 
-def read_aliases(reader: Reader, node: yaml.Node | None, alias_domain: str | None) -> tuple[Alias, ...]:
+def read_aliases(reader: Reader, node: yaml.Node | None, default_domain: str | None) -> tuple[Alias, ...]:
+    """Each alias with its domain: its own `domain:` (or the domain in a `name@domain` key, the
+    way to give two domains an alias of the same name), else the first alias domain."""
     aliases: list[Alias] = []
+    seen: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode) and len(node.value) > MAX_ALIASES:
         reader.problem(node, "aliases", f"{len(node.value)} aliases: at most {MAX_ALIASES}")
         return ()
     for name, (key_node, value_node) in reader.mapping(node, "aliases").items():
         key = f"aliases.{name}"
+        local_text, at, key_domain = name.rpartition("@") if "@" in name else (name, "", "")
         try:
-            local = local_part(name)
+            local = local_part(local_text)
+            key_domain = domain_name(key_domain) if at else ""
         except Invalid as exc:
             reader.problem(key_node, key, str(exc))
             continue
@@ -117,10 +122,19 @@ def read_aliases(reader: Reader, node: yaml.Node | None, alias_domain: str | Non
         if not target:
             reader.problem(value_node, f"{key}.target", "missing: where Postfix delivers mail for this alias")
             continue
-        domain = values.get("domain") or alias_domain
-        if not domain:
-            reader.problem(value_node, f"{key}.domain", "no domain: set alias_domain or this alias's domain")
+        if key_domain and values.get("domain", key_domain) != key_domain:
+            reader.problem(value_node, f"{key}.domain", f"the key says {key_domain}: leave domain out, or make "
+                           "them the same")
             continue
+        domain = key_domain or values.get("domain") or default_domain
+        if not domain:
+            reader.problem(value_node, f"{key}.domain", "no domain: set alias_domains or this alias's domain")
+            continue
+        address = f"{local}@{domain}"
+        if address in seen:
+            reader.problem(key_node, key, f"{address} is already an alias (line {seen[address]})")
+            continue
+        seen[address] = key_node.start_mark.line + 1
         aliases.append(Alias(local, str(target), domain, values.get("incoming_local", False)))
     return tuple(aliases)
 
@@ -139,7 +153,7 @@ def cross_checks(reader: Reader, config: Config, top: dict[str, Any], mass: dict
     elif mass_server is not None and not mass_server.active:
         reader.problem(node_of(mass, "server"), "mass_mail.server",
                        f"server '{mass_name}' is inactive: mass mail will follow the normal order", "warning")
-    if "default_from" in top and config.default_from and "@" not in config.default_from and not config.alias_domain:
+    if "default_from" in top and config.default_from and "@" not in config.default_from and not config.alias_domains:
         reader.problem(node_of(top, "default_from"), "default_from",
                        "a local part without alias_domain gives no notification address: no From is rewritten",
                        "warning")

@@ -96,7 +96,8 @@ def _str_list(value: Any) -> tuple[str, ...]:
     return tuple(_str(v) for v in value)
 
 
-def _domain(value: Any) -> str:
+def domain_name(value: Any) -> str:
+    """A domain name, lower-cased."""
     text = _str(value).lower()
     if not is_valid_domain(text):
         raise Invalid(f"expected a domain name like mycompany.com, got {describe(value)}")
@@ -104,11 +105,11 @@ def _domain(value: Any) -> str:
 
 
 def _opt_domain(value: Any) -> str | None:
-    return None if value in (None, "") else _domain(value)
+    return None if value in (None, "") else domain_name(value)
 
 
 def _domains(value: Any) -> tuple[str, ...]:
-    return tuple(_domain(v) for v in _str_list(value))
+    return tuple(domain_name(v) for v in _str_list(value))
 
 
 def _address(value: Any) -> str:
@@ -197,7 +198,8 @@ def local_part(value: Any) -> str:
 # Key tables: every key each part of the file accepts, and the converter of its value.
 
 TOP = {
-    "alias_domain": _opt_domain, "default_from": _default_from, "default_from_filter": _from_filter,
+    "alias_domains": lambda v: v, "alias_domain": _opt_domain, "default_from": _default_from,
+    "default_from_filter": _from_filter,
     "catchall_alias": lambda v: local_part(v), "bounce_alias": lambda v: local_part(v),
     "allowed_alias_domains": _domains, "aliases": lambda v: v, "catchall_direct_write": _choice(DIRECT_WRITE_ACTIONS),
     "fallback_target": _opt_str, "loop": lambda v: v, "bounces": lambda v: v, "quota": lambda v: v,
@@ -207,7 +209,7 @@ TOP = {
     "malformed_from": _choice(MALFORMED_FROM_ACTIONS),
     "database": _database, "database_password_file": _opt_path, "secret_file": _path,
 }
-SECTIONS = ("aliases", "loop", "bounces", "quota", "servers", "mass_mail", "listen", "policy", "odoo")
+SECTIONS = ("alias_domains", "aliases", "loop", "bounces", "quota", "servers", "mass_mail", "listen", "policy", "odoo")
 
 SERVER = {
     "name": _str, "host": _str, "port": _int(1, 65535), "security": _choice(SECURITY_MODES),
@@ -224,4 +226,6 @@ MASS = {"server": _opt_str, "listeners": _str_list, "sasl_users": _str_list, "he
 LISTEN = {"milter": _socket_spec, "lookup": _socket_spec, "policy": _socket_spec, "socket_group": _opt_str}
 POLICY = {"on_malformed": _choice(MALFORMED_ACTIONS)}
 ODOO = {"url": _str, "database": _str, "user": _str, "password_file": _opt_path}
-ALIAS = {"target": _str, "domain": _domain, "incoming_local": _bool}
+ALIAS_DOMAIN = {"name": domain_name, "bounce_alias": local_part, "catchall_alias": local_part,
+                "default_from": _default_from}
+ALIAS = {"target": _str, "domain": domain_name, "incoming_local": _bool}

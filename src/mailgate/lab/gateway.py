@@ -62,14 +62,17 @@ class LabGateway:
 
     def __init__(self, base: Path, extra_config: str = "", *, main_cf_extra: dict[str, str] | None = None,
                  before_start: Callable[[LabGateway], None] | None = None, database: str | None = None,
-                 secret_file: Path | None = None):
+                 secret_file: Path | None = None, alias_domains: str | None = None):
         """`main_cf_extra` overrides Postfix settings (e.g. a milter chain); `before_start` runs
         after mailgate is up and before Postfix starts (e.g. to start another milter);
-        `database` and `secret_file` let several gateways share one state and one token key."""
+        `database` and `secret_file` let several gateways share one state and one token key;
+        `alias_domains` replaces the one-domain keys (mycompany.com, notifications) with YAML
+        of its own."""
         self.base = Path(base)
         self.database = database or "state/mailgate.sqlite3"
         self.secret_file = secret_file or Path("secret")
         self.extra_config = extra_config
+        self.alias_domains = alias_domains or "alias_domain: mycompany.com\ndefault_from: notifications\n"
         self.main_cf_extra = dict(main_cf_extra or {})
         self.before_start = before_start
         self.sinks: dict[str, Sink] = {}
@@ -129,9 +132,7 @@ class LabGateway:
         os.chown(odoo_password, user.pw_uid, user.pw_gid)
         self.clock_file.write_text("0\n")
         s = self.sinks
-        self.config_path.write_text(textwrap.dedent(f"""\
-            alias_domain: mycompany.com
-            default_from: notifications
+        self.config_path.write_text(self.alias_domains + textwrap.dedent(f"""\
             servers:
               - {{name: transactional, host: localhost, port: {s['transactional'].port}, security: starttls,
                   username: "{SASL_USER}", password_file: secrets/transactional, tls_ca_file: {ca_file},

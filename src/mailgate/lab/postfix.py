@@ -322,11 +322,16 @@ class PrivatePostfix:
         self._run([POSTSUPER, "-c", str(self.config_dir), "-d", "ALL"])
 
     def queue_files(self) -> list[str]:
-        """Queue ids of messages not yet delivered, read straight from the queue dirs."""
-        ids = []
-        for queue in QUEUES:
-            for _, _, files in os.walk(self.queue_dir / queue):
-                ids.extend(files)
+        """Queue ids of messages not yet delivered, read straight from the queue dirs.
+
+        Read twice: qmgr moves a message from deferred back to active, and one pass that
+        reads active before deferred misses a message moved in between; the second pass
+        finds it in active."""
+        ids: set[str] = set()
+        for _ in range(2):
+            for queue in QUEUES:
+                for _, _, files in os.walk(self.queue_dir / queue):
+                    ids.update(files)
         return sorted(ids)
 
     def wait_queue_empty(self, timeout: float) -> bool:

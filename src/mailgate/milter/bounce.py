@@ -20,7 +20,7 @@ from mailgate.milter.facts import MessageFacts
 from mailgate.rules.addresses import normalize
 from mailgate.rules.blacklist import bounce_lock, record_and_judge
 from mailgate.rules.bounces import ReportDestination, report_destination, screen_failed, token_is_stale
-from mailgate.rules.classify import bounce_token_of, is_odoo_own_bounce
+from mailgate.rules.classify import bounce_token_of, is_odoo_own_bounce, report_bounce_alias
 from mailgate.rules.tokens import BounceToken
 from mailgate.store.interface import BounceRecord, StoredOutbound
 
@@ -39,7 +39,7 @@ def process_bounce(runtime: Runtime, config: Config, facts: MessageFacts, queue_
     """`token`: the bounce token the inbound decision verified (None for a report to the plain
     bounce address or to Odoo's own pre-token form, or one recognised by its form alone)."""
     store = runtime.store
-    report = parse_bounce(facts.raw_message(), bounce_alias=config.bounce_alias)
+    report = parse_bounce(facts.raw_message(), bounce_alias=report_bounce_alias(config, facts.recipients))
     now = runtime.clock()
     # Odoo's own form names a mail.mail of Odoo's, sent before the cut-over: no row of ours.
     to_odoo_own = token is None and any(is_odoo_own_bounce(config, r) for r in facts.recipients)

@@ -11,8 +11,14 @@ from dataclasses import dataclass
 from mailgate.infra.logfmt import kv_line
 from mailgate.infra.runtime import Runtime
 from mailgate.milter.facts import MessageFacts
-from mailgate.rules.addresses import domain_of, folded_mailbox, normalize, parse_mailboxes, to_wire
-from mailgate.rules.outbound import OutboundDecision, OutboundRequest, decide_outbound, is_mass_mail
+from mailgate.rules.addresses import folded_mailbox, normalize, parse_mailboxes, to_wire
+from mailgate.rules.outbound import (
+    OutboundDecision,
+    OutboundRequest,
+    decide_outbound,
+    is_mass_mail,
+    tokenised_address,
+)
 from mailgate.rules.replies import SmtpReply
 from mailgate.store import OutboundRecord
 
@@ -56,7 +62,7 @@ def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Ou
         recipient_digests=runtime.signer.recipient_digests(facts.recipients)))
     if decision.envelope_is_bounce:
         token = runtime.signer.make(row_id, decision.server_name, now)
-        wire = to_wire(f"{config.bounce_alias}+{token}@{domain_of(decision.envelope_from)}")
+        wire = to_wire(tokenised_address(config, decision.envelope_from, token))
     else:
         wire = to_wire(decision.envelope_from)
     if not facts.envelope_sender:
@@ -66,7 +72,9 @@ def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Ou
                    header_from=_address_of(decision.header_from), rewritten=decision.rewritten,
                    **_from_repairs(decision),
                    envelope=wire or None, server=decision.server_name, reason=decision.step, mass=mass,
-                   listener=facts.listener, row=row_id, dry_run=config.dry_run)
+                   listener=facts.listener, row=row_id,
+                   domain=decision.alias_domain.name if decision.alias_domain else None,
+                   domain_by=decision.domain_reason if decision.alias_domain else None, dry_run=config.dry_run)
     removed, blacklist_lines = _blacklisted(runtime, facts, queue_id, mass)
     new_from = decision.new_from
     return OutboundEffects(decision, folded_mailbox(new_from.name, new_from.address) if new_from else None,

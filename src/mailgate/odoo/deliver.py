@@ -135,14 +135,16 @@ def odoo_model_for(config: Config, alias: str) -> str | None:
     """
     wanted = alias.strip().lower()
     for candidate in config.aliases:
-        if candidate.name.lower() == wanted:
+        if wanted in (candidate.name.lower(), candidate.address.lower()):
             return _model_of_target(candidate.target, f"alias {alias!r}")
-    if wanted in {config.catchall_alias.lower(), config.bounce_alias.lower(), CATCHALL_ROUTE}:
+    special = {CATCHALL_ROUTE, *(d.catchall_alias for d in config.alias_domains), *config.bounce_aliases}
+    if wanted in special:
         return None
     if wanted == FALLBACK_ROUTE and config.fallback_target:
         return _model_of_target(config.fallback_target, "fallback_target")
     known = ", ".join(a.name for a in config.aliases) or "none"
-    raise ValueError(f"unknown alias {alias!r} (aliases: {known}; catchall: {config.catchall_alias})")
+    catchalls = ", ".join(dict.fromkeys(d.catchall_alias for d in config.alias_domains)) or "none"
+    raise ValueError(f"unknown alias {alias!r} (aliases: {known}; catchall: {catchalls})")
 
 
 def read_password(config: Config) -> str:

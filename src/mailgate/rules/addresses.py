@@ -92,6 +92,20 @@ def is_valid_domain(domain: str) -> bool:
     return len(labels) >= 2 and len(ascii_domain) <= 253 and all(_DOMAIN_LABEL.match(label) for label in labels)
 
 
+def domain_spellings(domain: str) -> frozenset[str]:
+    """A domain lower-cased in both its spellings, Unicode and ASCII (punycode): the file may
+    name an alias domain either way, and mail comes back addressed in the form it left with
+    (MAIL FROM is always the ASCII form, headers may carry either)."""
+    lowered = domain.strip().lower()
+    spellings = {lowered}
+    try:
+        spellings.add(idna_domain(lowered).lower())
+        spellings.add(lowered.encode("ascii").decode("idna").lower() if lowered.isascii() else lowered)
+    except UnicodeError:
+        pass
+    return frozenset(spellings)
+
+
 def idna_domain(domain: str) -> str:
     """The ASCII (punycode) form of a domain; ASCII domains come back unchanged."""
     if domain.isascii():

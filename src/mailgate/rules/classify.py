@@ -1,6 +1,7 @@
-"""Which addresses are Odoo's (docs/rules.md I1, I2, I6, I7): the catchall and bounce addresses of the
-alias domains, tokenised bounce addresses, aliases by full address or local part, the policy
-service's verdict on one RCPT, and which milter role a message takes.
+"""Which addresses are Odoo's (docs/rules.md I1, I2, I6, I7): the catchall and bounce addresses of
+every alias domain (each with its own aliases), tokenised bounce addresses, aliases by full
+address or local part, the policy service's verdict on one RCPT, and which milter role a
+message takes.
 """
 
 from __future__ import annotations
@@ -8,27 +9,33 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from mailgate.config import Alias, Config
+from mailgate.config import Alias, AliasDomain, Config
 from mailgate.rules.addresses import normalize
 from mailgate.rules.tokens import is_odoo_bounce_suffix, split_tokenised
 
 RecipientVerdict = Literal["outside", "accept", "no_such_alias", "forged_bounce"]
 
 
-def _address_set(config: Config, local: str) -> set[str]:
-    return {f"{local}@{d}" for d in config.alias_domain_set}
-
-
 def is_catchall(config: Config, address: str) -> bool:
-    return normalize(address) in _address_set(config, config.catchall_alias)
+    """Some alias domain's catchall address (each domain has its own catchall alias)."""
+    local, _, domain = normalize(address).rpartition("@")
+    found = config.domain_named(domain)
+    return found is not None and local == found.catchall_alias
+
+
+def bounce_parts(config: Config, address: str) -> tuple[str, AliasDomain] | None:
+    """(suffix, domain) of `<bounce_alias>+<suffix>@<alias domain>`, where the bounce alias is
+    that domain's own, else None."""
+    domain = config.domain_named(normalize(address).rpartition("@")[2])
+    if domain is None:
+        return None
+    parts = split_tokenised(address, domain.bounce_alias)
+    return (parts[0], domain) if parts else None
 
 
 def _bounce_suffix(config: Config, address: str) -> str | None:
-    """The part after `<bounce_alias>+` of a bounce address on an alias domain, else None."""
-    parts = split_tokenised(normalize(address), config.bounce_alias)
-    if parts and parts[1] in config.alias_domain_set:
-        return parts[0]
-    return None
+    parts = bounce_parts(config, address)
+    return parts[0] if parts else None
 
 
 def bounce_token_of(config: Config, address: str) -> str | None:
@@ -54,17 +61,31 @@ def is_any_bounce_address(config: Config, address: str) -> bool:
     return is_plain_bounce(config, address) or _bounce_suffix(config, address) is not None
 
 
+def report_bounce_alias(config: Config, recipients: list[str]) -> str:
+    """The bounce alias of the alias domain a report is addressed to (the first recipient that
+    is one of our bounce addresses): the report's parser leaves that address out of the failed
+    recipients. The first domain's when none is."""
+    for recipient in recipients:
+        domain = config.domain_named(normalize(recipient).rpartition("@")[2])
+        if domain is not None and is_any_bounce_address(config, recipient):
+            return domain.bounce_alias
+    return config.bounce_aliases[0]
+
+
 def is_plain_bounce(config: Config, address: str) -> bool:
-    return normalize(address) in _address_set(config, config.bounce_alias)
+    """Some alias domain's bounce address, exact: what Odoo 17+ puts in MAIL FROM."""
+    local, _, domain = normalize(address).rpartition("@")
+    found = config.domain_named(domain)
+    return found is not None and local == found.bounce_alias
 
 
 def alias_for_address(config: Config, address: str) -> Alias | None:
     """An alias by its full address, or an `incoming_local` alias by local part on an allowed
     domain (on any domain when `allowed_alias_domains: []` says there is no restriction)."""
     address = normalize(address)
-    for alias in config.aliases:
-        if alias.address.lower() == address:
-            return alias
+    alias = config.alias_at(address)
+    if alias is not None:
+        return alias
     local, _, domain = address.rpartition("@")
     if config.incoming_local_anywhere or domain in config.accepted_domain_set:
         for alias in config.aliases:

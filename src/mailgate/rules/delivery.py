@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from mailgate.config import Config
+from mailgate.rules.addresses import normalize
 from mailgate.rules.classify import alias_for_address, is_any_bounce_address, is_catchall, on_alias_domain
 
 ODOO_TRANSPORT = "mailgate-odoo"  # the pipe(8) service running `mailgate deliver --alias ${nexthop}`
@@ -25,13 +26,15 @@ def delivery_transport(config: Config, address: str) -> str | None:
     """
     if not on_alias_domain(config, address):
         return None
-    if is_any_bounce_address(config, address):   # tokenised, Odoo's own form or plain: Odoo's bounce route
-        return target_transport("odoo", config.bounce_alias)
-    if is_catchall(config, address):
-        return target_transport("odoo", config.catchall_alias)
+    domain = config.domain_named(normalize(address).rpartition("@")[2])
+    if domain is not None and is_any_bounce_address(config, address):  # tokenised, Odoo's own or plain
+        return target_transport("odoo", domain.bounce_alias)
+    if domain is not None and is_catchall(config, address):
+        return target_transport("odoo", domain.catchall_alias)
     alias = alias_for_address(config, address)
     if alias is not None:
-        return target_transport(alias.target, alias.name)
+        shared = alias.name in config.shared_alias_names
+        return target_transport(alias.target, alias.address if shared else alias.name)
     if config.fallback_target:
         return target_transport(config.fallback_target, "fallback")
     return None

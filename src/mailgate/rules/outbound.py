@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mailgate.config import Config, Server
+from mailgate.config import AliasDomain, Config, Server
 from mailgate.rules.addresses import (
     Mailbox,
     domain_of,
@@ -35,6 +35,15 @@ STEP_TEXT: dict[Step, str] = {
     "no-filter": "no filter matches the From: first server without a from_filter",
     "fallback-first": "no server fits the From: first server used anyway",
     "no-servers": "no upstream server configured: Postfix's default route",
+}
+
+DomainReason = Literal["envelope", "author", "first", "none"]
+# Why a message belongs to its alias domain (O1): explain's reason and the log's `domain_by=`.
+DOMAIN_TEXT: dict[DomainReason, str] = {
+    "envelope": "the envelope sender is on it",
+    "author": "the author's address is on it",
+    "first": "the first alias domain (neither the envelope sender nor the author is on one)",
+    "none": "no alias domain is configured",
 }
 
 
@@ -116,20 +125,35 @@ class OutboundDecision:
     removed_froms: int = 0           # From headers after the first that are deleted (O5)
     malformed: str | None = None     # why the From was not one well-formed header
     reply: SmtpReply | None = None   # the message is refused (O5: a malformed From it cannot send)
+    alias_domain: AliasDomain | None = None   # the domain whose notification and bounce addresses it uses (O1)
+    domain_reason: DomainReason = "none"
 
     @property
     def server_name(self) -> str | None:
         return self.server.name if self.server else None
 
 
-def notification_address(config: Config) -> str | None:
-    """O1: `default_from` as is when it holds `@`, else joined to the alias domain."""
+def message_domain(config: Config, envelope_sender: str | None,
+                   author: str | None) -> tuple[AliasDomain | None, DomainReason]:
+    """O1: the alias domain a message belongs to. Odoo 17+ sends each record's mail with its
+    company's domain, putting that domain's bounce address in MAIL FROM: the envelope sender's
+    domain names it; else the author's own domain when it is an alias domain; else the first."""
+    candidates: tuple[tuple[str | None, DomainReason], ...] = ((envelope_sender, "envelope"), (author, "author"))
+    for address, reason in candidates:
+        domain = config.domain_named(domain_of(address)) if address else None
+        if domain is not None:
+            return domain, reason
+    if config.alias_domains:
+        return config.alias_domains[0], "first"
+    return None, "none"
+
+
+def notification_address(config: Config, domain: AliasDomain | None) -> str | None:
+    """O1: the domain's default sender; with no alias domain, `default_from` when it is a full address."""
+    if domain is not None:
+        return domain.notification_address
     default_from = (config.default_from or "").strip()
-    if "@" in default_from:
-        return default_from
-    if default_from and config.alias_domain:
-        return f"{default_from}@{config.alias_domain}"
-    return None
+    return default_from if "@" in default_from else None
 
 
 def is_alias_domain_address(config: Config, address: str | None) -> bool:
@@ -137,13 +161,20 @@ def is_alias_domain_address(config: Config, address: str | None) -> bool:
     return bool(domain) and domain in config.alias_domain_set
 
 
-def bounce_address(config: Config, envelope_sender: str | None) -> str | None:
-    """O1: the client's own envelope when it sits on an alias domain, else `bounce@alias-domain`."""
+def bounce_address(config: Config, envelope_sender: str | None, domain: AliasDomain | None) -> str | None:
+    """O1: the client's own envelope when it sits on an alias domain, else the message's
+    domain's bounce address."""
     if envelope_sender and is_alias_domain_address(config, envelope_sender):
         return envelope_sender
-    if config.alias_domain:
-        return f"{config.bounce_alias}@{config.alias_domain}"
-    return None
+    return domain.bounce_address if domain is not None else None
+
+
+def tokenised_address(config: Config, bounce: str, token: str) -> str:
+    """T1: `<bounce_alias>+TOKEN@domain` for a bounce address on an alias domain, with that
+    domain's own bounce alias."""
+    domain = config.domain_named(domain_of(bounce))
+    alias = domain.bounce_alias if domain is not None else config.bounce_aliases[0]
+    return f"{alias}+{token}@{domain_of(bounce)}"
 
 
 def _first_listing(servers: tuple[Server, ...], address: str) -> tuple[Server | None, Literal["address", "domain", ""]]:
@@ -158,13 +189,14 @@ def _first_listing(servers: tuple[Server, ...], address: str) -> tuple[Server | 
     return None, ""
 
 
-def choose_server(config: Config, from_boxes: list[Mailbox] | None) -> tuple[Server | None, bool, Step]:
+def choose_server(config: Config, from_boxes: list[Mailbox] | None,
+                  notification: str | None) -> tuple[Server | None, bool, Step]:
     """O3: (server, send as the notification address?, step) in Odoo's order.
 
-    `documented` selection swaps steps 2 and 3, as the seed document words the rule.
+    `notification` is the notification address of the message's alias domain. `documented`
+    selection swaps steps 2 and 3, as the seed document words the rule.
     """
     servers = config.active_servers
-    notification = notification_address(config)
     if from_boxes and len(from_boxes) == 1:
         server, kind = _first_listing(servers, from_boxes[0].address)
         if server:
@@ -198,6 +230,8 @@ def decide_outbound(config: Config, request: OutboundRequest) -> OutboundDecisio
     """The whole outbound decision for one message."""
     reading = read_from(request.header_from, request.more_froms)
     boxes = reading.boxes
+    domain, domain_reason = message_domain(config, request.envelope_sender, boxes[0].address if boxes else None)
+    notification = notification_address(config, domain)
     reasons: list[str] = []
     warning = None
     mass_server = config.mass_server if request.mass else None
@@ -206,15 +240,16 @@ def decide_outbound(config: Config, request: OutboundRequest) -> OutboundDecisio
     if mass_server:
         server, as_notification, step = mass_server, False, "mass"
     else:
-        server, as_notification, step = choose_server(config, boxes)
+        server, as_notification, step = choose_server(config, boxes, notification)
     reasons.append(STEP_TEXT[step] + (f" ({server.name})" if server else ""))
+    if domain is not None:
+        reasons.append(f"alias domain {domain.name}: {DOMAIN_TEXT[domain_reason]}")
     if step == "fallback-first":
         assert server is not None  # choose_server only falls back to an existing first server
         warning = f"no mail server matches the from_filter, using {server.name} as fallback"
     if request.mass and not mass_server:
         reasons.append("mass mail without an active mass server follows the normal order")
 
-    notification = notification_address(config)
     server_filter = server.from_filter if server else config.default_from_filter
     header_from = request.header_from
     new_from: Mailbox | None = None
@@ -249,14 +284,14 @@ def decide_outbound(config: Config, request: OutboundRequest) -> OutboundDecisio
         reasons.append(f"{removed} more From header{'s' if removed > 1 else ''} removed: the message leaves with one")
     rewritten = new_from is not None
 
-    bounce = bounce_address(config, request.envelope_sender)
+    bounce = bounce_address(config, request.envelope_sender, domain)
     envelope, is_bounce = _envelope(config, server, bounce, boxes, header_from, rewritten,
                                     notification, request.envelope_sender)
     reasons.append("envelope sender is the bounce address" if is_bounce
                    else "envelope sender is the From address (the bounce address is outside the server's filter)")
     return OutboundDecision(server, step, header_from, request.header_from, rewritten, envelope,
                             bounce, is_bounce, tuple(reasons), warning, new_from, removed,
-                            reading.malformed, reply)
+                            reading.malformed, reply, domain, domain_reason)
 
 
 def _envelope(config: Config, server: Server | None, bounce: str | None, boxes: list[Mailbox] | None,
@@ -281,7 +316,8 @@ def _envelope(config: Config, server: Server | None, bounce: str | None, boxes: 
 
 def route_sender(config: Config, sender: str) -> Server | None:
     """O7 without a token: run the server choice with the envelope sender as the From."""
-    return choose_server(config, [Mailbox("", sender)])[0]
+    domain, _ = message_domain(config, sender, sender)
+    return choose_server(config, [Mailbox("", sender)], notification_address(config, domain))[0]
 
 
 def is_mass_mail(config: Config, listener: str | None, sasl_user: str | None,

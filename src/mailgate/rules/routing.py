@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from mailgate.config import Config, Server
+from mailgate.rules.addresses import domain_spellings
 from mailgate.rules.outbound import route_sender
 from mailgate.rules.tokens import TokenSigner, server_tag, split_tokenised
 
@@ -76,8 +77,9 @@ class RoutingView:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.alias_domains = config.alias_domain_set
-        self.bounce_alias = config.bounce_alias
+        # the bounce alias of each alias domain, by lower-cased domain in both spellings
+        self.bounce_aliases = {spelling: d.bounce_alias.lower() for d in config.alias_domains
+                               for spelling in domain_spellings(d.name)}
         # Tags are 32-bit hashes: on the (unlikely) collision of two active servers the first
         # in Odoo's order wins, as the old linear search did.
         self.token_routes: dict[int, Route] = {}
@@ -104,7 +106,9 @@ def route_for_sender(config: Config, signer: TokenSigner, sender: str) -> Route:
         return NULL_SENDER
     if address.startswith("@") or "@" not in address:
         return DOMAIN_KEY
-    tokenised = split_tokenised(address, view.bounce_alias)
+    _, _, domain = address.rpartition("@")
+    bounce_alias = view.bounce_aliases.get(domain.lower())
+    tokenised = split_tokenised(address, bounce_alias) if bounce_alias else None
     if tokenised is None:
         # No token: the answer depends on the configuration alone, and the same few senders
         # come back all day.
@@ -114,12 +118,11 @@ def route_for_sender(config: Config, signer: TokenSigner, sender: str) -> Route:
             plain.clear()
         plain[sender] = route
         return route
-    if tokenised[1].lower() in view.alias_domains:
-        token = signer.verify(tokenised[0])
-        if token is not None:
-            if token.server_tag == 0:
-                return TOKEN_DEFAULT
-            token_route = view.token_routes.get(token.server_tag)
-            if token_route is not None:
-                return token_route
+    token = signer.verify(tokenised[0])
+    if token is not None:
+        if token.server_tag == 0:
+            return TOKEN_DEFAULT
+        token_route = view.token_routes.get(token.server_tag)
+        if token_route is not None:
+            return token_route
     return view.rule_route(address)

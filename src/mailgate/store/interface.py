@@ -249,6 +249,9 @@ class DeliveryCount:
     server: str                  # "-": no server known
     status: str
     count: int
+    # the domain of the envelope sender the message left with (its alias domain when it left
+    # with the bounce address); "-": no outbound row for the queue id
+    domain: str = "-"
 
 
 @dataclass(frozen=True)

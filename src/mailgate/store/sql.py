@@ -363,12 +363,16 @@ class SQLStore:
                              "where queue_id = ? and at >= ? order by id", [queue_id, since])
 
     def delivery_stats(self, since: float) -> list[DeliveryCount]:
-        """Attempts per day, server and status."""
+        """Attempts per day, server, status and the domain the message left with (from its
+        outbound row, the latest with that queue id)."""
         day = self.day_of.format("at")
+        domain = (f"coalesce((select lower({self.domain_of('m.envelope_from')}) from messages m "
+                  "where m.queue_id = d.queue_id and m.direction = 'outbound' order by m.id desc limit 1), '-')")
         return self._records(lambda row: DeliveryCount(**row),
-                             f"select {day} as day, coalesce(server, '-') as server, status, count(*) as count "
-                             f"from deliveries where at >= ? group by {day}, server, status "
-                             "order by day, server, status", [since])
+                             f"select day, server, status, domain, count(*) as count from (select {day} as day, "
+                             f"coalesce(server, '-') as server, status, {domain} as domain from deliveries d "
+                             "where at >= ?) as attempts group by day, server, status, domain "
+                             "order by day, server, status, domain", [since])
 
     def delivery_totals(self) -> list[DeliveryTotal]:
         """All-time counters per server and status, rows purged by retention included (for

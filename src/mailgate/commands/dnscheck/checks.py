@@ -1,8 +1,10 @@
-"""`check_dns`: run SPF, DMARC, DKIM and MX on one domain, a DNS failure becoming a warning."""
+"""`check_dns`: run SPF, DMARC, DKIM and MX on one domain or every alias domain, a DNS failure
+becoming a warning."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import dns.resolver
 
@@ -16,16 +18,24 @@ from mailgate.config import Config
 def check_dns(config: Config, domain: str | None = None, *,
               resolver: dns.resolver.Resolver | None = None, dkim_selectors: Sequence[str] = (),
               this_host: list[str] | None = None) -> list[Finding]:
-    """All findings for `domain` (default: the alias domain), SPF then DMARC, DKIM and MX.
+    """All findings for `domain`, or for every alias domain in turn when none is given: SPF,
+    then DMARC, DKIM and MX, each finding naming its domain.
 
     `resolver` defaults to the system's; tests pass one aimed at a local server. `this_host`
     lists this gateway's names or addresses, to check that the MX brings replies here.
     Raises ValueError when there is no domain to check.
     """
-    domain = (domain or config.alias_domain or "").strip().lower().rstrip(".")
-    if not domain:
-        raise ValueError("no domain given and the config has no alias_domain")
+    wanted = (domain or "").strip().lower().rstrip(".")
+    domains = [wanted] if wanted else [d.lower() for d in config.alias_domain_names]
+    if not domains:
+        raise ValueError("no domain given and the config has no alias domain")
     dns_ = Dns(resolver or dns.resolver.Resolver())
+    return [replace(found, domain=name) for name in domains
+            for found in _check_one(config, name, dns_, dkim_selectors, this_host)]
+
+
+def _check_one(config: Config, domain: str, dns_: Dns, dkim_selectors: Sequence[str],
+               this_host: list[str] | None) -> list[Finding]:
     checks = (("spf", lambda: check_spf(config, domain, dns_)),
               ("dmarc", lambda: check_dmarc(domain, dns_)),
               ("dkim", lambda: check_dkim(domain, dkim_selectors, dns_)),

@@ -83,6 +83,7 @@ class Finding:
     level: str
     message: str
     fix: str | None = None
+    domain: str = ""          # the alias domain checked
 
 
 def finding(check: str, level: str, text: str, /, **values: object) -> Finding:

@@ -12,7 +12,10 @@ LEVELS = ("OK", "WARN", "FAIL")
 def render(findings: list[Finding]) -> str:
     """One line per finding with its fix below, then a count per level."""
     lines = []
-    for finding in findings:
+    several = len({f.domain for f in findings}) > 1
+    for index, finding in enumerate(findings):
+        if several and (index == 0 or findings[index - 1].domain != finding.domain):
+            lines.append(f"{finding.domain}:")
         lines.append(f"{finding.level:4}  {finding.check:5}  {finding.message}")
         if finding.fix:
             lines.append(f"{'':4}  {'':5}  fix: {finding.fix}")

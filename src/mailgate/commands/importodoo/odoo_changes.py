@@ -24,8 +24,8 @@ def odoo_changes(odoo: Odoo, slugs: dict[int, str], deactivated: set[str]) -> st
     else:
         lines.append("  2. No active outgoing server to archive.")
     if odoo.domains:
-        default_from = (f"Settings > Technical > Email Domains: clear 'Default From' of "
-                        f"{odoo.domains[0]['name']}")
+        names = ", ".join(str(d["name"]) for d in odoo.domains)
+        default_from = f"Settings > Technical > Email Domains: clear 'Default From' of each domain ({names})"
     else:
         default_from = "Settings > Technical > System Parameters: delete mail.default.from"
     lines.append(f"  3. Leave Odoo's default From empty, so that Odoo passes each author's From through and "

@@ -21,17 +21,21 @@ def render(odoo: Odoo, out: Out, secrets_dir: Path) -> dict[int, str]:
     out.note("by `mailgate import-odoo`. [brackets] name where each value came from in Odoo. Keys that are")
     out.note("not here keep mailgate's defaults (see mailgate.example.yaml). Check: mailgate check-config")
     out.add()
-    main = _alias_settings(odoo, out)
+    main, context = _alias_settings(odoo, out)
     _render_allowed(odoo, out)
-    _render_aliases(odoo, out, main)
+    _render_aliases(odoo, out, main, context)
     _render_loop(odoo, out)
     slugs = render_servers(odoo, out, secrets_dir)
     render_mass(odoo, out, slugs)
     return slugs
 
 
-def _alias_settings(odoo: Odoo, out: Out) -> dict[str, Any]:
-    """alias_domain, default_from, catchall and bounce aliases; returns the main domain's values."""
+def _alias_settings(odoo: Odoo, out: Out) -> tuple[dict[str, Any], str]:
+    """The alias domains (Odoo 17+: every mail_alias_domain row; before: the one-domain keys from
+    the system parameters); returns the main domain's values, and the YAML of the domains
+    written, against which each alias is checked."""
+    if "mail_alias_domain" in odoo.tables and odoo.domains:
+        return _render_alias_domains(odoo, out)
     if "mail_alias_domain" in odoo.tables:
         main = dict(odoo.domains[0]) if odoo.domains else {}
         label = f"mail_alias_domain {main['name']!r}" if main else "mail_alias_domain (no row)"
@@ -53,13 +57,40 @@ def _alias_settings(odoo: Odoo, out: Out) -> dict[str, Any]:
         if key != "default_from":
             value = value.lower()
         main[odoo_key] = _emit_scalar(out, key, value, f"[{source[odoo_key]}]", default) or None
-    for other in odoo.domains[1:]:
-        used = f", used by {other['companies']}" if other.get("companies") else ""
-        out.warn(f"[mail_alias_domain {other['name']!r}{used}] another alias domain: its aliases carry it as "
-                 f"their domain, but its catchall {other['catchall_alias']!r} and bounce "
-                 f"{other['bounce_alias']!r} addresses are not handled (mailgate has one catchall and bounce)")
     out.add()
-    return main
+    return main, f"alias_domain: {scalar(main['name'])}\n" if main.get("name") else ""
+
+
+def _render_alias_domains(odoo: Odoo, out: Out) -> tuple[dict[str, Any], str]:
+    """`alias_domains:`, one entry per mail_alias_domain row in Odoo's order, each value checked
+    by the loader; a row whose name mailgate refuses is left out with a warning."""
+    out.add("alias_domains:  # [mail_alias_domain] in Odoo's order: sequence, then id")
+    written: list[dict[str, Any]] = []
+    for row in odoo.domains:
+        name = (row.get("name") or "").strip().lower()
+        label = f"mail_alias_domain {row['id']}"
+        used = f", used by {row['companies']}" if row.get("companies") else ""
+        problem = mailgate_rejects(f"alias_domains: [{scalar(name)}]\n") if name else "no name"
+        if problem:
+            out.warn(f"[{label}] {name!r} is not usable ({oneline(problem)}): left out, with its aliases", "  ")
+            continue
+        out.add(f"  - name: {scalar(name)}  # [{label}, sequence {row.get('sequence')}]{oneline(used)}")
+        entry = {"id": row["id"], "name": name}
+        for key, default in (("bounce_alias", "bounce"), ("catchall_alias", "catchall"),
+                             ("default_from", "notifications")):
+            value = (row.get(key) or "").strip()
+            value = value if key == "default_from" else value.lower()
+            usable = value and not mailgate_rejects(f"alias_domains:\n  - {{name: {scalar(name)}, "
+                                                    f"{key}: {scalar(value)}}}\n")
+            if usable:
+                out.add(f"    {key}: {scalar(value)}  # [{label}.{key}]")
+            elif value:
+                out.warn(f"[{label}.{key}] {value!r} is not usable: mailgate's default applies ({default})", "    ")
+            entry[key] = value if usable else default
+        written.append(entry)
+    out.add()
+    context = f"alias_domains: [{', '.join(scalar(d['name']) for d in written)}]\n" if written else ""
+    return (written[0] if written else {}), context
 
 
 def _emit_scalar(out: Out, key: str, value: str | int, source: str, default: str, section: str = "") -> str | int:
@@ -91,7 +122,7 @@ def _render_allowed(odoo: Odoo, out: Out) -> None:
     out.add()
 
 
-def _render_aliases(odoo: Odoo, out: Out, main: dict[str, Any]) -> None:
+def _render_aliases(odoo: Odoo, out: Out, main: dict[str, Any], context: str) -> None:
     if "mail_alias" not in odoo.tables:
         out.note("[mail_alias] no such table (the mail module is not installed): no business aliases")
         out.add("aliases: {}")
@@ -119,25 +150,21 @@ def _render_aliases(odoo: Odoo, out: Out, main: dict[str, Any]) -> None:
         if not alias["model"]:
             entries.append(f"  # {oneline(label)}: no model (alias_model_id): left out")
             continue
-        if name in kept:
-            problem = f"{oneline(label)} left out: mailgate holds one alias per name (kept {name}@{kept[name]})"
-            entries.append(f"  # WARNING: {problem}")
-            out.warnings.append(problem)
-            continue
+        # a name already given on another domain takes the `name@domain` key
+        key = f"{name}@{domain_name}" if name in kept else name
         fields_: dict[str, object] = {"target": f"odoo:{alias['model']}"}
-        if domain and alias["domain_id"] != main_id:
+        if domain and alias["domain_id"] != main_id and key == name:
             fields_["domain"] = domain_name
         if alias["incoming_local"] or (legacy and alias["incoming_local"] is None):
             fields_["incoming_local"] = True
         body = ", ".join(f"{k}: {scalar(v)}" for k, v in fields_.items())
-        context = f"alias_domain: {scalar(main['name'])}\n" if main.get("name") else ""
-        rejection = mailgate_rejects(f"{context}aliases:\n  {scalar(name)}: {{{body}}}\n")
+        rejection = mailgate_rejects(f"{context}aliases:\n  {scalar(key)}: {{{body}}}\n")
         if rejection:
             entries.append(f"  # WARNING: {oneline(label)} left out: {oneline(rejection)}")
             out.warnings.append(f"{oneline(label)} left out: {oneline(rejection)}")
             continue
         kept[name] = domain_name
-        entries.append(f"  {scalar(name)}: {{{body}}}  # {oneline(label)}")
+        entries.append(f"  {scalar(key)}: {{{body}}}  # {oneline(label)}")
     out.add("aliases:" if kept else "aliases: {}")
     out.lines.extend(entries)
     out.add()

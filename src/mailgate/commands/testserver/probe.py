@@ -189,7 +189,8 @@ class Probe:
     def send(self, send_to: str) -> None:
         assert self.smtp is not None
         with self.step("send") as note:
-            sender = notification_address(self.config) or self.server.username
+            sender = notification_address(self.config, self.config.domain_named(self.config.alias_domain)) \
+                or self.server.username
             if not sender or "@" not in sender:
                 self.fail("send", "no sender address for the test message", "no-sender")
             message = test_message(self.server, sender, send_to)
