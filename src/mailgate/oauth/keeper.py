@@ -16,10 +16,10 @@ from pathlib import Path
 
 from mailgate.config import Config, Server
 from mailgate.infra.logfmt import kv_line
-from mailgate.infra.secretfile import UnusableFile, read_password_file
+from mailgate.infra.secretfile import UnusableFile
 from mailgate.oauth.exchange import Grant, TokenError, refresh_grant
-from mailgate.oauth.providers import endpoints
-from mailgate.oauth.storage import read_refresh_token, write_refresh_token
+from mailgate.oauth.refresh import refresh
+from mailgate.oauth.storage import write_refresh_token
 from mailgate.rules.oauth import TokenState, failed, refresh_due, refreshed, starts_streak, usable
 
 Exchange = Callable[..., Grant]
@@ -71,10 +71,7 @@ class TokenKeeper:
         oauth = server.oauth
         assert oauth is not None
         try:
-            refresh_token = read_refresh_token(Path(oauth.refresh_token_file))
-            secret = read_password_file(Path(oauth.client_secret_file)) if oauth.client_secret_file else None
-            provider = endpoints(oauth)
-            grant = self._exchange(provider.token_url, oauth.client_id, secret, refresh_token, provider.scope)
+            done = refresh(oauth, self._exchange)
         except (TokenError, UnusableFile, ValueError) as exc:
             error, detail = (exc.error, exc.description) if isinstance(exc, TokenError) else ("unusable_file", str(exc))
             after = failed(state, error, self._clock())
@@ -83,7 +80,7 @@ class TokenKeeper:
                                            provider=oauth.provider, error=error, detail=detail,
                                            next="mail for this server is deferred until a refresh succeeds"))
             return after
-        rotated = grant.refresh_token is not None and grant.refresh_token != refresh_token
+        grant, rotated = done.grant, done.rotated
         if rotated:
             assert grant.refresh_token is not None
             self._save_rotated(server, grant.refresh_token)
