@@ -84,3 +84,17 @@ def test_the_secret_files_are_checked_like_password_files(tmp_path):
     assert any("oauth.refresh_token_file" in p and "readable by everybody" in p for p in found), found
     assert any("oauth.client_secret_file" in p and "no such file" in p for p in found), found
     assert load_config(path, check_files=False).config.servers[0].oauth is not None
+
+
+def test_check_config_warns_about_the_cyrus_plugins(tmp_path, monkeypatch):
+    plugins = tmp_path / "lib"
+    monkeypatch.setattr("mailgate.configfile.oauth.SASL_PLUGINS", plugins)
+    path = write(tmp_path, GMAIL)
+    warnings = [str(w) for w in load_config(path).warnings]
+    assert any("no libmailgatexoauth2.so" in w and "install-sasl-xoauth2" in w for w in warnings), warnings
+    folder = plugins / "x86_64-linux-gnu" / "sasl2"
+    folder.mkdir(parents=True)
+    (folder / "libmailgatexoauth2.so").write_bytes(b"")
+    (folder / "libkdexoauth2.so").write_bytes(b"")
+    warnings = [str(w) for w in load_config(path).warnings]
+    assert len(warnings) == 1 and "kdexoauth2" in warnings[0], warnings

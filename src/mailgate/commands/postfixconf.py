@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailgate.config import DEFAULT_CONFIG_PATH, Config, Server
+from mailgate.configfile import oauth as configfile_oauth
 from mailgate.infra.socketspec import SocketSpec
 from mailgate.rules.delivery import ODOO_TRANSPORT
 from mailgate.rules.replies import POLICY_UNAVAILABLE
@@ -22,7 +23,7 @@ SUBMISSION_LISTENER = "ORIGINATING"
 INBOUND_LISTENER = "INBOUND"
 LOCAL_SUBMISSION = "127.0.0.1:10025"
 DEFAULT_BIN = "/usr/local/bin/mailgate"
-XOAUTH2_PLUGIN = "libmailgatexoauth2.so"
+XOAUTH2_PLUGIN = configfile_oauth.XOAUTH2_PLUGIN
 """mailgate's Cyrus SASL client plugin for XOAUTH2 (sasl/xoauth2.c): it sends the SASL password,
 the socketmap's current access token, as the bearer token. Debian's libsasl2-modules-kdexoauth2
 offers the same mechanism name but fails under Postfix ("invalid parameter supplied"): it asks

@@ -57,10 +57,22 @@ def read_oauth(reader: Reader, values: dict[str, Any], key: str) -> dict[str, An
     return extra
 
 
+SASL_PLUGINS = Path("/usr/lib")
+XOAUTH2_PLUGIN = "libmailgatexoauth2.so"
+CONFLICTING_PLUGIN = "libkdexoauth2.so"
+
+
 def check_oauth_files(reader: Reader, settings: OAuthSettings, values: dict[str, Any], key: str) -> None:
     """The client secret and the refresh token are read as password files are; the refresh
-    token's folder must be writable, or a token the provider rotates cannot be kept."""
+    token's folder must be writable, or a token the provider rotates cannot be kept. Postfix
+    needs mailgate's Cyrus plugin, and not Debian's plugin of the same mechanism name."""
     block = node_of(values, "oauth")
+    if not list(SASL_PLUGINS.glob(f"*/sasl2/{XOAUTH2_PLUGIN}")):
+        reader.problem(node_of(values, "auth"), f"{key}.auth", f"Cyrus SASL has no {XOAUTH2_PLUGIN} here: "
+                       "Postfix cannot log in with XOAUTH2 (run scripts/install-sasl-xoauth2)", "warning")
+    if list(SASL_PLUGINS.glob(f"*/sasl2/{CONFLICTING_PLUGIN}")):
+        reader.problem(node_of(values, "auth"), f"{key}.auth", "libsasl2-modules-kdexoauth2 is installed: its "
+                       "XOAUTH2 fails under Postfix and Cyrus may pick it (apt-get remove it)", "warning")
     files = (("client_secret_file", settings.client_secret_file), ("refresh_token_file", settings.refresh_token_file))
     for name, path in files:
         if path is None:
