@@ -95,6 +95,9 @@ def test_mail_goes_out_with_a_token_and_a_refreshed_one_after_expiry(gw: LabGate
     assert login.raw == f"user={ACCOUNT}\x01auth=Bearer {first.bearer}\x01\x01".encode()
 
     before = provider.refreshes()
+    provider.state.rotate = True  # from now on, as Microsoft: every refresh hands a new refresh token
+    refresh_file = gw.base / "secrets" / "gmail-refresh"
+    old_refresh = refresh_file.read_text().strip()
     expire_everything(gw, provider)
     assert not provider.valid(first.bearer)
     wait_until(lambda: provider.refreshes() > before, 20, "the expired token was not refreshed")
@@ -102,6 +105,9 @@ def test_mail_goes_out_with_a_token_and_a_refreshed_one_after_expiry(gw: LabGate
     sink, index = gw.delivery(queue_id, to)
     second = gw.sinks[sink].messages[index]
     assert sink == "gmail" and second.bearer != first.bearer and provider.valid(second.bearer)
+    rotated = refresh_file.read_text().strip()
+    assert rotated != old_refresh and rotated in provider.state.refresh_tokens
+    assert old_refresh not in provider.state.refresh_tokens and "rotated=yes" in gw.mailgate_log()
 
 
 def test_refused_refresh_defers_mail_until_the_provider_is_back(gw: LabGateway, provider: OAuthProvider):
