@@ -73,12 +73,17 @@ class TokenKeeper:
         try:
             done = refresh(oauth, self._exchange)
         except (TokenError, UnusableFile, ValueError) as exc:
-            error, detail = (exc.error, exc.description) if isinstance(exc, TokenError) else ("unusable_file", str(exc))
-            after = failed(state, error, self._clock())
+            if isinstance(exc, TokenError):
+                error, detail = exc.error, exc.description
+            else:
+                error, detail = ("unusable_file" if isinstance(exc, UnusableFile) else "config"), str(exc)
+            now = self._clock()
+            after = failed(state, error, now)
             if starts_streak(state, after):
+                meanwhile = ("the current token serves until it expires" if usable(state, now)
+                             else "mail for this server is deferred until a refresh succeeds")
                 self._logger.error(kv_line(None, event="oauth", server=server.name, result="refresh-failed",
-                                           provider=oauth.provider, error=error, detail=detail,
-                                           next="mail for this server is deferred until a refresh succeeds"))
+                                           provider=oauth.provider, error=error, detail=detail, next=meanwhile))
             return after
         grant, rotated = done.grant, done.rotated
         if rotated:
