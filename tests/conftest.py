@@ -99,11 +99,11 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="module")
 def gw(request) -> Iterator[LabGateway]:
     """One whole gateway (private Postfix, `mailgate serve`, sinks, Odoo stand-in) per module;
-    a module may add configuration lines with GATEWAY_EXTRA_CONFIG, and replace the one alias
-    domain with GATEWAY_ALIAS_DOMAINS."""
+    a module may add configuration lines with GATEWAY_EXTRA_CONFIG, and more LabGateway options
+    with `gateway_options(request, base)`."""
     base = make_basedir()
-    gateway = LabGateway(base, getattr(request.module, "GATEWAY_EXTRA_CONFIG", ""),
-                         alias_domains=getattr(request.module, "GATEWAY_ALIAS_DOMAINS", None))
+    options = getattr(request.module, "gateway_options", lambda request, base: {})(request, base)
+    gateway = LabGateway(base, getattr(request.module, "GATEWAY_EXTRA_CONFIG", ""), **options)
     try:
         gateway.start()
         yield gateway

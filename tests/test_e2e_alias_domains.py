@@ -23,8 +23,12 @@ from test_e2e_bounces import rows, wait_rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("attach_logs")]
 
-GATEWAY_ALIAS_DOMAINS = ALIAS_DOMAINS
-GATEWAY_EXTRA_CONFIG = ""
+
+
+def gateway_options(request, base) -> dict:
+    """The lab gateway with the two alias domains instead of its one."""
+    return {"alias_domains": ALIAS_DOMAINS}
+
 
 # per domain: (the envelope Odoo gives, the From it leaves with, the sink, the tokenised prefix)
 DOMAINS = {

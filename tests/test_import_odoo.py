@@ -111,6 +111,23 @@ INSERT INTO mail_alias (alias_name, alias_domain_id, alias_incoming_local, alias
     (NULL, 2, false, (SELECT id FROM ir_model WHERE model = 'project.task'));
 """
 
+# Odoo 17 with google_gmail and microsoft_outlook: a Gmail server with Odoo's client set up, an
+# Outlook one whose tokens came through Odoo's IAP proxy (no client id or secret).
+OAUTH = COMMON_SCHEMA.format(version="17.0.1.3") + """
+ALTER TABLE ir_mail_server ADD COLUMN google_gmail_refresh_token varchar,
+    ADD COLUMN microsoft_outlook_refresh_token varchar;
+INSERT INTO ir_mail_server (name, smtp_host, smtp_port, smtp_authentication, smtp_user, smtp_pass,
+        smtp_encryption, from_filter, sequence, active, google_gmail_refresh_token, microsoft_outlook_refresh_token)
+    VALUES
+    ('Gmail OAuth', 'smtp.gmail.com', 587, 'gmail', 'odoo@mycompany.com', NULL, 'starttls', NULL, 10, true,
+        @GMAIL_REFRESH@, NULL),
+    ('Outlook', 'smtp.outlook.com', 587, 'outlook', 'odoo@mycompany.com', NULL, 'starttls',
+        'odoo@mycompany.com', 20, true, NULL, '0.AXoA-outlook-refresh');
+INSERT INTO ir_config_parameter (key, value) VALUES ('mail.catchall.domain', 'mycompany.com'),
+    ('google_gmail_client_id', '1234-abc.apps.googleusercontent.com'), ('google_gmail_client_secret', @GMAIL_CLIENT@);
+"""
+GMAIL_REFRESH, GMAIL_CLIENT = "1//0g-refresh-token", "GOCSPX-client-secret"
+
 # Only the base module: no mail tables, odd values where Odoo stores free text.
 BARE = COMMON_SCHEMA.format(version="16.0.1.3") + """
 INSERT INTO ir_mail_server (name, smtp_host, smtp_port, smtp_authentication, smtp_user, smtp_pass,
@@ -127,8 +144,9 @@ def pg() -> Iterator[PrivatePostgres]:
     server = PrivatePostgres(base)
     try:
         server.start()
-        passwords = {"office": OFFICE_PASSWORD, "brevo": BREVO_PASSWORD, "gmail": GMAIL_PASSWORD}
-        for name, schema in (("odoo16", ODOO16), ("odoo17", ODOO17), ("bare", BARE)):
+        passwords = {"office": OFFICE_PASSWORD, "brevo": BREVO_PASSWORD, "gmail": GMAIL_PASSWORD,
+                     "gmail_refresh": GMAIL_REFRESH, "gmail_client": GMAIL_CLIENT}
+        for name, schema in (("odoo16", ODOO16), ("odoo17", ODOO17), ("bare", BARE), ("oauth", OAUTH)):
             server.create_database(name)
             server.execute(_bind(schema, passwords), database=name)
         server.create_database("notodoo")
@@ -387,3 +405,22 @@ def test_harness_retries_a_taken_port_and_stops_cleanly(monkeypatch) -> None:
         finally:
             server.stop()
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_gmail_and_outlook_servers_become_xoauth2_servers(pg: PrivatePostgres, tmp_path: Path) -> None:
+    result = import_odoo(pg.dsn("oauth"), output_dir=tmp_path)
+    gmail, outlook = _load(result, tmp_path).servers
+    assert (gmail.name, gmail.auth, gmail.active) == ("gmail-oauth", "xoauth2", True)
+    assert gmail.username == "odoo@mycompany.com"
+    assert gmail.oauth.provider == "google" and gmail.oauth.client_id == "1234-abc.apps.googleusercontent.com"
+    assert _secret(gmail.oauth.refresh_token_file).strip() == GMAIL_REFRESH
+    assert _secret(gmail.oauth.client_secret_file).strip() == GMAIL_CLIENT
+    assert gmail.from_filter.addresses == ("odoo@mycompany.com",)  # Odoo's empty filter: the account
+    assert GMAIL_REFRESH not in result.yaml_text and GMAIL_CLIENT not in result.yaml_text
+    # Outlook through Odoo's IAP proxy: nothing to refresh with; said, and the server kept inactive.
+    assert (outlook.name, outlook.auth, outlook.active, outlook.oauth) == ("outlook", "password", False, None)
+    iap = next(w for w in result.warnings if "server outlook" in w)
+    assert "IAP" in iap and "Microsoft Entra ID" in iap and "mailgate oauth login outlook" in iap
+    assert "0.AXoA-outlook-refresh" not in result.yaml_text
+    assert "outlook (inactive in mailgate until you complete it" in result.odoo_changes

@@ -117,21 +117,21 @@ def test_top_level_policy_folder_is_not_an_importable_namespace() -> None:
 
 
 RULES_DOC = REPO / "docs" / "rules.md"
-CITATION = re.compile(r"docs/rules\.md,? ((?:[OIBTR]\d(?:\.\d)?|Q)(?:(?:-|, | and | to )(?:[OIBTR]?\d(?:\.\d)?|Q))*)")
+CITATION = re.compile(r"docs/rules\.md,? ((?:[OIBTRA]\d(?:\.\d)?|Q)(?:(?:-|, | and | to )(?:[OIBTRA]?\d(?:\.\d)?|Q))*)")
 
 
 def _ids_defined() -> set[str]:
     text = RULES_DOC.read_text()
-    return set(re.findall(r"^\*\*([OIBTR]\d|Q)\b", text, flags=re.M))
+    return set(re.findall(r"^\*\*([OIBTRA]\d|Q)\b", text, flags=re.M))
 
 
 def test_every_rule_id_the_code_and_tests_cite_is_in_the_rules_document() -> None:
     defined = _ids_defined()
-    assert {"O1", "O7", "I1", "I7", "B1", "B3", "Q", "T1", "R1"} <= defined, sorted(defined)
+    assert {"O1", "O7", "I1", "I7", "B1", "B3", "Q", "T1", "R1", "A1", "A3"} <= defined, sorted(defined)
     cited: dict[str, str] = {}
     for path in [*(REPO / "src").rglob("*.py"), *(REPO / "tests").glob("*.py")]:
         for found in CITATION.finditer(path.read_text()):
-            for rule in re.findall(r"[OIBTR]\d|Q", found.group(1)):
+            for rule in re.findall(r"[OIBTRA]\d|Q", found.group(1)):
                 cited.setdefault(rule, str(path.relative_to(REPO)))
     missing = {rule: where for rule, where in cited.items() if rule not in defined}
     assert not missing, f"cited but not in docs/rules.md: {missing}"

@@ -94,3 +94,21 @@ def test_postfix_examples_match_the_command():
         expected = [line for line in render(example, part).splitlines() if line and not line.startswith("#")]
         shown = [line for line in (root / f"{part}.cf").read_text().splitlines() if line and not line.startswith("#")]
         assert shown == expected, part
+
+
+def test_an_xoauth2_server_gets_the_mechanism_filter_and_the_plugin_note():
+    config = parse_config("""
+servers:
+  - {name: gmail, host: smtp.gmail.com, port: 587, username: odoo@mycompany.com, auth: xoauth2,
+     oauth: {provider: google, client_id: id, refresh_token_file: /r}}
+  - {name: submission, host: smtp.sub.example, port: 587, username: u@mycompany.com, password_file: /x}
+listen: {lookup: "inet:10027@127.0.0.1"}
+""", check_files=False).config
+    text = render(config, "master")
+    found = services(text)
+    assert "smtp_sasl_mechanism_filter=xoauth2" in found["mg-gmail"]
+    assert "smtp_sasl_password_maps=socketmap:inet:127.0.0.1:10027:sasl-gmail" in found["mg-gmail"]
+    assert "smtp_tls_security_level=secure" in found["mg-gmail"]
+    assert not any("mechanism_filter" in o for o in found["mg-submission"])
+    assert "scripts/install-sasl-xoauth2" in text and "# gmail: XOAUTH2 needs" in text
+    assert "install-sasl-xoauth2" not in render(CONFIG, "master")

@@ -374,3 +374,36 @@ def test_per_config_views_are_per_object() -> None:
     assert [views(c)[0] for c in configs] == configs
     assert views(configs[5])[0] is configs[5] and views(configs[2])[0] is configs[2]
     assert len(built) == 6  # equal but distinct objects get their own views; the recent ones are kept
+
+
+class HeldTokens:
+    """What the token keeper holds, for the lookup: a token per server name, or none yet."""
+
+    def __init__(self, tokens: dict[str, str]) -> None:
+        self.tokens = tokens
+        self.asked: list[str] = []
+
+    def current(self, server) -> str | None:
+        self.asked.append(server.name)
+        return self.tokens.get(server.name)
+
+
+def test_sasl_maps_answer_passwords_and_access_tokens(tmp_path: Path) -> None:
+    text = LOOKUP_CONFIG + """\
+  - {name: gmail, host: smtp.gmail.com, username: odoo@mycompany.com, auth: xoauth2,
+     oauth: {provider: google, client_id: id, refresh_token_file: /nonexistent}}
+"""
+    runtime = lookup_runtime(tmp_path, text)
+    runtime.passwords = {"transactional": ("relay@mycompany.com", "pw:with:colons")}
+    lookup = LookupService(runtime)
+    password = SocketmapReply.ok("relay@mycompany.com:pw:with:colons")
+    assert lookup("sasl-transactional", "[smtp.example.net]:587") == password
+    assert lookup("sasl-mass", "[mass.example.net]:465") == SocketmapReply.notfound()
+    assert lookup("sasl-gmail", "[smtp.gmail.com]:587") == SocketmapReply.temp(
+        "no usable OAuth access token yet: refresh under way")  # no keeper: Postfix defers
+    runtime.tokens = held = HeldTokens({})
+    assert lookup("sasl-gmail", "[smtp.gmail.com]:587").status == "TEMP"
+    held.tokens["gmail"] = "ya29.current"
+    assert lookup("sasl-gmail", "[smtp.gmail.com]:587") == SocketmapReply.ok("odoo@mycompany.com:ya29.current")
+    assert held.asked == ["gmail", "gmail"]
+    runtime.store.close()

@@ -12,6 +12,7 @@ from mailgate.commands import testserver
 from mailgate.config import Config
 from mailgate.configfile import parse_config
 from mailgate.lab.certs import CertBundle, make_ca_and_cert
+from mailgate.lab.oauth_provider import OAuthProvider
 from mailgate.lab.ports import free_port
 from mailgate.lab.sinks import Sink
 
@@ -236,3 +237,59 @@ def test_json_and_text_output(make_config, plain_sink):
     text = testserver.render(result)
     assert text.splitlines()[-1] == result.verdict
     assert "fix: STARTTLS is not offered" in text
+
+
+# -- XOAUTH2 (Gmail, Microsoft 365): a token from the provider, then AUTH XOAUTH2 -------------------
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[OAuthProvider]:
+    server = OAuthProvider().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def xoauth2_sink(certs, provider) -> Iterator[Sink]:
+    sink = Sink(security="starttls", cert=(certs.cert, certs.key), name="xoauth2",
+                bearer=lambda user, token: user == USER and provider.valid(token))
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def oauth_config(tmp_path, certs, provider, xoauth2_sink):
+    def make(refresh: str | None = None, client_secret: str = "lab-client-secret", username: str = USER) -> Config:
+        for name, text in (("refresh", refresh or provider.issue_refresh_token()), ("client", client_secret)):
+            (tmp_path / name).write_text(text + "\n")
+            (tmp_path / name).chmod(0o600)
+        text = (f"servers:\n  - {{name: gmail, host: localhost, port: {xoauth2_sink.port}, username: {username},\n"
+                f"     tls_ca_file: {certs.ca_cert}, auth: xoauth2,\n"
+                f"     oauth: {{provider: custom, token_url: '{provider.url}/token', client_id: lab-client,\n"
+                f"             client_secret_file: {tmp_path}/client, refresh_token_file: {tmp_path}/refresh}}}}\n")
+        return parse_config(text, check_files=False).config
+    return make
+
+
+def test_xoauth2_login_like_odoos_test_connection(oauth_config, xoauth2_sink):
+    result = testserver.test_server(oauth_config(), "gmail", send_to="someone@example.net")
+    assert result.ok, testserver.render(result)
+    names = _names(result)
+    assert names[names.index("token"):] == ["token", "auth", "send"]
+    auth = next(s for s in result.steps if s.name == "auth")
+    assert auth.detail.startswith(f"XOAUTH2 as {USER}: 235")
+    login = xoauth2_sink.logins[-1]
+    assert login.accepted and login.raw.startswith(f"user={USER}\x01auth=Bearer ".encode())
+    shown = testserver.render(result) + json.dumps(testserver.result_json(result))
+    assert login.token not in shown
+
+
+@pytest.mark.parametrize("kwargs, step, words", [
+    ({"refresh": "1//revoked"}, "token", "mailgate oauth login gmail"),
+    ({"client_secret": "wrong"}, "token", "oauth.client_id"),
+    ({"username": "other@example.test"}, "auth", "must be the account the token was issued for"),
+])
+def test_xoauth2_says_which_side_refused(oauth_config, kwargs, step, words):
+    result = testserver.test_server(oauth_config(**kwargs), "gmail")
+    failed = result.steps[-1]
+    assert not result.ok and failed.name == step and words in failed.fix, testserver.render(result)

@@ -29,6 +29,8 @@ QuotaScope = Literal["gateway", "sender_domain", "sasl_user"]
 MalformedAction = Literal["dunno", "defer"]
 BounceForward = Literal["odoo", "discard"]
 QuotaAction = Literal["defer", "hold"]
+ServerAuth = Literal["password", "xoauth2"]
+OAuthProvider = Literal["google", "microsoft", "custom"]
 SECURITY_MODES = get_args(SecurityMode)
 SERVER_SELECTIONS = get_args(ServerSelection)
 LOOP_ACTIONS = get_args(LoopAction)
@@ -38,6 +40,25 @@ QUOTA_SCOPES = get_args(QuotaScope)
 MALFORMED_ACTIONS = get_args(MalformedAction)
 BOUNCE_FORWARDS = get_args(BounceForward)
 QUOTA_ACTIONS = get_args(QuotaAction)
+SERVER_AUTHS = get_args(ServerAuth)
+OAUTH_PROVIDERS = get_args(OAuthProvider)
+
+
+@dataclass(frozen=True)
+class OAuthSettings:
+    """How a server's access tokens are obtained: the refresh-token grant at the provider's token
+    endpoint (Odoo's "Log in with Google / Microsoft"). The URLs left empty come from the
+    provider's table (`mailgate.oauth.providers`); `custom` names its token URL itself."""
+
+    provider: OAuthProvider
+    client_id: str
+    refresh_token_file: Path
+    client_secret_file: Path | None = None
+    scope: str = ""
+    tenant: str = "common"
+    token_url: str | None = None
+    device_code_url: str | None = None
+    authorize_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +76,8 @@ class Server:
     active: bool = True
     tls_verify: bool = True
     tls_ca_file: Path | None = None
+    auth: ServerAuth = "password"
+    oauth: OAuthSettings | None = None
     position: int = 0  # order in the file: breaks priority ties as Odoo's record order does
 
     @property

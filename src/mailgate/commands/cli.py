@@ -216,6 +216,27 @@ def cmd_test_server(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILURE
 
 
+def cmd_oauth_login(args: argparse.Namespace) -> int:
+    """The first refresh token of an `auth: xoauth2` server (its file need not exist yet)."""
+    from mailgate.infra.secretfile import UnusableFile
+    from mailgate.oauth.login import LoginFailed, login
+    config = _load(args, check_files=False).config
+    server = config.server_named(args.name)
+    if server is None or server.oauth is None:
+        names = ", ".join(s.name for s in config.servers if s.oauth is not None) or "none"
+        print(f"mailgate: no auth: xoauth2 server named {args.name!r} (such servers: {names})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        path = login(server, lambda text: print(text, file=sys.stderr, flush=True), flow=args.flow,
+                     port=args.port, wait=args.wait)
+    except (LoginFailed, UnusableFile, OSError) as exc:
+        print(f"mailgate oauth login: {server.name}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"mailgate oauth login: {server.name}: refresh token stored in {path} (0600); a running serve "
+          "uses it at its next refresh", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_check_dns(args: argparse.Namespace) -> int:
     import socket
 
@@ -324,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--timeout", type=float, default=15.0, help="seconds per network step (default 15)")
     test.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
+    oauth = commands.add_parser("oauth", parents=[common], help="OAuth2 for auth: xoauth2 servers")
+    oauth_kinds = oauth.add_subparsers(dest="kind", metavar="KIND")
+    oauth_kinds.required = True
+    oauth_login = oauth_kinds.add_parser("login", parents=[common], help="get and store a server's refresh token")
+    oauth_login.add_argument("name")
+    oauth_login.add_argument("--flow", choices=("device", "loopback"),
+                             help="device code or browser redirect (default: device where the provider has it)")
+    oauth_login.add_argument("--port", type=int, default=0, help="the loopback redirect's port (default: any free)")
+    oauth_login.add_argument("--wait", type=float, default=900.0, help="seconds to wait for the consent")
+
     dns = commands.add_parser("check-dns", parents=[common], help="SPF, DKIM, DMARC and MX of a domain")
     dns.add_argument("domain", nargs="?", help="default: every alias domain")
     dns.add_argument("--selector", action="append", metavar="S", help="a DKIM selector to check (repeatable)")
@@ -381,6 +412,7 @@ HANDLERS: dict[str | tuple[str, str | None], Callable[[argparse.Namespace], int]
     ("bounce", "parse"): cmd_bounce_parse,
     "bounces": cmd_bounces,
     "test-server": cmd_test_server,
+    ("oauth", "login"): cmd_oauth_login,
     "check-dns": cmd_check_dns,
     "import-odoo": cmd_import_odoo,
     "migrate-store": cmd_migrate_store,

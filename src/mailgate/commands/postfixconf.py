@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailgate.config import DEFAULT_CONFIG_PATH, Config, Server
+from mailgate.configfile import oauth as configfile_oauth
 from mailgate.infra.socketspec import SocketSpec
 from mailgate.rules.delivery import ODOO_TRANSPORT
 from mailgate.rules.replies import POLICY_UNAVAILABLE
@@ -22,6 +23,11 @@ SUBMISSION_LISTENER = "ORIGINATING"
 INBOUND_LISTENER = "INBOUND"
 LOCAL_SUBMISSION = "127.0.0.1:10025"
 DEFAULT_BIN = "/usr/local/bin/mailgate"
+XOAUTH2_PLUGIN = configfile_oauth.XOAUTH2_PLUGIN
+"""mailgate's Cyrus SASL client plugin for XOAUTH2 (sasl/xoauth2.c): it sends the SASL password,
+the socketmap's current access token, as the bearer token. Debian's libsasl2-modules-kdexoauth2
+offers the same mechanism name but fails under Postfix ("invalid parameter supplied"): it asks
+for the password in a form Postfix does not hand it out in."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,8 @@ def transport_service(config: Config, server: Server) -> list[str]:
             "smtp_sasl_security_options=noanonymous",
             "smtp_sasl_tls_security_options=noanonymous",
         ]
+        if server.auth == "xoauth2":
+            options.append("smtp_sasl_mechanism_filter=xoauth2")
     else:
         options.append("smtp_sasl_auth_enable=no")
     options.append(f"syslog_name=postfix/{server.transport_name}")  # the log names the server (watch-log)
@@ -140,6 +148,17 @@ MASTER_NOTES = [
 ]
 
 
+def xoauth2_notes(config: Config) -> list[str]:
+    """What a server logging in with OAuth needs beyond Postfix's own packages."""
+    names = [s.name for s in config.servers if s.auth == "xoauth2"]
+    if not names:
+        return []
+    return [f"# {', '.join(names)}: XOAUTH2 needs mailgate's Cyrus SASL plugin ({XOAUTH2_PLUGIN}):",
+            "#   apt-get install libsasl2-modules libsasl2-dev gcc && scripts/install-sasl-xoauth2",
+            "#   and not Debian's libsasl2-modules-kdexoauth2 (same mechanism name; fails under Postfix)",
+            "# (mailgate answers each sasl map with the account and its current access token)"]
+
+
 def render(config: Config, part: str | None = None, wiring: Wiring = Wiring()) -> str:
     lines: list[str] = []
     if part in (None, "main"):
@@ -150,6 +169,7 @@ def render(config: Config, part: str | None = None, wiring: Wiring = Wiring()) -
             lines.append("")
         lines.append("# master.cf")
         lines += MASTER_NOTES[: None if config.alias_domain_names else -1]
+        lines += xoauth2_notes(config)
         for service in master_services(config, wiring):
             lines += service
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from mailgate.infra.runtime import Runtime, read_passwords
 from mailgate.infra.sockets import SocketInUseError, blocked_directory, socket_is_listening
 from mailgate.infra.socketspec import SocketSpec
 from mailgate.milter.worker import MilterProcess, MilterStartError
+from mailgate.oauth.keeper import TokenKeeper
 from mailgate.policy.lookup import LookupService
 from mailgate.policy.policyd import MALFORMED_DEFER, MALFORMED_DUNNO, PolicyServer
 from mailgate.policy.recipients import GatewayPolicy
@@ -115,6 +116,8 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     config = runtime.config
     logger = logging.getLogger("mailgate")
     raise_descriptor_limit(logger)
+    tokens = TokenKeeper(lambda: runtime.config, runtime.clock, logger)
+    runtime.tokens = tokens
     lookup = SocketmapServer(LookupService(runtime), config.listen.lookup,
                              group=config.listen.socket_group, logger=logger)
     malformed = MALFORMED_DEFER if config.policy.on_malformed == "defer" else MALFORMED_DUNNO
@@ -142,6 +145,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     status = EXIT["ok"]
     try:
         milter.start()
+        tokens.start()
         notify_systemd("READY=1")
         retention.start()
         while True:
@@ -170,6 +174,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
         notify_systemd("STOPPING=1")
         milter.stop()
         retention.stop()
+        tokens.stop()
         policy.stop_thread()
         lookup.stop_thread()
         runtime.store.close()

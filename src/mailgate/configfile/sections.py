@@ -15,6 +15,7 @@ import yaml
 
 from mailgate.config import Alias, Config, Server
 from mailgate.configfile.limits import MAX_ALIASES, MAX_SERVERS
+from mailgate.configfile.oauth import check_oauth_files, read_oauth
 from mailgate.configfile.reader import Reader, build, node_of
 from mailgate.configfile.values import ALIAS, SERVER, Invalid, domain_name, local_part
 from mailgate.infra.secretfile import UnusableFile, bounce_key_problem, read_password_file
@@ -61,16 +62,20 @@ def read_servers(reader: Reader, node: yaml.Node | None, check_files: bool) -> t
         port = values.get("port", 587)
         security = values.get("security") or ("tls" if port in _IMPLICIT_TLS_PORTS else "starttls")
         _check_security(reader, values, key, port, security)
-        server = build(Server, values, port=port, security=security, position=position)
+        oauth = read_oauth(reader, {**values, "security": security}, key)
+        server = build(Server, {k: v for k, v in values.items() if k != "oauth"}, port=port, security=security,
+                       position=position, **oauth)
         if check_files:
             _check_server_files(reader, server, values, key, item)
+            if server.oauth is not None:
+                check_oauth_files(reader, server.oauth, values, key)
         servers.append(server)
     return tuple(servers)
 
 
 def _check_server_files(reader: Reader, server: Server, values: dict[str, Any], key: str,
                         item: yaml.Node) -> None:
-    if server.username and not server.password_file:
+    if server.username and not server.password_file and server.auth == "password":
         reader.problem(node_of(values, "username"), f"{key}.password_file", "username given without password_file")
     if server.password_file:
         _check_secret(reader, server.password_file, node_of(values, "password_file"), f"{key}.password_file")

@@ -18,9 +18,11 @@ from mailgate.config import (
     LOOP_ACTIONS,
     MALFORMED_ACTIONS,
     MALFORMED_FROM_ACTIONS,
+    OAUTH_PROVIDERS,
     QUOTA_ACTIONS,
     QUOTA_SCOPES,
     SECURITY_MODES,
+    SERVER_AUTHS,
     SERVER_SELECTIONS,
 )
 from mailgate.infra.socketspec import SocketSpec, parse_socket_spec
@@ -154,6 +156,13 @@ def _opt_path(value: Any) -> Path | None:
     return None if value in (None, "") else _path(value)
 
 
+def _opt_url(value: Any) -> str | None:
+    text = _opt_str(value)
+    if text is not None and not text.startswith(("https://", "http://")):
+        raise Invalid(f"expected an https:// URL, got {describe(value)}")
+    return text
+
+
 def _database(value: Any) -> str:
     text = _str(value)
     if "://" in text and not text.startswith(("postgresql://", "postgres://")):
@@ -215,6 +224,12 @@ SERVER = {
     "name": _str, "host": _str, "port": _int(1, 65535), "security": _choice(SECURITY_MODES),
     "username": _opt_str, "password_file": _opt_path, "from_filter": _from_filter,
     "priority": _int(-1_000_000, 1_000_000), "active": _bool, "tls_verify": _bool, "tls_ca_file": _opt_path,
+    "auth": _choice(SERVER_AUTHS), "oauth": lambda v: v,
+}
+OAUTH = {
+    "provider": _choice(OAUTH_PROVIDERS), "client_id": _str, "client_secret_file": _opt_path,
+    "refresh_token_file": _path, "scope": _opt_str, "tenant": _str, "token_url": _opt_url,
+    "device_code_url": _opt_url, "authorize_url": _opt_url,
 }
 LOOP = {"minutes": _int(1, 525_600), "threshold": _int(1, 1_000_000), "action": _choice(LOOP_ACTIONS),
          "allowed_senders": _addresses}

@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from mailgate.config import Config
+from mailgate.config import Config, Server
 from mailgate.configfile.problems import ConfigError, ConfigProblem
 from mailgate.infra.clock import gateway_clock
 from mailgate.infra.secretfile import (
@@ -24,6 +25,12 @@ from mailgate.infra.secretfile import (
 )
 from mailgate.rules.tokens import TokenSigner
 from mailgate.store import Store, is_postgres, open_store
+
+
+class AccessTokens(Protocol):
+    """Where the lookup service finds a server's current OAuth access token (`oauth.keeper`)."""
+
+    def current(self, server: Server) -> str | None: ...
 
 
 def unusable_setting(config: Config, key: str, exc: UnusableFile) -> ConfigError:
@@ -53,6 +60,7 @@ class Runtime:
     store: Store
     signer: TokenSigner
     passwords: dict[str, tuple[str, str]] = field(default_factory=dict)
+    tokens: AccessTokens | None = None
     clock: Callable[[], float] = time.time
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("mailgate"))
 

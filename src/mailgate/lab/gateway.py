@@ -62,12 +62,16 @@ class LabGateway:
 
     def __init__(self, base: Path, extra_config: str = "", *, main_cf_extra: dict[str, str] | None = None,
                  before_start: Callable[[LabGateway], None] | None = None, database: str | None = None,
-                 secret_file: Path | None = None, alias_domains: str | None = None):
+                 secret_file: Path | None = None, alias_domains: str | None = None,
+                 extra_sinks: Callable[[tuple[Path, Path]], dict[str, Sink]] | None = None,
+                 extra_servers: Callable[[LabGateway, Path], str] | None = None):
         """`main_cf_extra` overrides Postfix settings (e.g. a milter chain); `before_start` runs
         after mailgate is up and before Postfix starts (e.g. to start another milter);
         `database` and `secret_file` let several gateways share one state and one token key;
         `alias_domains` replaces the one-domain keys (mycompany.com, notifications) with YAML
-        of its own."""
+        of its own; `extra_sinks` (given the TLS certificate and key) makes more sinks, started
+        with the others, and `extra_servers` (given the gateway and the CA file) writes their
+        `servers:` items."""
         self.base = Path(base)
         self.database = database or "state/mailgate.sqlite3"
         self.secret_file = secret_file or Path("secret")
@@ -75,6 +79,8 @@ class LabGateway:
         self.alias_domains = alias_domains or "alias_domain: mycompany.com\ndefault_from: notifications\n"
         self.main_cf_extra = dict(main_cf_extra or {})
         self.before_start = before_start
+        self.extra_sinks = extra_sinks
+        self.extra_servers = extra_servers
         self.sinks: dict[str, Sink] = {}
         self.pf: PrivatePostfix | None = None
         self.process: subprocess.Popen | None = None
@@ -95,6 +101,7 @@ class LabGateway:
             "partner": Sink(name="partner", reject=gone),
             "mass": Sink(security="tls", cert=cert, name="mass", reject=gone),
             "default": Sink(name="default"),
+            **(self.extra_sinks(cert) if self.extra_sinks else {}),
         }
         for sink in self.sinks.values():
             sink.start()
@@ -141,7 +148,7 @@ class LabGateway:
                   from_filter: partner.example, priority: 5}}
               - {{name: mass, host: localhost, port: {s['mass'].port}, security: tls, tls_ca_file: {ca_file},
                   from_filter: null, priority: 20}}
-            mass_mail: {{server: mass, listeners: [mass]}}
+            {{extra_servers}}mass_mail: {{server: mass, listeners: [mass]}}
             allowed_alias_domains: [mycompany.com, othercompany.example]
             aliases:
               sales: {{target: "odoo:crm.lead"}}
@@ -154,7 +161,8 @@ class LabGateway:
               policy: unix:{self.base}/policy.sock
             database: "{self.database}"
             secret_file: {self.secret_file}
-            """) + self.extra_config)
+            """).replace("{extra_servers}", self.extra_servers(self, ca_file) if self.extra_servers else "")
+            + self.extra_config)
 
     def start_mailgate(self) -> None:
         """Start `mailgate serve` and wait until both sockets accept connections."""

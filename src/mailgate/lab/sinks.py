@@ -2,7 +2,8 @@
 
 Each sink is an aiosmtpd server on its own free 127.0.0.1 port, in its own thread, that
 keeps every message in memory. It can speak implicit TLS (like port 465) or require
-STARTTLS, can require AUTH, and can refuse chosen recipients, so tests can check that the
+STARTTLS, can require AUTH (a password, or only XOAUTH2 with a bearer token a check accepts, as
+Gmail and Microsoft 365 do), and can refuse chosen recipients, so tests can check that the
 right transport (with the right security) delivered the right mail. The DATA reply
 ``250 saved <n>`` carries the message's index in ``Sink.messages``, which ties a Postfix
 log line (``status=sent (250 saved 3)``) to the stored message.
@@ -11,10 +12,12 @@ log line (``status=sent (250 saved 3)``) to the stored message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import email.policy
 import hmac
 import logging
+import re
 import ssl
 import threading
 import time
@@ -55,6 +58,7 @@ class ReceivedMessage:
     data: bytes
     tls: bool
     auth_user: str | None
+    bearer: str | None = None
     parsed: EmailMessage = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,7 +92,7 @@ class _Handler:
     ) -> str:
         # Checked here rather than with aiosmtpd's auth_required, which also insists on
         # STARTTLS and so would refuse AUTH on an implicit-TLS connection.
-        if self.sink.auth is not None and not session.authenticated:
+        if (self.sink.auth is not None or self.sink.bearer is not None) and not session.authenticated:
             return "530 5.7.0 Authentication required"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -110,6 +114,9 @@ class _Handler:
             transport is not None and transport.get_extra_info("ssl_object") is not None
         )
         auth_user = session.auth_data if session.authenticated else None
+        bearer = None
+        if isinstance(auth_user, BearerLogin):
+            auth_user, bearer = auth_user.user, auth_user.token
         index = self.sink._store(
             # aiosmtpd keeps the null sender as "<>" (an empty mail_from would mean "no MAIL
             # yet" to it) but strips brackets from every other address; store it as "".
@@ -118,6 +125,7 @@ class _Handler:
             data=bytes(envelope.original_content or b""),
             tls=tls,
             auth_user=auth_user,
+            bearer=bearer,
         )
         return f"250 saved {index}"
 
@@ -136,6 +144,38 @@ class _Handler:
         return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
 
 
+@dataclass(frozen=True)
+class BearerLogin:
+    """One XOAUTH2 attempt: the initial response exactly as decoded, and what it named."""
+
+    raw: bytes
+    user: str
+    token: str
+    accepted: bool
+
+
+class _XOAuth2Handler(_Handler):
+    """Offers XOAUTH2 alone (aiosmtpd finds `auth_XOAUTH2`; PLAIN and LOGIN are excluded)."""
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        assert self.sink.bearer is not None
+        if len(args) > 1:
+            raw = base64.b64decode(args[1].encode(), validate=False)
+        else:
+            answer = await server.challenge_auth("")
+            if not isinstance(answer, bytes):
+                return AuthResult(success=False, handled=False)
+            raw = answer
+        found = re.fullmatch(rb"user=([^\x01]*)\x01auth=Bearer ([^\x01]+)\x01\x01", raw)
+        user, token = (found.group(1).decode(), found.group(2).decode()) if found else ("", "")
+        accepted = found is not None and self.sink.bearer(user, token)
+        login = BearerLogin(raw, user, token, accepted)
+        self.sink.logins.append(login)
+        if not accepted:
+            return AuthResult(success=False, handled=False, message="535 5.7.8 Username and Password not accepted")
+        return AuthResult(success=True, handled=False, auth_data=login)
+
+
 class Sink:
     """An upstream SMTP server on 127.0.0.1 that records what Postfix delivers to it."""
 
@@ -148,18 +188,21 @@ class Sink:
         auth: tuple[str, str] | None = None,
         reject: dict[str, str] | None = None,
         name: str = "sink",
+        bearer: Callable[[str, str], bool] | None = None,
     ) -> None:
         if security not in ("none", "tls", "starttls"):
             raise ValueError(f"unknown security {security!r}")
         if security != "none" and cert is None:
             raise ValueError(f"security={security!r} needs cert=(chain, key)")
-        if auth is not None and security == "none":
+        if (auth is not None or bearer is not None) and security == "none":
             raise ValueError("AUTH is only offered over TLS; use security='tls' or 'starttls'")
         self.security = security
         self.cert = cert
         self.auth = auth
         self.reject = {k.lower(): v for k, v in (reject or {}).items()}
         self.name = name
+        self.bearer = bearer
+        self.logins: list[BearerLogin] = []
         self._messages: list[ReceivedMessage] = []
         self._cond = threading.Condition()
         self._controller: _PortReportingController | None = None
@@ -174,7 +217,7 @@ class Sink:
         """Listen on a fresh port; returns once the server answers its greeting."""
         if self._controller is not None:
             return
-        handler = _Handler(self)
+        handler = _XOAuth2Handler(self) if self.bearer is not None else _Handler(self)
         kwargs: dict[str, Any] = {
             "hostname": LOOPBACK,
             "port": 0,
@@ -191,6 +234,9 @@ class Sink:
         if self.auth is not None:
             kwargs["authenticator"] = handler.authenticate
             # Implicit TLS has no STARTTLS, which aiosmtpd would otherwise demand for AUTH.
+            kwargs["auth_require_tls"] = self.security == "starttls"
+        elif self.bearer is not None:
+            kwargs["auth_exclude_mechanism"] = ["LOGIN", "PLAIN"]
             kwargs["auth_require_tls"] = self.security == "starttls"
         controller = _PortReportingController(handler, **kwargs)
         controller.start()

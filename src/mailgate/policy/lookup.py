@@ -6,7 +6,9 @@ Maps served:
 - `delivery` (transport_maps): where accepted inbound mail for an alias-domain recipient goes,
   e.g. `mailgate-odoo:sales` (the pipe to Odoo) or the alias's own Postfix transport.
 - `sasl-NAME` (smtp_sasl_password_maps of the server's transport): `user:password`, so that the
-  password stays in its own file and never enters Postfix's configuration.
+  password stays in its own file and never enters Postfix's configuration; for a server with
+  `auth: xoauth2`, `user:<current access token>` (Cyrus's XOAUTH2 plugin sends the password as
+  the bearer token), or TEMP while there is no usable token (docs/rules.md A1).
 
 Answers are shared, immutable `SocketmapReply` objects made once per configuration (the socket
 server keeps their wire form), so a lookup allocates nothing it does not have to.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from mailgate.config import Config
+from mailgate.config import Config, Server
 from mailgate.infra.logfmt import kv_line
 from mailgate.infra.runtime import Runtime
 from mailgate.policy.socketmap import SocketmapReply
@@ -27,6 +29,7 @@ from mailgate.rules.routing import PerConfig, route_for_sender
 SASL_PREFIX = "sasl-"
 NOTFOUND = SocketmapReply.notfound()
 UNKNOWN_MAP = SocketmapReply.perm(LOOKUP["unknown_map"])
+NO_ACCESS_TOKEN = SocketmapReply(*LOOKUP["no_access_token"].split(" ", 1))
 DELIVERY_CACHE_SIZE = 4096
 """Recipients whose delivery answer is remembered: Postfix's resolver keeps only its last answer,
 so the same alias addresses are asked for every message (a stream of unknown addresses only
@@ -73,8 +76,18 @@ class LookupService:
         if mapname == "delivery":
             return lookup_answers(config).delivery_reply(key)
         if mapname.startswith(SASL_PREFIX):
+            server = config.server_named(mapname[len(SASL_PREFIX):])
+            if server is not None and server.oauth is not None:
+                return self._bearer(server)
             credentials = runtime.passwords.get(mapname[len(SASL_PREFIX):])
             if credentials is None:
                 return NOTFOUND
             return SocketmapReply.ok(f"{credentials[0]}:{credentials[1]}")
         return UNKNOWN_MAP
+
+    def _bearer(self, server: Server) -> SocketmapReply:
+        """`user:token` for Cyrus's XOAUTH2 plugin; TEMP until the keeper holds a usable token."""
+        token = self.runtime.tokens.current(server) if self.runtime.tokens is not None else None
+        if token is None:
+            return NO_ACCESS_TOKEN
+        return SocketmapReply.ok(f"{server.username}:{token}")

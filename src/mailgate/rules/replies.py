@@ -61,6 +61,9 @@ LOOKUP = {
     "too_long": "PERM request too long",
     "internal_error": "TEMP internal error",
     "unknown_map": "unknown map name",
+    # An XOAUTH2 server's sasl map while no usable access token is held (docs/rules.md A1):
+    # Postfix defers the message, and the token keeper is refreshing.
+    "no_access_token": "TEMP no usable OAuth access token yet: refresh under way",
 }
 
 # Policy service actions (access(5) syntax). Postfix puts "<rcpt>: Recipient address rejected:"

@@ -8,10 +8,12 @@ from typing import Any
 from urllib.parse import unquote
 
 from mailgate.commands.importodoo.model import ImportFailed, Odoo, oneline
+from mailgate.commands.importodoo.oauth import OAUTH_COLUMNS, OAUTH_PARAMS
 
 _PARAMS = ("mail.catchall.domain", "mail.catchall.alias", "mail.bounce.alias", "mail.default.from",
            "mail.default.from_filter", "mail.catchall.domain.allowed", "mail.gateway.loop.minutes",
-           "mail.gateway.loop.threshold", "mass_mailing.outgoing_mail_server", "mass_mailing.mail_server_id")
+           "mail.gateway.loop.threshold", "mass_mailing.outgoing_mail_server", "mass_mailing.mail_server_id",
+           *OAUTH_PARAMS)
 _TABLES = ("ir_config_parameter", "ir_mail_server", "ir_model", "mail_alias", "mail_alias_domain",
            "mail_gateway_allowed", "res_company", "ir_module_module")
 _SERVER_COLUMNS = ("id", "name", "smtp_host", "smtp_port", "smtp_encryption", "smtp_user", "smtp_pass",
@@ -55,7 +57,8 @@ def _read_odoo(conn: Any) -> Odoo:
     if "ir_module_module" in columns:
         found = conn.execute("SELECT latest_version FROM ir_module_module WHERE name = 'base'").fetchone()
         version = found and found["latest_version"]
-    auth = ", smtp_authentication" if "smtp_authentication" in columns["ir_mail_server"] else ""
+    optional = ("smtp_authentication", *OAUTH_COLUMNS)
+    auth = "".join(f", {c}" for c in optional if c in columns["ir_mail_server"])
     servers = conn.execute(f"SELECT {', '.join(_SERVER_COLUMNS)}{auth} FROM ir_mail_server "
                            "ORDER BY sequence, id").fetchall()
     domains = []

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate.commands.importodoo.model import MASS_PORT, Odoo, oneline
+from mailgate.commands.importodoo.oauth import OAUTH_METHODS, render_oauth
 from mailgate.commands.importodoo.yamlout import Out, mailgate_rejects, scalar
 
 # Odoo 18 adds *_strict variants (the same modes, with certificate validation).
@@ -27,7 +28,7 @@ def render_servers(odoo: Odoo, out: Out, secrets_dir: Path) -> dict[int, str]:
     out.add("servers:")
     for server in odoo.servers:
         slugs[server["id"]] = slug = _slug(server["name"], set(slugs.values()))
-        _render_server(server, slug, out, secrets_dir)
+        _render_server(server, slug, out, secrets_dir, odoo)
     default_filter = odoo.params.get("mail.default.from_filter", "")
     out.add()
     if not default_filter:
@@ -40,7 +41,7 @@ def render_servers(odoo: Odoo, out: Out, secrets_dir: Path) -> dict[int, str]:
     return slugs
 
 
-def _render_server(server: dict[str, Any], slug: str, out: Out, secrets_dir: Path) -> None:
+def _render_server(server: dict[str, Any], slug: str, out: Out, secrets_dir: Path, odoo: Odoo) -> None:
     ind = "    "
     sequence = f", sequence {server['sequence']}" if server["sequence"] is not None else ""
     out.add(f"  # [ir_mail_server {server['id']} {oneline(server['name'])!r}{sequence}]")
@@ -61,7 +62,10 @@ def _render_server(server: dict[str, Any], slug: str, out: Out, secrets_dir: Pat
     active = bool(server["active"]) and bool(host)
     method = server.get("smtp_authentication") or "login"
     user, password = (server["smtp_user"] or "").strip(), server["smtp_pass"] or ""
-    if method != "login":
+    oauth = method in OAUTH_METHODS
+    if oauth:
+        active = render_oauth(server, slug, odoo, out, secrets_dir, ind) and active
+    elif method != "login":
         out.warn(f"server {slug}: Odoo authenticates it with {method!r} (smtp_authentication), which mailgate "
                  "does not import; it is made inactive until you set its credentials", ind)
         out.deactivated.add(slug)
@@ -81,6 +85,9 @@ def _render_server(server: dict[str, Any], slug: str, out: Out, secrets_dir: Pat
         out.add(f"{ind}from_filter: null  # [from_filter] unusable, see above")
         out.deactivated.add(slug)
         active = False
+    elif oauth and not from_filter:
+        out.note("[from_filter] empty in Odoo: an OAuth server's default applies (its username, as Odoo forces it)",
+                 ind)
     else:
         out.add(f"{ind}from_filter: {scalar(from_filter) if from_filter else 'null'}  # [from_filter]")
     if server["sequence"] is not None:

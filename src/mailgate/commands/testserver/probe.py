@@ -16,6 +16,7 @@ from mailgate.commands.testserver.connection import Session, connect
 from mailgate.commands.testserver.details import chain, describe, reply
 from mailgate.commands.testserver.message import test_message
 from mailgate.commands.testserver.result import FIXES, Step
+from mailgate.commands.testserver.xoauth2 import TokenRefused, access_token, login
 from mailgate.config import Config, Server
 from mailgate.rules.outbound import notification_address
 
@@ -78,6 +79,8 @@ class Probe:
             implicit = self.server.security == "tls"
             return "plain-on-tls" if implicit and self._greets_in_plain() else "tls-handshake"
         if isinstance(exc, smtplib.SMTPAuthenticationError):
+            if self.server.oauth is not None:
+                return "auth-xoauth2-refused"
             return "auth-535" if exc.smtp_code == 535 else "auth-other"
         return {
             smtplib.SMTPSenderRefused: "sender-refused",
@@ -168,6 +171,9 @@ class Probe:
             self.steps.append(Step("auth", True, "skipped: no username (the server must relay "
                                                  "for this host's address)"))
             return
+        if server.oauth is not None:
+            self.auth_xoauth2()
+            return
         with self.step("auth") as note:
             if not server.password_file:
                 self.fail("auth", "username is set but password_file is not", "password-file")
@@ -185,6 +191,22 @@ class Probe:
             smtp.user, smtp.password = server.username, password
             code, text = smtp.auth(mechanism, getattr(smtp, f"auth_{mechanism.lower()}"))
             note.detail = f"{mechanism} as {server.username}: {reply(code, text)}"
+
+    def auth_xoauth2(self) -> None:
+        """Odoo's Gmail/Outlook login: a fresh access token, then AUTH XOAUTH2 with it."""
+        smtp, server = self.smtp, self.server
+        assert smtp is not None and server.oauth is not None
+        with self.step("token") as note:
+            try:
+                token, note.detail = access_token(server.oauth, self.timeout)
+            except TokenRefused as exc:
+                self.fail("token", exc.detail, exc.cause)
+        with self.step("auth") as note:
+            offered = smtp.esmtp_features.get("auth", "").upper().split()
+            if "XOAUTH2" not in offered:
+                cause = "auth-not-offered-plain" if not self.tls else "auth-xoauth2-not-offered"
+                self.fail("auth", f"offered: {' '.join(offered) or 'no AUTH'}", cause)
+            note.detail = login(smtp, server, token)
 
     def send(self, send_to: str) -> None:
         assert self.smtp is not None

@@ -43,6 +43,21 @@ FIXES: dict[str, str] = {
     "auth-mechanism": "the server offers neither PLAIN nor LOGIN, which Postfix uses here",
     "auth-other": "the server refused AUTH: read its reply; the account may be locked or need "
                   "an app password",
+    "oauth-file": "the OAuth refresh token or client secret file cannot be used: fix the file "
+                  "named above (or run `mailgate oauth login {name}` for a new refresh token)",
+    "oauth-grant": "the provider refused the refresh token (revoked, expired, or issued to another "
+                   "client): run `mailgate oauth login {name}` for a new one",
+    "oauth-client": "the provider does not accept this client: check oauth.client_id and the "
+                    "client secret file (the app registration in Google Cloud or Entra ID)",
+    "oauth-scope": "the provider refused the scope: leave oauth.scope out for the provider's default",
+    "oauth-unreachable": "the token endpoint cannot be reached: check this machine's DNS and "
+                         "outgoing HTTPS (port 443)",
+    "oauth-other": "the provider refused: read its error above",
+    "auth-xoauth2-not-offered": "the server does not offer XOAUTH2: check host and port "
+                                "(smtp.gmail.com or smtp.office365.com, port 587)",
+    "auth-xoauth2-refused": "the server refused the access token: username ({username}) must be the "
+                            "account the token was issued for; for Microsoft 365, SMTP AUTH must be "
+                            "enabled for the mailbox and the scope must include SMTP.Send",
     "no-sender": "set alias_domain and default_from (or username) so the test message has a From",
     "sender-refused": "the server refused the sender: this account may only send as certain "
                       "addresses; check from_filter and default_from",
