@@ -66,13 +66,13 @@ def health(gw: LabGateway) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def wait_for(predicate, timeout: float = 30, what: str = "condition"):
+def wait_for(predicate, timeout: float = 30, what: str = "condition", interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = predicate()
         if found:
             return found
-        time.sleep(0.1)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -158,6 +158,8 @@ def test_a_refused_reload_and_a_killed_milter_show_and_nothing_is_counted_twice(
     counted = samples(gw)
     [child] = serve_children(gw)
     os.kill(child, signal.SIGKILL)
+    status, text = wait_for(lambda: (answer := health(gw))[0] == 503 and answer, interval=0.01, what="503")
+    assert text == f"milter_down: {HEALTH['milter_down']}\n"
     wait_for(lambda: value(samples(gw), "mailgate_milter_restarts_total")
              == value(counted, "mailgate_milter_restarts_total") + 1, what="the restart")
     wait_for(lambda: value(samples(gw), "mailgate_milter_up") == 1 and serve_children(gw) != [child],

@@ -145,12 +145,13 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
         runtime.store.close()
         return EXIT["failure"]
     retention = RetentionPass(runtime, logger)
-    milter = metrics.milter = MilterProcess(runtime.config, metrics.files)
+    milter = MilterProcess(runtime.config, metrics.files)
     restarts = RestartBudget()
     status = EXIT["ok"]
     try:
         metrics.start()
         milter.start()
+        metrics.milter = milter
         notify_systemd("READY=1")
         retention.start()
         while True:
@@ -173,8 +174,9 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
                     status = EXIT["failure"]
                     break
                 milter.stop(timeout=5)
-                milter = metrics.milter = MilterProcess(runtime.config, metrics.files)
+                milter = MilterProcess(runtime.config, metrics.files)
                 milter.start()
+                metrics.milter = milter  # up for /healthz once its socket listens
                 metrics.milter_restarted()
                 logger.info(kv_line(None, event="milter", result="restarted"))
     except MilterStartError as exc:

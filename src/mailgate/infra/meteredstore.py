@@ -10,14 +10,16 @@ own operation).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import Any, cast
 
 from mailgate.infra.metrics import STORE_ERRORS, STORE_SECONDS, bound
 from mailgate.store.interface import Store
 
 UNTIMED = frozenset({"close", "store_id", "schema_version"})
+TRANSACTION_SECONDS, TRANSACTION_ERRORS = bound(STORE_SECONDS, "transaction"), bound(STORE_ERRORS, "transaction")
 
 
 class MeteredStore:
@@ -35,7 +37,7 @@ class MeteredStore:
         return timed
 
     def _timed_transaction(self, *lock_keys: str) -> AbstractContextManager[None]:
-        return _transaction(self.inner, lock_keys)
+        return _TimedTransaction(self.inner.transaction(*lock_keys))
 
 
 def _timed(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,30 +57,36 @@ def _timed(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     return timed
 
 
-@contextmanager
-def _transaction(store: Store, lock_keys: tuple[str, ...]) -> Iterator[None]:
-    seconds, errors = bound(STORE_SECONDS, "transaction"), bound(STORE_ERRORS, "transaction")
-    start = time.perf_counter()
-    manager = store.transaction(*lock_keys)
-    try:
+class _TimedTransaction:
+    """The store's transaction, timed from BEGIN to the end of COMMIT (or ROLLBACK); an error
+    counted when BEGIN fails or when ending it raises (a failed COMMIT or ROLLBACK). A class, not
+    a generator: it runs once per message and per policy batch."""
+
+    __slots__ = ("manager", "start")
+
+    def __init__(self, manager: AbstractContextManager[None]) -> None:
+        self.manager = manager
+        self.start = 0.0
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
         try:
-            manager.__enter__()
+            self.manager.__enter__()
         except Exception:
-            errors.inc()
+            TRANSACTION_ERRORS.inc()
+            TRANSACTION_SECONDS.observe(time.perf_counter() - self.start)
             raise
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> bool | None:
         try:
-            yield
-        except BaseException as exc:
-            if not manager.__exit__(type(exc), exc, exc.__traceback__):
-                raise
-            return
-        try:
-            manager.__exit__(None, None, None)
-        except Exception:
-            errors.inc()
+            return self.manager.__exit__(kind, exc, traceback)
+        except BaseException as raised:
+            if raised is not exc:
+                TRANSACTION_ERRORS.inc()
             raise
-    finally:
-        seconds.observe(time.perf_counter() - start)
+        finally:
+            TRANSACTION_SECONDS.observe(time.perf_counter() - self.start)
 
 
 def metered(store: Store) -> Store:
