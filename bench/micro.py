@@ -8,7 +8,8 @@ serving process with exact per-call times and a cProfile breakdown.
 Measured: LookupService (socketmap `transport`, tokenised and plain senders), GatewayPolicy (RCPT
 from the submission listener: quota transaction, alone and in the policy server's batches),
 process_outbound (the milter's end-of-message
-work without libmilter), and the pieces they spend on (parse_mailboxes, TokenSigner.verify, ...).
+work without libmilter, its store calls timed as in `serve`), and the pieces they spend on
+(parse_mailboxes, TokenSigner.verify, the metrics of one message, ...).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from _common import bench_config, machine
 
 from mailgate.configfile import load_config
+from mailgate.infra.metrics import DECISIONS, END_OF_MESSAGE_SECONDS, bound
 from mailgate.infra.runtime import Runtime
 from mailgate.lab.postfix import make_basedir
 from mailgate.milter.facts import MessageFacts
@@ -82,6 +84,15 @@ def main() -> int:
                                 header_from_after="<odoo@mycompany.com>", server="transactional", mass=False,
                                 listener="ORIGINATING", sasl_user=None, created_at=now)
 
+        decided = bound(DECISIONS, "outbound", "kept", "from-domain", "transactional", "no", "no")
+        end_of_message = bound(END_OF_MESSAGE_SECONDS, "outbound")
+
+        def count_message() -> None:
+            """What the milter adds per message for its metrics (bound children, one histogram)."""
+            start = time.perf_counter()
+            decided.inc()
+            end_of_message.observe(time.perf_counter() - start)
+
         def in_thread(work) -> None:
             thread = threading.Thread(target=work)
             thread.start()
@@ -102,6 +113,7 @@ def main() -> int:
              lambda i: policy.answer_all(outs[i % 125 * 8:i % 125 * 8 + 8]) if i % 8 == 0 else None),
             ("policy RCPT inbound alias", lambda i: policy(ins[i % 1000])),
             ("milter process_outbound", lambda i: process_outbound(runtime, facts(i), f"Q{i:010X}")),
+            ("  metrics of one message (decision, end of message)", lambda i: count_message()),
             ("  decide_outbound", lambda i: decide_outbound(config, OutboundRequest("<odoo@mycompany.com>",
                                                                                     "odoo@mycompany.com", False))),
             ("  parse_mailboxes", lambda i: parse_mailboxes("<odoo@mycompany.com>")),

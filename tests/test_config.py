@@ -301,3 +301,14 @@ def test_a_password_file_that_never_ends_is_refused(tmp_path, special):
         """)
     assert found == [f"{tmp_path}/mailgate.yaml:2: servers[0](a).password_file: {special} is a "
                      f"{'character device' if special == '/dev/zero' else 'named pipe'}, not a regular file"]
+
+
+def test_the_metrics_listener_is_off_by_default_tcp_only_and_on_in_the_example(tmp_path):
+    assert load_config(write(tmp_path, "")).config.listen.metrics is None
+    spec = load_config(write(tmp_path, "listen: {metrics: 'inet:9187@127.0.0.1'}\n")).config.listen.metrics
+    assert spec is not None and (spec.family, spec.host, spec.port) == ("inet", "127.0.0.1", 9187)
+    [problem] = problems(tmp_path, "listen: {metrics: 'unix:/run/mailgate/metrics.sock'}\n")
+    assert ":1: listen.metrics: expected inet:PORT@HOST" in problem
+    example = parse_config(resources.files("mailgate").joinpath("data/mailgate.example.yaml").read_text(),
+                           check_files=False).config
+    assert str(example.listen.metrics) == "inet:9187@127.0.0.1"

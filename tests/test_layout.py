@@ -29,7 +29,8 @@ ALLOWED = ("mailgate.config", "mailgate.infra.socketspec", "mailgate.rules", "ma
 FORBIDDEN = ("mailgate.milter", "mailgate.policy", "mailgate.commands", "mailgate.odoo", "mailgate.lab",
              "mailgate.store.sql", "mailgate.store.sqlite", "mailgate.store.postgres", "mailgate.store.migrate",
              "mailgate.infra.runtime", "mailgate.infra.sockets", "mailgate.configfile", "mailgate.bounceparse",
-             "sqlite_utils", "sqlite3", "psycopg", "psycopg_pool", "milter", "Milter", "yaml", "asyncio")
+             "sqlite_utils", "sqlite3", "psycopg", "psycopg_pool", "milter", "Milter", "yaml", "asyncio",
+             "prometheus_client", "mailgate.infra.metrics")
 
 
 def test_there_are_rules() -> None:

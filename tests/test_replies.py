@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.rules import replies
-from mailgate.rules.replies import EXIT, HOLD_REASONS, LOOKUP, POLICY, POLICY_UNAVAILABLE, SMTP, SmtpReply
+from mailgate.rules.replies import EXIT, HEALTH, HOLD_REASONS, LOOKUP, POLICY, POLICY_UNAVAILABLE, SMTP, SmtpReply
 
 SOURCE = Path(replies.__file__).resolve().parents[1]
 ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -65,7 +65,8 @@ def test_exit_statuses_follow_sysexits() -> None:
 
 
 @pytest.mark.parametrize(("table_name", "table"), [("SMTP", SMTP), ("POLICY", POLICY), ("LOOKUP", LOOKUP),
-                                                   ("HOLD_REASONS", HOLD_REASONS), ("EXIT", EXIT)])
+                                                   ("HOLD_REASONS", HOLD_REASONS), ("HEALTH", HEALTH),
+                                                   ("EXIT", EXIT)])
 def test_every_entry_is_used(table_name: str, table: dict) -> None:
     """Each key appears as `TABLE["key"]` in the source (POLICY's and LOOKUP's also through a
     verdict name: the policy and lookup services index them with the rule's verdict)."""

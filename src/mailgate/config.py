@@ -182,6 +182,7 @@ class ListenSettings:
     milter: SocketSpec = SocketSpec("unix", path="/run/mailgate/milter.sock")
     lookup: SocketSpec = SocketSpec("unix", path="/run/mailgate/lookup.sock")
     policy: SocketSpec = SocketSpec("unix", path="/run/mailgate/policy.sock")
+    metrics: SocketSpec | None = None      # HTTP /metrics and /healthz; None: off
     socket_group: str | None = "postfix"
 
 

@@ -293,6 +293,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return main_stats(config, since, args.json, args.prometheus)
 
 
+def cmd_check_health(args: argparse.Namespace) -> int:
+    from mailgate.commands.checkhealth import check_health
+    return check_health(_load(args, check_files=False).config, timeout=args.timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mailgate.commands.demo import run_demo
     return run_demo(keep=args.keep)
@@ -311,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ).add_argument("--keep", action="store_true", help="keep the demo's directory")
     commands.add_parser("serve", parents=[common], help="run the milter and lookup listeners")
     commands.add_parser("check-config", parents=[common], help="validate the configuration")
+    commands.add_parser("check-health", parents=[common], help="ask the running serve's /healthz (exit 0: healthy)"
+                        ).add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     commands.add_parser("deliver", parents=[common], help="hand a message on stdin to Odoo (Postfix pipe)"
                         ).add_argument("--alias", required=True, help="the alias (or catchall, bounce, fallback)")
     postfix = commands.add_parser("postfix-config", parents=[common], help="print main.cf/master.cf settings")
@@ -406,6 +413,7 @@ HANDLERS: dict[str | tuple[str, str | None], Callable[[argparse.Namespace], int]
     "serve": cmd_serve,
     "deliver": cmd_deliver,
     "check-config": cmd_check_config,
+    "check-health": cmd_check_health,
     "postfix-config": cmd_postfix_config,
     ("explain", "outbound"): cmd_explain_outbound,
     ("explain", "inbound"): cmd_explain_inbound,

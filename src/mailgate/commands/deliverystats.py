@@ -12,9 +12,14 @@ import io
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import TextIO
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from mailgate.commands.views import parse_since, table
 from mailgate.config import Config
@@ -60,35 +65,36 @@ def render_stats(rows: Sequence[DeliveryCount]) -> str:
     return out.getvalue()
 
 
-def _label(value: object) -> str:
-    """A label value as the exposition format quotes it (backslash, quote and newline escaped)."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _StoreTotals(Collector):
+    """The store's all-time totals as metric families, read when the text is made."""
 
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
-def _family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, object], int]]) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-        lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
-    return lines
+    def collect(self) -> Iterator[Metric]:
+        deliveries = CounterMetricFamily("mailgate_deliveries", "Delivery attempts Postfix logged, per upstream "
+                                         "server and status.", labels=["server", "status"])
+        for total in self.store.delivery_totals():
+            deliveries.add_metric([str(total.server), str(total.status)], total.count)
+        yield deliveries
+        kinds = {"hard": 0, "soft": 0, "unknown": 0}
+        for row in self.store.bounce_kind_totals():
+            kinds[row.kind] = row.bounces
+        bounces = CounterMetricFamily("mailgate_bounces", "Bounces recorded, by kind (hard: a 5.x.x status).",
+                                      labels=["kind"])
+        for kind, count in kinds.items():
+            bounces.add_metric([kind], count)
+        yield bounces
+        yield GaugeMetricFamily("mailgate_blacklisted_addresses", "Addresses on the blacklist now.",
+                                len(self.store.blacklist_entries()))
 
 
 def prometheus_text(store: Store) -> str:
-    """All-time counters (Prometheus computes rates itself) and the blacklist's current size."""
-    deliveries: list[tuple[dict[str, object], int]] = [
-        ({"server": total.server, "status": total.status}, total.count) for total in store.delivery_totals()]
-    kinds = {"hard": 0, "soft": 0, "unknown": 0}
-    for row in store.bounce_kind_totals():
-        kinds[row.kind] = row.bounces
-    lines = [
-        *_family("mailgate_deliveries_total", "counter",
-                 "Delivery attempts Postfix logged, per upstream server and status.", deliveries),
-        *_family("mailgate_bounces_total", "counter", "Bounces recorded, by kind (hard: a 5.x.x status).",
-                 [({"kind": kind}, count) for kind, count in kinds.items()]),
-        *_family("mailgate_blacklisted_addresses", "gauge", "Addresses on the blacklist now.",
-                 [({}, len(store.blacklist_entries()))]),
-    ]
-    return "\n".join(lines) + "\n"
+    """All-time counters (Prometheus computes rates itself) and the blacklist's current size, in
+    the text exposition format (prometheus_client's, as `serve`'s /metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StoreTotals(store))
+    return generate_latest(registry).decode()
 
 
 def main_stats(config: Config, since: str | None, as_json: bool, prometheus: bool, *,

@@ -1,9 +1,10 @@
 """`mailgate demo`: the newcomer's first command.
 
 It starts a private loopback Postfix wired to `mailgate serve` (the lab gateway: embedded SQLite,
-an example config, local sinks as upstream servers), sends a handful of typical messages and
-prints, per message, what mailgate decided and where the message landed. Nothing outside a
-temporary directory is touched; no port below 1024 is opened.
+an example config, local sinks as upstream servers, a stand-in for Odoo), sends a handful of
+typical messages and prints, per message, what mailgate decided and where the message landed;
+then mail from outside (`mailgate.commands.demo_inbound`) and what the metrics counted. Nothing
+outside a temporary directory is touched; no port below 1024 is opened.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from email.message import EmailMessage
 
+from mailgate.commands.demo_inbound import DEMO_CONFIG, run_inbound, summary
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import make_basedir
 from mailgate.rules.replies import EXIT
@@ -65,20 +67,26 @@ def run_demo(keep: bool = False, out=sys.stdout) -> int:
               file=sys.stderr)
         return EXIT["failure"]
     base = make_basedir("mgdemo")
-    gateway = LabGateway(base)
+    gateway = LabGateway(base, DEMO_CONFIG)
     print(f"Starting a private Postfix and `mailgate serve` under {base} ...", file=out)
     try:
         gateway.start()
         print("Upstream servers (local sinks): " + ", ".join(
             f"{name} (127.0.0.1:{sink.port}, {sink.security})" for name, sink in gateway.sinks.items()
             if name != "default"), file=out)
-        print(f"Config: {gateway.config_path}\n", file=out)
-        for number, example in enumerate(EXAMPLES, start=1):
-            _run_example(gateway, number, example, out)
+        print(f"Config: {gateway.config_path}\nMetrics while the demo runs: {gateway.metrics_url}/metrics "
+              f"(health: {gateway.metrics_url}/healthz)\n", file=out)
+        print("Outbound: mail from Odoo and local programs\n", file=out)
+        message_ids = [_run_example(gateway, number, example, out) for number, example in enumerate(EXAMPLES, 1)]
+        run_inbound(gateway, message_ids[0], out)
+        summary(gateway, out)
         if keep:
             assert gateway.pf is not None  # set by gateway.start()
             print(f"mailgate's log: {gateway.log_path}\nPostfix's log:  {gateway.pf.maillog}\n"
-                  f"Message rows:   {base / 'state' / 'mailgate.sqlite3'} (table messages)", file=out)
+                  f"The store:      {base / 'state' / 'mailgate.sqlite3'} (tables messages, inbound_messages, "
+                  f"bounces)", file=out)
+            if sys.stdin.isatty():
+                input(f"The gateway runs on ({gateway.metrics_url}/metrics); press Enter to stop it. ")
         else:
             print("Run `mailgate demo --keep` to keep the logs, the config and the SQLite file.", file=out)
         return EXIT["ok"]
@@ -90,7 +98,8 @@ def run_demo(keep: bool = False, out=sys.stdout) -> int:
             shutil.rmtree(base, ignore_errors=True)
 
 
-def _run_example(gateway: LabGateway, number: int, example: Example, out) -> None:
+def _run_example(gateway: LabGateway, number: int, example: Example, out) -> str:
+    """Send one example and say where it landed; returns its Message-ID."""
     to = f"customer{number}@customer.example"
     data, msgid = _message(example, to)
     if example.via_sendmail:
@@ -109,3 +118,4 @@ def _run_example(gateway: LabGateway, number: int, example: Example, out) -> Non
     auth = f", AUTH {got.auth_user}" if got.auth_user else ""
     print(f"   landed:   server '{sink_name}' ({security}{auth}) as From: {_raw_header(got.data, 'From')}", file=out)
     print(f"             MAIL FROM:<{got.mail_from}>\n", file=out)
+    return msgid

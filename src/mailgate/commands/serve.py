@@ -5,6 +5,9 @@ libmilter treats SIGHUP like SIGTERM (it stops), so it runs in a child process o
 cleanly (the milter first, then the other listeners, then the store), SIGHUP reloads the
 configuration in place and hands it to the milter. A new file that does not load is reported and
 the running configuration stays. A milter process that dies is started again.
+
+With `listen.metrics` set, an HTTP listener answers `/metrics` and `/healthz`
+(`mailgate.commands.servemetrics`); the milter process counts into files of its own there.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from mailgate.commands.servemetrics import ServeMetrics
 from mailgate.config import Config
 from mailgate.configfile import ConfigError, load_config
 from mailgate.infra.logfmt import kv_line
@@ -128,24 +132,30 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     # takes a lock (an Event) re-enters itself under a burst of SIGHUPs.
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
     specs = (config.listen.milter, config.listen.lookup, config.listen.policy)
+    metrics: ServeMetrics | None = None
     try:
         _refuse_sockets_in_use(specs)
         for spec in specs:
             if spec.path:
                 os.makedirs(os.path.dirname(spec.path), exist_ok=True)
                 _warn_if_unreachable(logger, spec.path, config.listen.socket_group)
+        metrics = ServeMetrics(runtime)
         _start_listeners((lookup, policy))
     except OSError as exc:  # SocketInUseError, an address in use, a directory it may not make
         logger.error(kv_line(None, event="listen", error=type(exc).__name__, detail=str(exc)))
+        if metrics is not None:
+            metrics.stop()
         runtime.store.close()
         return EXIT["failure"]
     retention = RetentionPass(runtime, logger)
-    milter = MilterProcess(runtime.config)
+    milter = MilterProcess(runtime.config, metrics.files)
     restarts = RestartBudget()
     status = EXIT["ok"]
     try:
+        metrics.start()
         milter.start()
         tokens.start()
+        metrics.milter = milter
         notify_systemd("READY=1")
         retention.start()
         while True:
@@ -155,17 +165,23 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
             number = taken.si_signo if taken is not None and taken.si_signo in CONTROL_SIGNALS else None
             if number in (signal.SIGTERM, signal.SIGINT):
                 break
-            if number == signal.SIGHUP and config_path is not None and reload(runtime, config_path, logger):
-                milter.reload(runtime.config)
+            if number == signal.SIGHUP and config_path is not None:
+                reloaded = reload(runtime, config_path, logger)
+                metrics.reloaded(reloaded)
+                if reloaded:
+                    milter.reload(runtime.config)
             if not milter.alive():
                 logger.error(kv_line(None, event="milter", error="exited", status=milter.exit_status))
+                metrics.milter_died(milter.pid)
                 if not restarts.allow(time.monotonic()):
                     logger.error(kv_line(None, event="milter", error="restarting too often", detail="giving up"))
                     status = EXIT["failure"]
                     break
                 milter.stop(timeout=5)
-                milter = MilterProcess(runtime.config)
+                milter = MilterProcess(runtime.config, metrics.files)
                 milter.start()
+                metrics.milter = milter  # up for /healthz once its socket listens
+                metrics.milter_restarted()
                 logger.info(kv_line(None, event="milter", result="restarted"))
     except MilterStartError as exc:
         logger.error(kv_line(None, event="milter", error=type(exc).__name__, detail=str(exc)))
@@ -173,6 +189,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     finally:
         notify_systemd("STOPPING=1")
         milter.stop()
+        metrics.stop()
         retention.stop()
         tokens.stop()
         policy.stop_thread()

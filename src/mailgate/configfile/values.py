@@ -178,6 +178,16 @@ def _socket_spec(value: Any) -> SocketSpec:
         raise Invalid(str(exc)) from None
 
 
+def _opt_http_spec(value: Any) -> SocketSpec | None:
+    """The metrics listener: HTTP, so `inet:`/`inet6:` only; null (the default) leaves it off."""
+    if value in (None, ""):
+        return None
+    spec = _socket_spec(value)
+    if spec.family == "unix":
+        raise Invalid("expected inet:PORT@HOST or inet6:PORT@HOST (Prometheus scrapes over TCP)")
+    return spec
+
+
 def _header_signs(value: Any) -> tuple[tuple[str, str | None], ...]:
     """`[Precedence: bulk, List-Unsubscribe]`: a header with a value, or a header's presence."""
     if value is None:
@@ -238,7 +248,8 @@ BOUNCES = {"blacklist_after": _int(1, 1000), "window_days": _int(1, 3650), "min_
 QUOTA = {"daily": _opt_int(1, 100_000_000), "mass_daily": _opt_int(1, 100_000_000), "scope": _choice(QUOTA_SCOPES),
           "action": _choice(QUOTA_ACTIONS)}
 MASS = {"server": _opt_str, "listeners": _str_list, "sasl_users": _str_list, "headers": _header_signs}
-LISTEN = {"milter": _socket_spec, "lookup": _socket_spec, "policy": _socket_spec, "socket_group": _opt_str}
+LISTEN = {"milter": _socket_spec, "lookup": _socket_spec, "policy": _socket_spec, "metrics": _opt_http_spec,
+          "socket_group": _opt_str}
 POLICY = {"on_malformed": _choice(MALFORMED_ACTIONS)}
 ODOO = {"url": _str, "database": _str, "user": _str, "password_file": _opt_path}
 ALIAS_DOMAIN = {"name": domain_name, "bounce_alias": local_part, "catchall_alias": local_part,

@@ -16,6 +16,7 @@ from typing import Protocol
 from mailgate.config import Config, Server
 from mailgate.configfile.problems import ConfigError, ConfigProblem
 from mailgate.infra.clock import gateway_clock
+from mailgate.infra.meteredstore import metered
 from mailgate.infra.secretfile import (
     MAX_SECRET_FILE_BYTES,
     UnusableFile,
@@ -78,7 +79,7 @@ class Runtime:
                 read_password_file(Path(config.database_password_file))
             except UnusableFile as exc:
                 raise unusable_setting(config, "database_password_file", exc) from None
-        store = open_store(config.database, config.database_password_file)
+        store = metered(open_store(config.database, config.database_password_file))
         return cls(config, store, TokenSigner(secret, store.store_id()), passwords, clock=gateway_clock())
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from mailgate.infra.clock import OFFSET_FILE_VARIABLE
 from mailgate.infra.sockets import socket_is_listening
 from mailgate.lab.certs import make_ca_and_cert
 from mailgate.lab.odoo_stub import OdooStub
+from mailgate.lab.ports import free_port
 from mailgate.lab.postfix import PrivatePostfix
 from mailgate.lab.sinks import Sink
 from mailgate.rules.tokens import TokenSigner
@@ -47,6 +49,17 @@ GONE = "gone@customer.example"  # every upstream sink refuses it with 550 5.1.1
 class Submitted:
     queue_id: str
     reply: str
+
+
+def _code_under_test() -> dict[str, str]:
+    """With PYTHONPATH set (a source tree ahead of the installed one), the pipe to `mailgate
+    deliver` runs the same code as `serve`: Postfix passes no variable it is not told to."""
+    path = os.environ.get("PYTHONPATH")
+    if not path:
+        return {}
+    return {"import_environment": "MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ XAUTHORITY DISPLAY LANG=C POSTLOG_SERVICE "
+                                  f"POSTLOG_HOSTNAME PYTHONPATH={path}",
+            "export_environment": "TZ MAIL_CONFIG LANG PYTHONPATH"}
 
 
 class LabGateway:
@@ -88,6 +101,7 @@ class LabGateway:
         self.log_path = self.base / "mailgate.log"
         self.clock_file = self.base / "clock-offset"
         self.odoo = OdooStub(database="odoo", login="admin", password=ODOO_PASSWORD)
+        self.metrics_port = free_port()
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -111,6 +125,7 @@ class LabGateway:
         self.start_mailgate()
         main_cf = dict(main_settings(config))
         main_cf["relayhost"] = f"[127.0.0.1]:{self.sinks['default'].port}"
+        main_cf.update(_code_under_test())
         main_cf.update(self.main_cf_extra)
         self.pf = PrivatePostfix(self.base / "pf", listeners={
             name: {"milter_macro_daemon_name": role, "smtpd_policy_service_policy_context": role}
@@ -159,6 +174,7 @@ class LabGateway:
               milter: unix:{self.base}/milter.sock
               lookup: unix:{self.base}/lookup.sock
               policy: unix:{self.base}/policy.sock
+              metrics: inet:{self.metrics_port}@127.0.0.1
             database: "{self.database}"
             secret_file: {self.secret_file}
             """).replace("{extra_servers}", self.extra_servers(self, ca_file) if self.extra_servers else "")
@@ -253,6 +269,15 @@ class LabGateway:
             return TokenSigner(Path(config.secret_file).read_bytes().strip(), store.store_id())
         finally:
             store.close()
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def scrape(self) -> str:
+        """The metrics listener's /metrics, as Prometheus reads it."""
+        with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=10) as answer:
+            return answer.read().decode()
 
     def mailgate_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -10,20 +10,23 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 
 import Milter
 
 from mailgate.config import Config
 from mailgate.infra.logfmt import MESSAGE_FAILURES, kv_line
+from mailgate.infra.metrics import DECISIONS, END_OF_MESSAGE_SECONDS, REFUSALS, bound, reply_key, yes_no
 from mailgate.infra.runtime import Runtime
 from mailgate.infra.sockets import remove_socket_file, remove_stale_socket, secure_socket_file, socket_file_identity
 from mailgate.infra.socketspec import SocketSpec
 from mailgate.milter.facts import MessageFacts
 from mailgate.milter.inbound import ROUTE_HEADER, process_inbound
-from mailgate.milter.outbound import process_outbound
+from mailgate.milter.outbound import OutboundEffects, process_outbound
 from mailgate.rules.addresses import clean_text
 from mailgate.rules.classify import takes_inbound_role
+from mailgate.rules.inbound import InboundDecision
 from mailgate.rules.replies import HOLD_REASONS, SMTP
 
 # Headers a rule reads; the rest are never kept.
@@ -122,14 +125,17 @@ class GatewayMilter(Milter.Base):
         return Milter.CONTINUE
 
     def eom(self) -> int:
+        start = time.perf_counter()
         runtime = self.runtime
         queue_id = self.getsymval("i") or "NOQUEUE"
+        role = "outbound"
         try:
             facts = self.facts
             if facts.inbound is None:  # a message without a single header line
                 facts.inbound = takes_inbound_role(facts.config_for(runtime.config), facts.listener,
                                                    facts.envelope_sender, facts.recipients)
             config = facts.config_for(runtime.config)
+            role = "inbound" if facts.inbound else "outbound"
             handle = self._inbound if facts.inbound else self._outbound
             answer = handle(runtime, config, queue_id)
             MESSAGE_FAILURES.succeeded()  # a streak of failures ends with the first message handled again
@@ -140,12 +146,16 @@ class GatewayMilter(Milter.Base):
             runtime.logger.error(kv_line(queue_id, role="error", error=type(exc).__name__, detail=str(exc)),
                                  exc_info=MESSAGE_FAILURES.first(exc))
             reply = SMTP["internal_error"]
+            bound(REFUSALS, "end_of_message", "internal_error", "no").inc()
             self.setreply(reply.code, reply.status, reply.text)
             return Milter.TEMPFAIL
+        finally:
+            bound(END_OF_MESSAGE_SECONDS, role).observe(time.perf_counter() - start)
 
     def _outbound(self, runtime: Runtime, config: Config, queue_id: str) -> int:
         effects = process_outbound(runtime, self.facts, queue_id)
         runtime.logger.info(effects.log_line)
+        _count_outbound(effects, config.dry_run)
         for line in effects.blacklist_lines:
             runtime.logger.info(line)
         if effects.decision.warning:
@@ -176,6 +186,7 @@ class GatewayMilter(Milter.Base):
         effects = process_inbound(runtime, self.facts, queue_id)
         runtime.logger.info(effects.log_line)
         decision = effects.decision
+        _count_inbound(decision, config.dry_run)
         bounce = effects.bounce
         for line in bounce.log_lines if bounce else ():
             runtime.logger.info(line)
@@ -210,6 +221,22 @@ class GatewayMilter(Milter.Base):
     def close(self) -> int:
         self._confirm_delivered()
         return Milter.CONTINUE
+
+
+def _count_outbound(effects: OutboundEffects, dry_run: bool) -> None:
+    decision = effects.decision
+    verdict = "refused" if decision.reply else ("encapsulated" if decision.rewritten else "kept")
+    bound(DECISIONS, "outbound", verdict, decision.step, decision.server_name or "none", yes_no(effects.mass),
+          yes_no(dry_run)).inc()
+    if decision.reply:
+        bound(REFUSALS, "end_of_message", reply_key(decision.reply), yes_no(dry_run)).inc()
+
+
+def _count_inbound(decision: InboundDecision, dry_run: bool) -> None:
+    reason = decision.routes[0].kind if decision.routes else "none"
+    bound(DECISIONS, "inbound", decision.action, reason, "none", "no", yes_no(dry_run)).inc()
+    if decision.reply:
+        bound(REFUSALS, "end_of_message", reply_key(decision.reply), yes_no(dry_run)).inc()
 
 
 class TcpGatewayMilter(GatewayMilter):

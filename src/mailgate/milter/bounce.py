@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from mailgate.bounceparse import BounceReport, parse_bounce
 from mailgate.config import Config
 from mailgate.infra.logfmt import kv_line
+from mailgate.infra.metrics import BOUNCES, bounce_labels, bound
 from mailgate.infra.runtime import Runtime
 from mailgate.milter.facts import MessageFacts
 from mailgate.rules.addresses import normalize
@@ -52,19 +53,21 @@ def process_bounce(runtime: Runtime, config: Config, facts: MessageFacts, queue_
     screen = screen_failed(addresses, known, lambda candidates: _sent_to(runtime, row, candidates))
     lines: list[str] = []
     written = repeats = 0
+    counted: list[tuple[str, str]] = []   # counted once the transaction has committed
     with store.transaction(*(bounce_lock(addresses[i]) for i in screen.recorded)):
         for index in screen.recorded:
             failed, address = report.recipients[index], addresses[index]
-            outcome = record_and_judge(store, config.bounces, BounceRecord(
+            record = BounceRecord(
                 created_at=now, recipient=address, status=failed.status, action=failed.action,
                 permanent=failed.permanent, reason=failed.reason, reporting_mta=report.reporting_mta,
                 remote_mta=failed.remote_mta, message=row.id if row else None,
-                server=row.server if row else None, source=report.kind, stale=stale, matched=known is not None),
-                now)
+                server=row.server if row else None, source=report.kind, stale=stale, matched=known is not None)
+            outcome = record_and_judge(store, config.bounces, record, now)
             if outcome.repeat:
                 repeats += 1
                 continue
             written += 1
+            counted.append(bounce_labels(record))
             lines.append(kv_line(queue_id, role="bounce", rcpt=address, status=failed.status,
                                  permanent=failed.permanent, message=row.id if row else None,
                                  server=row.server if row else None, stale=stale, bounce=outcome.bounce_id,
@@ -72,6 +75,8 @@ def process_bounce(runtime: Runtime, config: Config, facts: MessageFacts, queue_
             if outcome.blacklisted:
                 lines.append(kv_line(queue_id, role="blacklist", rcpt=address, action="add",
                                      reason=outcome.blacklisted))
+    for labels in counted:
+        bound(BOUNCES, *labels).inc()
     original = row.envelope_from_original if row else None
     destination = report_destination(config, original, to_odoo_own)
     ours = tuple(r for r in facts.recipients if bounce_token_of(config, r) is not None)

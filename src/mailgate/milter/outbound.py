@@ -38,6 +38,7 @@ class OutboundEffects:
     blacklist_lines: tuple[str, ...] = ()
     drop_more_froms: int = 0                   # From headers 2.. deleted (docs/rules.md O5)
     add_header_from: bool = False              # the message had no From: new_header_from is added
+    mass: bool = False                         # recognised as mass mail (docs/rules.md O2)
 
     @property
     def refusal(self) -> SmtpReply | None:
@@ -80,7 +81,7 @@ def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Ou
     return OutboundEffects(decision, folded_mailbox(new_from.name, new_from.address) if new_from else None,
                            new_envelope, len(facts.header_values(STREAM_HEADER)), row_id, line, removed,
                            bool(removed) and len(removed) == len(facts.recipients), blacklist_lines,
-                           decision.removed_froms, new_from is not None and not froms)
+                           decision.removed_froms, new_from is not None and not froms, mass)
 
 
 def _from_repairs(decision: OutboundDecision) -> dict[str, object]:
@@ -100,7 +101,7 @@ def _refused(facts: MessageFacts, queue_id: str, decision: OutboundDecision, mas
                    reply=f"{reply.code} {reply.status}", malformed_from=decision.malformed,
                    server=decision.server_name, reason=decision.step, mass=mass, listener=facts.listener,
                    dry_run=dry_run)
-    return OutboundEffects(decision, None, None, 0, None, line)
+    return OutboundEffects(decision, None, None, 0, None, line, mass=mass)
 
 
 def _blacklisted(runtime: Runtime, facts: MessageFacts, queue_id: str,

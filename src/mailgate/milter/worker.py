@@ -11,7 +11,8 @@ lookup and policy services.
 The pipe carries frames (4-byte length, then a pickled `Config`), parent to child only; the
 child answers `ready` on its standard output once its socket listens. The child never outlives
 the parent (PR_SET_PDEATHSIG), so a killed gateway leaves no milter behind to serve with a
-configuration nobody can reload.
+configuration nobody can reload. Its metrics go to the files `PROMETHEUS_MULTIPROC_DIR` names
+(set by the parent when it exports metrics: `mailgate.infra.metrics`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO, BinaryIO
 
 from mailgate.config import Config
@@ -38,6 +40,7 @@ _LENGTH = struct.Struct(">I")
 READY = b"ready\n"
 PR_SET_PDEATHSIG = 1
 PARENT_VARIABLE = "MAILGATE_SERVE_PID"
+METRICS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode, read at its import
 LIBMILTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
@@ -66,15 +69,21 @@ def read_frame(stream: BinaryIO) -> Config | None:
 class MilterProcess:
     """The parent's handle on the child: start it, reload it, stop it, see whether it died."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, metrics_files: Path | None = None):
+        """`metrics_files`: the directory where the child keeps its metrics (mailgate.infra.metrics);
+        None: it counts in memory only, nobody reads them."""
         self.config = config
+        self.metrics_files = metrics_files
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> None:
         """Start the child and return once its socket listens (MilterStartError otherwise)."""
+        env = {key: value for key, value in os.environ.items() if key != METRICS_VARIABLE}
+        env[PARENT_VARIABLE] = str(os.getpid())
+        if self.metrics_files is not None:
+            env[METRICS_VARIABLE] = str(self.metrics_files)
         self.process = subprocess.Popen([sys.executable, "-m", "mailgate.milter.worker"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
-                                        env={**os.environ, PARENT_VARIABLE: str(os.getpid())})
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, env=env)
         assert self.process.stdin is not None and self.process.stdout is not None
         try:
             write_frame(self.process.stdin, self.config)
@@ -98,6 +107,10 @@ class MilterProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     @property
     def exit_status(self) -> int | None:

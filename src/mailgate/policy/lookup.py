@@ -17,9 +17,11 @@ server keeps their wire form), so a lookup allocates nothing it does not have to
 from __future__ import annotations
 
 import logging
+import time
 
 from mailgate.config import Config, Server
 from mailgate.infra.logfmt import kv_line
+from mailgate.infra.metrics import LOOKUP_SECONDS
 from mailgate.infra.runtime import Runtime
 from mailgate.policy.socketmap import SocketmapReply
 from mailgate.rules.delivery import delivery_transport
@@ -61,8 +63,19 @@ lookup_answers: PerConfig[LookupAnswers] = PerConfig(LookupAnswers)
 class LookupService:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
+        self.timers = {name: LOOKUP_SECONDS.child(name) for name in ("transport", "delivery")}
+        self.sasl_timer, self.unknown_timer = LOOKUP_SECONDS.child("sasl"), LOOKUP_SECONDS.child("unknown")
 
     def __call__(self, mapname: str, key: str) -> SocketmapReply:
+        start = time.perf_counter()
+        try:
+            return self.answer(mapname, key)
+        finally:
+            timer = self.timers.get(mapname) or (self.sasl_timer if mapname.startswith(SASL_PREFIX)
+                                                 else self.unknown_timer)
+            timer.observe(time.perf_counter() - start)
+
+    def answer(self, mapname: str, key: str) -> SocketmapReply:
         runtime = self.runtime
         config = runtime.config
         if mapname == "transport":

@@ -2,10 +2,10 @@
 
 SMTP replies (the milter), access(5) actions (the policy service), socketmap answers (the lookup
 service), the reason given with a message put on hold, the reply Postfix gives when the policy
-service is down (written into main.cf by `postfix-config`), and the exit statuses of the commands
-are data here, so that an operator can read in one place what will be said, and tests refer to
-the same entries instead of repeating literals. tests/test_replies.py checks that every code
-agrees in class with its enhanced status code and that every entry is used.
+service is down (written into main.cf by `postfix-config`), the health check's answers and the
+exit statuses of the commands are data here, so that an operator can read in one place what will
+be said, and tests refer to the same entries instead of repeating literals. tests/test_replies.py
+checks that every code agrees in class with its enhanced status code and that every entry is used.
 """
 
 from __future__ import annotations
@@ -81,6 +81,16 @@ POLICY = {
     "internal_error": "DEFER_IF_PERMIT 4.3.0 mailgate: temporary internal error",
 }
 
+# What the metrics listener's /healthz says (200 with "ok", 503 with the others, each problem as
+# `key: text`), and what `mailgate check-health` prints.
+HEALTH = {
+    "ok": "ok: milter up, store writable, configuration loaded",
+    "milter_down": "the milter process is not running",
+    "store_unwritable": "the store refused a write",
+    "store_slow": "the store has not answered a write for",
+    "config_not_loaded": "no configuration is loaded",
+}
+
 # Exit statuses. The commands' own follow sysexits.h; `deliver`'s are read by Postfix's pipe(8),
 # for which only 75 (and 71) defer and every other non-zero status bounces (sys_exits.c), so
 # everything that is our fault or the operator's exits 75 and only Odoo's own refusal exits 65.
@@ -89,6 +99,7 @@ EXIT = {
     "failure": 1,          # a check failed (test-server, check-dns, explain on a bad message)
     "usage": 2,            # the command line or its arguments
     "data_error": 65,      # EX_DATAERR, pipe(8) "5.6.0": Odoo refused the message for good (bounces)
+    "unavailable": 69,     # EX_UNAVAILABLE: check-health found nothing answering on listen.metrics
     "temp_failure": 75,    # EX_TEMPFAIL, pipe(8) "4.3.0": try again later (stays queued)
     "config": 78,          # EX_CONFIG: the configuration does not load
     "interrupted": 130,    # SIGINT (128 + 2)

@@ -137,6 +137,12 @@ class SQLStore:
             self._store_id = self._scalar("select id from store_identity")
         return self._store_id
 
+    def check_writable(self) -> None:
+        """A write that changes nothing, committed: the health check's proof that the store takes
+        writes now (its write lock, a page or row written), or the backend's error."""
+        with self.transaction("store:health"):
+            self._execute("update store_identity set id = id")
+
     # -- helpers ------------------------------------------------------------------------------------
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict]:
