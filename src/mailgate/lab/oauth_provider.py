@@ -98,7 +98,8 @@ class OAuthProvider:
             owner = provider
         self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="oauth-provider", daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="oauth-provider",
+                         daemon=True).start()
         return self
 
     def stop(self) -> None:
