@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mailgate.bounceparse import BounceReport, find_token, parse_bounce, phrases as bouncetext, report_json
+from mailgate.rules.reason_vocabulary import REASONS
 
 SAMPLES = Path(__file__).parent / "bounces"
 EXPECTED = json.loads((SAMPLES / "expected.json").read_text())
@@ -42,7 +43,8 @@ def test_sample(name):
     report = parse_bounce(raw)
     assert report.is_bounce is want["is_bounce"]
     assert report.kind == want["kind"]
-    got = [{"address": r.address, "permanent": r.permanent, "status": r.status} for r in report.recipients]
+    got = [{"address": r.address, "permanent": r.permanent, "status": r.status, "reason": r.reason, "hard": r.hard}
+           for r in report.recipients]
     assert got == want["recipients"]
     assert [r.address for r in report.delayed] == want["delayed"]
     assert all(r.action == "failed" for r in report.recipients)
@@ -63,12 +65,13 @@ def test_autoreplies_are_not_bounces_even_where_flufl_matches(name):
 
 def test_reasons_and_mtas_are_read():
     exim = parse_bounce((SAMPLES / "exim.eml").read_bytes()).recipients[0]
-    assert "User unknown in local recipient table" in exim.reason
+    assert "User unknown in local recipient table" in exim.diagnostic
+    assert (exim.reason, exim.hard) == ("userunknown", True)
     assert exim.remote_mta == "mx2.example.org"
     gmail = parse_bounce((SAMPLES / "gmail.eml").read_bytes())
     assert gmail.reporting_mta == "googlemail.com"
     assert gmail.recipients[0].remote_mta == "gmail-smtp-in.l.google.com"
-    assert "\n" not in gmail.recipients[0].reason
+    assert "\n" not in gmail.recipients[0].diagnostic
     assert parse_bounce((SAMPLES / "qmail.eml").read_bytes()).reporting_mta == "mail.example.net"
 
 
@@ -76,23 +79,26 @@ def test_report_json_has_exactly_the_agreed_keys():
     report = parse_bounce((SAMPLES / "multi-recipient.eml").read_bytes())
     out = report_json(report, "tok")
     assert set(out) == {"is_bounce", "recipients", "token"}
-    assert all(set(r) == {"address", "permanent", "status", "reason"} for r in out["recipients"])
+    assert all(set(r) == {"address", "permanent", "hard", "status", "reason", "diagnostic"} for r in out["recipients"])
+    assert [(r["reason"], r["hard"], r["permanent"]) for r in out["recipients"]] == [
+        ("userunknown", True, True), ("mailboxfull", False, True)]
     assert out["token"] == "tok" and out["is_bounce"] is True
     assert json.loads(json.dumps(out)) == out
     assert report_json(parse_bounce(b""), None) == {"is_bounce": False, "recipients": [], "token": None}
 
 
-# --- hard or soft ---------------------------------------------------------------------------
+# --- permanent or not (hard, the recipient's fault, is tested with the reasons) ---------------
 
 @pytest.mark.parametrize("status, text, expected", [
     ("5.1.1", "User unknown", True),
     ("4.4.1", "Connection timed out", False),
-    ("5.2.2", "Mailbox full", False),            # the documented exception: full is soft
+    ("5.2.2", "Mailbox full", True),             # permanent, but not the recipient's fault
+    ("4.2.2", "Mailbox full", False),
     ("4.2.2", None, False),
     ("5.7.1", "try again later", True),          # the DSN's status class outranks wording
     (None, "550 Requested action not taken: mailbox unavailable", True),
     (None, "451 please try again later", False),
-    (None, "552 Requested mail action aborted: exceeded storage allocation", False),
+    (None, "552 Requested mail action aborted: exceeded storage allocation", True),
     (None, "554 delivery error: dd This user doesn't have a example.com account", True),
     (None, "No such user here", True),
     (None, "Recipient address rejected: temporarily unavailable", False),
@@ -153,7 +159,7 @@ def test_groups_without_blank_lines_between_them():
               "Action: failed\nStatus: 5.1.1\nFinal-Recipient: rfc822; two@example.net\n"
               "Action: failed\nStatus: 5.2.2\n")
     report = parse_bounce(_dsn(groups))
-    assert [(r.address, r.permanent) for r in report.recipients] == [
+    assert [(r.address, r.hard) for r in report.recipients] == [
         ("one@example.net", True), ("two@example.net", False)]
 
 
@@ -308,7 +314,8 @@ def test_fuzz_mutated_samples(sample, seed, steps):
     assert report.is_bounce == bool(report.recipients)
     for r in report.recipients + report.delayed:
         assert "@" in r.address and r.address == r.address.lower() and "<" not in r.address
-        assert r.reason is None or len(r.reason) <= 500
+        assert r.diagnostic is None or len(r.diagnostic) <= 500
+        assert r.reason in REASONS and r.hard in (True, False)
     json.dumps(report_json(report, find_token(raw)))
 
 

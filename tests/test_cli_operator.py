@@ -31,8 +31,9 @@ def config(tmp_path) -> Path:
         for number, (recipient, permanent) in enumerate([("a@gmail.example", True), ("a@gmail.example", True),
                                                          ("b@yahoo.example", False)]):
             store.record_bounce(BounceRecord(now - number * DAY, recipient, "5.1.1" if permanent else "4.2.2",
-                                             "failed", permanent, "no such user", "mx.example", None, None,
-                                             "transactional", "dsn"))
+                                             "failed", permanent, "userunknown" if permanent else "mailboxfull",
+                                             "mx.example", None, None, "transactional", "dsn",
+                                             diagnostic="no such user", hard=permanent))
     store.close()
     return path
 
@@ -42,7 +43,8 @@ def test_bounce_parse_json_shape(config):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert set(data) == {"is_bounce", "recipients", "token"} and data["is_bounce"] is True
-    assert set(data["recipients"][0]) == {"address", "permanent", "status", "reason"}
+    assert set(data["recipients"][0]) == {"address", "permanent", "hard", "status", "reason", "diagnostic"}
+    assert (data["recipients"][0]["reason"], data["recipients"][0]["hard"]) == ("userunknown", True)
     from_stdin = run(config, "bounce", "parse", "-", stdin=(SAMPLES / "postfix-dsn.eml").read_bytes())
     assert json.loads(from_stdin.stdout) == data
 

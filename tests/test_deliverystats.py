@@ -17,6 +17,7 @@ import pytest
 
 from mailgate.commands.deliverystats import main_stats, prometheus_text, render_stats, summary
 from mailgate.configfile import parse_config
+from mailgate.rules.reason_vocabulary import is_hard
 from mailgate.store import BounceRecord, DeliveryRecord
 from mailgate.store.sqlite import SQLiteStore
 
@@ -79,10 +80,11 @@ def store(tmp_path):
             opened.record_delivery(DeliveryRecord(at=when + n, queue_id=f"Q{when}{n}", recipient=f"r{n}@x.example",
                                                   relay="none", status=status, dsn=None, delay=None, reason=None,
                                                   message=None, server=server))
-    for permanent in (True, True, False, None):
+    for permanent, reason in ((True, "userunknown"), (True, "hostunknown"), (False, "mailboxfull"), (None, None)):
         opened.record_bounce(BounceRecord(created_at=DAY1, recipient="b@x.example", status=None, action="failed",
-                                          permanent=permanent, reason=None, reporting_mta=None, remote_mta=None,
-                                          message=None, server=None, source="postfix-log"))
+                                          permanent=permanent, reason=reason, reporting_mta=None, remote_mta=None,
+                                          message=None, server=None, source="postfix-log",
+                                          hard=is_hard(reason, permanent)))
     opened.blacklist_add("b@x.example", DAY1, "rule", "rule", [])
     opened.blacklist_add("c@x.example", DAY1, "operator", "operator", [])
     opened.blacklist_remove("c@x.example", DAY2, "cleared")
@@ -107,7 +109,7 @@ def test_render_stats_is_two_aligned_tables(store):
     assert header.split() == ["server", "sent", "deferred", "bounced", "expired", "total"]
     assert any(line.split()[:3] == ["mass", "0", "2"] for line in lines)
     assert "2026-11-01" not in text and "2026-11-02" in text
-    assert render_stats([]).count("(none)") == 2
+    assert render_stats([]).count("(none)") == 3     # no reputation alert either
 
 
 def test_prometheus_exposition(store):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from email.message import Message
 
 from mailgate.bounceparse import phrases as bt
+from mailgate.bounceparse.judge import judged
 from mailgate.bounceparse.mime import (
     ADDRESS_RE,
     MAX_INPUT,
@@ -149,11 +150,8 @@ def _text_recipient(address: str, text: str, intro: str, action: str, everyone: 
     reason = paragraph_about(address, text, [a for a in everyone if a != address])
     if reason is None and len(everyone) == 1:
         reason = coded_paragraph(text)
-    status = bt.find_status(reason)
-    permanent = bt.is_permanent(status, reason)
-    if permanent is None and action == "failed":
-        permanent = bt.is_permanent(None, intro)
-    return BouncedRecipient(address, permanent, status, action, clean(reason), clean(remote_mta(reason)))
+    return judged(address, bt.find_status(reason), action, reason, remote_mta(reason),
+                  context=intro if action == "failed" else None)
 
 
 def _delay_only(msg: Message, intro: str) -> bool:

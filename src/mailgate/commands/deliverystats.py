@@ -14,13 +14,14 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import TextIO
 
 from mailgate.commands.views import parse_since, table
 from mailgate.config import Config
 from mailgate.rules.replies import EXIT
 from mailgate.store import open_store
-from mailgate.store.interface import DeliveryCount, Store
+from mailgate.store.interface import DeliveryCount, ReputationAlert, Store
 
 STATUSES = ("sent", "deferred", "bounced", "expired")
 
@@ -43,15 +44,24 @@ def summary(rows: Sequence[DeliveryCount]) -> dict[str, list[dict]]:
             "per_day": _pivot(rows, "day")}
 
 
-def render_stats(rows: Sequence[DeliveryCount]) -> str:
-    """The human view: a table per server, then per day; statuses Postfix never reported show 0."""
+def render_stats(rows: Sequence[DeliveryCount], alerts: Sequence[ReputationAlert] = ()) -> str:
+    """The human view: a table per server, then per day (statuses Postfix never reported show
+    0), then the reputation alerts of the period (docs/rules.md B6)."""
     data = summary(rows)
     out = io.StringIO()
     for title, key in (("per server", "server"), ("per day", "day")):
         print(f"# {title}", file=out)
         table(data[title.replace(" ", "_")], [key, *STATUSES, "total"], out)
         print(file=out)
+    print("# reputation alerts (receivers refusing us)", file=out)
+    table(alert_rows(alerts), ["window", "server", "domain", "reason", "bounces"], out)
+    print(file=out)
     return out.getvalue()
+
+
+def alert_rows(alerts: Sequence[ReputationAlert]) -> list[dict]:
+    return [{**asdict(alert), "window": datetime.fromtimestamp(alert.window_start, UTC).strftime("%Y-%m-%d %H:%M")}
+            for alert in alerts]
 
 
 def _label(value: object) -> str:
@@ -101,11 +111,12 @@ def main_stats(config: Config, since: str | None, as_json: bool, prometheus: boo
             out.write(prometheus_text(store))
             return EXIT["ok"]
         rows = store.delivery_stats(start)
+        alerts = store.reputation_alerts(start)
         if as_json:
-            print(json.dumps({"since": start, **summary(rows), "rows": [asdict(row) for row in rows]},
-                             ensure_ascii=False), file=out)
+            print(json.dumps({"since": start, **summary(rows), "rows": [asdict(row) for row in rows],
+                              "reputation": alert_rows(alerts)}, ensure_ascii=False), file=out)
         else:
-            out.write(render_stats(rows))
+            out.write(render_stats(rows, alerts))
         return EXIT["ok"]
     finally:
         store.close()

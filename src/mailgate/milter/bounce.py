@@ -21,6 +21,7 @@ from mailgate.rules.addresses import normalize
 from mailgate.rules.blacklist import bounce_lock, record_and_judge
 from mailgate.rules.bounces import ReportDestination, report_destination, screen_failed, token_is_stale
 from mailgate.rules.classify import bounce_token_of, is_odoo_own_bounce
+from mailgate.rules.reputation import alert_fields, alerts_after
 from mailgate.rules.tokens import BounceToken
 from mailgate.store.interface import BounceRecord, StoredOutbound
 
@@ -51,6 +52,7 @@ def process_bounce(runtime: Runtime, config: Config, facts: MessageFacts, queue_
     known = row.recipient_count if row else None   # None: no row, or one from before recipients were kept
     screen = screen_failed(addresses, known, lambda candidates: _sent_to(runtime, row, candidates))
     lines: list[str] = []
+    recorded: list[str] = []
     written = repeats = 0
     with store.transaction(*(bounce_lock(addresses[i]) for i in screen.recorded)):
         for index in screen.recorded:
@@ -59,19 +61,24 @@ def process_bounce(runtime: Runtime, config: Config, facts: MessageFacts, queue_
                 created_at=now, recipient=address, status=failed.status, action=failed.action,
                 permanent=failed.permanent, reason=failed.reason, reporting_mta=report.reporting_mta,
                 remote_mta=failed.remote_mta, message=row.id if row else None,
-                server=row.server if row else None, source=report.kind, stale=stale, matched=known is not None),
+                server=row.server if row else None, source=report.kind, stale=stale, matched=known is not None,
+                diagnostic=failed.diagnostic, hard=failed.hard),
                 now)
             if outcome.repeat:
                 repeats += 1
                 continue
             written += 1
+            recorded.append(failed.reason)
             lines.append(kv_line(queue_id, role="bounce", rcpt=address, status=failed.status,
                                  permanent=failed.permanent, message=row.id if row else None,
                                  server=row.server if row else None, stale=stale, bounce=outcome.bounce_id,
-                                 blacklisted=outcome.blacklisted is not None))
+                                 blacklisted=outcome.blacklisted is not None, reason=failed.reason,
+                                 hard=failed.hard))
             if outcome.blacklisted:
                 lines.append(kv_line(queue_id, role="blacklist", rcpt=address, action="add",
                                      reason=outcome.blacklisted))
+        lines += [kv_line(queue_id, **alert_fields(alert))
+                  for alert in alerts_after(store, config.bounces, recorded, now)]
     original = row.envelope_from_original if row else None
     destination = report_destination(config, original, to_odoo_own)
     ours = tuple(r for r in facts.recipients if bounce_token_of(config, r) is not None)
