@@ -14,8 +14,12 @@ expectations are read from those scripts as they stand; nothing is adjusted here
 Figures, over samples whose expectations name at least one failure (not only `delivered`,
 `vacation` or `feedback`):
 
-- detection: the share of samples `parse_bounce` calls a bounce;
-- recipient recall / precision: recipients found against recipients expected, by count per
+- detection: the share of samples `parse_bounce` reads as a delivery report: a bounce, or a
+  delay notice (sisimai calls a "delayed" DSN a bounce, `expired`; mailgate reads it, names its
+  recipients, and on purpose does not count a warning as a failure). `strict_detection` is the
+  share called a bounce;
+- recipient recall / precision: recipients found (failed, or delayed in a delay notice) against
+  recipients expected, by count per
   sample (the expectations name how many recipients failed, not which): recall is the sum of
   min(found, expected) over the sum expected, precision the same over the sum found;
 - reason agreement: expected entries whose reason one of ours matches (as multisets per sample);
@@ -69,22 +73,24 @@ def measure(samples: Path, expected: dict[str, list[tuple[str, bool]]], verbose:
         if not failures or not path.exists():
             continue
         report = parse_bounce(path.read_bytes())
-        found = report.recipients
+        found = report.recipients if report.is_bounce else report.delayed
         reasons = [r.reason if hasattr(r, "diagnostic") else None for r in found]  # before: no classes
         hards = [bool(getattr(r, "hard", r.permanent)) for r in found]
         totals["samples"] += 1
-        totals["detected"] += report.is_bounce
+        totals["detected"] += report.is_bounce or report.kind == "delay"
+        totals["strict"] += report.is_bounce
         totals["expected"] += len(failures)
         totals["found"] += len(found)
         totals["matched"] += min(len(found), len(failures))
         totals["reasons"] += _overlap(reasons, [f[0] for f in failures])
         totals["hards"] += _overlap(hards, [f[1] for f in failures])
-        if verbose and (not report.is_bounce or Counter(reasons) != Counter(f[0] for f in failures)):
+        if verbose and (not found or Counter(reasons) != Counter(f[0] for f in failures)):
             print(f"{name}: expected {[f[0] for f in failures]} {[int(f[1]) for f in failures]}, "
                   f"got {reasons} {[int(h) for h in hards]} bounce={report.is_bounce}")
     return {
         "samples": totals["samples"],
         "detection": totals["detected"] / max(totals["samples"], 1),
+        "strict_detection": totals["strict"] / max(totals["samples"], 1),
         "recipient_recall": totals["matched"] / max(totals["expected"], 1),
         "recipient_precision": totals["matched"] / max(totals["found"], 1),
         "reason_agreement": totals["reasons"] / max(totals["expected"], 1),

@@ -311,7 +311,7 @@ def test_fuzz_mutated_samples(sample, seed, steps):
     raw = _mutate(sample, random.Random(seed), steps)
     report = parse_bounce(raw)
     assert isinstance(report, BounceReport)
-    assert report.is_bounce == bool(report.recipients)
+    assert report.is_bounce == (bool(report.recipients) or report.kind == "unnamed")
     for r in report.recipients + report.delayed:
         assert "@" in r.address and r.address == r.address.lower() and "<" not in r.address
         assert r.diagnostic is None or len(r.diagnostic) <= 500
@@ -400,3 +400,47 @@ def test_failure_status_outranks_an_earlier_success_status():
     transcript = "<<< 250 2.1.5 Recipient ok >>> DATA <<< 554 5.7.1 Message content rejected"
     assert bouncetext.find_status(transcript) == "5.7.1"
     assert bouncetext.find_status("Status: 2.0.0 (delivered)") == "2.0.0"
+
+
+# --- formats beyond RFC 3464 (docs/rules.md B1) -----------------------------------------------
+
+def _ses(notice: dict) -> bytes:
+    return ("From: AWS Notifications <no-reply@sns.amazonaws.com>\nTo: bounce+tok@mycompany.example.com\n"
+            "Subject: AWS Notification Message\nContent-Type: text/plain\n\n" + json.dumps(notice) + "\n").encode()
+
+
+def test_ses_notification_without_the_sns_envelope_and_split_lines():
+    notice = {"notificationType": "Bounce", "bounce": {"bounceType": "Transient", "bouncedRecipients": [
+        {"emailAddress": "full@example.org", "status": "4.2.2", "diagnosticCode": "smtp; 452 4.2.2 Mailbox full"}]},
+        "mail": {"commonHeaders": {"messageId": "<m1@mycompany.example.com>"}}}
+    raw = _ses(notice)
+    long_line = raw.split(b"\n")[4]
+    split = raw.replace(long_line, long_line[:60] + b"!\n " + long_line[60:])   # Sendmail's line splitting
+    for message in (raw, split):
+        report = parse_bounce(message)
+        assert (report.kind, report.original_message_id) == ("ses", "<m1@mycompany.example.com>")
+        assert [(r.address, r.permanent, r.reason, r.hard) for r in report.recipients] == [
+            ("full@example.org", False, "mailboxfull", False)]
+
+
+@pytest.mark.parametrize("kind", ["Complaint", "Delivery"])
+def test_ses_complaints_and_deliveries_are_no_bounce(kind):
+    report = parse_bounce(_ses({"notificationType": kind, "complaint": {"complainedRecipients": [
+        {"emailAddress": "a@example.org"}]}}))
+    assert (report.is_bounce, report.recipients) == (False, ())
+
+
+def test_a_line_longer_than_998_bytes_is_split_not_cut():
+    from mailgate.bounceparse.mime import MAX_LINE, SPLIT_MARK, capped
+    line = b"x" * 2500
+    out = capped(b"Subject: s\n\n" + line + b"\n")
+    assert max(len(part) for part in out.split(b"\n")) <= MAX_LINE
+    assert out.replace(SPLIT_MARK, b"").endswith(line + b"\n")
+
+
+def test_eight_bit_text_under_a_seven_bit_label_is_read_as_utf8():
+    report = parse_bounce((SAMPLES / "kddi-au.eml").read_bytes())
+    assert report.recipients[0].reason == "mailboxfull"
+    from mailgate.bounceparse.mime import header_text
+    msg = email.message_from_bytes((SAMPLES / "kddi-au.eml").read_bytes())
+    assert header_text(msg.get("subject")) == "メールエラー通知"

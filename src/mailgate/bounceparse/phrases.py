@@ -66,7 +66,11 @@ BOUNCE_SUBJECT_RE = re.compile(
     r"undeliver|undelivered|delivery (?:status notification|failure|has failed|failed|problem|error)"
     r"|mail delivery failed|returned mail|failure notice|non.?delivery|could not be delivered"
     r"|delivery report|returning message to sender|nondeliverable|unzustellbar|non remis"
-    r"|error sending|mail (?:system )?error|failed|failure|returned to sender|rejected", re.I)
+    r"|error sending|mail (?:system )?error|failed|failure|returned to sender|rejected"
+    r"|エラー通知|メールエラー|配信エラー|送信エラー|不達|未配達|配送エラー", re.I)
+# Report lines no person writes: a mail system's own report whatever its sender and subject
+# (KDDI's au one net and ezweb: "Your mail sent on: ... Could not be delivered to: <addr>").
+REPORT_BODY_RE = re.compile(r"^[ \t]*your mail sent on:.*\n[ \t]*could not be delivered to:[ \t]*<", re.I | re.M)
 AUTOREPLY_SUBJECT_RE = re.compile(
     r"^\s*(?:(?:re|aw|fw|fwd)\s*:\s*)?(?:automatic reply|auto(?:matic)?[- ]?(?:reply|response|answer)"
     r"|autoreply|autoresponse|auto:|out of (?:the )?office|ooo\b|on vacation|vacation"
@@ -90,7 +94,7 @@ AUTO_REPLIED_RE = re.compile(r"^\s*auto-replied", re.I)
 ORIGINAL_MARKER_RE = re.compile(
     r"^[ \t]*[-=*]*[ \t]*(?:below this line is a copy of the message|this is a copy of the message"
     r"|original message follows|start of returned message|returned mail follows"
-    r"|undelivered message follows|message text follows)"
+    r"|undelivered message follows|message text follows|original message:)"
     r"|^[ \t]*[-=]{2,}[ \t]*(?:original message|forwarded message|the header of the original message"
     r"|copy of the original message)", re.I | re.M)
 # Report wording that says "still trying": a warning, not a failure.

@@ -20,8 +20,8 @@ class BouncedRecipient:
 
 @dataclass(frozen=True)
 class BounceReport:
-    is_bounce: bool              # at least one FAILED recipient (delayed-only reports: False)
-    kind: str                    # "dsn", "flufl", "delay", "autoreply", "none"
+    is_bounce: bool              # a failure report (delayed-only reports: False); "unnamed": none named
+    kind: str                    # "dsn", "ses", "flufl", "unnamed", "delay", "autoreply", "none"
     recipients: tuple[BouncedRecipient, ...]   # failed ones only
     reporting_mta: str | None
     original_message_id: str | None

@@ -240,6 +240,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"undeliverable address",
         r"invalid (?:final delivery )?user ?id\b",
         r"no such local user",
+        r"no valid recipients",
         r"address (?:couldn'?t|could not) be found",
         r"unrouteable address",
         r"見つかりません",
@@ -325,6 +326,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"unrecognized command",
     )),
     ("rejected", (
+        r"(?:don'?t|not) have permission to post",       # a list or group refusing the sender (Google Groups)
+        r"group you tried to contact",
         r"sender (?:address )?(?:rejected|refused|denied|unknown)",
         r"domain of sender",
         r"sender verify",
