@@ -36,7 +36,12 @@ def test_the_documented_sample_gives_its_reason(reason, sample):
 
 
 @pytest.mark.parametrize("status, code, command, text, reason", [
-    ("5.1.1", "550", "RCPT", "rejected by our spam filter", "userunknown"),    # a specific status decides
+    ("5.1.1", "550", "RCPT", "Mailbox unavailable or access denied", "userunknown"),  # a specific status decides
+    ("5.1.1", "550", "RCPT", "rejected: your IP is listed at bl.example.net", "blocked"),  # ...but never over a
+    ("5.1.3", "553", "RCPT", "http://www.spamhaus.org/query/bl?ip=192.0.2.7", "spamdetected"),  # block list
+    ("5.1.0", "553", "MAIL", "neko.example.com does not exist", "rejected"),   # MAIL FROM: our sender refused
+    ("4.0.0", "421", "CONN", "server refused to talk to me: 421 Service not available", "blocked"),
+    ("4.0.0", None, None, "DNS type 'mx' lookup of example.jp responded with code NXDOMAIN", "networkerror"),
     ("5.2.2", "552", "RCPT", "User unknown", "mailboxfull"),
     ("5.7.26", "550", "DATA", "Unauthenticated email from example.com", "authfailure"),
     ("5.7.1", "550", "RCPT", "Service unavailable; client host blocked using bl.example", "blocked"),  # generic
@@ -89,6 +94,7 @@ def test_the_vocabulary():
     ("SMTP error from remote mail server after initial connection: 554 go away", "CONN"),
     ("did not like our MAIL FROM: 553 sender refused", "MAIL"),
     (">>> RCPT To:<a@example.org> <<< 250 ok >>> DATA <<< 554 content rejected", "DATA"),
+    ("connect to mx.example.org[192.0.2.1]: server refused to talk to me: 554 go away", "CONN"),
     ("550 User unknown", None),
 ])
 def test_smtp_command(text, command):
@@ -97,6 +103,12 @@ def test_smtp_command(text, command):
 
 def test_reply_code():
     assert reply_code("host said: 550-5.1.1 nope") == "550" and reply_code("version 4.96") is None
+
+
+def test_repeated_codes_of_a_folded_reply_are_read_past():
+    text = "550-5.7.1 [192.0.2.7] Messages with multiple 550-5.7.1 addresses in From: header are not accepted."
+    assert reason_of_text(text) == "notcompliantrfc"
+    assert reason_of_text("host said: 550 5.7.26 Unauthenticated email is not accepted") == "authfailure"
 
 
 def test_text_without_known_words():

@@ -23,8 +23,11 @@ def judged(address: str, status: str | None, action: str | None, diagnostic: str
     if permanent is None and context:
         permanent = bt.is_permanent(None, context)
     command = smtp_command(diagnostic) or smtp_command(transcript)
-    reason = classify(status, code, command, diagnostic, failed=action == "failed")
+    remote = bt.find_status(diagnostic)
+    # The remote server's own code, where the reporting MTA wrote another of the same class.
+    said = remote if remote and status and remote[0] == status[0] else status
+    reason = classify(said, code, command, diagnostic, failed=action == "failed")
     if reason == "undefined" and context:
-        reason = classify(status, code, command, context, failed=action == "failed")
+        reason = classify(said, code, command, context, failed=action == "failed")
     return BouncedRecipient(address, permanent, status, action, clean(diagnostic), clean(remote_mta),
                             reason, is_hard(reason, permanent))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 
 from mailgate.rules.reason_phrases import reason_of_text
-from mailgate.rules.reason_vocabulary import Reason, is_hard
+from mailgate.rules.reason_vocabulary import SENDER_SIDE, Reason, is_hard
 
 # Basic reply code (RFC 5321), as an MTA writes it before its text: "550 ", "550-", "554:".
 SMTP_CODE_RE = re.compile(r"(?<![\w.#/-])([245][0-5]\d)(?=[\s:-]|$)")
@@ -48,6 +48,9 @@ BY_STATUS: dict[str, Reason] = {
 # the connecting client (our upstream's address), and a refusal after DATA of an address that
 # RCPT accepted is the receiver's filter, whatever words it uses ("user unknown" included).
 _BEFORE_MAIL = ("CONN", "HELO", "EHLO")
+# A status blaming the address, beside words naming a block list, a spam verdict or our relay:
+# MTAs reuse 5.1.x for policy refusals, and believing the status would blacklist a good address.
+_RECIPIENT_SIDE = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
 _CLASS_ONLY = {"0.0"}
 # Reply code (and, where it matters, the command it answered) when there is no status.
 _BY_REPLY: dict[str, Reason] = {
@@ -62,6 +65,8 @@ _COMMAND_RE = re.compile(
     r"helo|ehlo|starttls|auth|mail(?:\s+from)?|rcpt(?:\s+to)?|data|initial\s+connection|connect(?:ion)?)\b", re.I)
 # The last client line of a session transcript (">>> DATA", "<<< 550 ..." after it).
 _TRANSCRIPT_RE = re.compile(r"(?:^|\s)>>>\s*(helo|ehlo|starttls|auth|mail|rcpt|data)\b", re.I)
+# Postfix's words for a server that refused us in its greeting.
+_REFUSED_GREETING_RE = re.compile(r"refused to talk to me", re.I)
 _END_OF_DATA_RE = re.compile(r"end\s+of\s+data|after\s+data|message\s+body", re.I)
 
 
@@ -82,6 +87,8 @@ def reason_and_hard(status: str | None, permanent: bool | None, diagnostic: str 
 def smtp_command(text: str | None) -> str | None:
     """The SMTP command a diagnostic says it failed at (`...after RCPT TO:` -> "RCPT"), or the
     last one its session transcript shows."""
+    if _REFUSED_GREETING_RE.search(text or ""):
+        return "CONN"
     found = _COMMAND_RE.search(text or "")
     if not found:
         said = _TRANSCRIPT_RE.findall(text or "")
@@ -99,20 +106,29 @@ def classify(status: str | None, smtp_code: str | None, command: str | None, dia
     detail = status.split(".", 1)[1] if status and status.count(".") == 2 else None
     if status and status[0] == "2":
         return "delivered"
-    if detail in DECISIVE:
-        return DECISIVE[detail]
     said = reason_of_text(diagnostic)
-    if said in ("rejected", "userunknown") and command in _BEFORE_MAIL:
+    if command == "MAIL" and (said in _RECIPIENT_SIDE or DECISIVE.get(detail or "") in _RECIPIENT_SIDE):
+        return "rejected"          # MAIL FROM names no recipient: the refusal is of our sender
+    if detail in DECISIVE:
+        decided = DECISIVE[detail]
+        return said if decided in _RECIPIENT_SIDE and said in SENDER_SIDE else decided
+    if said == "hostunknown" and _temporary(status, code=smtp_code):
+        return "networkerror"
+    if said in ("rejected", "userunknown", "systemerror") and command in _BEFORE_MAIL:
         return "blocked"
     if said == "userunknown" and command == "DATA":
         return "filtered"
     if said is not None:
         return said
-    if failed and ((status or "")[:1] == "4" or (not status and (smtp_code or "")[:1] == "4")):
+    if failed and _temporary(status, code=smtp_code):
         return "expired"
     if detail and detail not in _CLASS_ONLY:
         return BY_STATUS.get(detail) or BY_STATUS.get(detail.split(".")[0], "undefined")
     return _by_reply(smtp_code, command)
+
+
+def _temporary(status: str | None, *, code: str | None) -> bool:
+    return (status or "")[:1] == "4" or (not status and (code or "")[:1] == "4")
 
 
 def _by_reply(code: str | None, command: str | None) -> Reason:

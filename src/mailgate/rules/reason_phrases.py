@@ -51,12 +51,13 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"\bdkim\b",
         r"sender policy framework",
         r"not (?:pass|passed) (?:the )?authentication",
-        r"unauthenticated (?:email|mail|sender)",
+        r"unauthenticated (?:email|mail)\b",
         r"sender (?:domain )?(?:is )?not authenticated",
         r"authentication (?:checks? )?(?:failed|failure)",
         r"5\.7\.2[3-7]\b",
     )),
     ("securityerror", (
+        r"unauthenticated senders?",
         r"authentication (?:is )?required",
         r"auth(?:entication)? (?:credentials )?invalid",
         r"invalid credentials",
@@ -122,11 +123,13 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"sending (?:too fast|rate)",
         r"throttl",
         r"slow down",
-        r"temporarily deferred due to (?:user )?complaints",
+        r"temporarily deferred due to (?:unexpected volume|user complaints)",
+        r"unexpected volume",
         r"too fast",
         r"exceeded (?:the )?(?:hourly|daily|sending) (?:rate|limit|quota)",
     )),
     ("toomanyconn", (
+        r"frequency limit",
         r"too many (?:connections|concurrent|sessions|simultaneous)",
         r"connection limit",
         r"too many recipients",
@@ -135,6 +138,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"too many (?:rcpt|hops)",
     )),
     ("notcompliantrfc", (
+        r"(?:multiple|duplicate) (?:[\w-]+ ){0,3}(?:in )?(?:from|to|date|subject|message-id)\b",
         r"rfc ?(?:2822|5322|822|5321|1123)",
         r"not (?:rfc[- ]?)?compliant",
         r"malformed (?:header|message)",
@@ -185,13 +189,14 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"changed (?:his|her|their) address",
     )),
     ("suspend", (
-        r"(?:account|mailbox|user|address)[^.]{0,30}"
+        r"(?:account|mailbox|user|address)\b[^\n;]{0,40}?"
         r"(?:disabled|suspended|inactive|deactivated|locked|expired|frozen|blocked|on hold)",
         r"(?:disabled|suspended|inactive|deactivated) (?:account|mailbox|user)",
         r"not (?:an )?active",
         r"temporarily unavailable",
     )),
     ("hostunknown", (
+        r"(?:couldn'?t|could not|cannot|unable to) find (?:a|any) mail exchanger",
         r"host (?:or domain name )?not found",
         r"domain not found",
         r"unknown host",
@@ -199,7 +204,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"no mx (?:records? )?(?:found|for)",
         r"unrout(?:e)?able (?:address|domain)",
         r"domain (?:does not|doesn'?t) exist",
-        r"name (?:service )?(?:error|not known)",
+        r"name (?:or service )?not known",
         r"nxdomain",
         r"unknown domain",
         r"no such domain",
@@ -311,7 +316,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"system error",
         r"internal (?:server )?error",
         r"server error",
-        r"service (?:is )?(?:not available|unavailable)",
+        r"service (?:is )?(?:\w+ )?(?:not available|unavailable)",
         r"temporary (?:local )?problem",
         r"try again later",
         r"resources? (?:temporarily )?unavailable",
@@ -328,6 +333,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
     ("rejected", (
         r"(?:don'?t|not) have permission to post",       # a list or group refusing the sender (Google Groups)
         r"group you tried to contact",
+        r"groups\.google\.com/support",               # the same refusal in any language links its help
         r"sender (?:address )?(?:rejected|refused|denied|unknown)",
         r"domain of sender",
         r"sender verify",
@@ -344,8 +350,17 @@ COMPILED: tuple[tuple[Reason, re.Pattern[str]], ...] = tuple(
     (reason, re.compile("|".join(phrases), re.I)) for reason, phrases in PHRASES)
 
 
+# A multi-line reply folded to one line repeats its codes inside the text ("550-5.7.1 Messages
+# with multiple 550-5.7.1 addresses in From"): the repeats are dropped before the phrases are read.
+_REPLY_CODE_RE = re.compile(r"(?<!\S)[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}\s+)?")
+_REPEATED_CODE_RE = re.compile(r"(?<=\S)\s+[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}\s+)?(?=\S)")
+
+
 def reason_of_text(text: str | None) -> Reason | None:
     """The first reason whose phrases the diagnostic contains, or None."""
     if not text:
         return None
+    first = _REPLY_CODE_RE.search(text)
+    if first:
+        text = text[:first.end()] + _REPEATED_CODE_RE.sub(" ", text[first.end():])
     return next((reason for reason, pattern in COMPILED if pattern.search(text)), None)
