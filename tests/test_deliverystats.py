@@ -19,6 +19,7 @@ from mailgate.commands.deliverystats import main_stats, prometheus_text, render_
 from mailgate.configfile import parse_config
 from mailgate.rules.reason_vocabulary import is_hard
 from mailgate.store import BounceRecord, DeliveryRecord
+from mailgate.store.interface import ReputationAlert
 from mailgate.store.sqlite import SQLiteStore
 
 CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
@@ -156,3 +157,17 @@ def test_main_stats(store, capsys):
     parse_exposition(capsys.readouterr().out)
     assert main_stats(config, "a week", as_json=False, prometheus=False, now=NOW) == 2
     assert "--since" in capsys.readouterr().err
+
+
+def test_stats_shows_the_reputation_alerts_of_the_period(store, capsys):
+    """docs/rules.md B6: receivers refusing us, per server and domain, in `stats`."""
+    store.record_reputation_alert(ReputationAlert(DAY2, "transactional", "big.example", "blocked", 12, DAY2 + 60))
+    store.record_reputation_alert(ReputationAlert(DAY1 - 86400, "mass", "old.example", "spamdetected", 10, DAY1))
+    config = replace(CONFIG, database=store.path)
+    assert main_stats(config, "2026-11-02", as_json=True, prometheus=False, now=NOW) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(a["server"], a["domain"], a["reason"], a["bounces"]) for a in data["reputation"]] == [
+        ("transactional", "big.example", "blocked", 12)]
+    assert main_stats(config, "2026-11-02", as_json=False, prometheus=False, now=NOW) == 0
+    text = capsys.readouterr().out
+    assert "# reputation alerts" in text and "big.example" in text and "old.example" not in text
