@@ -57,7 +57,8 @@ def test_the_documented_sample_gives_its_reason(reason, sample):
     (None, "553", "MAIL", None, "rejected"),
     (None, "451", None, None, "expired"),                           # given up on a temporary failure
     ("4.4.1", None, None, None, "expired"),
-    ("4.4.1", None, None, "Connection timed out", "networkerror"),
+    ("4.4.1", None, None, "Connection timed out", "expired"),      # given up: the last try's trouble is no more
+    ("4.2.2", None, None, "Mailbox full", "mailboxfull"),           # ...but a telling reason stays
     ("5.7.1", None, None, None, "securityerror"),                   # the subject alone
     ("5.2.1", "550", "RCPT", None, "suspend"),
     ("5.2.1", "550", "RCPT", "User Unknown", "userunknown"),        # the text refines 5.2.1
@@ -71,6 +72,7 @@ def test_order_of_trust(status, code, command, text, reason):
 
 def test_a_delayed_recipient_is_not_expired():
     assert classify("4.4.1", None, None, None, failed=False) == "networkerror"
+    assert classify("4.4.1", None, None, "Connection timed out", failed=False) == "networkerror"
 
 
 @pytest.mark.parametrize("reason, permanent, hard", [

@@ -6,7 +6,9 @@ Four things say why a recipient failed, in this order of trust:
    mailbox full, `5.7.26` authentication failed) it decides on its own, in `DECISIVE`;
 2. the diagnostic text, read with the phrase tables of `reason_phrases`, where the status is
    generic (`5.0.0`, `5.7.1`, `5.2.0`) or missing. A failure given up on after retries with a
-   `4.x.x` status and no telling words is `expired`;
+   `4.x.x` status whose words tell nothing, or only of network trouble, is `expired`. The SMTP
+   command refines the words (before MAIL FROM: `blocked`; an unknown user after DATA:
+   `filtered`), and words blaming our side outrank a status blaming the address;
 3. the status code, in `BY_STATUS` (`5.2.1` disabled, `5.7.x` security, `5.4.x` network...),
    for a status whose text says nothing we know;
 4. the SMTP reply code and the command it answered (`552` to DATA: too big; `5xx` to MAIL FROM:
@@ -118,10 +120,10 @@ def classify(status: str | None, smtp_code: str | None, command: str | None, dia
         return "blocked"
     if said == "userunknown" and command == "DATA":
         return "filtered"
+    if failed and _temporary(status, code=smtp_code) and said in (None, "networkerror"):
+        return "expired"           # given up after retries: the last attempt's network trouble is no more
     if said is not None:
         return said
-    if failed and _temporary(status, code=smtp_code):
-        return "expired"
     if detail and detail not in _CLASS_ONLY:
         return BY_STATUS.get(detail) or BY_STATUS.get(detail.split(".")[0], "undefined")
     return _by_reply(smtp_code, command)

@@ -17,6 +17,7 @@ from mailgate.rules.reason_vocabulary import Reason
 
 PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
     ("norelaying", (
+        r"not configured to relay",
         r"relay(?:ing)? (?:access )?(?:denied|not permitted|not allowed|prohibited)",
         r"not (?:permitted|allowed|authori[sz]ed) to relay",
         r"unable to relay",
@@ -36,6 +37,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"starttls failed",
     )),
     ("requireptr", (
+        r"ip name lookup failed",
         r"reverse (?:dns|lookup|hostname)",
         r"\bptr\b",
         r"rdns",
@@ -46,6 +48,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"not resolve to the ip",
     )),
     ("authfailure", (
+        r"fails? to pass (?:\w+ ){0,3}authentication",
+        r"does not have authentication information",
         r"\bspf\b",
         r"\bdmarc\b",
         r"\bdkim\b",
@@ -98,6 +102,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"content (?:looks|seems) suspicious",
     )),
     ("blocked", (
+        r"not accepting connections",
         r"block ?list",
         r"black ?list",
         r"\bdnsbl\b",
@@ -117,6 +122,16 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"\(s3150\)",
         r"\bs3140\b",
     )),
+    ("toomanyconn", (
+        r"frequency limit",
+        r"connection rate",
+        r"too many (?:connections|concurrent|sessions|simultaneous)",
+        r"connection limit",
+        r"too many recipients",
+        r"recipients? limit",
+        r"maximum (?:number of )?recipients",
+        r"too many rcpt",
+    )),
     ("speeding", (
         r"rate ?limit",
         r"too (?:many|much) (?:mail|messages|emails)",
@@ -127,15 +142,6 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"unexpected volume",
         r"too fast",
         r"exceeded (?:the )?(?:hourly|daily|sending) (?:rate|limit|quota)",
-    )),
-    ("toomanyconn", (
-        r"frequency limit",
-        r"too many (?:connections|concurrent|sessions|simultaneous)",
-        r"connection limit",
-        r"too many recipients",
-        r"recipients? limit",
-        r"maximum (?:number of )?recipients",
-        r"too many (?:rcpt|hops)",
     )),
     ("notcompliantrfc", (
         r"(?:multiple|duplicate) (?:[\w-]+ ){0,3}(?:in )?(?:from|to|date|subject|message-id)\b",
@@ -148,6 +154,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"bare (?:lf|linefeed|newline)s?",
     )),
     ("policyviolation", (
+        r"content presents a potential security issue",
         r"polic(?:y|ies)",
         r"prohibited",
         r"not accepted for policy",
@@ -299,6 +306,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"queue timeout",
     )),
     ("networkerror", (
+        r"too many hops",
         r"connection (?:timed out|refused|reset|lost|closed|dropped)",
         r"timed? ?out",
         r"no route to host",
@@ -320,7 +328,6 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"temporary (?:local )?problem",
         r"try again later",
         r"resources? (?:temporarily )?unavailable",
-        r"too many hops",
         r"loop detected",
         r"routing loop",
     )),
