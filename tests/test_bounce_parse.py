@@ -444,3 +444,14 @@ def test_eight_bit_text_under_a_seven_bit_label_is_read_as_utf8():
     from mailgate.bounceparse.mime import header_text
     msg = email.message_from_bytes((SAMPLES / "kddi-au.eml").read_bytes())
     assert header_text(msg.get("subject")) == "メールエラー通知"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_sample_saved_with_crlf_or_cr_reads_the_same(name):
+    raw = (SAMPLES / name).read_bytes()
+    want = parse_bounce(raw)
+    for ends in (b"\r\n", b"\r"):
+        got = parse_bounce(raw.replace(b"\n", ends))
+        assert [(r.address, r.reason, r.hard) for r in got.recipients] == [
+            (r.address, r.reason, r.hard) for r in want.recipients]
+        assert got.is_bounce is want.is_bounce and got.kind == want.kind

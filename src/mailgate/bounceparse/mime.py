@@ -94,10 +94,11 @@ def capped(raw: bytes) -> bytes:
     """At most 1 MiB, lines at most 998 bytes (RFC 5322): the report and the returned headers
     always fit, and no regular expression downstream ever sees a megabyte-long line. A longer
     line is split the way Sendmail splits one ("!", a newline, a space: a folded header stays
-    one header), so that a reader of long lines (an SES notification's JSON) can join it."""
+    one header), so that a reader of long lines (an SES notification's JSON) can join it. Line
+    ends are made LF (a report saved with CRLF or bare CR reads like one with LF)."""
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogateescape")
-    data = bytes(raw[:MAX_INPUT])
+    data = bytes(raw[:MAX_INPUT]).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     lines = data.split(b"\n")
     if any(len(line) > MAX_LINE for line in lines):
         step = MAX_LINE - len(SPLIT_MARK)
