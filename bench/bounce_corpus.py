@@ -24,7 +24,9 @@ Figures, over samples whose expectations name at least one failure (not only `de
   min(found, expected) over the sum expected, precision the same over the sum found;
 - reason agreement: expected entries whose reason one of ours matches (as multisets per sample);
 - hard/soft agreement: the same for the hard flag (before reasons existed, `permanent` stood for
-  hard, which is what the blacklist counted).
+  hard, which is what the blacklist counted);
+- the last two again over the samples read as bounces only (`..._on_bounces`), leaving out the
+  delay notices, whose delayed recipients mailgate does not judge as failures.
 
 Every figure is printed as `RESULT name value`; `--verbose` also lists each disagreement.
 """
@@ -84,6 +86,10 @@ def measure(samples: Path, expected: dict[str, list[tuple[str, bool]]], verbose:
         totals["matched"] += min(len(found), len(failures))
         totals["reasons"] += _overlap(reasons, [f[0] for f in failures])
         totals["hards"] += _overlap(hards, [f[1] for f in failures])
+        if report.is_bounce:
+            totals["failed_expected"] += len(failures)
+            totals["failed_reasons"] += _overlap(reasons, [f[0] for f in failures])
+            totals["failed_hards"] += _overlap(hards, [f[1] for f in failures])
         if verbose and (not found or Counter(reasons) != Counter(f[0] for f in failures)):
             print(f"{name}: expected {[f[0] for f in failures]} {[int(f[1]) for f in failures]}, "
                   f"got {reasons} {[int(h) for h in hards]} bounce={report.is_bounce}")
@@ -95,6 +101,8 @@ def measure(samples: Path, expected: dict[str, list[tuple[str, bool]]], verbose:
         "recipient_precision": totals["matched"] / max(totals["found"], 1),
         "reason_agreement": totals["reasons"] / max(totals["expected"], 1),
         "hard_soft_agreement": totals["hards"] / max(totals["expected"], 1),
+        "reason_agreement_on_bounces": totals["failed_reasons"] / max(totals["failed_expected"], 1),
+        "hard_soft_agreement_on_bounces": totals["failed_hards"] / max(totals["failed_expected"], 1),
     }
 
 
