@@ -115,3 +115,38 @@ def test_repeated_codes_of_a_folded_reply_are_read_past():
 
 def test_text_without_known_words():
     assert reason_of_text("the weather is nice") is None and reason_of_text(None) is None
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("550 Connection rate limit exceeded for your host", "toomanyconn"),
+    ("550 Ip frequency limited, try later", "toomanyconn"),
+    ("550 5.1.1 192.0.2.7 has sent to too many recipients this hour", "speeding"),
+    ("452 4.5.3 Too many recipients", "toomanyconn"),
+    ("421 4.7.0 Messages from 192.0.2.7 temporarily deferred due to unexpected volume", "speeding"),
+    ("450 4.7.1 Access denied. IP name lookup failed [192.0.2.7]", "requireptr"),
+    ("501 RCPT TO not accepted: this system is not configured to relay mail", "norelaying"),
+    ("554 mx.example.org ESMTP not accepting connections", "blocked"),
+    ("550 This message fails to pass SPF authentication checks", "authfailure"),
+    ("550 Unauthenticated senders not allowed", "securityerror"),
+    ("552 This message was blocked because its content presents a potential security issue", "policyviolation"),
+    ("550 Messages with multiple Subject headers are not accepted. To reduce the amount of spam...", "notcompliantrfc"),
+    ("User jdoe (jdoe@example.org) not listed in Domino Directory", "userunknown"),   # not a block list
+    ("550 Your IP is listed at bl.example.net", "blocked"),
+    ("The email address wasn’t found at the destination domain", "userunknown"),
+    ("Error: No valid recipients for this MM", "userunknown"),
+    ("550 User lee@example.org temporary locked. Please try again later", "suspend"),
+    ("Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)", "hostunknown"),
+    ("an MX or SRV record indicated no SMTP service", "notaccept"),
+    ("lee@example.org: Envelope expired", "expired"),
+    ("Delivery failed 12 attempts: lee@example.org", "expired"),
+    ("The recipient server did not accept our requests to connect", "networkerror"),
+    ("421 Host not reachable", "networkerror"),
+    ("554 5.4.6 Too many hops", "networkerror"),
+    ("the group you tried to contact (sales) may not exist, or you may not have permission to post", "rejected"),
+    ("Si tienes preguntas, visita https://groups.google.com/support/", "rejected"),
+    ("Received: from mx; Content-Type: text/plain; charset=utf-8 Host not found", "hostunknown"),  # quoted headers
+    ("554 5.6.0 Invalid MIME structure", "contenterror"),
+])
+def test_wording(text, reason):
+    """Phrases beyond the table's one sample each: every one is a general wording, written here."""
+    assert reason_of_text(text) == reason

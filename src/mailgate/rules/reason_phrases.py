@@ -78,6 +78,16 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"low (?:sender )?score",
         r"(?:ip|domain) (?:has a )?poor",
     )),
+    ("notcompliantrfc", (
+        r"(?:multiple|duplicate) (?:[\w-]+ ){0,3}(?:in )?(?:from|to|date|subject|message-id)\b",
+        r"rfc ?(?:2822|5322|822|5321|1123)",
+        r"not (?:rfc[- ]?)?compliant",
+        r"malformed (?:header|message)",
+        r"(?:multiple|duplicate|missing|invalid) (?:[\w-]+ )?(?:header|message-id|from|date)\b",
+        r"header (?:is )?(?:malformed|invalid)",
+        r"8-?bit data",
+        r"bare (?:lf|linefeed|newline)s?",
+    )),
     ("virusdetected", (
         r"virus",
         r"malware",
@@ -107,7 +117,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"black ?list",
         r"\bdnsbl\b",
         r"\brbl\b",
-        r"listed (?:at|on|in|by)",
+        r"(?<!not )listed (?:at|on|in|by) (?!(?:the )?(?:[\w-]+ )?directory)",
         r"blocked using",
         r"ip (?:address )?(?:is |has been )?(?:blocked|banned|blacklisted|rejected)",
         r"client host (?:\[[^\]]*\] )?(?:is )?(?:blocked|rejected)",
@@ -127,12 +137,13 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"connection rate",
         r"too many (?:connections|concurrent|sessions|simultaneous)",
         r"connection limit",
-        r"too many recipients",
+        r"too many recipients(?! (?:this|per|an|in the last) (?:hour|day|minute))",
         r"recipients? limit",
         r"maximum (?:number of )?recipients",
         r"too many rcpt",
     )),
     ("speeding", (
+        r"too many (?:recipients|messages) (?:this|per|an|in the last) (?:hour|day|minute)",
         r"rate ?limit",
         r"too (?:many|much) (?:mail|messages|emails)",
         r"sending (?:too fast|rate)",
@@ -142,16 +153,6 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"unexpected volume",
         r"too fast",
         r"exceeded (?:the )?(?:hourly|daily|sending) (?:rate|limit|quota)",
-    )),
-    ("notcompliantrfc", (
-        r"(?:multiple|duplicate) (?:[\w-]+ ){0,3}(?:in )?(?:from|to|date|subject|message-id)\b",
-        r"rfc ?(?:2822|5322|822|5321|1123)",
-        r"not (?:rfc[- ]?)?compliant",
-        r"malformed (?:header|message)",
-        r"(?:multiple|duplicate|missing|invalid) (?:[\w-]+ )?(?:header|message-id|from|date)\b",
-        r"header (?:is )?(?:malformed|invalid)",
-        r"8-?bit data",
-        r"bare (?:lf|linefeed|newline)s?",
     )),
     ("policyviolation", (
         r"content presents a potential security issue",
@@ -221,6 +222,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"dns lookup failed",
     )),
     ("notaccept", (
+        r"(?:record )?indicated no smtp service",
         r"does not accept (?:e-?)?mail",
         r"not accept(?:ing)? (?:any )?(?:e-?)?mail",
         r"null mx",
@@ -253,6 +255,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"invalid (?:final delivery )?user ?id\b",
         r"no such local user",
         r"no valid recipients",
+        r"address (?:wasn'?t|was not) found",
         r"address (?:couldn'?t|could not) be found",
         r"unrouteable address",
         r"見つかりません",
@@ -273,12 +276,10 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"sender (?:is )?not (?:allowed|permitted)",
     )),
     ("contenterror", (
-        r"content",
-        r"attachment",
-        r"mime",
-        r"encoding",
-        r"character set",
-        r"charset",
+        r"content (?:rejected|refused|not accepted|error)",
+        r"(?:invalid|malformed|bad|broken|illegal|unsupported) (?:mime|attachment|encoding|character set|charset)",
+        r"mime (?:error|structure|type not allowed)",
+        r"attachments? (?:\w+ )?(?:not allowed|rejected|blocked|prohibited)",
     )),
     ("mailererror", (
         r"pipe to ",
@@ -296,6 +297,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"no space left",
     )),
     ("expired", (
+        r"envelope expired",
+        r"failed \d+ (?:delivery )?attempts",
         r"retry time(?:out)? (?:not reached|exceeded)",
         r"failing for a long time",
         r"message expired",
@@ -306,6 +309,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"queue timeout",
     )),
     ("networkerror", (
+        r"(?:did not|didn'?t) accept our requests to connect",
+        r"(?:host|server|destination) (?:is )?not reachable",
         r"too many hops",
         r"connection (?:timed out|refused|reset|lost|closed|dropped)",
         r"timed? ?out",
@@ -367,6 +372,7 @@ def reason_of_text(text: str | None) -> Reason | None:
     """The first reason whose phrases the diagnostic contains, or None."""
     if not text:
         return None
+    text = text.replace("\u2019", "'")      # a typographic apostrophe ("wasn’t") reads as a plain one
     first = _REPLY_CODE_RE.search(text)
     if first:
         text = text[:first.end()] + _REPEATED_CODE_RE.sub(" ", text[first.end():])
