@@ -608,8 +608,9 @@ def test_migration_from_v7_leaves_older_messages_with_unknown_recipients(open_sa
 def test_migration_from_v8_gives_every_bounce_its_reason(open_same, monkeypatch):
     """The text recorded so far moves to `diagnostic`; the reason and the hard flag are read
     from it; the blacklist is left to be judged once more (the task is taken once)."""
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:8])
-    monkeypatch.setattr(postgres_backend, "MIGRATIONS", postgres_backend.MIGRATIONS[:8])
+    full = (sqlite_backend.MIGRATIONS, postgres_backend.MIGRATIONS)
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", full[0][:8])
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", full[1][:8])
     old = open_same()
     assert old.schema_version == 8
     for status, text, permanent in (("5.1.1", "550 5.1.1 no such user", 1),
@@ -617,7 +618,9 @@ def test_migration_from_v8_gives_every_bounce_its_reason(open_same, monkeypatch)
                                     (None, None, None)):
         _old_bounce_row(old, status, text, permanent)
     old.close()
-    monkeypatch.undo()
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", full[0])
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", full[1])
+    monkeypatch.setattr(sql_backend, "CLASSIFY_BATCH", 2)       # three rows: two batches
     new = open_same()
     assert new.schema_version == len(sqlite_backend.MIGRATIONS)
     rows = sorted(new.bounce_rows(address="a@y"), key=lambda b: b.id)

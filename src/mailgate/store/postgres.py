@@ -28,10 +28,9 @@ from mailgate.store.sql import (
     QUOTA_COUNTERS,
     RECLASSIFY,
     TABLES_WITH_IDS,
-    UNCLASSIFIED,
     SQLStore,
-    classified_bounces,
     new_store_id,
+    reclassify_bounces,
 )
 
 
@@ -41,8 +40,8 @@ def _identify(conn: psycopg.Connection) -> None:
 
 def _classify_bounces(conn: psycopg.Connection) -> None:
     """v9: each bounce's reason and hard flag from the text recorded so far (sqlite's `_v9`)."""
-    rows = conn.execute(UNCLASSIFIED).fetchall()
-    conn.cursor().executemany(RECLASSIFY.replace("?", "%s"), classified_bounces(rows))
+    reclassify_bounces(lambda sql, params: conn.execute(sql.replace("?", "%s"), params).fetchall(),
+                       lambda batch: conn.cursor().executemany(RECLASSIFY.replace("?", "%s"), batch))
 
 
 # The same versions as the SQLite schema (mailgate.store.sqlite.MIGRATIONS), in PostgreSQL's DDL;

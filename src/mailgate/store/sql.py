@@ -50,7 +50,8 @@ PURGE_BATCH = 1000   # rows per purge transaction: the write lock is held for on
 # What retention may delete: table -> (its key, its time column). Never the blacklist, nor
 # log_positions (where watch-log stands).
 PURGEABLE = {"messages": ("id", "created_at"), "inbound_messages": ("id", "created_at"),
-             "bounces": ("id", "created_at"), "bounce_resets": ("address", "at"), "deliveries": ("id", "at")}
+             "bounces": ("id", "created_at"), "bounce_resets": ("address", "at"), "deliveries": ("id", "at"),
+             "reputation_alerts": ("window_start", "window_start")}
 # Every table holding the store's data (not its schema version nor its identity), parents before
 # the rows that name them: what `migrate-store` copies, the only tables its methods take by name.
 DATA_TABLES = ("messages", "outbound_recipients", "inbound_messages", "inbound_routes", "bounces", "bounce_resets",
@@ -86,6 +87,17 @@ def _stored_bounce(row: dict) -> StoredBounce:
                            "matched": bool(row["matched"]), "hard": bool(row["hard"])})
 
 
+def reclassify_bounces(fetch: Callable[[str, list[Any]], Sequence[Sequence[Any]]],
+                       write: Callable[[list[tuple[str, int, str | None, int]]], object]) -> None:
+    """Schema v9 on either backend: every bounce classified, `CLASSIFY_BATCH` rows at a time
+    (a million rows never sit in memory at once). `fetch(sql, params)` reads rows, `write` runs
+    `RECLASSIFY` over a batch."""
+    last = 0
+    while rows := fetch(UNCLASSIFIED, [last, CLASSIFY_BATCH]):
+        write(classified_bounces(rows))
+        last = rows[-1][0]
+
+
 def classified_bounces(rows: Sequence[Sequence[Any]]) -> list[tuple[str, int, str | None, int]]:
     """Schema v9: rows (id, status, reason text, permanent) of bounces recorded before reasons
     existed, as the values of `RECLASSIFY` (the text moves to `diagnostic`)."""
@@ -97,7 +109,8 @@ def classified_bounces(rows: Sequence[Sequence[Any]]) -> list[tuple[str, int, st
 
 
 RECLASSIFY = "update bounces set reason = ?, hard = ?, diagnostic = ? where id = ?"
-UNCLASSIFIED = "select id, status, reason, permanent from bounces"
+CLASSIFY_BATCH = 5000
+UNCLASSIFIED = "select id, status, reason, permanent from bounces where id > ? order by id limit ?"
 
 
 def _data_table(table: str) -> str:

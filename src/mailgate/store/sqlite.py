@@ -23,10 +23,9 @@ from mailgate.store.interface import PENDING_REEVALUATION, StoreUnavailable
 from mailgate.store.sql import (
     QUOTA_COUNTERS,
     RECLASSIFY,
-    UNCLASSIFIED,
     SQLStore,
-    classified_bounces,
     new_store_id,
+    reclassify_bounces,
 )
 
 BUSY_TIMEOUT_MS = 5000
@@ -145,8 +144,8 @@ def _v9(db: sqlite_utils.Database) -> None:
     db.table("bounces").add_column("diagnostic", str)
     db.table("bounces").add_column("hard", int)
     db.execute("update bounces set hard = 0")
-    rows = db.execute(UNCLASSIFIED).fetchall()
-    db.conn.executemany(RECLASSIFY, classified_bounces(rows))
+    reclassify_bounces(lambda sql, params: db.execute(sql, params).fetchall(),
+                       lambda batch: db.conn.executemany(RECLASSIFY, batch))
     db.table("bounces").create_index(["created_at", "hard", "permanent", "reason", "server", "recipient"])
     db.table("bounces").drop_index("idx_bounces_created_at_permanent_server_recipient")
     db.execute("create table reputation_alerts (window_start real not null, server text not null, "
