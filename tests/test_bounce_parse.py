@@ -455,3 +455,16 @@ def test_a_sample_saved_with_crlf_or_cr_reads_the_same(name):
         assert [(r.address, r.reason, r.hard) for r in got.recipients] == [
             (r.address, r.reason, r.hard) for r in want.recipients]
         assert got.is_bounce is want.is_bounce and got.kind == want.kind
+
+
+@pytest.mark.parametrize("diagnostic, reason", [
+    ("X-Unix; 75", "mailererror"),
+    ("x-unix; procmail: Couldn't create \"/var/mail/lee\": No such user", "mailererror"),
+    ("x-unix; Quota exceeded, message delivery failed", "mailboxfull"),
+])
+def test_a_local_programs_failure_is_a_mailer_error(diagnostic, reason):
+    """docs/rules.md B4: a Diagnostic-Code of type x-unix is a delivery program's exit."""
+    groups = ("Reporting-MTA: dns; mx.example.org\n\nFinal-Recipient: rfc822; lee@example.net\n"
+              f"Action: failed\nStatus: 5.0.0\nDiagnostic-Code: {diagnostic}\n")
+    [recipient] = parse_bounce(_dsn(groups)).recipients
+    assert (recipient.reason, recipient.hard) == (reason, False)

@@ -101,7 +101,8 @@ def _dsn_recipient(block: Message, human: str, named: list[str]) -> BouncedRecip
         status = said or status
     action = stated or _action("", status)
     remote = _host(field(block, "remote-mta")) or remote_mta(reason)
-    return judged(address, status, action, reason, remote, transcript=about)
+    program = field(block, "diagnostic-code").split(";", 1)[0].strip().lower() == "x-unix"
+    return judged(address, status, action, reason, remote, transcript=about, program=program)
 
 
 def _action(value: str, status: str | None) -> str | None:

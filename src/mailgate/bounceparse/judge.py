@@ -12,12 +12,15 @@ from mailgate.rules.reason_vocabulary import is_hard
 
 
 def judged(address: str, status: str | None, action: str | None, diagnostic: str | None,
-           remote_mta: str | None, *, context: str | None = None, transcript: str | None = None) -> BouncedRecipient:
+           remote_mta: str | None, *, context: str | None = None, transcript: str | None = None,
+           program: bool = False) -> BouncedRecipient:
     """`context`: report wording outside the recipient's own lines (the introduction of a
     free-text report), read for permanence and the reason only when the recipient's lines say
     nothing;
     `transcript`: the report's human-readable lines about the recipient, where the SMTP command
-    it failed at is often told when the diagnostic does not say."""
+    it failed at is often told when the diagnostic does not say; `program`: the diagnostic is a
+    local delivery program's (DSN type `x-unix`: procmail, a pipe's exit status), whose failure
+    is a mailer error unless its words say the mailbox is full."""
     code = bt.find_smtp_code(diagnostic)
     permanent = bt.is_permanent(status, diagnostic, smtp_code=code)
     if permanent is None and context:
@@ -29,5 +32,7 @@ def judged(address: str, status: str | None, action: str | None, diagnostic: str
     reason = classify(said, code, command, diagnostic, failed=action == "failed")
     if reason == "undefined" and context:
         reason = classify(said, code, command, context, failed=action == "failed")
+    if program and reason != "mailboxfull":
+        reason = "mailererror"
     return BouncedRecipient(address, permanent, status, action, clean(diagnostic), clean(remote_mta),
                             reason, is_hard(reason, permanent))
