@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mailgate.bounceparse import BounceReport, find_token, parse_bounce, phrases as bouncetext, report_json
+from mailgate.rules.reason_vocabulary import REASONS
 from thoroughness import examples
 
 SAMPLES = Path(__file__).parent / "bounces"
@@ -43,7 +44,8 @@ def test_sample(name):
     report = parse_bounce(raw)
     assert report.is_bounce is want["is_bounce"]
     assert report.kind == want["kind"]
-    got = [{"address": r.address, "permanent": r.permanent, "status": r.status} for r in report.recipients]
+    got = [{"address": r.address, "permanent": r.permanent, "status": r.status, "reason": r.reason, "hard": r.hard}
+           for r in report.recipients]
     assert got == want["recipients"]
     assert [r.address for r in report.delayed] == want["delayed"]
     assert all(r.action == "failed" for r in report.recipients)
@@ -64,12 +66,13 @@ def test_autoreplies_are_not_bounces_even_where_flufl_matches(name):
 
 def test_reasons_and_mtas_are_read():
     exim = parse_bounce((SAMPLES / "exim.eml").read_bytes()).recipients[0]
-    assert "User unknown in local recipient table" in exim.reason
+    assert "User unknown in local recipient table" in exim.diagnostic
+    assert (exim.reason, exim.hard) == ("userunknown", True)
     assert exim.remote_mta == "mx2.example.org"
     gmail = parse_bounce((SAMPLES / "gmail.eml").read_bytes())
     assert gmail.reporting_mta == "googlemail.com"
     assert gmail.recipients[0].remote_mta == "gmail-smtp-in.l.google.com"
-    assert "\n" not in gmail.recipients[0].reason
+    assert "\n" not in gmail.recipients[0].diagnostic
     assert parse_bounce((SAMPLES / "qmail.eml").read_bytes()).reporting_mta == "mail.example.net"
 
 
@@ -77,23 +80,26 @@ def test_report_json_has_exactly_the_agreed_keys():
     report = parse_bounce((SAMPLES / "multi-recipient.eml").read_bytes())
     out = report_json(report, "tok")
     assert set(out) == {"is_bounce", "recipients", "token"}
-    assert all(set(r) == {"address", "permanent", "status", "reason"} for r in out["recipients"])
+    assert all(set(r) == {"address", "permanent", "hard", "status", "reason", "diagnostic"} for r in out["recipients"])
+    assert [(r["reason"], r["hard"], r["permanent"]) for r in out["recipients"]] == [
+        ("userunknown", True, True), ("mailboxfull", False, True)]
     assert out["token"] == "tok" and out["is_bounce"] is True
     assert json.loads(json.dumps(out)) == out
     assert report_json(parse_bounce(b""), None) == {"is_bounce": False, "recipients": [], "token": None}
 
 
-# --- hard or soft ---------------------------------------------------------------------------
+# --- permanent or not (hard, the recipient's fault, is tested with the reasons) ---------------
 
 @pytest.mark.parametrize("status, text, expected", [
     ("5.1.1", "User unknown", True),
     ("4.4.1", "Connection timed out", False),
-    ("5.2.2", "Mailbox full", False),            # the documented exception: full is soft
+    ("5.2.2", "Mailbox full", True),             # permanent, but not the recipient's fault
+    ("4.2.2", "Mailbox full", False),
     ("4.2.2", None, False),
     ("5.7.1", "try again later", True),          # the DSN's status class outranks wording
     (None, "550 Requested action not taken: mailbox unavailable", True),
     (None, "451 please try again later", False),
-    (None, "552 Requested mail action aborted: exceeded storage allocation", False),
+    (None, "552 Requested mail action aborted: exceeded storage allocation", True),
     (None, "554 delivery error: dd This user doesn't have a example.com account", True),
     (None, "No such user here", True),
     (None, "Recipient address rejected: temporarily unavailable", False),
@@ -154,7 +160,7 @@ def test_groups_without_blank_lines_between_them():
               "Action: failed\nStatus: 5.1.1\nFinal-Recipient: rfc822; two@example.net\n"
               "Action: failed\nStatus: 5.2.2\n")
     report = parse_bounce(_dsn(groups))
-    assert [(r.address, r.permanent) for r in report.recipients] == [
+    assert [(r.address, r.hard) for r in report.recipients] == [
         ("one@example.net", True), ("two@example.net", False)]
 
 
@@ -306,10 +312,11 @@ def test_fuzz_mutated_samples(sample, seed, steps):
     raw = _mutate(sample, random.Random(seed), steps)
     report = parse_bounce(raw)
     assert isinstance(report, BounceReport)
-    assert report.is_bounce == bool(report.recipients)
+    assert report.is_bounce == (bool(report.recipients) or report.kind == "unnamed")
     for r in report.recipients + report.delayed:
         assert "@" in r.address and r.address == r.address.lower() and "<" not in r.address
-        assert r.reason is None or len(r.reason) <= 500
+        assert r.diagnostic is None or len(r.diagnostic) <= 500
+        assert r.reason in REASONS and r.hard in (True, False)
     json.dumps(report_json(report, find_token(raw)))
 
 
@@ -394,3 +401,71 @@ def test_failure_status_outranks_an_earlier_success_status():
     transcript = "<<< 250 2.1.5 Recipient ok >>> DATA <<< 554 5.7.1 Message content rejected"
     assert bouncetext.find_status(transcript) == "5.7.1"
     assert bouncetext.find_status("Status: 2.0.0 (delivered)") == "2.0.0"
+
+
+# --- formats beyond RFC 3464 (docs/rules.md B1) -----------------------------------------------
+
+def _ses(notice: dict) -> bytes:
+    return ("From: AWS Notifications <no-reply@sns.amazonaws.com>\nTo: bounce+tok@mycompany.example.com\n"
+            "Subject: AWS Notification Message\nContent-Type: text/plain\n\n" + json.dumps(notice) + "\n").encode()
+
+
+def test_ses_notification_without_the_sns_envelope_and_split_lines():
+    notice = {"notificationType": "Bounce", "bounce": {"bounceType": "Transient", "bouncedRecipients": [
+        {"emailAddress": "full@example.org", "status": "4.2.2", "diagnosticCode": "smtp; 452 4.2.2 Mailbox full"}]},
+        "mail": {"commonHeaders": {"messageId": "<m1@mycompany.example.com>"}}}
+    raw = _ses(notice)
+    long_line = raw.split(b"\n")[4]
+    split = raw.replace(long_line, long_line[:60] + b"!\n " + long_line[60:])   # Sendmail's line splitting
+    for message in (raw, split):
+        report = parse_bounce(message)
+        assert (report.kind, report.original_message_id) == ("ses", "<m1@mycompany.example.com>")
+        assert [(r.address, r.permanent, r.reason, r.hard) for r in report.recipients] == [
+            ("full@example.org", False, "mailboxfull", False)]
+
+
+@pytest.mark.parametrize("kind", ["Complaint", "Delivery"])
+def test_ses_complaints_and_deliveries_are_no_bounce(kind):
+    report = parse_bounce(_ses({"notificationType": kind, "complaint": {"complainedRecipients": [
+        {"emailAddress": "a@example.org"}]}}))
+    assert (report.is_bounce, report.recipients) == (False, ())
+
+
+def test_a_line_longer_than_998_bytes_is_split_not_cut():
+    from mailgate.bounceparse.mime import MAX_LINE, SPLIT_MARK, capped
+    line = b"x" * 2500
+    out = capped(b"Subject: s\n\n" + line + b"\n")
+    assert max(len(part) for part in out.split(b"\n")) <= MAX_LINE
+    assert out.replace(SPLIT_MARK, b"").endswith(line + b"\n")
+
+
+def test_eight_bit_text_under_a_seven_bit_label_is_read_as_utf8():
+    report = parse_bounce((SAMPLES / "kddi-au.eml").read_bytes())
+    assert report.recipients[0].reason == "mailboxfull"
+    from mailgate.bounceparse.mime import header_text
+    msg = email.message_from_bytes((SAMPLES / "kddi-au.eml").read_bytes())
+    assert header_text(msg.get("subject")) == "メールエラー通知"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_sample_saved_with_crlf_or_cr_reads_the_same(name):
+    raw = (SAMPLES / name).read_bytes()
+    want = parse_bounce(raw)
+    for ends in (b"\r\n", b"\r"):
+        got = parse_bounce(raw.replace(b"\n", ends))
+        assert [(r.address, r.reason, r.hard) for r in got.recipients] == [
+            (r.address, r.reason, r.hard) for r in want.recipients]
+        assert got.is_bounce is want.is_bounce and got.kind == want.kind
+
+
+@pytest.mark.parametrize("diagnostic, reason", [
+    ("X-Unix; 75", "mailererror"),
+    ("x-unix; procmail: Couldn't create \"/var/mail/lee\": No such user", "mailererror"),
+    ("x-unix; Quota exceeded, message delivery failed", "mailboxfull"),
+])
+def test_a_local_programs_failure_is_a_mailer_error(diagnostic, reason):
+    """docs/rules.md B4: a Diagnostic-Code of type x-unix is a delivery program's exit."""
+    groups = ("Reporting-MTA: dns; mx.example.org\n\nFinal-Recipient: rfc822; lee@example.net\n"
+              f"Action: failed\nStatus: 5.0.0\nDiagnostic-Code: {diagnostic}\n")
+    [recipient] = parse_bounce(_dsn(groups)).recipients
+    assert (recipient.reason, recipient.hard) == (reason, False)

@@ -9,7 +9,7 @@ import pytest
 
 from mailgate.config import BounceSettings
 from mailgate.configfile import parse_config
-from mailgate.rules.blacklist import record_and_judge
+from mailgate.rules.blacklist import record_and_judge, reevaluate_blacklist
 from mailgate.rules.bounces import (
     UNTIED_ROWS_PER_REPORT,
     blacklist_verdict,
@@ -18,15 +18,24 @@ from mailgate.rules.bounces import (
     token_is_stale,
 )
 from mailgate.rules.quota import quota_allows, quota_key, quota_limit
+from mailgate.rules.reason_vocabulary import is_hard
+from mailgate.rules.reputation import (
+    PairCount,
+    alert_fields,
+    alerts_after,
+    new_alerts,
+    over_threshold,
+    window_start,
+)
 from mailgate.rules.tokens import TokenSigner
-from mailgate.store.interface import BounceFact, BounceRecord
+from mailgate.store.interface import BounceFact, BounceRecord, SenderSideCount
 
 DAY = 86400.0
 NOW = 2_000_000_000.0
 
 
-def facts(*days_ago: float, permanent: bool | None = True) -> list[BounceFact]:
-    return [BounceFact(i, NOW - d * DAY, permanent) for i, d in enumerate(days_ago)]
+def facts(*days_ago: float, permanent: bool | None = True, reason: str = "userunknown") -> list[BounceFact]:
+    return [BounceFact(i, NOW - d * DAY, permanent, reason, is_hard(reason, permanent)) for i, d in enumerate(days_ago)]
 
 
 @pytest.mark.parametrize("days_ago, due", [
@@ -44,7 +53,7 @@ def test_blacklist_rule(days_ago, due):
 
 def test_blacklist_names_the_bounces_that_caused_it():
     verdict = blacklist_verdict(facts(0, 2, 4, 6, 8), BounceSettings(), NOW)
-    assert sorted(verdict.bounce_ids) == [0, 1, 2, 3, 4] and "5 hard bounces" in verdict.reason
+    assert sorted(verdict.bounce_ids) == [0, 1, 2, 3, 4] and "5 hard bounces (userunknown)" in verdict.reason
 
 
 def test_documented_window_of_thirty_days():
@@ -52,11 +61,24 @@ def test_documented_window_of_thirty_days():
     assert not blacklist_verdict(facts(0, 10, 20, 25, 40), BounceSettings(window_days=30), NOW).due
 
 
-@pytest.mark.parametrize("permanent, count_soft, due", [
-    (True, False, True), (False, False, False), (None, False, False), (False, True, True), (None, True, True),
+@pytest.mark.parametrize("reason, permanent, count, due", [
+    ("userunknown", True, "recipient", True),
+    ("hostunknown", True, "recipient", True),
+    ("notaccept", True, "recipient", True),
+    ("notaccept", False, "recipient", False),    # a temporary "not accepting mail" is maintenance
+    ("blocked", True, "recipient", False),       # a block list refusing us is not the address's fault
+    ("spamdetected", True, "recipient", False),
+    ("mailboxfull", True, "recipient", False),
+    ("blocked", True, "permanent", True),        # mailgate's rule before reasons: every 5.x.x
+    ("mailboxfull", False, "permanent", False),
+    ("undefined", None, "permanent", False),
+    ("mailboxfull", False, "all", True),         # Odoo's rule: every bounce
+    ("undefined", None, "all", True),
 ])
-def test_soft_bounces_count_only_with_count_soft(permanent, count_soft, due):
-    verdict = blacklist_verdict(facts(0, 2, 4, 6, 8, permanent=permanent), BounceSettings(count_soft=count_soft), NOW)
+def test_bounces_count_by_mode(reason, permanent, count, due):
+    """B3 `bounces.count`: which bounces count toward the blacklist."""
+    verdict = blacklist_verdict(facts(0, 2, 4, 6, 8, permanent=permanent, reason=reason),
+                                BounceSettings(count=count), NOW)
     assert verdict.due is due
 
 
@@ -150,7 +172,7 @@ class OneMessageStore:
         return len(self.rows)
 
     def countable_bounces(self, address, since):
-        return [BounceFact(i, r.created_at, r.permanent) for i, r in enumerate(self.rows, 1)
+        return [BounceFact(i, r.created_at, r.permanent, r.reason, r.hard) for i, r in enumerate(self.rows, 1)
                 if r.recipient == address and r.matched and not r.stale]
 
     def blacklist_add(self, *args):
@@ -160,7 +182,8 @@ class OneMessageStore:
 def test_a_message_fails_once_per_recipient_however_many_reports_say_so():
     """B1/B3: five reports (five Message-IDs) on one message are one bounce, never a blacklist."""
     store = OneMessageStore()
-    record = BounceRecord(NOW, "a@customer.example", "5.1.1", "failed", True, None, None, None, 7, "t", "dsn")
+    record = BounceRecord(NOW, "a@customer.example", "5.1.1", "failed", True, "userunknown", None, None, 7, "t", "dsn",
+                          hard=True)
     outcomes = [record_and_judge(store, BounceSettings(), replace(record, created_at=NOW + d * 2 * DAY),
                                  NOW + d * 2 * DAY) for d in range(5)]
     assert [o.repeat for o in outcomes] == [False, True, True, True, True]
@@ -176,3 +199,88 @@ def test_a_report_to_odoos_own_pre_token_address_goes_to_odoo_as_addressed():
     config = parse_config("alias_domain: mycompany.com\nbounces: {forward: discard}\n", check_files=False).config
     assert report_destination(config, None, to_odoo_own=True) == "odoo"
     assert report_destination(config, "bounce+991-mail.mail-17@mycompany.com") == "original"
+
+
+# --- B3 once more after the reasons migration; B6 the reputation alert ---------------------------
+
+def _store(tmp_path):
+    from mailgate.store.sqlite import SQLiteStore
+    return SQLiteStore(tmp_path / "store.sqlite3")
+
+
+def _bounce(recipient: str, days_ago: float, reason: str, *, server: str = "transactional",
+            permanent: bool = True) -> BounceRecord:
+    return BounceRecord(NOW - days_ago * DAY, recipient, "5.7.1", "failed", permanent, reason, None, None, None,
+                        server, "dsn", hard=is_hard(reason, permanent))
+
+
+def test_reevaluation_frees_an_address_listed_for_bounces_that_no_longer_count(tmp_path, caplog):
+    """B3: listed under `count: permanent` for block-list refusals, judged again under the
+    default `count: recipient`: it comes off; one listed for unknown users stays; an operator's
+    entry is never re-judged. The serve step logs each and takes the task once."""
+    import logging
+    from types import SimpleNamespace
+
+    from mailgate.commands.serve import reevaluate_once
+    store = _store(tmp_path)
+    with store.transaction():
+        blocked = [store.record_bounce(_bounce("good@big.example", d, "blocked")) for d in (0, 2, 4, 6, 8)]
+        gone = [store.record_bounce(_bounce("gone@big.example", d, "userunknown")) for d in (0, 2, 4, 6, 8)]
+        store.blacklist_add("good@big.example", NOW, "5 permanent bounces", "rule", blocked)
+        store.blacklist_add("gone@big.example", NOW, "5 hard bounces", "rule", gone)
+        store.blacklist_add("manual@big.example", NOW, "operator", "operator", [])
+    assert reevaluate_blacklist(store, BounceSettings(count="permanent"), NOW) == []
+    runtime = SimpleNamespace(store=store, config=SimpleNamespace(bounces=BounceSettings()), clock=lambda: NOW)
+    with caplog.at_level(logging.INFO, logger="mailgate"):
+        reevaluate_once(runtime, logging.getLogger("mailgate"))
+        reevaluate_once(runtime, logging.getLogger("mailgate"))   # the task was taken: nothing again
+    assert store.blacklisted(["good@big.example", "gone@big.example", "manual@big.example"]) == {
+        "gone@big.example", "manual@big.example"}
+    assert caplog.text.count("rcpt=<good@big.example> action=remove reason=re-evaluated") == 1
+    assert caplog.text.count("event=blacklist-reevaluation count=recipient removed=1") == 1
+    store.close()
+
+
+def test_reputation_windows_are_fixed_and_shared():
+    settings = BounceSettings(reputation_window_minutes=60)
+    assert window_start(settings, 7200.0 + 59 * 60) == 7200.0 and window_start(settings, 7200.0) == 7200.0
+
+
+def test_over_threshold_sums_reasons_per_server_and_domain():
+    counts = [SenderSideCount("transactional", "big.example", "blocked", 6),
+              SenderSideCount("transactional", "big.example", "spamdetected", 4),
+              SenderSideCount("mass", "big.example", "blocked", 9),
+              SenderSideCount("transactional", "small.example", "authfailure", 12)]
+    assert over_threshold(counts, 10) == [PairCount("transactional", "small.example", "authfailure", 12),
+                                          PairCount("transactional", "big.example", "blocked", 10)]
+
+
+def test_one_reputation_alert_per_window_server_and_domain(tmp_path):
+    """B6: 9 sender-side bounces: nothing; the 10th: one alert; more in the window: no more;
+    the next window counts again. Recipient-fault bounces never count toward it."""
+    store = _store(tmp_path)
+    settings = BounceSettings(reputation_threshold=10, reputation_window_minutes=60)
+    start = window_start(settings, NOW)
+    at = start + 60
+    seen = []
+    with store.transaction():
+        for n in range(25):
+            store.record_bounce(replace(_bounce(f"u{n}@big.example", 0, "blocked" if n % 2 else "spamdetected"),
+                                        created_at=at + n))
+            store.record_bounce(replace(_bounce(f"x{n}@big.example", 0, "userunknown"), created_at=at + n))
+            seen.append(alerts_after(store, settings, ["blocked"], at + n))
+    assert [n for n, alerts in enumerate(seen) if alerts] == [9]
+    alert = seen[9][0]
+    assert (alert.server, alert.domain, alert.reason, alert.bounces, alert.window_start) == (
+        "transactional", "big.example", "blocked", 10, start)     # 5 and 5: the tie goes alphabetically
+    assert alert_fields(alert) == {"event": "reputation", "server": "transactional", "domain": "big.example",
+                                   "reason": "blocked", "count": 10}
+    later = start + 3600 + 5
+    with store.transaction():
+        for n in range(10):
+            store.record_bounce(replace(_bounce(f"v{n}@big.example", 0, "blocked"), created_at=later))
+        assert len(alerts_after(store, settings, ["blocked"], later)) == 1
+    assert alerts_after(store, settings, ["userunknown"], later) == []      # no sender-side bounce: no query
+    assert new_alerts(store, BounceSettings(reputation_threshold=None), later) == []
+    assert len(store.reputation_alerts(0.0)) == 2
+    store.close()

@@ -312,3 +312,31 @@ def test_the_metrics_listener_is_off_by_default_tcp_only_and_on_in_the_example(t
     example = parse_config(resources.files("mailgate").joinpath("data/mailgate.example.yaml").read_text(),
                            check_files=False).config
     assert str(example.listen.metrics) == "inet:9187@127.0.0.1"
+
+
+@pytest.mark.parametrize("text, count, warned", [
+    ("bounces: {}\n", "recipient", False),
+    ("bounces: {count: permanent}\n", "permanent", False),
+    ("bounces: {count: all}\n", "all", False),
+    ("bounces: {count_soft: true}\n", "all", True),            # files from before `count` still load
+    ("bounces: {count_soft: false}\n", "recipient", True),
+    ("bounces: {count_soft: true, count: all}\n", "all", True),
+])
+def test_bounce_count_and_the_older_count_soft(tmp_path, text, count, warned):
+    """docs/rules.md B3: `count_soft: true` is `count: all`, `false` the default `recipient`."""
+    loaded = load_config(write(tmp_path, text))
+    assert loaded.config.bounces.count == count
+    assert any("bounces.count_soft: replaced by bounces.count" in str(w) for w in loaded.warnings) is warned
+
+
+def test_count_soft_contradicting_count_is_an_error(tmp_path):
+    found = problems(tmp_path, "bounces:\n  count_soft: true\n  count: recipient\n")
+    assert any(":2: bounces.count_soft: says count: all, but count: recipient is set too" in p for p in found), found
+    assert any("bounces.count: expected one of" in p or "recipient, permanent, all" in p
+               for p in problems(tmp_path, "bounces: {count: hard}\n"))
+
+
+def test_reputation_settings(tmp_path):
+    bounces = load_config(write(tmp_path, "bounces: {reputation_threshold: null, reputation_window_minutes: 15}\n"))
+    assert (bounces.config.bounces.reputation_threshold, bounces.config.bounces.reputation_window_minutes) == (None, 15)
+    assert load_config(write(tmp_path, "")).config.bounces.reputation_threshold == 10

@@ -17,7 +17,9 @@ import pytest
 
 from mailgate.commands.deliverystats import main_stats, prometheus_text, render_stats, summary
 from mailgate.configfile import parse_config
+from mailgate.rules.reason_vocabulary import is_hard
 from mailgate.store import BounceRecord, DeliveryRecord, OutboundRecord
+from mailgate.store.interface import ReputationAlert
 from mailgate.store.sqlite import SQLiteStore
 
 CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
@@ -79,10 +81,11 @@ def store(tmp_path):
             opened.record_delivery(DeliveryRecord(at=when + n, queue_id=f"Q{when}{n}", recipient=f"r{n}@x.example",
                                                   relay="none", status=status, dsn=None, delay=None, reason=None,
                                                   message=None, server=server))
-    for permanent in (True, True, False, None):
+    for permanent, reason in ((True, "userunknown"), (True, "hostunknown"), (False, "mailboxfull"), (None, None)):
         opened.record_bounce(BounceRecord(created_at=DAY1, recipient="b@x.example", status=None, action="failed",
-                                          permanent=permanent, reason=None, reporting_mta=None, remote_mta=None,
-                                          message=None, server=None, source="postfix-log"))
+                                          permanent=permanent, reason=reason, reporting_mta=None, remote_mta=None,
+                                          message=None, server=None, source="postfix-log",
+                                          hard=is_hard(reason, permanent)))
     opened.blacklist_add("b@x.example", DAY1, "rule", "rule", [])
     opened.blacklist_add("c@x.example", DAY1, "operator", "operator", [])
     opened.blacklist_remove("c@x.example", DAY2, "cleared")
@@ -107,7 +110,7 @@ def test_render_stats_is_two_aligned_tables(store):
     assert header.split() == ["server", "sent", "deferred", "bounced", "expired", "total"]
     assert any(line.split()[:3] == ["mass", "0", "2"] for line in lines)
     assert "2026-11-01" not in text and "2026-11-02" in text
-    assert render_stats([]).count("(none)") == 2
+    assert render_stats([]).count("(none)") == 3     # no reputation alert either
 
 
 def test_prometheus_exposition(store):
@@ -173,3 +176,17 @@ def test_per_domain_is_the_domain_each_message_left_with(tmp_path):
     per_domain = {r["domain"]: (r["sent"], r["bounced"]) for r in summary(rows)["per_domain"]}
     assert per_domain == {"mycompany.com": (2, 0), "brand.example": (0, 1), "-": (1, 0)}
     assert "# per domain\ndomain" in render_stats(rows)
+
+
+def test_stats_shows_the_reputation_alerts_of_the_period(store, capsys):
+    """docs/rules.md B6: receivers refusing us, per server and domain, in `stats`."""
+    store.record_reputation_alert(ReputationAlert(DAY2, "transactional", "big.example", "blocked", 12, DAY2 + 60))
+    store.record_reputation_alert(ReputationAlert(DAY1 - 86400, "mass", "old.example", "spamdetected", 10, DAY1))
+    config = replace(CONFIG, database=store.path)
+    assert main_stats(config, "2026-11-02", as_json=True, prometheus=False, now=NOW) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(a["server"], a["domain"], a["reason"], a["bounces"]) for a in data["reputation"]] == [
+        ("transactional", "big.example", "blocked", 12)]
+    assert main_stats(config, "2026-11-02", as_json=False, prometheus=False, now=NOW) == 0
+    text = capsys.readouterr().out
+    assert "# reputation alerts" in text and "big.example" in text and "old.example" not in text

@@ -74,7 +74,8 @@ def test_postfix_report_is_recorded_and_handed_back_to_odoos_bounce_address(gw):
     [call] = [c for c in gw.odoo.calls if odoo_bounce.encode() in c.message]
     assert f"Delivered-To: {odoo_bounce}".encode() in call.message and call.model is None
     assert re.search(rf"role=bounce rcpt=<{GONE}> status=5.1.1 permanent=yes message={outbound['id']} "
-                     r"server=transactional", gw.mailgate_log())
+                     r"server=transactional .*reason=userunknown hard=yes", gw.mailgate_log())
+    assert (bounce["reason"], bounce["hard"]) == ("userunknown", 1) and "User unknown" in bounce["diagnostic"]
 
 
 def test_five_bounces_over_weeks_blacklist_mass_mail_but_not_transactional(gw):

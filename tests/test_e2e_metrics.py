@@ -109,7 +109,7 @@ def test_a_scrape_counts_exactly_what_went_through(gw):
     wait_for(lambda: re.search(r"role=bounce report=\S+ failed=1 recorded=1", gw.mailgate_log()), what="the bounce")
 
     after = samples(gw)
-    bounce = ("mailgate_bounces_recorded_total", frozenset({"reason": "5.1.1", "kind": "hard"}.items()))
+    bounce = ("mailgate_bounces_recorded_total", frozenset({"reason": "userunknown", "kind": "hard"}.items()))
     assert moved(before, after) == {
         decisions("outbound", "encapsulated", "notification-domain", "transactional"): 2,
         decisions("outbound", "kept", "from-domain", "transactional"): 4,

@@ -77,14 +77,17 @@ def test_the_metered_store_counts_a_failed_operation_and_a_failed_begin(tmp_path
 
 
 def test_bounce_labels_are_bounded() -> None:
-    def record(status: str | None, permanent: bool | None) -> BounceRecord:
-        return BounceRecord(created_at=0.0, recipient="a@b.example", status=status, action=None,
-                            permanent=permanent, reason="free text " * 20, reporting_mta=None, remote_mta=None,
-                            message=None, server=None, source="dsn", stale=False, matched=True)
-    assert bounce_labels(record("5.1.1", True)) == ("5.1.1", "hard")
-    assert bounce_labels(record("4.2.2", False)) == ("4.2.2", "soft")
-    assert bounce_labels(record(None, None)) == ("unknown", "unknown")
-    assert bounce_labels(record("9.9.9", True))[0] == "unknown"
+    """The reason label is a class of the vocabulary (docs/rules.md B4), never free text; the
+    kind is B5's."""
+    def record(reason: str | None, permanent: bool | None, hard: bool = False) -> BounceRecord:
+        return BounceRecord(created_at=0.0, recipient="a@b.example", status=None, action=None,
+                            permanent=permanent, reason=reason, reporting_mta=None, remote_mta=None,
+                            message=None, server=None, source="dsn", stale=False, matched=True, hard=hard)
+    assert bounce_labels(record("userunknown", True, hard=True)) == ("userunknown", "hard")
+    assert bounce_labels(record("blocked", True)) == ("blocked", "soft")
+    assert bounce_labels(record("mailboxfull", False)) == ("mailboxfull", "soft")
+    assert bounce_labels(record(None, None)) == ("undefined", "unknown")
+    assert bounce_labels(record("free text " * 20, True)) == ("undefined", "soft")
 
 
 def test_reply_keys_come_from_the_table() -> None:

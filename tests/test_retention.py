@@ -14,6 +14,7 @@ from mailgate.commands.watchlog import EXPIRY_HORIZON
 from mailgate.configfile import parse_config
 from mailgate.rules.retention import DAY, purge_expired, retention_cutoffs
 from mailgate.store import DeliveryRecord, DeliveryTotal, InboundRecord
+from mailgate.store.interface import ReputationAlert
 from test_store import NOW, bounce, open_same, outbound, store  # noqa: F401  (fixtures)
 
 CONFIG = parse_config("alias_domain: mycompany.com\n", check_files=False).config
@@ -23,7 +24,8 @@ def test_cutoffs_follow_the_longest_window_that_reads_each_table():
     cutoffs = retention_cutoffs(CONFIG, NOW)
     assert cutoffs == {
         "bounces": NOW - 91 * DAY, "bounce_resets": NOW - 91 * DAY, "deliveries": NOW - 91 * DAY,
-        "messages": NOW - 91 * DAY, "inbound_messages": NOW - 120 * 60, "quota_counters": NOW - DAY}
+        "messages": NOW - 91 * DAY, "inbound_messages": NOW - 120 * 60, "quota_counters": NOW - DAY,
+        "reputation_alerts": NOW - 91 * DAY}
 
 
 def test_cutoffs_never_shorter_than_the_token_lifetime_or_the_log_readers_horizon():
@@ -64,6 +66,8 @@ def fill(store) -> dict[str, list[int]]:
         store.reset_bounces("new@x", NOW - 60)
         store.quota_take("gateway", "transactional", NOW - 2 * DAY)
         store.quota_take("gateway", "transactional", NOW - 60)
+        for days in (100, 10):   # docs/rules.md B6: an old window's alert goes, a recent one stays
+            store.record_reputation_alert(ReputationAlert(NOW - days * DAY, "trans", "y", "blocked", 10, NOW))
     return {"evidence": evidence, "gone": gone, "kept": kept}
 
 
@@ -72,7 +76,7 @@ def test_purge_deletes_what_no_window_reads(store):
     before = (store.delivery_totals(), store.bounce_kind_totals())
     deleted = purge_expired(store, CONFIG, NOW)
     assert deleted == {"bounces": 4, "bounce_resets": 1, "deliveries": 3, "messages": 2, "outbound_recipients": 4,
-                       "inbound_messages": 1, "inbound_routes": 2, "quota_recipients": 1}
+                       "inbound_messages": 1, "inbound_routes": 2, "quota_recipients": 1, "reputation_alerts": 1}
     assert [row["queue_id"] for row in store._rows("select queue_id from messages")] == ["Q10"]
     # docs/rules.md R1, B1: a message's recipients go with it, and only with it
     [kept_message] = store._rows("select id from messages")

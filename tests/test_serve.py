@@ -195,6 +195,42 @@ def test_serve_purges_rows_past_their_retention_soon_after_start():
 
 
 @pytest.mark.e2e
+def test_serve_on_a_store_from_before_reasons_judges_the_blacklist_once(monkeypatch):
+    """docs/rules.md B3: a v8 store's rule entry made of block-list refusals comes off at the
+    first start (logged), one made of unknown users stays; the next start does nothing again."""
+    import time as clock
+
+    from mailgate.store import sqlite as sqlite_backend
+    from mailgate.store.sqlite import SQLiteStore
+
+    base = make_basedir()
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:8])
+    store = SQLiteStore(base / "state.sqlite3")
+    now = clock.time()
+    for address, status, text in (("good@big.example", "5.7.1", "554 5.7.1 Client host blocked using bl.example"),
+                                  ("gone@big.example", "5.1.1", "550 5.1.1 User unknown")):
+        ids = [store._scalar("insert into bounces (created_at, recipient, status, action, permanent, reason, "
+                             "source, stale, matched) values (?, ?, ?, 'failed', 1, ?, 'dsn', 0, 1) returning id",
+                             [now - days * 86400, address, status, text]) for days in (1, 3, 5, 7, 9)]
+        store._execute("insert into blacklist (address, added_at, reason, source, bounce_ids) values "
+                       "(?, ?, '5 hard bounces', 'rule', ?)", [address, now, ",".join(map(str, ids))])
+    store.close()
+    monkeypatch.undo()
+    logs = []
+    for _ in range(2):     # each start writes a fresh serve.log
+        with serving(base):
+            wait_for(lambda: "event=retention" in (base / "serve.log").read_text(), 30)
+        logs.append((base / "serve.log").read_text())
+    assert [log.count("event=blacklist-reevaluation count=recipient removed=1") for log in logs] == [1, 0], logs
+    assert "rcpt=<good@big.example> action=remove reason=re-evaluated" in logs[0]
+    store = SQLiteStore(base / "state.sqlite3")
+    try:
+        assert store.blacklisted(["good@big.example", "gone@big.example"]) == {"gone@big.example"}
+    finally:
+        store.close()
+
+
+@pytest.mark.e2e
 def test_a_second_serve_on_the_same_sockets_is_one_line_and_exit_1():
     """Issue 15, item 8: the second one says why in one line; the first one goes on serving."""
     with serving() as (base, first):

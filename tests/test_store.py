@@ -34,7 +34,7 @@ from mailgate.store import (
     sql as sql_backend,
     sqlite as sqlite_backend,
 )
-from mailgate.store.interface import Store, StoreUnavailable
+from mailgate.store.interface import PENDING_REEVALUATION, ReputationAlert, Store, StoreUnavailable
 from mailgate.store.postgres import PostgresStore
 from mailgate.store.sql import SQLStore
 from mailgate.store.sqlite import SQLiteStore
@@ -78,14 +78,14 @@ def outbound(queue_id: str = "Q1", message_id: str | None = "<m1@x>", server: st
 
 def bounce(recipient: str, days_ago: float = 0, permanent: bool | None = True, **extra) -> BounceRecord:
     fields = dict(created_at=NOW - days_ago * 86400, recipient=recipient, status="5.1.1", action="failed",
-                  permanent=permanent, reason="no such user", reporting_mta="mx.example", remote_mta=None,
-                  message=None, server="trans", source="dsn")
+                  permanent=permanent, reason="userunknown", reporting_mta="mx.example", remote_mta=None,
+                  message=None, server="trans", source="dsn", diagnostic="no such user", hard=permanent is True)
     fields.update(extra)
     return BounceRecord(**fields)
 
 
 def test_schema_is_current(store):
-    assert store.schema_version == 8
+    assert store.schema_version == 9
 
 
 def test_outbound_rows(store):
@@ -172,7 +172,7 @@ def test_bounce_stats(store):
     with store.transaction():
         store.record_bounce(bounce("a@gmail.example", 0))
         store.record_bounce(bounce("b@gmail.example", 0, permanent=False, server="mass"))
-        store.record_bounce(bounce("c@yahoo.example", 1, permanent=None))
+        store.record_bounce(bounce("c@yahoo.example", 1, permanent=None, reason="undefined"))
     stats = store.bounce_stats(0)
     assert {r.kind: r.bounces for r in stats.per_kind} == {"hard": 1, "soft": 1, "unknown": 1}
     assert stats.top_domains[0] == DomainBounces("gmail.example", 2)
@@ -327,7 +327,7 @@ def test_migration_from_v5_keeps_the_rows_and_adds_identity_and_indexes(open_sam
     old = open_same()
     assert old.schema_version == 5
     row = _old_outbound_row(old)
-    old.record_bounce(bounce("a@y", 1, message=row))
+    _old_bounce_row(old, "5.1.1", "550 5.1.1 no such user", 1, message=row)
     old.record_delivery(DeliveryRecord(NOW, "Q1", "a@y", None, "bounced", "5.1.1", 1.0, "no", row, "trans"))
     old.close()
     monkeypatch.undo()
@@ -367,7 +367,7 @@ def test_postgres_has_the_covering_indexes(postgres):
         definitions = {row["indexname"]: row["indexdef"] for row in store._rows("select * from pg_indexes")}
     finally:
         store.close()
-    assert "(created_at, permanent, server, recipient)" in definitions["bounces_stats"]
+    assert "(created_at, hard, permanent, reason, server, recipient)" in definitions["bounces_reasons"]
     assert "(at, server, status)" in definitions["deliveries_stats"]
     assert "(server, status)" in definitions["deliveries_totals"]
     assert not {"bounces_created_at", "deliveries_at", "deliveries_server"} & set(definitions), "prefixes dropped"
@@ -597,8 +597,71 @@ def test_migration_from_v7_leaves_older_messages_with_unknown_recipients(open_sa
     old.close()
     monkeypatch.undo()
     new = open_same()
-    assert new.schema_version == 8
+    assert new.schema_version == len(sqlite_backend.MIGRATIONS)
     assert new.outbound_message(row).recipient_count is None, "a row from before: its recipients are unknown"
     assert new.sent_to(row, ["d1"]) == set()
     later = new.record_outbound(replace(outbound("Q2", "<m2@x>"), recipient_digests=("d1",)))
     assert new.outbound_message(later).recipient_count == 1 and new.sent_to(later, ["d1"]) == {"d1"}
+
+
+# -- schema v9: a reason per bounce (docs/rules.md B4, B5), reputation alerts (B6) ------------------
+
+def test_migration_from_v8_gives_every_bounce_its_reason(open_same, monkeypatch):
+    """The text recorded so far moves to `diagnostic`; the reason and the hard flag are read
+    from it; the blacklist is left to be judged once more (the task is taken once)."""
+    full = (sqlite_backend.MIGRATIONS, postgres_backend.MIGRATIONS)
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", full[0][:8])
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", full[1][:8])
+    old = open_same()
+    assert old.schema_version == 8
+    for status, text, permanent in (("5.1.1", "550 5.1.1 no such user", 1),
+                                    ("5.7.1", "550 5.7.1 Service unavailable; host blocked using zen.example", 1),
+                                    (None, None, None)):
+        _old_bounce_row(old, status, text, permanent)
+    old.close()
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", full[0])
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", full[1])
+    monkeypatch.setattr(sql_backend, "CLASSIFY_BATCH", 2)       # three rows: two batches
+    new = open_same()
+    assert new.schema_version == len(sqlite_backend.MIGRATIONS)
+    rows = sorted(new.bounce_rows(address="a@y"), key=lambda b: b.id)
+    assert [(b.reason, b.hard, b.kind) for b in rows] == [
+        ("userunknown", True, "hard"), ("blocked", False, "soft"), ("undefined", False, "unknown")]
+    assert rows[1].diagnostic.startswith("550 5.7.1 Service unavailable")
+    assert [(f.reason, f.hard) for f in new.countable_bounces("a@y", 0.0)][:2] == [("userunknown", True),
+                                                                                  ("blocked", False)]
+    assert new.take_pending_task(PENDING_REEVALUATION) and not new.take_pending_task(PENDING_REEVALUATION)
+
+
+def _old_bounce_row(old: Store, status: str | None, text: str | None, permanent: int | None,
+                    message: int | None = None) -> None:
+    """A bounce as a store before schema v9 held it: the report's text in `reason`."""
+    old._execute("insert into bounces (created_at, recipient, status, action, permanent, reason, message, server, "
+                 "source, stale, matched) values (?, ?, ?, 'failed', ?, ?, ?, 'trans', 'dsn', 0, 1)",
+                 [NOW, "a@y", status, permanent, text, message])
+
+
+def test_bounce_stats_per_reason(store):
+    with store.transaction():
+        store.record_bounce(bounce("a@y"))
+        store.record_bounce(bounce("b@y", reason="blocked", hard=False, status="5.7.1"))
+        store.record_bounce(bounce("c@y", reason="blocked", hard=False, status="5.7.1"))
+    per_reason = {(r.reason, r.bounces, r.hard) for r in store.bounce_stats(0.0).per_reason}
+    assert per_reason == {("blocked", 2, 0), ("userunknown", 1, 1)}
+    assert {(k.kind, k.bounces) for k in store.bounce_stats(0.0).per_kind} == {("soft", 2), ("hard", 1)}
+
+
+def test_sender_side_counts_and_one_alert_per_window(store):
+    with store.transaction():
+        for n in range(3):
+            store.record_bounce(bounce(f"u{n}@big.example", reason="blocked", hard=False))
+        store.record_bounce(bounce("v@big.example", reason="spamdetected", hard=False, server="mass"))
+        store.record_bounce(bounce("w@big.example", reason="userunknown"))
+        store.record_bounce(bounce("x@big.example", days_ago=1, reason="blocked", hard=False))
+    counts = store.sender_side_counts(NOW - 3600, ["blocked", "spamdetected"])
+    assert [(c.server, c.domain, c.reason, c.bounces) for c in counts] == [
+        ("trans", "big.example", "blocked", 3), ("mass", "big.example", "spamdetected", 1)]
+    alert = ReputationAlert(NOW - 600, "trans", "big.example", "blocked", 3, NOW)
+    assert store.record_reputation_alert(alert)
+    assert not store.record_reputation_alert(replace(alert, bounces=4, at=NOW + 1))
+    assert store.reputation_alerts(NOW - 3600) == [alert] and store.reputation_alerts(NOW) == []

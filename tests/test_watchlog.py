@@ -205,7 +205,8 @@ def test_five_bounces_over_days_blacklist_and_a_delivery_clears_it(tmp_path, sto
     bounce = rows(store, "bounces")[0]
     assert (bounce["source"], bounce["permanent"], bounce["status"], bounce["server"], bounce["recipient"]) == \
         ("postfix-log", 1, "5.1.1", "transactional", "gone@dead.example")
-    assert bounce["reason"] == "host mx said: 550 5.1.1 no such user" and bounce["message"] is not None
+    assert bounce["diagnostic"] == "host mx said: 550 5.1.1 no such user" and bounce["message"] is not None
+    assert (bounce["reason"], bounce["hard"]) == ("userunknown", 1)
 
     with log.open("a") as handle:
         handle.write(line("2026-11-13T10:00:00", "B5", "gone@dead.example", "bounced", "5.1.1"))
@@ -275,8 +276,8 @@ def test_expiry_returns_the_deferred_recipients_as_soft_bounces(tmp_path, store)
     assert [(d["recipient"], d["status"], d["dsn"]) for d in rows(store, "deliveries")] == \
         [("slow@x.example", "deferred", "4.2.0"), ("ok@x.example", "sent", "2.0.0"),
          ("slow@x.example", "expired", "4.2.0")]
-    assert [(b["recipient"], b["permanent"], b["reason"]) for b in rows(store, "bounces")] == \
-        [("slow@x.example", 0, "450 4.2.0 later")]
+    assert [(b["recipient"], b["permanent"], b["reason"], b["diagnostic"]) for b in rows(store, "bounces")] == \
+        [("slow@x.example", 0, "expired", "450 4.2.0 later")]
 
 
 # -- following: positions, partial lines, rotation, restarts --------------------------------------

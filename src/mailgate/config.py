@@ -28,6 +28,9 @@ MalformedFromAction = Literal["rewrite", "reject"]
 QuotaScope = Literal["gateway", "sender_domain", "sasl_user"]
 MalformedAction = Literal["dunno", "defer"]
 BounceForward = Literal["odoo", "discard"]
+# Which bounces count toward the blacklist (docs/rules.md B3): the recipient's fault only, every
+# permanent failure (mailgate before reasons), every bounce (Odoo).
+BounceCount = Literal["recipient", "permanent", "all"]
 QuotaAction = Literal["defer", "hold"]
 ServerAuth = Literal["password", "xoauth2"]
 OAuthProvider = Literal["google", "microsoft", "custom"]
@@ -39,6 +42,7 @@ MALFORMED_FROM_ACTIONS = get_args(MalformedFromAction)
 QUOTA_SCOPES = get_args(QuotaScope)
 MALFORMED_ACTIONS = get_args(MalformedAction)
 BOUNCE_FORWARDS = get_args(BounceForward)
+BOUNCE_COUNTS = get_args(BounceCount)
 QUOTA_ACTIONS = get_args(QuotaAction)
 SERVER_AUTHS = get_args(ServerAuth)
 OAUTH_PROVIDERS = get_args(OAuthProvider)
@@ -152,9 +156,13 @@ class BounceSettings:
     blacklist_after: int = 5
     window_days: int = 91
     min_spread_days: int = 7
-    count_soft: bool = False
+    count: BounceCount = "recipient"
     token_days: int = 30          # a report on an older token is recorded as stale, never counted
     forward: BounceForward = "odoo"         # odoo: hand the report to Odoo | discard: record only
+    # The "it's our fault" alert (B6): sender-side bounces per server and recipient domain within
+    # one window of `reputation_window_minutes`; None: no alert.
+    reputation_threshold: int | None = 10
+    reputation_window_minutes: int = 60
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Delivery failure reports that come back to `bounce+TOKEN@...`: who failed, hard or soft, why.
+"""Delivery failure reports that come back to `bounce+TOKEN@...`: who failed, why, and whose fault.
 
 The rows this produces feed Odoo's bounce counter, and five hard bounces in 91 days blacklist an
 address, so a wrong "hard" costs a customer. Hence the order of trust:
@@ -14,8 +14,9 @@ address, so a wrong "hard" costs a customer. Hence the order of trust:
    flufl does not know (OpenSMTPD, DragonFly, old Sendmail...). Both only name addresses, so the
    status and reason of each are read from the report text around that address.
 
-Hard or soft always comes from `bouncetext.is_permanent`; its docstring holds the rules,
-including why a full mailbox counts as soft.
+Permanent or not comes from `phrases.is_permanent`; the reason (`userunknown`, `blocked`...)
+from `rules.bounce_reasons.classify`, and hard (the recipient's fault, what the blacklist counts
+by default) from the reason; `judge.judged` applies all three to every recipient, read either way.
 
 `parse_bounce` and `find_token` never raise: this runs in Postfix's pipe, where an exception
 would bounce the bounce. Input is capped (1 MiB, 998-byte lines) so no pattern meets a

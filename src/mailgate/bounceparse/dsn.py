@@ -8,6 +8,7 @@ from email.message import Message
 from email.parser import HeaderParser
 
 from mailgate.bounceparse import phrases as bt
+from mailgate.bounceparse.judge import judged
 from mailgate.bounceparse.mime import (
     MAX_TEXT,
     clean,
@@ -90,7 +91,8 @@ def _dsn_recipient(block: Message, human: str, named: list[str]) -> BouncedRecip
     if address is None:
         return None
     diagnostic = _typed_value(field(block, "diagnostic-code"))
-    reason = bt.one_line(diagnostic) or paragraph_about(address, human, [a for a in named if a != address])
+    about = paragraph_about(address, human, [a for a in named if a != address])
+    reason = bt.one_line(diagnostic) or about
     status = bt.find_status(field(block, "status"))
     said = bt.find_status(reason)
     stated = _action(field(block, "action"), None)
@@ -98,9 +100,9 @@ def _dsn_recipient(block: Message, human: str, named: list[str]) -> BouncedRecip
             or (said and said[0] == "5" and status[0] == "4" and stated == "failed")):
         status = said or status
     action = stated or _action("", status)
-    permanent = bt.is_permanent(status, reason, smtp_code=bt.find_smtp_code(diagnostic))
     remote = _host(field(block, "remote-mta")) or remote_mta(reason)
-    return BouncedRecipient(address, permanent, status, action, clean(reason), clean(remote))
+    program = field(block, "diagnostic-code").split(";", 1)[0].strip().lower() == "x-unix"
+    return judged(address, status, action, reason, remote, transcript=about, program=program)
 
 
 def _action(value: str, status: str | None) -> str | None:

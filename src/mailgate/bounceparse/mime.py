@@ -10,7 +10,7 @@ import email
 import quopri
 import re
 from collections.abc import Iterator
-from email.header import decode_header, make_header
+from email.header import Header, decode_header, make_header
 from email.message import Message
 from email.parser import HeaderParser
 from typing import overload
@@ -27,23 +27,31 @@ _MSGID_RE = re.compile(r"<[^<>\s]{1,900}>")
 _QUOTED_MSGID_RE = re.compile(r"^[ \t>]*message-id:[ \t]*(<[^<>\s]{1,900}>)", re.I | re.M)
 ADDRESS_RE = re.compile(r"[^\s<>\"'(),;:\[\]@]{1,64}@[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9-]+)+", re.I)
 _TAG_RE = re.compile(r"<[^>]{0,2000}>")
+_SEVEN_BIT_CHARSETS = ("iso-2022-", "us-ascii", "ascii")
 
 
 # --- the returned message ----------------------------------------------------------------------
+
+def returned_parts(msg: Message) -> Iterator[tuple[Message | None, str | None]]:
+    """What a report shows of the returned message, part by part: its headers (an attached
+    original, a returned-headers part) as (headers, None), a text part as (None, its text)."""
+    for part in report_parts(msg):
+        ctype = part.get_content_type()
+        if ctype in ORIGINAL_TYPES:
+            yield attached_headers(part), None
+        elif ctype in _HEADER_PART_TYPES:
+            yield HeaderParser().parsestr(decoded_text(part)[:MAX_TEXT], headersonly=True), None
+        elif is_text(part):
+            yield None, decoded_text(part)
+
 
 def original_message_id(msg: Message) -> str | None:
     """The Message-ID of the message that bounced: from the attached original or its headers,
     else from a `Message-ID:` line of the headers quoted in a text body (qmail, Exim, Yahoo)."""
     quoted = []
-    for part in report_parts(msg):
-        ctype = part.get_content_type()
-        headers = None
-        if ctype in ORIGINAL_TYPES:
-            headers = attached_headers(part)
-        elif ctype in _HEADER_PART_TYPES:
-            headers = HeaderParser().parsestr(decoded_text(part)[:MAX_TEXT], headersonly=True)
-        elif is_text(part):
-            quoted.append(decoded_text(part))
+    for headers, text in returned_parts(msg):
+        if text is not None:
+            quoted.append(text)
         if headers is not None:
             found = message_id(headers.get("message-id"))
             if found:
@@ -79,16 +87,24 @@ def message_id(value: object) -> str | None:
 
 # --- MIME helpers --------------------------------------------------------------------------------
 
+SPLIT_MARK = b"!\n "
+
+
 def capped(raw: bytes) -> bytes:
     """At most 1 MiB, lines at most 998 bytes (RFC 5322): the report and the returned headers
-    always fit, and no regular expression downstream ever sees a megabyte-long line."""
+    always fit, and no regular expression downstream ever sees a megabyte-long line. A longer
+    line is split the way Sendmail splits one ("!", a newline, a space: a folded header stays
+    one header), so that a reader of long lines (an SES notification's JSON) can join it. Line
+    ends are made LF (a report saved with CRLF or bare CR reads like one with LF)."""
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogateescape")
-    data = bytes(raw[:MAX_INPUT])
+    data = bytes(raw[:MAX_INPUT]).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     lines = data.split(b"\n")
     if any(len(line) > MAX_LINE for line in lines):
-        data = b"\n".join(line[:MAX_LINE] for line in lines)
-    return data
+        step = MAX_LINE - len(SPLIT_MARK)
+        data = b"\n".join(SPLIT_MARK.join(line[i:i + step] for i in range(0, len(line), step)) or line
+                          for line in lines)
+    return data[:MAX_INPUT]
 
 
 def with_boundary_repaired(msg: Message) -> Message:
@@ -167,8 +183,11 @@ def decoded_text(part: Message) -> str:
         raw = part.get_payload()
         return raw if isinstance(raw, str) else ""
     payload = payload[:MAX_INPUT]
+    charset = part.get_content_charset() or "utf-8"
+    if charset.startswith(_SEVEN_BIT_CHARSETS) and any(byte > 0x7F for byte in payload):
+        charset = "utf-8"  # 8-bit text labelled with a 7-bit charset: relabelled on the way (UTF-8)
     try:
-        return payload.decode(part.get_content_charset() or "utf-8", "replace")
+        return payload.decode(charset, "replace")
     except Exception:  # unknown or broken charset name
         return payload.decode("latin-1")
 
@@ -190,17 +209,32 @@ def field(block: Message, name: str) -> str:
 
 
 def header_text(value: object) -> str:
-    """A header as text, RFC 2047 words decoded when they decode, whatever the value's type."""
+    """A header as text, RFC 2047 words decoded when they decode, whatever the value's type;
+    raw 8-bit bytes (kept by the email package as surrogates or an "unknown-8bit" Header) read
+    as UTF-8."""
+    if isinstance(value, Header):
+        return _eight_bit_header(value)
     try:
         text = str(value)
     except Exception:  # a Header object with an unknown charset
         return ""
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if "=?" in text:
         try:
             text = str(make_header(decode_header(text)))
         except Exception:  # malformed encoded words: keep them as they are
             pass
     return text
+
+
+def _eight_bit_header(value: Header) -> str:
+    try:
+        chunks = decode_header(value)
+    except Exception:  # a Header the email package cannot take apart: as little as before
+        return ""
+    return "".join(chunk.decode("utf-8" if charset in (None, "unknown-8bit") else charset, "replace")
+                   if isinstance(chunk, bytes) else chunk for chunk, charset in chunks)
 
 
 def clean_address(text: str) -> str | None:

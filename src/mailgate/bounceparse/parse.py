@@ -18,6 +18,7 @@ from mailgate.bounceparse.mime import (
     with_boundary_repaired,
 )
 from mailgate.bounceparse.report import NOT_A_BOUNCE, BounceReport
+from mailgate.bounceparse.ses import from_ses
 from mailgate.bounceparse.text import from_text, is_autoreply, report_type
 
 _TOKEN_HEADERS = ("delivered-to", "x-original-to", "envelope-to", "to", "cc")
@@ -67,13 +68,15 @@ def find_token(raw: bytes, bounce_alias: str = "bounce") -> str | None:
 def _parse(msg: Message, bounce_alias: str) -> BounceReport:
     original_id = _safe(lambda: original_message_id(msg))
     report = _safe(lambda: from_dsn(msg, original_id, bounce_alias))
+    if report is None:
+        report = _safe(lambda: from_ses(msg, original_id, bounce_alias))
     if report is None and is_autoreply(msg):
         return BounceReport(False, "autoreply", (), None, original_id)
     if report is None and report_type(msg) == "feedback-report":
         return BounceReport(False, "none", (), None, original_id)
     if report is None:
         report = from_text(msg, original_id, bounce_alias)
-    if report.original_message_id is None and report.kind in ("dsn", "flufl", "delay"):
+    if report.original_message_id is None and report.kind in ("dsn", "ses", "flufl", "unnamed", "delay"):
         # Reports that return no copy often still answer the message: Gmail, Exchange.
         report = replace(report, original_message_id=message_id(msg.get("in-reply-to")))
     return report

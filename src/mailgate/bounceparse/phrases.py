@@ -3,23 +3,24 @@
 Kept apart from `bounceparse` so that the judgement calls about words live in one place and can
 be read (and argued about) without the MIME plumbing around them.
 
-Hard or soft, the decision this module makes:
+Permanent or not, the decision this module makes (whether the failure was the recipient's
+fault is a separate question, answered by the reason: `rules.reason_vocabulary.is_hard`):
 
-1. A full mailbox is SOFT whatever its code: 4.2.2 and 5.2.2, or "mailbox full" / "over quota"
-   wording next to a 552 or 550. RFC 3463 calls 5.2.2 permanent, but the mailbox exists and
-   belongs to a real person who can empty it; counting it as hard would blacklist customers
-   after five newsletters sent during their holidays. The status is still reported as "5.2.2".
-2. Otherwise the enhanced status class decides: 5.x.x hard, 4.x.x soft. A DSN's own `Status`
-   field outranks any wording in its diagnostic ("try again later" after a 5.7.1 stays hard).
-3. Without an enhanced status, the basic SMTP reply code decides: 5yz hard, 4yz soft.
-4. Without either, the wording of TEXT_RULES decides, and SOFT wording outranks HARD wording
-   ("recipient temporarily unavailable" is a deferral, not an unknown user).
-5. Nothing recognisable: None, "unknown", which the blacklist must not count as hard.
+1. The enhanced status class decides: 5.x.x permanent, 4.x.x not. A DSN's own `Status` field
+   outranks any wording in its diagnostic ("try again later" after a 5.7.1 stays permanent). A
+   full mailbox at 5.2.2 is permanent too, as RFC 3463 says; it is not the recipient's fault
+   (its reason is `mailboxfull`), so it never counts toward the blacklist by default.
+2. Without an enhanced status, the basic SMTP reply code decides: 5yz permanent, 4yz not.
+3. Without either, the wording of TEXT_RULES decides, and SOFT wording (a full mailbox
+   included) outranks HARD wording ("recipient temporarily unavailable" is a deferral).
+4. Nothing recognisable: None, "unknown".
 """
 
 from __future__ import annotations
 
 import re
+
+from mailgate.rules.bounce_reasons import reply_code
 
 HARD = "hard"
 SOFT = "soft"
@@ -55,9 +56,6 @@ _RULES = tuple((re.compile(p, re.I), verdict) for p, verdict in TEXT_RULES)
 
 # Enhanced status (RFC 3463): class.subject.detail, not part of an IP address or version.
 STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?!\d|\.\d)")
-# Basic reply code (RFC 5321), as an MTA writes it before its text: "550 ", "550-", "554:".
-SMTP_CODE_RE = re.compile(r"(?<![\w.#/-])([245][0-5]\d)(?=[\s:-]|$)")
-_MAILBOX_FULL_STATUSES = {"4.2.2", "5.2.2"}
 
 # Senders and subjects of delivery reports, as opposed to people and their auto-replies.
 DAEMON_LOCALPARTS = {"mailer-daemon", "mailer_daemon", "maildaemon", "mail-daemon", "postmaster",
@@ -68,7 +66,11 @@ BOUNCE_SUBJECT_RE = re.compile(
     r"undeliver|undelivered|delivery (?:status notification|failure|has failed|failed|problem|error)"
     r"|mail delivery failed|returned mail|failure notice|non.?delivery|could not be delivered"
     r"|delivery report|returning message to sender|nondeliverable|unzustellbar|non remis"
-    r"|error sending|mail (?:system )?error|failed|failure|returned to sender|rejected", re.I)
+    r"|error sending|mail (?:system )?error|failed|failure|returned to sender|rejected"
+    r"|エラー通知|メールエラー|配信エラー|送信エラー|不達|未配達|配送エラー", re.I)
+# Report lines no person writes: a mail system's own report whatever its sender and subject
+# (KDDI's au one net and ezweb: "Your mail sent on: ... Could not be delivered to: <addr>").
+REPORT_BODY_RE = re.compile(r"^[ \t]*your mail sent on:.*\n[ \t]*could not be delivered to:[ \t]*<", re.I | re.M)
 AUTOREPLY_SUBJECT_RE = re.compile(
     r"^\s*(?:(?:re|aw|fw|fwd)\s*:\s*)?(?:automatic reply|auto(?:matic)?[- ]?(?:reply|response|answer)"
     r"|autoreply|autoresponse|auto:|out of (?:the )?office|ooo\b|on vacation|vacation"
@@ -92,7 +94,7 @@ AUTO_REPLIED_RE = re.compile(r"^\s*auto-replied", re.I)
 ORIGINAL_MARKER_RE = re.compile(
     r"^[ \t]*[-=*]*[ \t]*(?:below this line is a copy of the message|this is a copy of the message"
     r"|original message follows|start of returned message|returned mail follows"
-    r"|undelivered message follows|message text follows)"
+    r"|undelivered message follows|unsent message follows|message text follows|original message:)"
     r"|^[ \t]*[-=]{2,}[ \t]*(?:original message|forwarded message|the header of the original message"
     r"|copy of the original message)", re.I | re.M)
 # Report wording that says "still trying": a warning, not a failure.
@@ -153,9 +155,7 @@ def find_status(text: str | None) -> str | None:
     return next((c for c in codes if c[0] != "2"), codes[0] if codes else None)
 
 
-def find_smtp_code(text: str | None) -> str | None:
-    found = SMTP_CODE_RE.search(text or "")
-    return found.group(1) if found else None
+find_smtp_code = reply_code
 
 
 def text_verdict(text: str | None) -> str | None:
@@ -170,14 +170,12 @@ def text_verdict(text: str | None) -> str | None:
 
 
 def is_permanent(status: str | None, text: str | None, *, smtp_code: str | None = None) -> bool | None:
-    """Hard (True), soft (False) or unknown (None): the rules of the module docstring."""
-    verdict = text_verdict(text)
-    if status in _MAILBOX_FULL_STATUSES or verdict == FULL:
-        return False
+    """Permanent (True), temporary (False) or unknown (None): the rules of the module docstring."""
     code = smtp_code or find_smtp_code(text)
     for leading in ((status or "")[:1], (code or "")[:1]):
         if leading in ("4", "5"):
             return leading == "5"
+    verdict = text_verdict(text)
     if verdict is None:
         return None
     return verdict == HARD

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from email.message import Message
 
 from mailgate.bounceparse import phrases as bt
+from mailgate.bounceparse.judge import judged
 from mailgate.bounceparse.mime import (
     ADDRESS_RE,
     MAX_INPUT,
@@ -27,6 +28,7 @@ from mailgate.bounceparse.mime import (
 )
 from mailgate.bounceparse.paragraphs import address_pattern, coded_paragraph, paragraph_about, remote_mta
 from mailgate.bounceparse.report import BouncedRecipient, BounceReport
+from mailgate.bounceparse.returned import returned_recipient
 
 all_failures: Callable[[Message], tuple[frozenset[bytes], frozenset[bytes]]] | None
 try:
@@ -61,8 +63,11 @@ def from_text(msg: Message, original_id: str | None, bounce_alias: str) -> Bounc
     delayed = [a for a in _usable(sorted(temporary), bounce_alias) if a not in failed and a not in exclude]
     if not failed and not delayed and _says_failed(msg, text):
         failed = [a for a in _usable(_named_in_text(text), bounce_alias) if a not in exclude]
+    if not failed and not delayed and _says_failed(msg, text):
+        named = _header_named(msg) or [returned_recipient(msg) or ""]
+        failed = _usable([a.encode() for a in named], bounce_alias)
     if not failed and not delayed:
-        return BounceReport(False, "none", (), None, original_id)
+        return _unnamed(msg, text, original_id)
     intro = _intro(text, failed + delayed)
     if failed and not msg.get("x-failed-recipients") and _delay_only(msg, intro):
         delayed, failed = failed + delayed, []
@@ -71,6 +76,23 @@ def from_text(msg: Message, original_id: str | None, bounce_alias: str) -> Bounc
     reporting_mta = next((m.group(1) for r in bt.REPORTING_MTA_RES for m in [r.search(intro)] if m), None)
     kind = "flufl" if recipients else "delay"
     return BounceReport(bool(recipients), kind, recipients, clean(reporting_mta), original_id, waiting)
+
+
+def _header_named(msg: Message) -> list[str]:
+    """Exim's X-Failed-Recipients: the failed addresses when its text names only a local part
+    or a pipe ("save to xxxx")."""
+    return [a for v in msg.get_all("x-failed-recipients") or [] for a in ADDRESS_RE.findall(header_text(v))]
+
+
+def _unnamed(msg: Message, text: str, original_id: str | None) -> BounceReport:
+    """A failure report that names no recipient we can read is still a bounce (kind
+    "unnamed", nobody recorded): sent by a mailer daemon or typed as a delivery report, saying
+    something failed and not only delayed. Anything less is not a report."""
+    typed = report_type(msg) == "delivery-status" or bool(msg.get("x-failed-recipients"))
+    if ((typed or bt.is_daemon_sender(header_text(msg.get("from", "")))) and _says_failed(msg, text)
+            and not _delay_only(msg, text[:2000])):
+        return BounceReport(True, "unnamed", (), None, original_id)
+    return BounceReport(False, "none", (), None, original_id)
 
 
 def _flufl_failures(msg: Message) -> tuple[frozenset[bytes], frozenset[bytes]]:
@@ -91,7 +113,7 @@ def _flufl_failures(msg: Message) -> tuple[frozenset[bytes], frozenset[bytes]]:
 
 def _looks_like_report(msg: Message, text: str) -> bool:
     """Sent by a mailer daemon, or titled or typed like a report and saying something failed."""
-    if bt.is_daemon_sender(header_text(msg.get("from", ""))):
+    if bt.is_daemon_sender(header_text(msg.get("from", ""))) or bt.REPORT_BODY_RE.search(text):
         return True
     return _says_failed(msg, text) and (bt.BOUNCE_SUBJECT_RE.search(header_text(msg.get("subject", "")))
                                         is not None or msg.get_content_type() == "multipart/report")
@@ -149,11 +171,8 @@ def _text_recipient(address: str, text: str, intro: str, action: str, everyone: 
     reason = paragraph_about(address, text, [a for a in everyone if a != address])
     if reason is None and len(everyone) == 1:
         reason = coded_paragraph(text)
-    status = bt.find_status(reason)
-    permanent = bt.is_permanent(status, reason)
-    if permanent is None and action == "failed":
-        permanent = bt.is_permanent(None, intro)
-    return BouncedRecipient(address, permanent, status, action, clean(reason), clean(remote_mta(reason)))
+    return judged(address, bt.find_status(reason), action, reason, remote_mta(reason),
+                  context=intro if action == "failed" else None)
 
 
 def _delay_only(msg: Message, intro: str) -> bool:

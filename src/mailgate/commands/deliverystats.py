@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import TextIO
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -25,7 +26,7 @@ from mailgate.commands.views import parse_since, table
 from mailgate.config import Config
 from mailgate.rules.replies import EXIT
 from mailgate.store import open_store
-from mailgate.store.interface import DeliveryCount, Store
+from mailgate.store.interface import DeliveryCount, ReputationAlert, Store
 
 STATUSES = ("sent", "deferred", "bounced", "expired")
 
@@ -50,9 +51,10 @@ def summary(rows: Sequence[DeliveryCount]) -> dict[str, list[dict]]:
             "per_domain": sorted(_pivot(rows, "domain"), key=lambda r: r["domain"])}
 
 
-def render_stats(rows: Sequence[DeliveryCount]) -> str:
+def render_stats(rows: Sequence[DeliveryCount], alerts: Sequence[ReputationAlert] = ()) -> str:
     """The human view: a table per server, then per day, then per domain when mail left with
-    more than one; statuses Postfix never reported show 0."""
+    more than one (statuses Postfix never reported show 0), then the reputation alerts of the
+    period (docs/rules.md B6)."""
     data = summary(rows)
     out = io.StringIO()
     views = [("per server", "server"), ("per day", "day")]
@@ -62,7 +64,15 @@ def render_stats(rows: Sequence[DeliveryCount]) -> str:
         print(f"# {title}", file=out)
         table(data[title.replace(" ", "_")], [key, *STATUSES, "total"], out)
         print(file=out)
+    print("# reputation alerts (receivers refusing us)", file=out)
+    table(alert_rows(alerts), ["window", "server", "domain", "reason", "bounces"], out)
+    print(file=out)
     return out.getvalue()
+
+
+def alert_rows(alerts: Sequence[ReputationAlert]) -> list[dict]:
+    return [{**asdict(alert), "window": datetime.fromtimestamp(alert.window_start, UTC).strftime("%Y-%m-%d %H:%M")}
+            for alert in alerts]
 
 
 class _StoreTotals(Collector):
@@ -80,7 +90,8 @@ class _StoreTotals(Collector):
         kinds = {"hard": 0, "soft": 0, "unknown": 0}
         for row in self.store.bounce_kind_totals():
             kinds[row.kind] = row.bounces
-        bounces = CounterMetricFamily("mailgate_bounces", "Bounces recorded, by kind (hard: a 5.x.x status).",
+        bounces = CounterMetricFamily("mailgate_bounces", "Bounces recorded, by kind (hard: the recipient's fault, "
+                                      "docs/rules.md B5).",
                                       labels=["kind"])
         for kind, count in kinds.items():
             bounces.add_metric([kind], count)
@@ -113,11 +124,12 @@ def main_stats(config: Config, since: str | None, as_json: bool, prometheus: boo
             out.write(prometheus_text(store))
             return EXIT["ok"]
         rows = store.delivery_stats(start)
+        alerts = store.reputation_alerts(start)
         if as_json:
-            print(json.dumps({"since": start, **summary(rows), "rows": [asdict(row) for row in rows]},
-                             ensure_ascii=False), file=out)
+            print(json.dumps({"since": start, **summary(rows), "rows": [asdict(row) for row in rows],
+                              "reputation": alert_rows(alerts)}, ensure_ascii=False), file=out)
         else:
-            out.write(render_stats(rows))
+            out.write(render_stats(rows, alerts))
         return EXIT["ok"]
     finally:
         store.close()

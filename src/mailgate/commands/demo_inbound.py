@@ -100,16 +100,20 @@ def run_inbound(gw: LabGateway, replied_message_id: str, out: TextIO) -> None:
                      "jane@mycompany.com", [GONE])
     assert gw.pf is not None  # the demo started the gateway
     gw.pf.wait_for_log(rf"{sent.queue_id}: to=<{re.escape(GONE)}>, .*status=bounced", 30)
-    status, reason = _wait(lambda: _bounce(gw))
+    status, reason, fault, diagnostic = _wait(lambda: _bounce(gw))
     print(f"e. mail to {GONE} bounced upstream; the delivery report came back to its bounce address\n"
-          f"                                    -> recorded as a bounce: {status} {reason}\n", file=out)
+          f"                                    -> recorded as a bounce: {status} {reason} ({fault}): "
+          f"{diagnostic}\n", file=out)
 
 
-def _bounce(gw: LabGateway) -> tuple[str, str] | None:
+def _bounce(gw: LabGateway) -> tuple[str, str, str, str] | None:
+    """The bounce's status, reason (docs/rules.md B4), whose fault (B5) and what the report said."""
     with sqlite3.connect(gw.base / gw.database) as db:
-        row = db.execute("select status, reason from bounces where recipient = ? order by id desc limit 1",
-                         (GONE,)).fetchone()
-    return (str(row[0]), str(row[1])) if row else None
+        row = db.execute("select status, reason, hard, diagnostic from bounces where recipient = ? "
+                         "order by id desc limit 1", (GONE,)).fetchone()
+    if not row:
+        return None
+    return str(row[0]), str(row[1]), "hard: the recipient's fault" if row[2] else "soft", str(row[3])
 
 
 def summary(gw: LabGateway, out: TextIO) -> None:

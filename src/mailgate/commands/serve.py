@@ -35,8 +35,10 @@ from mailgate.policy.policyd import MALFORMED_DEFER, MALFORMED_DUNNO, PolicyServ
 from mailgate.policy.recipients import GatewayPolicy
 from mailgate.policy.service import raise_descriptor_limit
 from mailgate.policy.socketmap import SocketmapServer
+from mailgate.rules.blacklist import reevaluate_blacklist
 from mailgate.rules.replies import EXIT
 from mailgate.rules.retention import purge_expired
+from mailgate.store.interface import PENDING_REEVALUATION
 
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 # What a reload can change in place; the rest is read once at start (a restart applies it).
@@ -114,6 +116,20 @@ def _start_listeners(listeners: tuple[SocketmapServer, PolicyServer]) -> None:
         raise
 
 
+def reevaluate_once(runtime: Runtime, logger: logging.Logger) -> None:
+    """The blacklist judged once more after the migration that gave bounces their reasons
+    (docs/rules.md B3): an address listed for bounces that no longer count comes off, each
+    one logged. The task is taken first, so that one gateway of several does it."""
+    if not runtime.store.take_pending_task(PENDING_REEVALUATION):
+        return
+    removed = reevaluate_blacklist(runtime.store, runtime.config.bounces, runtime.clock())
+    for entry in removed:
+        logger.info(kv_line(None, role="blacklist", rcpt=entry.address, action="remove",
+                            reason="re-evaluated", verdict=entry.verdict))
+    logger.info(kv_line(None, event="blacklist-reevaluation", count=runtime.config.bounces.count,
+                        removed=len(removed)))
+
+
 def serve(runtime: Runtime, config_path: Path | None = None) -> int:
     """Serve until SIGTERM/SIGINT. A socket that cannot be made, or that another process (a
     second `serve`) already listens on, is one log line and exit status 1, not a traceback."""
@@ -147,6 +163,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
             metrics.stop()
         runtime.store.close()
         return EXIT["failure"]
+    reevaluate_once(runtime, logger)
     retention = RetentionPass(runtime, logger)
     milter = MilterProcess(runtime.config, metrics.files)
     restarts = RestartBudget()

@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -79,7 +80,7 @@ def bounces_list(store: Store, since: float, address: str | None, as_json: bool,
                  limit: int = 200) -> int:
     bounces = store.bounce_rows(since=since, address=normalize(address) if address else None, limit=limit)
     rows = [{**as_printed(bounce), "when": _when(bounce.created_at), "kind": bounce.kind} for bounce in bounces]
-    columns = ["when", "recipient", "kind", "status", "server", "message", "source", "stale", "reason"]
+    columns = ["when", "recipient", "reason", "kind", "status", "server", "message", "source", "stale", "diagnostic"]
     return _emit({"bounces": rows}, as_json, lambda: table(rows, columns, out), out)
 
 
@@ -88,17 +89,37 @@ def bounces_stats(store: Store, since: float, as_json: bool, out: TextIO = sys.s
 
     def human() -> None:
         print(f"# since {_when(since) if since else 'the first bounce'}", file=out)
-        for title, columns in (("per day", ["day", "bounces", "hard"]), ("per server", ["server", "bounces"]),
-                               ("hard/soft", ["kind", "bounces"]), ("top domains", ["domain", "bounces"])):
+        for title, key, columns in (("per day", "per_day", ["day", "bounces", "hard"]),
+                                    ("per server", "per_server", ["server", "bounces"]),
+                                    ("hard/soft", "per_kind", ["kind", "bounces"]),
+                                    ("per reason", "per_reason", ["reason", "bounces", "hard"]),
+                                    ("top domains", "top_domains", ["domain", "bounces"])):
             print(f"# {title}", file=out)
-            table(stats[title.replace(" ", "_").replace("hard/soft", "per_kind")], columns, out)
+            table(stats[key], columns, out)
             print(file=out)
     return _emit(stats, as_json, human, out)
 
 
 def blacklist_list(store: Store, as_json: bool, out: TextIO = sys.stdout) -> int:
-    rows = [{**as_printed(entry), "since": _when(entry.added_at)} for entry in store.blacklist_entries()]
-    return _emit({"blacklist": rows}, as_json, lambda: table(rows, ["address", "since", "source", "reason"], out), out)
+    """Each listed address with the bounces that put it there and their reasons (B3, B4)."""
+    entries = store.blacklist_entries()
+    ids = sorted({i for entry in entries for i in entry.cause_ids})
+    causes = {row.id: row for row in store.bounce_rows(ids=ids)} if ids else {}
+    rows = []
+    for entry in entries:
+        named = [causes[i] for i in entry.cause_ids if i in causes]
+        rows.append({**as_printed(entry), "since": _when(entry.added_at), "bounces": len(named),
+                     "reasons": _reason_counts(named),
+                     "causes": [{"id": b.id, "at": b.created_at, "status": b.status, "reason": b.reason}
+                                for b in named]})
+    columns = ["address", "since", "source", "bounces", "reasons", "reason"]
+    return _emit({"blacklist": rows}, as_json, lambda: table(rows, columns, out), out)
+
+
+def _reason_counts(bounces: Sequence[StoredBounce]) -> str | None:
+    """`userunknown x4, hostunknown` for the table; None when the entry names no bounce."""
+    counts = Counter(b.reason or "-" for b in bounces)
+    return ", ".join(r if n == 1 else f"{r} x{n}" for r, n in counts.most_common()) or None
 
 
 def blacklist_change(store: Store, action: str, address: str, reason: str | None, as_json: bool,
@@ -136,6 +157,6 @@ def blacklist_why(store: Store, address: str, as_json: bool, out: TextIO = sys.s
         if causes:
             print("  bounces that caused it:", file=out)
             for row in causes:
-                print(f"    {_when(row.created_at)}  {row.status or '-'}  {row.server or '-'}  "
-                      f"{row.reason or ''}", file=out)
+                print(f"    {_when(row.created_at)}  {row.status or '-'}  {row.reason or '-'}  {row.server or '-'}  "
+                      f"{row.diagnostic or ''}", file=out)
     return _emit(data, as_json, human, out)

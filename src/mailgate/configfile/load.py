@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -91,7 +92,7 @@ def _read(reader: Reader, root: yaml.Node | None, check_files: bool, check_start
         Config, top, alias_domains=domains, servers=servers, aliases=aliases, allowed_alias_domains=allowed,
         incoming_local_anywhere=top.get("allowed_alias_domains", None) == (),
         loop=build(LoopSettings, reader.section(nodes["loop"], "loop", LOOP)),
-        bounces=build(BounceSettings, reader.section(nodes["bounces"], "bounces", BOUNCES)),
+        bounces=build(BounceSettings, bounce_values(reader, reader.section(nodes["bounces"], "bounces", BOUNCES))),
         quota=build(QuotaSettings, reader.section(nodes["quota"], "quota", QUOTA)),
         mass_mail=build(MassMailSettings, mass),
         listen=build(ListenSettings, reader.section(nodes["listen"], "listen", LISTEN)),
@@ -104,6 +105,24 @@ def _read(reader: Reader, root: yaml.Node | None, check_files: bool, check_start
     if errors:
         raise ConfigError(sorted(reader.problems, key=lambda p: p.line))
     return LoadedConfig(config, tuple(p for p in reader.problems if p.severity != "error"))
+
+
+def bounce_values(reader: Reader, values: dict[str, Any]) -> dict[str, Any]:
+    """`bounces.count_soft`, the option before `bounces.count`, still loads: `true` (every bounce
+    counts) is `count: all`; `false` (hard ones only) is the default, `count: recipient`, since
+    "hard" now means the recipient's fault. Given with a `count` that says otherwise, it is an
+    error; given at all, a warning naming its replacement."""
+    if "count_soft" not in values:
+        return values
+    meant = "all" if values["count_soft"] else "recipient"
+    node = node_of(values, "count_soft")
+    if "count" in values and values["count"] != meant:
+        reader.problem(node, "bounces.count_soft", f"says count: {meant}, but count: {values['count']} is set too; "
+                       "keep count alone")
+    else:
+        reader.problem(node, "bounces.count_soft", f"replaced by bounces.count (this file means count: {meant})",
+                       "warning")
+    return {**values, "count": values.get("count", meant)}
 
 
 def load_config(path: str | os.PathLike[str], *, check_files: bool = True,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate.config import (
+    BOUNCE_COUNTS,
     BOUNCE_FORWARDS,
     DIRECT_WRITE_ACTIONS,
     LOOP_ACTIONS,
@@ -244,7 +245,9 @@ OAUTH = {
 LOOP = {"minutes": _int(1, 525_600), "threshold": _int(1, 1_000_000), "action": _choice(LOOP_ACTIONS),
          "allowed_senders": _addresses}
 BOUNCES = {"blacklist_after": _int(1, 1000), "window_days": _int(1, 3650), "min_spread_days": _int(0, 3650),
-            "count_soft": _bool, "token_days": _int(1, 3650), "forward": _choice(BOUNCE_FORWARDS)}
+            "count": _choice(BOUNCE_COUNTS), "count_soft": _bool, "token_days": _int(1, 3650),
+            "forward": _choice(BOUNCE_FORWARDS), "reputation_threshold": _opt_int(1, 1_000_000),
+            "reputation_window_minutes": _int(1, 10_080)}
 QUOTA = {"daily": _opt_int(1, 100_000_000), "mass_daily": _opt_int(1, 100_000_000), "scope": _choice(QUOTA_SCOPES),
           "action": _choice(QUOTA_ACTIONS)}
 MASS = {"server": _opt_str, "listeners": _str_list, "sasl_users": _str_list, "headers": _header_signs}

@@ -16,7 +16,6 @@ or in the serving process's memory, and the files are summed once per scrape.
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
@@ -28,8 +27,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from mailgate.rules.reason_vocabulary import REASONS
 from mailgate.rules.replies import SMTP, SmtpReply
-from mailgate.store.interface import BounceRecord
+from mailgate.store.interface import BounceRecord, bounce_kind
 
 # A `_created` series per counter would not survive the sum over processes; rates need none.
 disable_created_metrics()
@@ -59,6 +59,11 @@ BOUNCES = Counter(
     "mailgate_bounces_recorded_total",
     "Failed recipients of delivery reports recorded as bounces, by reason and kind (hard|soft|unknown).",
     ["reason", "kind"], registry=REGISTRY)
+REPUTATION_ALERTS = Counter(
+    "mailgate_reputation_alerts_total",
+    "Reputation alerts (docs/rules.md B6): sender-side bounces past the threshold in one window, per upstream "
+    "server, recipient domain and reason.",
+    ["server", "domain", "reason"], registry=REGISTRY)
 STORE_ERRORS = Counter(
     "mailgate_store_errors_total", "Store operations that failed, by operation.", ["operation"], registry=REGISTRY)
 STORE_SECONDS = Histogram(
@@ -127,7 +132,6 @@ LOOKUP_SECONDS = LoopHistogram(
 REPLY_KEYS: dict[SmtpReply, str] = {reply: key for key, reply in SMTP.items()}
 """The reply table's key of each SMTP reply the milter gives."""
 
-_STATUS = re.compile(r"[245]\.[0-7]\.\d")
 _bound: dict[tuple[object, ...], Any] = {}
 
 
@@ -147,12 +151,10 @@ def yes_no(value: bool) -> str:
 
 def bounce_labels(record: BounceRecord) -> tuple[str, str]:
     """(reason, kind) of a recorded bounce: the only place that reads a bounce for its labels.
-    The reason is the enhanced status code's class, subject and first detail digit (a bounded
-    set: the diagnostic text is free and unbounded), `unknown` without one."""
-    status = _STATUS.match(record.status or "")
-    reason = status.group(0) if status else "unknown"
-    kind = "unknown" if record.permanent is None else ("hard" if record.permanent else "soft")
-    return reason, kind
+    The reason is its class (docs/rules.md B4, a bounded vocabulary: the diagnostic text is
+    free and unbounded), the kind hard (the recipient's fault, B5), soft or unknown."""
+    reason = record.reason if record.reason in REASONS else "undefined"
+    return reason, bounce_kind(record.hard, record.permanent, record.reason)
 
 
 def reply_key(reply: SmtpReply | None) -> str:

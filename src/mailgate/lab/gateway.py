@@ -43,6 +43,7 @@ SASL_USER, SASL_PASSWORD = "odoo@mycompany.com", "relay-password"
 ODOO_PASSWORD = "odoo-admin-password"
 PIPE_USER = "nobody"  # pipe(8) never runs as root; Debian always has this user
 GONE = "gone@customer.example"  # every upstream sink refuses it with 550 5.1.1
+BLOCKING = "anyone@blocking.example"  # every upstream sink refuses it as from a block-listed client
 
 
 @dataclass
@@ -108,7 +109,8 @@ class LabGateway:
     def start(self) -> LabGateway:
         certs = make_ca_and_cert(self.base / "tls")
         cert = (certs.cert, certs.key)
-        gone = {GONE: "550 5.1.1 <gone@customer.example>: Recipient address rejected: User unknown"}
+        gone = {GONE: "550 5.1.1 <gone@customer.example>: Recipient address rejected: User unknown",
+                BLOCKING: "554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using zen.example.net"}
         self.sinks = {
             "transactional": Sink(security="starttls", cert=cert, auth=(SASL_USER, SASL_PASSWORD),
                                   name="transactional", reject=gone),

@@ -4,8 +4,7 @@ Debian's Postfix is installed without a system instance, so everything here name
 configuration directory explicitly (``-c DIR`` / ``-C DIR``) and keeps config, queue, data
 and log under one short base directory. The instance listens only on free 127.0.0.1
 ports, relays everything to local sinks, retries quickly, and logs to a plain file so
-tests can read delivery results. See /work/shared/postfix-testing.md for the facts this
-relies on.
+tests can read delivery results.
 """
 
 from __future__ import annotations

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from mailgate.bounceparse import BounceReport, parse_bounce
 from mailgate.config import Config
 from mailgate.infra.logfmt import kv_line
-from mailgate.infra.metrics import BOUNCES, bounce_labels, bound
+from mailgate.infra.metrics import BOUNCES, REPUTATION_ALERTS, bounce_labels, bound
 from mailgate.infra.runtime import Runtime
 from mailgate.milter.facts import MessageFacts
 from mailgate.rules.addresses import normalize
 from mailgate.rules.blacklist import bounce_lock, record_and_judge
 from mailgate.rules.bounces import ReportDestination, report_destination, screen_failed, token_is_stale
 from mailgate.rules.classify import bounce_token_of, is_odoo_own_bounce, report_bounce_alias
+from mailgate.rules.reputation import alert_fields, alerts_after
 from mailgate.rules.tokens import BounceToken
 from mailgate.store.interface import BounceRecord, StoredOutbound
 
@@ -52,6 +53,7 @@ def process_bounce(runtime: Runtime, config: Config, facts: MessageFacts, queue_
     known = row.recipient_count if row else None   # None: no row, or one from before recipients were kept
     screen = screen_failed(addresses, known, lambda candidates: _sent_to(runtime, row, candidates))
     lines: list[str] = []
+    recorded: list[str] = []
     written = repeats = 0
     counted: list[tuple[str, str]] = []   # counted once the transaction has committed
     with store.transaction(*(bounce_lock(addresses[i]) for i in screen.recorded)):
@@ -61,22 +63,29 @@ def process_bounce(runtime: Runtime, config: Config, facts: MessageFacts, queue_
                 created_at=now, recipient=address, status=failed.status, action=failed.action,
                 permanent=failed.permanent, reason=failed.reason, reporting_mta=report.reporting_mta,
                 remote_mta=failed.remote_mta, message=row.id if row else None,
-                server=row.server if row else None, source=report.kind, stale=stale, matched=known is not None)
+                server=row.server if row else None, source=report.kind, stale=stale, matched=known is not None,
+                diagnostic=failed.diagnostic, hard=failed.hard)
             outcome = record_and_judge(store, config.bounces, record, now)
             if outcome.repeat:
                 repeats += 1
                 continue
             written += 1
             counted.append(bounce_labels(record))
+            recorded.append(failed.reason)
             lines.append(kv_line(queue_id, role="bounce", rcpt=address, status=failed.status,
                                  permanent=failed.permanent, message=row.id if row else None,
                                  server=row.server if row else None, stale=stale, bounce=outcome.bounce_id,
-                                 blacklisted=outcome.blacklisted is not None))
+                                 blacklisted=outcome.blacklisted is not None, reason=failed.reason,
+                                 hard=failed.hard))
             if outcome.blacklisted:
                 lines.append(kv_line(queue_id, role="blacklist", rcpt=address, action="add",
                                      reason=outcome.blacklisted))
+        alerts = alerts_after(store, config.bounces, recorded, now)
+        lines += [kv_line(queue_id, **alert_fields(alert)) for alert in alerts]
     for labels in counted:
         bound(BOUNCES, *labels).inc()
+    for alert in alerts:
+        bound(REPUTATION_ALERTS, alert.server, alert.domain, alert.reason).inc()
     original = row.envelope_from_original if row else None
     destination = report_destination(config, original, to_odoo_own)
     ours = tuple(r for r in facts.recipients if bounce_token_of(config, r) is not None)

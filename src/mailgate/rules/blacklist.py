@@ -18,6 +18,7 @@ from mailgate.store.interface import BounceRecord, Store
 
 RULE_SOURCE = "rule"
 DELIVERED_REASON = "delivered successfully"
+REEVALUATED_REASON = "re-evaluated: its bounces no longer count"
 
 
 def bounce_lock(address: str) -> str:
@@ -34,6 +35,12 @@ class BounceOutcome:
     def repeat(self) -> bool:
         """The message's failure for this recipient was recorded already (B1: once per message)."""
         return self.bounce_id is None
+
+
+@dataclass(frozen=True)
+class Reevaluated:
+    address: str
+    verdict: str                 # what the rule says of the address's bounces now
 
 
 @dataclass(frozen=True)
@@ -72,3 +79,17 @@ def clear_after_delivery(store: Store, address: str, at: float) -> DeliveryOutco
         store.reset_bounces(address, at)
     removed = store.blacklist_remove(address, at, DELIVERED_REASON, source=RULE_SOURCE)
     return DeliveryOutcome(reset, removed)
+
+
+def reevaluate_blacklist(store: Store, settings: BounceSettings, now: float) -> list[Reevaluated]:
+    """B3 once more over every entry the rule made (an operator's stay): an address whose
+    bounces no longer make the verdict due under the current counting (after the migration
+    that gave bounces their reasons, a block list or spam refusal no longer counts) comes off
+    the list. Each address in its own transaction under its lock; returns those removed."""
+    removed: list[Reevaluated] = []
+    for entry in store.blacklisted_by_rule():
+        with store.transaction(bounce_lock(entry.address)):
+            verdict = blacklist_verdict(store.countable_bounces(entry.address, 0.0), settings, now)
+            if not verdict.due and store.blacklist_remove(entry.address, now, REEVALUATED_REASON, RULE_SOURCE):
+                removed.append(Reevaluated(entry.address, verdict.reason))
+    return removed

@@ -65,8 +65,18 @@ class BlacklistVerdict:
 
 
 def counts(fact: BounceFact, settings: BounceSettings) -> bool:
-    """mailgate counts hard bounces only; `count_soft` counts every bounce, as Odoo does."""
-    return settings.count_soft or fact.permanent is True
+    """B3 `bounces.count`: `recipient` (the default) counts only the recipient's fault (B5:
+    unknown user or domain, moved, a domain that accepts no mail), so a block list, a spam
+    verdict or a full mailbox never blacklists a good address; `permanent` every permanent
+    failure (mailgate's rule before reasons); `all` every bounce, as Odoo does."""
+    if settings.count == "all":
+        return True
+    if settings.count == "permanent":
+        return fact.permanent is True
+    return fact.hard
+
+
+_COUNTED = {"recipient": "hard bounces", "permanent": "permanent bounces", "all": "bounces"}
 
 
 def blacklist_verdict(facts: list[BounceFact], settings: BounceSettings, now: float) -> BlacklistVerdict:
@@ -82,9 +92,10 @@ def blacklist_verdict(facts: list[BounceFact], settings: BounceSettings, now: fl
     if spread <= settings.min_spread_days * DAY:
         return BlacklistVerdict(False, (), f"{len(counted)} bounces within {spread / DAY:.1f} days: "
                                            f"not more than {settings.min_spread_days} days apart")
-    kind = "bounces" if settings.count_soft else "hard bounces"
+    reasons = ",".join(sorted({f.reason for f in counted if f.reason}))
+    because = f" ({reasons})" if reasons else ""
     return BlacklistVerdict(True, tuple(f.id for f in counted),
-                            f"{len(counted)} {kind} in {settings.window_days} days, "
+                            f"{len(counted)} {_COUNTED[settings.count]}{because} in {settings.window_days} days, "
                             f"spread over {spread / DAY:.1f} days")
 
 

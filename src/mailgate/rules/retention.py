@@ -16,7 +16,8 @@ the purge:
   digests (docs/rules.md B1) go with it: a report is checked against them as long as it can
   still find its message, and never after;
 - inbound messages and their routes: `loop.minutes`, the loop guard's window;
-- quota counters: the quota's rolling 24 hours.
+- quota counters: the quota's rolling 24 hours;
+- reputation alerts (docs/rules.md B6): `bounces.window_days`, the window `stats` reads by default.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def retention_cutoffs(config: Config, now: float) -> dict[str, float]:
         "messages": now - max(bounce_window, config.bounces.token_days * DAY, EXPIRY_HORIZON),
         "inbound_messages": now - config.loop.minutes * 60.0,
         "quota_counters": now - QUOTA_WINDOW,
+        "reputation_alerts": now - bounce_window,
     }
 
 

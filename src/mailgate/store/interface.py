@@ -14,6 +14,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+# A task a migration leaves for `serve` (Store.take_pending_task): schema v9 gave every bounce
+# its reason, so the blacklist is judged once more under the counting of the configuration.
+PENDING_REEVALUATION = "blacklist-reevaluation"
+
 
 class StoreUnavailable(RuntimeError):
     """The store cannot be opened and written at start (a read-only or full file system, a
@@ -59,9 +63,19 @@ class InboundRecord:
     confirmed: int = 1
 
 
+def bounce_kind(hard: bool, permanent: bool | None, reason: str | None) -> str:
+    """hard (the recipient's fault), soft (anything else the report told), or unknown (it said
+    neither a status nor words we know): the `BOUNCE_KIND` of the SQL views."""
+    if hard:
+        return "hard"
+    return "unknown" if permanent is None and reason in (None, "undefined") else "soft"
+
+
 @dataclass(frozen=True)
 class BounceRecord:
-    """One failed recipient of one delivery report."""
+    """One failed recipient of one delivery report. `reason` is the class, a plain lower-case
+    word of `rules.reason_vocabulary.REASONS` ("userunknown", "blocked"); what the report said
+    is `diagnostic`; `hard` says it was the recipient's fault (docs/rules.md B5)."""
 
     created_at: float
     recipient: str
@@ -76,6 +90,8 @@ class BounceRecord:
     source: str                  # dsn | flufl | postfix-log | ...
     stale: bool = False          # the token was older than bounces.token_days: never counted
     matched: bool = True         # tied to a message of ours (token or attached Message-ID)
+    diagnostic: str | None = None
+    hard: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,8 @@ class BounceFact:
     id: int
     created_at: float
     permanent: bool | None
+    reason: str | None = None
+    hard: bool = False
 
 
 def bounce_ids_of(text: str | None) -> list[int]:
@@ -154,13 +172,12 @@ class StoredBounce:
     source: str | None
     stale: bool
     matched: bool
+    diagnostic: str | None
+    hard: bool
 
     @property
     def kind(self) -> str:
-        """hard (a permanent failure), soft, or unknown (the report did not say)."""
-        if self.permanent is None:
-            return "unknown"
-        return "hard" if self.permanent else "soft"
+        return bounce_kind(self.hard, self.permanent, self.reason)
 
 
 @dataclass(frozen=True)
@@ -226,6 +243,36 @@ class KindBounces:
 
 
 @dataclass(frozen=True)
+class ReasonBounces:
+    reason: str                  # a word of rules.reason_vocabulary.REASONS; "-": none recorded
+    bounces: int
+    hard: int
+
+
+@dataclass(frozen=True)
+class SenderSideCount:
+    """Bounces of one sender-side reason, per upstream server and recipient domain (the
+    reputation alert's input, docs/rules.md B6)."""
+
+    server: str                  # "-": no server known
+    domain: str
+    reason: str
+    bounces: int
+
+
+@dataclass(frozen=True)
+class ReputationAlert:
+    """One alert: the window it covers (its start), what passed the threshold."""
+
+    window_start: float
+    server: str
+    domain: str
+    reason: str
+    bounces: int
+    at: float
+
+
+@dataclass(frozen=True)
 class DomainBounces:
     domain: str
     bounces: int
@@ -239,6 +286,7 @@ class BounceStats:
     per_server: tuple[ServerBounces, ...]
     per_kind: tuple[KindBounces, ...]
     top_domains: tuple[DomainBounces, ...]
+    per_reason: tuple[ReasonBounces, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -307,6 +355,11 @@ class Store(Protocol):
                     limit: int | None = None) -> list[StoredBounce]: ...
     def bounce_stats(self, since: float) -> BounceStats: ...
     def bounce_kind_totals(self) -> list[KindBounces]: ...
+    def blacklisted_by_rule(self) -> list[BlacklistEntry]: ...
+    def sender_side_counts(self, since: float, reasons: Sequence[str]) -> list[SenderSideCount]: ...
+    def record_reputation_alert(self, alert: ReputationAlert) -> bool: ...
+    def reputation_alerts(self, since: float) -> list[ReputationAlert]: ...
+    def take_pending_task(self, name: str) -> bool: ...
     # deliveries (from Postfix's log)
     def record_delivery(self, record: DeliveryRecord) -> int: ...
     def deliveries_of(self, queue_id: str, since: float) -> list[StoredDelivery]: ...

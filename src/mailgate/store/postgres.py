@@ -23,11 +23,25 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from mailgate.infra.logfmt import kv_line
-from mailgate.store.sql import QUOTA_COUNTERS, TABLES_WITH_IDS, SQLStore, new_store_id
+from mailgate.store.interface import PENDING_REEVALUATION
+from mailgate.store.sql import (
+    QUOTA_COUNTERS,
+    RECLASSIFY,
+    TABLES_WITH_IDS,
+    SQLStore,
+    new_store_id,
+    reclassify_bounces,
+)
 
 
 def _identify(conn: psycopg.Connection) -> None:
     conn.execute("insert into store_identity (id) values (%s)", [new_store_id()])
+
+
+def _classify_bounces(conn: psycopg.Connection) -> None:
+    """v9: each bounce's reason and hard flag from the text recorded so far (sqlite's `_v9`)."""
+    reclassify_bounces(lambda sql, params: conn.execute(sql.replace("?", "%s"), params).fetchall(),
+                       lambda batch: conn.cursor().executemany(RECLASSIFY.replace("?", "%s"), batch))
 
 
 # The same versions as the SQLite schema (mailgate.store.sqlite.MIGRATIONS), in PostgreSQL's DDL;
@@ -87,6 +101,16 @@ MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection], None], ...], ...] =
      """create table outbound_recipients (message bigint not null, recipient_digest text not null,
         primary key (message, recipient_digest))""",
      "create index bounces_message on bounces (message, recipient)"),
+    ("alter table bounces add column diagnostic text",
+     "alter table bounces add column hard integer not null default 0",
+     _classify_bounces,
+     "create index bounces_reasons on bounces (created_at, hard, permanent, reason, server, recipient)",
+     "drop index bounces_stats",
+     """create table reputation_alerts (window_start double precision not null, server text not null,
+        domain text not null, reason text not null, bounces bigint not null, at double precision not null,
+        primary key (window_start, server, domain))""",
+     "create table pending_tasks (name text primary key)",
+     f"insert into pending_tasks (name) values ('{PENDING_REEVALUATION}')"),
 )
 MIGRATION_LOCK = 7_357_001  # one gateway migrates at a time
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, fields
 from functools import partial
 from typing import Any, TypeVar
 
+from mailgate.rules.bounce_reasons import reason_and_hard
 from mailgate.store.interface import (
     BlacklistEntry,
     BounceDay,
@@ -29,6 +30,9 @@ from mailgate.store.interface import (
     InboundRecord,
     KindBounces,
     OutboundRecord,
+    ReasonBounces,
+    ReputationAlert,
+    SenderSideCount,
     ServerBounces,
     StoredBounce,
     StoredDelivery,
@@ -39,16 +43,19 @@ from mailgate.store.interface import (
 
 QUOTA_COUNTERS = ("create table quota_counters (key text not null, stream text not null, minute bigint not null, "
                   "count integer not null, primary key (key, stream, minute))")
-BOUNCE_KIND = "case when permanent = 1 then 'hard' when permanent = 0 then 'soft' else 'unknown' end"
+# StoredBounce.kind in SQL: hard (the recipient's fault), soft, unknown (neither a status nor words).
+BOUNCE_KIND = ("case when hard = 1 then 'hard' when permanent is null and coalesce(reason, 'undefined') = 'undefined' "
+               "then 'unknown' else 'soft' end")
 PURGE_BATCH = 1000   # rows per purge transaction: the write lock is held for one batch, never a whole purge
 # What retention may delete: table -> (its key, its time column). Never the blacklist, nor
 # log_positions (where watch-log stands).
 PURGEABLE = {"messages": ("id", "created_at"), "inbound_messages": ("id", "created_at"),
-             "bounces": ("id", "created_at"), "bounce_resets": ("address", "at"), "deliveries": ("id", "at")}
+             "bounces": ("id", "created_at"), "bounce_resets": ("address", "at"), "deliveries": ("id", "at"),
+             "reputation_alerts": ("window_start", "window_start")}
 # Every table holding the store's data (not its schema version nor its identity), parents before
 # the rows that name them: what `migrate-store` copies, the only tables its methods take by name.
 DATA_TABLES = ("messages", "outbound_recipients", "inbound_messages", "inbound_routes", "bounces", "bounce_resets",
-               "blacklist", "quota_counters", "deliveries", "log_positions", "purged_counts")
+               "blacklist", "quota_counters", "deliveries", "log_positions", "purged_counts", "reputation_alerts")
 TABLES_WITH_IDS = ("messages", "inbound_messages", "bounces", "blacklist", "deliveries")
 COPY_BATCH = 1000    # rows per `table_rows` batch
 LOOKUP_BATCH = 500   # values per `in (...)` list: far below either backend's limit on parameters
@@ -77,7 +84,33 @@ def _stored_outbound(row: dict) -> StoredOutbound:
 
 def _stored_bounce(row: dict) -> StoredBounce:
     return StoredBounce(**{**row, "permanent": _flag(row["permanent"]), "stale": bool(row["stale"]),
-                           "matched": bool(row["matched"])})
+                           "matched": bool(row["matched"]), "hard": bool(row["hard"])})
+
+
+def reclassify_bounces(fetch: Callable[[str, list[Any]], Sequence[Sequence[Any]]],
+                       write: Callable[[list[tuple[str, int, str | None, int]]], object]) -> None:
+    """Schema v9 on either backend: every bounce classified, `CLASSIFY_BATCH` rows at a time
+    (a million rows never sit in memory at once). `fetch(sql, params)` reads rows, `write` runs
+    `RECLASSIFY` over a batch."""
+    last = 0
+    while rows := fetch(UNCLASSIFIED, [last, CLASSIFY_BATCH]):
+        write(classified_bounces(rows))
+        last = rows[-1][0]
+
+
+def classified_bounces(rows: Sequence[Sequence[Any]]) -> list[tuple[str, int, str | None, int]]:
+    """Schema v9: rows (id, status, reason text, permanent) of bounces recorded before reasons
+    existed, as the values of `RECLASSIFY` (the text moves to `diagnostic`)."""
+    updated: list[tuple[str, int, str | None, int]] = []
+    for row_id, status, text, permanent in rows:
+        reason, hard = reason_and_hard(status, None if permanent is None else bool(permanent), text)
+        updated.append((reason, int(hard), text, row_id))
+    return updated
+
+
+RECLASSIFY = "update bounces set reason = ?, hard = ?, diagnostic = ? where id = ?"
+CLASSIFY_BATCH = 5000
+UNCLASSIFIED = "select id, status, reason, permanent from bounces where id > ? order by id limit ?"
 
 
 def _data_table(table: str) -> str:
@@ -246,7 +279,7 @@ class SQLStore:
 
     def record_bounce(self, record: BounceRecord) -> int:
         row = asdict(record)
-        row.update(stale=int(record.stale), matched=int(record.matched),
+        row.update(stale=int(record.stale), matched=int(record.matched), hard=int(record.hard),
                    permanent=None if record.permanent is None else int(record.permanent))
         return self._insert("bounces", row)
 
@@ -259,10 +292,10 @@ class SQLStore:
     def countable_bounces(self, address: str, since: float) -> list[BounceFact]:
         """Bounces that may count: matched, not stale, newer than the window and the last reset."""
         rows = self._execute(
-            f"select id, created_at, permanent from bounces where recipient = ? and created_at >= {self.greatest}(?, "
-            "coalesce((select at from bounce_resets where address = ?), 0)) and stale = 0 and matched = 1 "
-            "order by created_at", [address, since, address]).fetchall()
-        return [BounceFact(r[0], r[1], None if r[2] is None else bool(r[2])) for r in rows]
+            f"select id, created_at, permanent, reason, hard from bounces where recipient = ? and created_at >= "
+            f"{self.greatest}(?, coalesce((select at from bounce_resets where address = ?), 0)) and stale = 0 "
+            "and matched = 1 order by created_at", [address, since, address]).fetchall()
+        return [BounceFact(r[0], r[1], _flag(r[2]), r[3], bool(r[4])) for r in rows]
 
     def reset_bounces(self, address: str, at: float) -> None:
         self._execute("insert into bounce_resets (address, at) values (?, ?) "
@@ -303,6 +336,36 @@ class SQLStore:
         return self._records(lambda row: BlacklistEntry(**row), f"select {_columns(BlacklistEntry)} from blacklist "
                              "where address = ? order by added_at", [address])
 
+    def blacklisted_by_rule(self) -> list[BlacklistEntry]:
+        """The active entries the blacklist rule made (an operator's are never re-judged)."""
+        return [entry for entry in self.blacklist_entries() if entry.source == "rule"]
+
+    def sender_side_counts(self, since: float, reasons: Sequence[str]) -> list[SenderSideCount]:
+        """Bounces with one of `reasons` since a time, per server, recipient domain and reason."""
+        domain = self.domain_of("recipient")
+        return self._records(lambda row: SenderSideCount(**row),
+                             f"select coalesce(server, '-') as server, {domain} as domain, reason, count(*) as bounces "
+                             f"from bounces where created_at >= ? and reason in ({self._marks(reasons) or 'null'}) "
+                             f"group by coalesce(server, '-'), {domain}, reason order by bounces desc, server, domain",
+                             [since, *reasons])
+
+    def record_reputation_alert(self, alert: ReputationAlert) -> bool:
+        """Write the alert unless one for its window, server and domain exists (then False):
+        concurrent gateways log it once between them."""
+        return self._execute("insert into reputation_alerts (window_start, server, domain, reason, bounces, at) "
+                             "values (?, ?, ?, ?, ?, ?) on conflict do nothing",
+                             list(asdict(alert).values())).rowcount > 0
+
+    def reputation_alerts(self, since: float) -> list[ReputationAlert]:
+        """The alerts of windows starting at or after `since`, newest first."""
+        return self._records(lambda row: ReputationAlert(**row), f"select {_columns(ReputationAlert)} from "
+                             "reputation_alerts where window_start >= ? order by window_start desc, bounces desc",
+                             [since])
+
+    def take_pending_task(self, name: str) -> bool:
+        """True once per task a migration left (`PENDING_REEVALUATION`): the first to ask does it."""
+        return self._execute("delete from pending_tasks where name = ?", [name]).rowcount > 0
+
     def _blacklist_evidence(self) -> set[int]:
         """The bounces some blacklist entry names: `blacklist why` shows them for ever."""
         rows = self._execute("select bounce_ids from blacklist where bounce_ids is not null and bounce_ids <> ''")
@@ -329,7 +392,7 @@ class SQLStore:
         return BounceStats(
             per_day=tuple(self._records(lambda row: BounceDay(**row),
                                         f"select {day} as day, count(*) as bounces, "
-                                        "sum(case when permanent = 1 then 1 else 0 end) as hard from bounces "
+                                        "coalesce(sum(hard), 0) as hard from bounces "
                                         f"where created_at >= ? group by {day} order by day", [since])),
             per_server=tuple(self._records(lambda row: ServerBounces(**row),
                                            "select coalesce(server, '-') as server, count(*) as bounces from bounces "
@@ -338,6 +401,10 @@ class SQLStore:
             per_kind=tuple(self._records(lambda row: KindBounces(**row),
                                          f"select {kind} as kind, count(*) as bounces from bounces "
                                          f"where created_at >= ? group by {kind} order by bounces desc", [since])),
+            per_reason=tuple(self._records(lambda row: ReasonBounces(**row),
+                                           "select coalesce(reason, '-') as reason, count(*) as bounces, "
+                                           "coalesce(sum(hard), 0) as hard from bounces where created_at >= ? "
+                                           "group by reason order by bounces desc, reason", [since])),
             top_domains=tuple(self._records(lambda row: DomainBounces(**row),
                                             f"select {self.domain_of('recipient')} as domain, count(*) as bounces "
                                             f"from bounces where created_at >= ? "

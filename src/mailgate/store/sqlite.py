@@ -19,8 +19,14 @@ from typing import Any
 
 import sqlite_utils
 
-from mailgate.store.interface import StoreUnavailable
-from mailgate.store.sql import QUOTA_COUNTERS, SQLStore, new_store_id
+from mailgate.store.interface import PENDING_REEVALUATION, StoreUnavailable
+from mailgate.store.sql import (
+    QUOTA_COUNTERS,
+    RECLASSIFY,
+    SQLStore,
+    new_store_id,
+    reclassify_bounces,
+)
 
 BUSY_TIMEOUT_MS = 5000
 IDLE_CONNECTIONS = 16      # connections of ended threads kept for the next ones; more are closed
@@ -130,8 +136,27 @@ def _v8(db: sqlite_utils.Database) -> None:
     db.table("bounces").create_index(["message", "recipient"])
 
 
+def _v9(db: sqlite_utils.Database) -> None:
+    """A reason per bounce (docs/rules.md B4, B5): the text recorded so far moves to
+    `diagnostic`, every row gets its reason and hard flag from it, and the blacklist is to be
+    re-judged once under the new counting (`PENDING_REEVALUATION`); the reputation alerts, one
+    per window, server and domain (B6)."""
+    db.table("bounces").add_column("diagnostic", str)
+    db.table("bounces").add_column("hard", int)
+    db.execute("update bounces set hard = 0")
+    reclassify_bounces(lambda sql, params: db.execute(sql, params).fetchall(),
+                       lambda batch: db.conn.executemany(RECLASSIFY, batch))
+    db.table("bounces").create_index(["created_at", "hard", "permanent", "reason", "server", "recipient"])
+    db.table("bounces").drop_index("idx_bounces_created_at_permanent_server_recipient")
+    db.execute("create table reputation_alerts (window_start real not null, server text not null, "
+               "domain text not null, reason text not null, bounces integer not null, at real not null, "
+               "primary key (window_start, server, domain))")
+    db.execute("create table pending_tasks (name text primary key)")
+    db.execute("insert into pending_tasks (name) values (?)", [PENDING_REEVALUATION])
+
+
 # Each entry moves the schema one version up; `PRAGMA user_version` says where a file stands.
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9)
 
 
 def _close(db: sqlite_utils.Database) -> None:

@@ -17,6 +17,8 @@ from mailgate.config import Config
 from mailgate.infra.logfmt import kv_line
 from mailgate.rules.addresses import normalize
 from mailgate.rules.blacklist import DELIVERED_REASON, bounce_lock, clear_after_delivery, record_and_judge
+from mailgate.rules.bounce_reasons import reason_and_hard
+from mailgate.rules.reputation import alert_fields, alerts_after
 from mailgate.rules.retention import EXPIRY_HORIZON
 from mailgate.store.interface import BounceRecord, DeliveryRecord, Store
 
@@ -86,17 +88,21 @@ def record_event(store: Store, config: Config, event: LogEvent) -> list[tuple[in
     # A NULL flag is a row from before the flag existed: perhaps tokenised, so not counted here.
     if event.status in ("bounced", "expired") and row is not None and row.tokenised is False:
         permanent = _permanent(event.dsn)
+        reason, hard = reason_and_hard(event.dsn, permanent, event.reason)
         outcome = record_and_judge(store, config.bounces, BounceRecord(
             created_at=event.at, recipient=rcpt, status=event.dsn, action="failed", permanent=permanent,
-            reason=event.reason, reporting_mta=event.host, remote_mta=_relay_host_port(event.relay)[0] or None,
-            message=message, server=server, source="postfix-log"), event.at)
+            reason=reason, reporting_mta=event.host, remote_mta=_relay_host_port(event.relay)[0] or None,
+            message=message, server=server, source="postfix-log", diagnostic=event.reason, hard=hard), event.at)
         if outcome.repeat:   # B1: a message fails once per recipient (a report on it came first)
             lines.append((logging.INFO, kv_line(qid, role="bounce", rcpt=rcpt, status=event.dsn, message=message,
                                                 source="postfix-log", action="ignored", reason="recorded already")))
             return lines
         lines.append((logging.INFO, kv_line(qid, role="bounce", rcpt=rcpt, status=event.dsn, permanent=permanent,
                                             message=message, server=server, source="postfix-log",
-                                            bounce=outcome.bounce_id, blacklisted=outcome.blacklisted is not None)))
+                                            bounce=outcome.bounce_id, blacklisted=outcome.blacklisted is not None,
+                                            reason=reason, hard=hard)))
+        lines += [(logging.WARNING, kv_line(qid, **alert_fields(alert)))
+                  for alert in alerts_after(store, config.bounces, [reason], event.at)]
         if outcome.blacklisted:
             lines.append((logging.INFO, kv_line(qid, role="blacklist", rcpt=rcpt, action="add",
                                                 reason=outcome.blacklisted)))

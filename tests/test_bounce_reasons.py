@@ -1,0 +1,152 @@
+"""The reason of a failed recipient (docs/rules.md B4), whose fault it is (B5): table-driven,
+no sockets. The phrase table's samples are read from the rules document itself, so that every
+entry there is checked and every sample there is a test."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mailgate.rules.bounce_reasons import classify, reason_and_hard, reply_code, smtp_command
+from mailgate.rules.reason_phrases import PHRASES, reason_of_text
+from mailgate.rules.reason_vocabulary import REASONS, RECIPIENT_FAULT, SENDER_SIDE, is_hard
+
+RULES = Path(__file__).resolve().parents[1] / "docs" / "rules.md"
+_ROW = re.compile(r"^\| (\w+) \| [^|]+ \| `([^`]+)` \|$", re.M)
+
+
+def _document_samples() -> list[tuple[str, str]]:
+    text = RULES.read_text()
+    table = text[text.index("**B4."):text.index("**B5.")]
+    return _ROW.findall(table)
+
+
+def test_every_phrase_entry_has_a_sample_in_the_rules_document():
+    assert sorted(reason for reason, _ in _document_samples()) == sorted(reason for reason, _ in PHRASES)
+    assert [reason for reason, _ in _document_samples()] == [reason for reason, _ in PHRASES], "same order"
+
+
+@pytest.mark.parametrize("reason, sample", _document_samples())
+def test_the_documented_sample_gives_its_reason(reason, sample):
+    status = re.search(r"\b([245]\.\d{1,3}\.\d{1,3})\b", sample)
+    got, _ = reason_and_hard(status.group(1) if status else None, None, sample)
+    assert got == reason
+
+
+@pytest.mark.parametrize("status, code, command, text, reason", [
+    ("5.1.1", "550", "RCPT", "Mailbox unavailable or access denied", "userunknown"),  # a specific status decides
+    ("5.1.1", "550", "RCPT", "rejected: your IP is listed at bl.example.net", "blocked"),  # ...but never over a
+    ("5.1.3", "553", "RCPT", "http://www.spamhaus.org/query/bl?ip=192.0.2.7", "spamdetected"),  # block list
+    ("5.1.0", "553", "MAIL", "neko.example.com does not exist", "rejected"),   # MAIL FROM: our sender refused
+    ("4.0.0", "421", "CONN", "server refused to talk to me: 421 Service not available", "blocked"),
+    ("4.0.0", None, None, "DNS type 'mx' lookup of example.jp responded with code NXDOMAIN", "networkerror"),
+    ("5.2.2", "552", "RCPT", "User unknown", "mailboxfull"),
+    ("5.7.26", "550", "DATA", "Unauthenticated email from example.com", "authfailure"),
+    ("5.7.1", "550", "RCPT", "Service unavailable; client host blocked using bl.example", "blocked"),  # generic
+    ("5.7.1", "550", "DATA", "Our system has detected that this message is likely unsolicited mail", "spamdetected"),
+    ("5.7.1", "554", "RCPT", "<lee@example.org>: Relay access denied", "norelaying"),
+    ("5.0.0", "550", "RCPT", "User unknown", "userunknown"),
+    ("5.0.0", "550", "DATA", "User unknown", "filtered"),          # accepted at RCPT, refused after DATA
+    ("5.0.0", "550", "CONN", "Access denied", "blocked"),          # before MAIL FROM: about us
+    (None, "550", None, "Requested action not taken", "rejected"),   # a bare 550 is no unknown user
+    (None, "552", "DATA", None, "mesgtoobig"),
+    (None, "552", "RCPT", None, "mailboxfull"),
+    (None, "554", "EHLO", None, "blocked"),
+    (None, "553", "MAIL", None, "rejected"),
+    (None, "451", None, None, "expired"),                           # given up on a temporary failure
+    ("4.4.1", None, None, None, "expired"),
+    ("4.4.1", None, None, "Connection timed out", "expired"),      # given up: the last try's trouble is no more
+    ("4.2.2", None, None, "Mailbox full", "mailboxfull"),           # ...but a telling reason stays
+    ("5.7.1", None, None, None, "securityerror"),                   # the subject alone
+    ("5.2.1", "550", "RCPT", None, "suspend"),
+    ("5.2.1", "550", "RCPT", "User Unknown", "userunknown"),        # the text refines 5.2.1
+    ("5.4.4", None, None, "Host or domain name not found", "hostunknown"),
+    ("2.0.0", "250", None, "ok", "delivered"),
+    (None, None, None, None, "undefined"),
+])
+def test_order_of_trust(status, code, command, text, reason):
+    assert classify(status, code, command, text) == reason
+
+
+def test_a_delayed_recipient_is_not_expired():
+    assert classify("4.4.1", None, None, None, failed=False) == "networkerror"
+    assert classify("4.4.1", None, None, "Connection timed out", failed=False) == "networkerror"
+
+
+@pytest.mark.parametrize("reason, permanent, hard", [
+    ("userunknown", True, True), ("userunknown", False, True), ("hostunknown", None, True), ("hasmoved", True, True),
+    ("notaccept", True, True), ("notaccept", False, False), ("notaccept", None, False),
+    ("mailboxfull", True, False), ("blocked", True, False), ("spamdetected", True, False), ("undefined", None, False),
+])
+def test_hard_is_the_recipients_fault(reason, permanent, hard):
+    assert is_hard(reason, permanent) is hard
+
+
+def test_the_vocabulary():
+    assert len(REASONS) == 35 and all(r == r.lower() and r.isalpha() for r in REASONS)
+    assert RECIPIENT_FAULT | SENDER_SIDE <= set(REASONS) and not RECIPIENT_FAULT & SENDER_SIDE
+    assert {reason for reason, _ in PHRASES} <= set(REASONS)
+
+
+@pytest.mark.parametrize("text, command", [
+    ("SMTP error from remote mail server after RCPT TO:<a@example.org>: 550 unknown", "RCPT"),
+    ("host mx.example.org[192.0.2.1] said: 554 5.7.1 spam (in reply to end of DATA command)", "DATA"),
+    ("SMTP error from remote mail server after initial connection: 554 go away", "CONN"),
+    ("did not like our MAIL FROM: 553 sender refused", "MAIL"),
+    (">>> RCPT To:<a@example.org> <<< 250 ok >>> DATA <<< 554 content rejected", "DATA"),
+    ("connect to mx.example.org[192.0.2.1]: server refused to talk to me: 554 go away", "CONN"),
+    ("550 User unknown", None),
+])
+def test_smtp_command(text, command):
+    assert smtp_command(text) == command
+
+
+def test_reply_code():
+    assert reply_code("host said: 550-5.1.1 nope") == "550" and reply_code("version 4.96") is None
+
+
+def test_repeated_codes_of_a_folded_reply_are_read_past():
+    text = "550-5.7.1 [192.0.2.7] Messages with multiple 550-5.7.1 addresses in From: header are not accepted."
+    assert reason_of_text(text) == "notcompliantrfc"
+    assert reason_of_text("host said: 550 5.7.26 Unauthenticated email is not accepted") == "authfailure"
+
+
+def test_text_without_known_words():
+    assert reason_of_text("the weather is nice") is None and reason_of_text(None) is None
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("550 Connection rate limit exceeded for your host", "toomanyconn"),
+    ("550 Ip frequency limited, try later", "toomanyconn"),
+    ("550 5.1.1 192.0.2.7 has sent to too many recipients this hour", "speeding"),
+    ("452 4.5.3 Too many recipients", "toomanyconn"),
+    ("421 4.7.0 Messages from 192.0.2.7 temporarily deferred due to unexpected volume", "speeding"),
+    ("450 4.7.1 Access denied. IP name lookup failed [192.0.2.7]", "requireptr"),
+    ("501 RCPT TO not accepted: this system is not configured to relay mail", "norelaying"),
+    ("554 mx.example.org ESMTP not accepting connections", "blocked"),
+    ("550 This message fails to pass SPF authentication checks", "authfailure"),
+    ("550 Unauthenticated senders not allowed", "securityerror"),
+    ("552 This message was blocked because its content presents a potential security issue", "policyviolation"),
+    ("550 Messages with multiple Subject headers are not accepted. To reduce the amount of spam...", "notcompliantrfc"),
+    ("User jdoe (jdoe@example.org) not listed in Domino Directory", "userunknown"),   # not a block list
+    ("550 Your IP is listed at bl.example.net", "blocked"),
+    ("The email address wasn’t found at the destination domain", "userunknown"),
+    ("Error: No valid recipients for this MM", "userunknown"),
+    ("550 User lee@example.org temporary locked. Please try again later", "suspend"),
+    ("Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)", "hostunknown"),
+    ("an MX or SRV record indicated no SMTP service", "notaccept"),
+    ("lee@example.org: Envelope expired", "expired"),
+    ("Delivery failed 12 attempts: lee@example.org", "expired"),
+    ("The recipient server did not accept our requests to connect", "networkerror"),
+    ("421 Host not reachable", "networkerror"),
+    ("554 5.4.6 Too many hops", "networkerror"),
+    ("the group you tried to contact (sales) may not exist, or you may not have permission to post", "rejected"),
+    ("Si tienes preguntas, visita https://groups.google.com/support/", "rejected"),
+    ("Received: from mx; Content-Type: text/plain; charset=utf-8 Host not found", "hostunknown"),  # quoted headers
+    ("554 5.6.0 Invalid MIME structure", "contenterror"),
+])
+def test_wording(text, reason):
+    """Phrases beyond the table's one sample each: every one is a general wording, written here."""
+    assert reason_of_text(text) == reason
