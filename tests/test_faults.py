@@ -505,7 +505,7 @@ def test_read_only_store_at_start_after_a_crash_heals_once_writable(gw):
     # a crash of the whole process tree (the milter runs in a child process): -wal and -shm stay
     parent = gw.process.pid
     children = [int(pid) for task in os.listdir(f"/proc/{parent}/task")
-                for pid in open(f"/proc/{parent}/task/{task}/children").read().split()]
+                for pid in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
     for child in children:
         os.kill(child, signal.SIGKILL)
     assert gw.stop_mailgate(signal.SIGKILL) == -signal.SIGKILL

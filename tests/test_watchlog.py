@@ -451,7 +451,7 @@ def test_a_lab_postfix_maillog_end_to_end(sqlite_store):
     assert any(d["recipient"] == "alice@mycompany.com" and d["message"] is None for d in mine.values())  # the NDRs
     bounces = rows(store, "bounces")
     assert [(b["recipient"], b["permanent"], b["source"]) for b in bounces] == [("gone@x.example", 1, "postfix-log")]
-    assert "550 5.1.1 no such user" in bounces[0]["reason"]
+    assert "550 5.1.1 no such user" in bounces[0]["diagnostic"] and bounces[0]["reason"] == "userunknown"
 
 
 # -- the journal and the command -----------------------------------------------------------------
