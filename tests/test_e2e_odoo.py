@@ -13,7 +13,10 @@ an address no upstream server may send for; Odoo itself, given those servers, wo
 
 from __future__ import annotations
 
+import re
 import shutil
+import smtplib
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,10 +26,12 @@ from typing import Any
 import pytest
 
 from faultlab import wait_until
+from mailgate.configfile import load_config
 from mailgate.lab.gateway import GONE, LabGateway
 from mailgate.lab.odoo import LabOdoo, OdooRpc, ensure_alias, hand_mail_to_gateway
 from mailgate.lab.postfix import make_basedir
 from mailgate.lab.sinks import ReceivedMessage
+from mailgate.rules.replies import SMTP
 from mailgate.rules.tokens import split_tokenised
 
 pytestmark = [pytest.mark.e2e, pytest.mark.odoo(every_version=True)]
@@ -183,3 +188,51 @@ def test_upstream_bounce_is_recorded_and_registered_by_odoo(lab):
     [partner] = lab.rpc.call("res.partner", "read", [gone_partner], fields=["message_bounce"])
     assert partner["message_bounce"] == 1
     assert f"role=bounce rcpt=<{GONE}> status=5.1.1 permanent=yes" in lab.gw.mailgate_log()
+
+
+@pytest.mark.odoo(every_version=False)
+def test_a_loop_to_an_alias_ends_with_the_records_the_threshold_allows(lab):
+    robot = f"robot{tag()}@spam.example"
+    to = f"{BUSINESS_ALIAS}@{ALIAS_DOMAIN}"
+    accepted, refused = [], []
+    for number in range(25):
+        data, msgid = inbound(robot, to, f"Automatic message {number}")
+        try:
+            lab.gw.submit(data, robot, [to], listener="inbound")
+            accepted.append(msgid)
+        except smtplib.SMTPResponseException as exc:
+            refused.append((exc.smtp_code, exc.smtp_error.decode()))
+    threshold = load_config(lab.gw.config_path).config.loop.threshold
+    reply = SMTP["loop_reject"]
+    assert len(accepted) == threshold
+    assert refused == [(int(reply.code), f"{reply.status} {reply.text}")] * (25 - threshold)
+
+    def created() -> int | bool:
+        count = lab.rpc.call("mail.message", "search_count", [("message_id", "in", accepted)])
+        return count if count == len(accepted) else False
+    assert wait_for(f"{threshold} records in Odoo", created, timeout=60) == threshold
+    records = lab.rpc.call("mail.message", "search_read", [("message_id", "in", accepted)], fields=["model", "res_id"])
+    assert {r["model"] for r in records} == {BUSINESS_MODEL} and len({r["res_id"] for r in records}) == threshold
+
+
+@pytest.mark.odoo(every_version=False)
+def test_odoo_stopped_keeps_mail_queued_and_it_arrives_once_after_restart(lab):
+    who = f"c{tag()}@customer.example"
+    to = f"{BUSINESS_ALIAS}@{ALIAS_DOMAIN}"
+    data, msgid = inbound(who, to, f"While Odoo is down {tag()}")
+    pf = lab.gw.pf
+    assert pf is not None
+    lab.odoo.stop_server()
+    try:
+        sent = lab.gw.submit(data, who, [to], listener="inbound")
+        pf.wait_for_log(rf"{sent.queue_id}: to=<{re.escape(to)}>, relay=mailgate-odoo.*status=deferred", 30)
+        assert sent.queue_id in pf.queue_files()
+    finally:
+        lab.odoo.start_server()
+    pf.flush()
+    message = wait_for(f"{msgid} in Odoo after the restart", lambda: odoo_message(lab, msgid), timeout=60)
+    assert message["model"] == BUSINESS_MODEL
+    assert pf.wait_queue_empty(30)
+    pf.flush()
+    time.sleep(2)
+    assert lab.rpc.call("mail.message", "search_count", [("message_id", "=", msgid)]) == 1
