@@ -18,9 +18,9 @@ from mailgate.lab.postgres import PrivatePostgres
 # uses one belongs to the e2e set, which `pytest -m "not e2e"` leaves out. Here: gw, postgres and
 # postgres_server; module-local: gateways (test_postfix_examples), chain (test_dkim_chain), pg
 # (test_import_odoo), pair (test_e2e_two_gateways), lab (test_lab, test_policyd_postfix); a real
-# Odoo: odoo (here), odoo_gw (test_e2e_odoo).
+# Odoo: odoo, odoo_mass (here), odoo_gw (test_e2e_odoo), mass_gw (test_e2e_odoo_mass).
 E2E_FIXTURES = frozenset({"gw", "postgres", "postgres_server", "gateways", "chain", "pg", "pair", "lab",
-                          "odoo", "odoo_gw"})
+                          "odoo", "odoo_mass", "odoo_gw", "mass_gw"})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -148,20 +148,32 @@ def _odoo_unavailable() -> str | None:
     return lab_odoo.unavailable_reason()
 
 
-@pytest.fixture(scope="session")
-def odoo(request, odoo_series) -> Iterator[lab_odoo.LabOdoo]:
-    """A real Odoo of `odoo_series` with `mail` installed in a database of its own, on the run's
-    private PostgreSQL; skipped when no Odoo can run here, a failure with MAILGATE_REQUIRE_ODOO=1."""
+def _lab_odoo(request, series: str, module: str) -> Iterator[lab_odoo.LabOdoo]:
     reason = _odoo_unavailable()
+    if reason is None and module not in ODOO_SOURCES[series].modules:
+        reason = f"the Odoo {series} found ({ODOO_SOURCES[series].label()}) cannot install {module}"
     if reason is not None:
         if REQUIRE_ODOO:
             pytest.fail(f"MAILGATE_REQUIRE_ODOO=1 but {reason}", pytrace=False)
         pytest.skip(reason)
     base = make_basedir("mgodoo")
-    server = lab_odoo.LabOdoo(base, ODOO_SOURCES[odoo_series], request.getfixturevalue("postgres_server"))
+    server = lab_odoo.LabOdoo(base, ODOO_SOURCES[series], request.getfixturevalue("postgres_server"), module=module)
     try:
         server.start()
         yield server
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def odoo(request, odoo_series) -> Iterator[lab_odoo.LabOdoo]:
+    """A real Odoo of `odoo_series` with `mail` installed in a database of its own, on the run's
+    private PostgreSQL; skipped when no Odoo can run here, a failure with MAILGATE_REQUIRE_ODOO=1."""
+    yield from _lab_odoo(request, odoo_series, lab_odoo.MAIL)
+
+
+@pytest.fixture(scope="session")
+def odoo_mass(request, odoo_series) -> Iterator[lab_odoo.LabOdoo]:
+    """The same with `mass_mailing` (the mass_mailing kit), another server and database."""
+    yield from _lab_odoo(request, odoo_series, lab_odoo.MASS_MAILING)
