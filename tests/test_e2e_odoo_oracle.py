@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import textwrap
+from collections import Counter
 from email.header import decode_header, make_header
 from email.headerregistry import Address
 from email.utils import getaddresses
@@ -26,8 +27,10 @@ from email.utils import getaddresses
 import pytest
 
 from mailgate.configfile import parse_config
-from mailgate.lab.odoo_oracle import OutboundCase, ServerCase, ask_odoo_outbound
+from mailgate.lab.odoo_oracle import OutboundCase, ServerCase, ask_odoo_inbound, ask_odoo_outbound
 from mailgate.rules.addresses import to_wire
+from mailgate.rules.inbound import decide_inbound
+from mailgate.rules.message import InboundMessage
 from mailgate.rules.outbound import OutboundRequest, decide_outbound
 
 pytestmark = [pytest.mark.e2e, pytest.mark.odoo(every_version=True)]
@@ -106,3 +109,66 @@ def test_outbound_decisions_match_odoos_own(odoo):
     print(f"{len(cases)} cases, {len(errors)} Odoo errors, {len(differences)} differences")
     assert not errors, f"Odoo failed on {len(errors)} of {len(cases)} cases, e.g. {errors[0]}"
     assert not differences, f"{len(differences)} of {len(cases)} cases differ:\n{report}"
+
+
+# -- inbound: Odoo's message_route against mailgate's routes ---------------------------------------
+
+INBOUND_ALIASES = [{"name": "partners", "incoming_local": False}, {"name": "jobs", "incoming_local": True},
+                   {"name": "commercial", "incoming_local": True}]
+RECIPIENTS = ["partners@mycompany.com", "PARTNERS@MyCompany.com", "jobs@mycompany.com", "commercial@gmail.com",
+              "jobs@othercompany.example", "partners@gmail.com", "catchall@mycompany.com", "bounce@mycompany.com",
+              "someone@mycompany.com", "a@partner.example", "Jobs <jobs@othercompany.example>"]
+
+
+def inbound_messages(count: int, seed: int) -> list[tuple[tuple[tuple[str, str], ...], str]]:
+    """(headers, envelope recipient) of new messages: no references, one sender each."""
+    pick = random.Random(seed)
+    messages = []
+    for number in range(count):
+        to = pick.sample(RECIPIENTS, pick.randint(1, 2))
+        cc = pick.sample(RECIPIENTS, pick.randint(0, 2))
+        sender = "MAILER-DAEMON@mx.remote.example" if pick.random() < 0.05 else f"c{number}@customer.example"
+        headers = [("From", sender), ("To", ", ".join(to))]
+        if cc:
+            headers.append(("Cc", ", ".join(cc)))
+        headers += [("Subject", f"case {number}"), ("Message-ID", f"<case{number}.{seed}@customer.example>")]
+        envelope = getaddresses([to[0]])[0][1]
+        messages.append((tuple(headers), envelope))
+    return messages
+
+
+def inbound_config(allowed: str):
+    aliases = "\n".join(f"  {a['name']}: {{target: 'odoo:res.partner', incoming_local: {a['incoming_local']}}}"
+                        for a in INBOUND_ALIASES)
+    allowed_line = f"allowed_alias_domains: [{allowed}]"
+    text = f"alias_domain: mycompany.com\n{allowed_line}\naliases:\n{aliases}\n"
+    return parse_config(text, "<oracle>", check_files=False).config
+
+
+def mailgate_routes(config, headers, envelope) -> list[str]:
+    decision = decide_inbound(config, InboundMessage(headers, (envelope,)), known_outbound=lambda ids: None,
+                              already_received=lambda msgid: False, recent_count=lambda sender, route: 0,
+                              verify_token=lambda text: None)
+    labels = sorted(decision.labels)
+    return ["catchall"] if labels and labels[0].startswith("catchall") else labels
+
+
+@pytest.mark.parametrize("allowed", ["", "othercompany.example"])
+def test_inbound_routes_match_odoos_message_route(odoo, allowed):
+    messages = inbound_messages(max(CASES // 2, 50), SEED)
+    raws = ["".join(f"{name}: {value}\n" for name, value in (("Delivered-To", envelope), *headers)) + "\nHello.\n"
+            for headers, envelope in messages]
+    answers = ask_odoo_inbound(odoo, {"alias_domain": "mycompany.com", "aliases": INBOUND_ALIASES,
+                                      "allowed": allowed}, raws)
+    config = inbound_config(allowed)
+    errors = [(raw, answer) for raw, answer in zip(raws, answers, strict=True) if "error" in answer]
+    assert not errors, f"Odoo failed on {len(errors)} messages, e.g. {errors[0]}"
+    differences = [(raw, answer["routes"], ours) for raw, answer, (headers, envelope)
+                   in zip(raws, answers, messages, strict=True)
+                   if answer["routes"] != (ours := mailgate_routes(config, headers, envelope))]
+    outcomes = Counter(" ".join(answer["routes"]) or "none" for answer in answers)
+    print(f"{len(raws)} messages, {len(differences)} differences; Odoo's routes: {dict(outcomes)}")
+    assert len(outcomes) >= 5, f"too few kinds of outcome to compare: {dict(outcomes)}"
+    report = "\n".join(f"{raw.splitlines()[:4]}\n  odoo:     {theirs}\n  mailgate: {ours}"
+                       for raw, theirs, ours in differences[:12])
+    assert not differences, f"{len(differences)} of {len(raws)} messages differ:\n{report}"
