@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 import thoroughness
+from mailgate.lab import odoo as lab_odoo
 from mailgate.lab.gateway import LabGateway
 from mailgate.lab.postfix import PrivatePostfix, make_basedir
 from mailgate.lab.postgres import PrivatePostgres
@@ -17,8 +19,10 @@ from mailgate.lab.postgres import PrivatePostgres
 # Fixtures that start real daemons (Postfix, `mailgate serve`, PostgreSQL, OpenDKIM): a test that
 # uses one belongs to the e2e set, which `pytest -m "not e2e"` leaves out. Here: gw, postgres and
 # postgres_server; module-local: gateways (test_postfix_examples), chain (test_dkim_chain), pg
-# (test_import_odoo), pair (test_e2e_two_gateways), lab (test_lab, test_policyd_postfix).
-E2E_FIXTURES = frozenset({"gw", "postgres", "postgres_server", "gateways", "chain", "pg", "pair", "lab"})
+# (test_import_odoo), pair (test_e2e_two_gateways), lab (test_lab, test_policyd_postfix); a real
+# Odoo: odoo, odoo_mass (here), odoo_gw (test_e2e_odoo), mass_gw (test_e2e_odoo_mass).
+E2E_FIXTURES = frozenset({"gw", "postgres", "postgres_server", "gateways", "chain", "pg", "pair", "lab",
+                          "odoo", "odoo_mass", "odoo_gw", "mass_gw"})
 
 
 def pytest_configure(config):
@@ -84,7 +88,7 @@ def _e2e_only(cls) -> None:
     cls.start = guarded
 
 
-for _daemon in (LabGateway, PrivatePostfix, PrivatePostgres):
+for _daemon in (LabGateway, PrivatePostfix, PrivatePostgres, lab_odoo.LabOdoo):
     _e2e_only(_daemon)
 
 
@@ -143,3 +147,67 @@ def attach_logs(request, gw):
         print("--- mailgate log ---\n" + gw.mailgate_log()[-6000:])
         if gw.pf:
             print(gw.pf.log_tail(80))
+
+
+# -- a real Odoo ------------------------------------------------------------------------------
+# The series come from the kits (or MAILGATE_ODOO_SRC) found at collection. A test that asks for
+# `odoo` runs on the full-scenario series (MAILGATE_ODOO_FULL_SERIES, default 18.0, or the newest
+# found); one marked `@pytest.mark.odoo(every_version=True)` runs on every series found.
+# `MAILGATE_ODOO_FULL_SERIES=all` runs everything on every series.
+REQUIRE_ODOO = os.environ.get("MAILGATE_REQUIRE_ODOO") == "1"
+ODOO_SOURCES = lab_odoo.discover()
+NO_ODOO = "none"
+
+
+def _full_series() -> list[str]:
+    wanted = os.environ.get("MAILGATE_ODOO_FULL_SERIES", "18.0")
+    if wanted == "all":
+        return list(ODOO_SOURCES)
+    if wanted in ODOO_SOURCES:
+        return [wanted]
+    return list(ODOO_SOURCES)[-1:]
+
+
+def pytest_generate_tests(metafunc):
+    if "odoo_series" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("odoo")
+    every = marker is not None and marker.kwargs.get("every_version", False)
+    series = (list(ODOO_SOURCES) if every else _full_series()) or [NO_ODOO]
+    metafunc.parametrize("odoo_series", series, scope="session")
+
+
+@functools.cache
+def _odoo_unavailable() -> str | None:
+    return lab_odoo.unavailable_reason()
+
+
+def _lab_odoo(request, series: str, module: str) -> Iterator[lab_odoo.LabOdoo]:
+    reason = _odoo_unavailable()
+    if reason is None and module not in ODOO_SOURCES[series].modules:
+        reason = f"the Odoo {series} found ({ODOO_SOURCES[series].label()}) cannot install {module}"
+    if reason is not None:
+        if REQUIRE_ODOO:
+            pytest.fail(f"MAILGATE_REQUIRE_ODOO=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    base = make_basedir("mgodoo")
+    server = lab_odoo.LabOdoo(base, ODOO_SOURCES[series], request.getfixturevalue("postgres_server"), module=module)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def odoo(request, odoo_series) -> Iterator[lab_odoo.LabOdoo]:
+    """A real Odoo of `odoo_series` with `mail` installed in a database of its own, on the run's
+    private PostgreSQL; skipped when no Odoo can run here, a failure with MAILGATE_REQUIRE_ODOO=1."""
+    yield from _lab_odoo(request, odoo_series, lab_odoo.MAIL)
+
+
+@pytest.fixture(scope="session")
+def odoo_mass(request, odoo_series) -> Iterator[lab_odoo.LabOdoo]:
+    """The same with `mass_mailing` (the mass_mailing kit), another server and database."""
+    yield from _lab_odoo(request, odoo_series, lab_odoo.MASS_MAILING)

@@ -340,3 +340,55 @@ def test_reputation_settings(tmp_path):
     bounces = load_config(write(tmp_path, "bounces: {reputation_threshold: null, reputation_window_minutes: 15}\n"))
     assert (bounces.config.bounces.reputation_threshold, bounces.config.bounces.reputation_window_minutes) == (None, 15)
     assert load_config(write(tmp_path, "")).config.bounces.reputation_threshold == 10
+
+
+# -- a key written with no value keeps its default (issue 12, item 5) ------------------------------
+
+@pytest.mark.parametrize("line, attribute, default", [
+    ("bounce_alias:", "bounce_alias", "bounce"),
+    ("catchall_alias:", "catchall_alias", "catchall"),
+    ("default_from:", "default_from", "notifications"),
+    ("server_selection:", "server_selection", "odoo"),
+    ("catchall_direct_write:", "catchall_direct_write", Config().catchall_direct_write),
+    ("loop: {threshold: , minutes: }", "loop", Config().loop),
+    ("quota: {daily: }", "quota", Config().quota),
+    ("bounces:", "bounces", Config().bounces),
+])
+def test_a_key_with_no_value_means_its_default(line, attribute, default):
+    config = parse_config(f"alias_domain: mycompany.com\n{line}\n", "<test>", check_files=False).config
+    holder = config.alias_domains[0] if attribute in ("bounce_alias", "catchall_alias", "default_from") else config
+    assert getattr(holder, attribute) == default
+
+
+def test_null_written_out_still_means_none():
+    config = parse_config("alias_domain: mycompany.com\ndefault_from: null\nquota: {daily: ~}\n", "<test>",
+                          check_files=False).config
+    assert config.alias_domains[0].default_from is None and config.quota.daily is None
+
+
+# -- names Odoo stores though DNS would refuse them load with a warning (issue 12, item 5) ------------
+
+def test_underscored_names_load_with_a_warning_on_their_line(tmp_path):
+    path = tmp_path / "mailgate.yaml"
+    path.write_text(textwrap.dedent("""\
+        alias_domain: my_company.com
+        servers:
+          - {name: a, host: smtp.example.com, from_filter: "My_Company.com, odoo@sales_team.example"}
+        aliases:
+          support: {target: "odoo:helpdesk.ticket", domain: help_desk.example}
+        """))
+    loaded = load_config(path)
+    config = loaded.config
+    assert config.alias_domain == "my_company.com"
+    assert set(config.servers[0].from_filter.domains) == {"my_company.com"}
+    assert config.servers[0].from_filter.addresses == ("odoo@sales_team.example",)
+    assert [a.domain for a in config.aliases] == ["help_desk.example"]
+    lines = sorted((w.line, w.key) for w in loaded.warnings if "not a DNS name" in w.message)
+    assert lines == [(1, "alias_domain"), (3, "servers[0](a).from_filter"), (5, "aliases.support.domain")]
+
+
+@pytest.mark.parametrize("value", ["my company.com", "-a_b.example", "my_company", "a@b_c"])
+def test_what_is_wrong_for_more_than_its_underscores_is_still_an_error(value):
+    with pytest.raises(ConfigError):
+        parse_config(f"servers:\n  - {{name: a, host: h.example.com, from_filter: '{value}'}}\n", "<test>",
+                     check_files=False)

@@ -17,7 +17,7 @@ import yaml
 
 from mailgate.configfile.limits import MAX_PROBLEMS, TooManyProblems
 from mailgate.configfile.problems import ConfigProblem
-from mailgate.configfile.values import Invalid, describe
+from mailgate.configfile.values import Doubtful, Invalid, describe
 
 
 class Reader:
@@ -69,7 +69,12 @@ class Reader:
 
     def section(self, node: yaml.Node | None, key: str,
                 converters: Mapping[str, Callable[[Any], Any]]) -> dict[str, Any]:
-        """Convert the known keys of a mapping; report unknown keys with a did-you-mean."""
+        """Convert the known keys of a mapping; report unknown keys with a did-you-mean.
+
+        A known key written with no value at all (`bounce_alias:`) is left out, so it keeps its
+        default, as in a form where a field was left blank; `null` (or `~`) written out is a value,
+        "none", where a key accepts it (`quota.daily: null`).
+        """
         result: dict[str, Any] = {}
         for name, (key_node, value_node) in self.mapping(node, key).items():
             full = f"{key}.{name}" if key else name
@@ -78,10 +83,15 @@ class Reader:
                 hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(converters)}"
                 self.problem(key_node, full, f"unknown key{hint}")
                 continue
+            if is_blank(value_node):
+                continue
             try:
                 result[name] = converted = converters[name](self.value(value_node))
                 if isinstance(converted, Path) and not converted.is_absolute():
                     result[name] = self.base / converted
+            except Doubtful as doubt:
+                result[name] = doubt.value
+                self.problem(value_node, full, str(doubt), "warning")
             except Invalid as exc:
                 self.problem(value_node, full, str(exc))
             except yaml.MarkedYAMLError as exc:
@@ -90,6 +100,12 @@ class Reader:
                 self.problem(value_node, full, f"invalid value: {exc}")
             result.setdefault(f"__line__{name}", value_node)
         return result
+
+
+def is_blank(node: yaml.Node) -> bool:
+    """A value left empty (`key:` and nothing after it), not an explicit `null` or `~`."""
+    return (isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null" and node.value == ""
+            and node.style is None)
 
 
 def _known(cls: type) -> set[str]:

@@ -17,7 +17,7 @@ from mailgate.config import Alias, Config, Server
 from mailgate.configfile.limits import MAX_ALIASES, MAX_SERVERS
 from mailgate.configfile.oauth import check_oauth_files, read_oauth
 from mailgate.configfile.reader import Reader, build, node_of
-from mailgate.configfile.values import ALIAS, SERVER, Invalid, domain_name, local_part
+from mailgate.configfile.values import ALIAS, SERVER, Doubtful, Invalid, domain_name, local_part
 from mailgate.infra.secretfile import UnusableFile, bounce_key_problem, read_password_file
 
 _SERVER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
@@ -116,6 +116,9 @@ def read_aliases(reader: Reader, node: yaml.Node | None, default_domain: str | N
         try:
             local = local_part(local_text)
             key_domain = domain_name(key_domain) if at else ""
+        except Doubtful as doubt:  # `sales@my_company.com`: kept, as Odoo matches it as written
+            reader.problem(key_node, key, str(doubt), "warning")
+            key_domain = doubt.value
         except Invalid as exc:
             reader.problem(key_node, key, str(exc))
             continue

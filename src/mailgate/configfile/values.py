@@ -37,6 +37,24 @@ class Invalid(Exception):
     """A value is of the wrong shape; the message says what was expected."""
 
 
+class Doubtful(Exception):
+    """A value mailgate can use although it looks wrong: kept, with a warning on its line."""
+
+    def __init__(self, value: Any, message: str) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+def _wrong_only_for_underscores(domain: str) -> bool:
+    """Odoo stores and matches names such as `my_company.com` as written (its from_filter and alias
+    domain are plain text); only DNS refuses the underscore."""
+    return "_" in domain and is_valid_domain(domain.replace("_", "u"))
+
+
+def _not_dns(name: str) -> str:
+    return f"{name!r} is not a DNS name (it holds '_'): kept, as Odoo matches it as written"
+
+
 def describe(value: Any) -> str:
     if value is None:
         return "nothing"
@@ -103,6 +121,8 @@ def domain_name(value: Any) -> str:
     """A domain name, lower-cased."""
     text = _str(value).lower()
     if not is_valid_domain(text):
+        if _wrong_only_for_underscores(text):
+            raise Doubtful(text, _not_dns(text))
         raise Invalid(f"expected a domain name like mycompany.com, got {describe(value)}")
     return text
 
@@ -112,7 +132,16 @@ def _opt_domain(value: Any) -> str | None:
 
 
 def _domains(value: Any) -> tuple[str, ...]:
-    return tuple(domain_name(v) for v in _str_list(value))
+    domains, doubts = [], []
+    for item in _str_list(value):
+        try:
+            domains.append(domain_name(item))
+        except Doubtful as doubt:
+            domains.append(doubt.value)
+            doubts.append(str(doubt))
+    if doubts:
+        raise Doubtful(tuple(domains), "; ".join(doubts))
+    return tuple(domains)
 
 
 def _address(value: Any) -> str:
@@ -141,12 +170,21 @@ def _from_filter(value: Any) -> FromFilter:
     if value is None:
         return FromFilter.empty()
     parts = list(_str_list(value)) if isinstance(value, list) else [p.strip() for p in _str(value).split(",")]
+    doubts = []
     for part in (p for p in parts if p):
-        if "@" in part and not is_valid_address(part):
-            raise Invalid(f"'{part}' is not an email address")
-        if "@" not in part and not is_valid_domain(part):
-            raise Invalid(f"'{part}' is not a domain (expected a domain, an address or a comma list)")
-    return FromFilter.parse(",".join(parts))
+        local, at, domain = part.rpartition("@")
+        if at and not is_valid_address(part):
+            if not (_wrong_only_for_underscores(domain) and is_valid_address(f"{local}@{domain.replace('_', 'u')}")):
+                raise Invalid(f"'{part}' is not an email address")
+            doubts.append(_not_dns(part))
+        if not at and not is_valid_domain(part):
+            if not _wrong_only_for_underscores(part):
+                raise Invalid(f"'{part}' is not a domain (expected a domain, an address or a comma list)")
+            doubts.append(_not_dns(part))
+    parsed = FromFilter.parse(",".join(parts))
+    if doubts:
+        raise Doubtful(parsed, "; ".join(doubts))
+    return parsed
 
 
 def _path(value: Any) -> Path:

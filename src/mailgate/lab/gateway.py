@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from mailgate.commands.postfixconf import (
     INBOUND_LISTENER,
@@ -44,6 +45,21 @@ ODOO_PASSWORD = "odoo-admin-password"
 PIPE_USER = "nobody"  # pipe(8) never runs as root; Debian always has this user
 GONE = "gone@customer.example"  # every upstream sink refuses it with 550 5.1.1
 BLOCKING = "anyone@blocking.example"  # every upstream sink refuses it as from a block-listed client
+STUB_ALIASES = {"sales": "odoo:crm.lead", "support": "odoo:helpdesk.ticket", "commercial": "odoo:crm.lead"}
+INCOMING_LOCAL_ALIAS = "commercial"
+
+
+class OdooServer(Protocol):
+    """What the gateway needs of a real Odoo to deliver to it (mailgate.lab.odoo.LabOdoo)."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def login(self) -> str: ...
+    @property
+    def password(self) -> str: ...
 
 
 @dataclass
@@ -78,14 +94,17 @@ class LabGateway:
                  before_start: Callable[[LabGateway], None] | None = None, database: str | None = None,
                  secret_file: Path | None = None, alias_domains: str | None = None,
                  extra_sinks: Callable[[tuple[Path, Path]], dict[str, Sink]] | None = None,
-                 extra_servers: Callable[[LabGateway, Path], str] | None = None):
+                 extra_servers: Callable[[LabGateway, Path], str] | None = None,
+                 odoo: OdooServer | None = None, aliases: dict[str, str] | None = None):
         """`main_cf_extra` overrides Postfix settings (e.g. a milter chain); `before_start` runs
         after mailgate is up and before Postfix starts (e.g. to start another milter);
         `database` and `secret_file` let several gateways share one state and one token key;
         `alias_domains` replaces the one-domain keys (mycompany.com, notifications) with YAML
         of its own; `extra_sinks` (given the TLS certificate and key) makes more sinks, started
         with the others, and `extra_servers` (given the gateway and the CA file) writes their
-        `servers:` items."""
+        `servers:` items; `odoo` is a real Odoo to deliver to instead of the stand-in (started
+        and stopped by the caller), `aliases` the business aliases (name -> target) in place of
+        the stand-in's."""
         self.base = Path(base)
         self.database = database or "state/mailgate.sqlite3"
         self.secret_file = secret_file or Path("secret")
@@ -103,6 +122,8 @@ class LabGateway:
         self.clock_file = self.base / "clock-offset"
         self.odoo = OdooStub(database="odoo", login="admin", password=ODOO_PASSWORD)
         self.metrics_port = free_port()
+        self.real_odoo = odoo
+        self.aliases = dict(STUB_ALIASES if aliases is None else aliases)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -121,7 +142,8 @@ class LabGateway:
         }
         for sink in self.sinks.values():
             sink.start()
-        self.odoo.start()
+        if self.real_odoo is None:
+            self.odoo.start()
         self._write_config(certs.ca_cert)
         config = load_config(self.config_path).config
         self.start_mailgate()
@@ -150,7 +172,8 @@ class LabGateway:
         password.write_text(SASL_PASSWORD + "\n")
         password.chmod(0o600)
         odoo_password = secrets / "odoo"
-        odoo_password.write_text(ODOO_PASSWORD + "\n")
+        target: OdooServer = self.real_odoo or self.odoo
+        odoo_password.write_text(target.password + "\n")
         odoo_password.chmod(0o600)
         user = pwd.getpwnam(PIPE_USER)
         os.chown(odoo_password, user.pw_uid, user.pw_gid)
@@ -168,10 +191,9 @@ class LabGateway:
             {{extra_servers}}mass_mail: {{server: mass, listeners: [mass]}}
             allowed_alias_domains: [mycompany.com, othercompany.example]
             aliases:
-              sales: {{target: "odoo:crm.lead"}}
-              support: {{target: "odoo:helpdesk.ticket"}}
-              commercial: {{target: "odoo:crm.lead", incoming_local: true}}
-            odoo: {{url: "{self.odoo.url}", database: odoo, user: admin, password_file: secrets/odoo}}
+            {self._aliases_yaml()}
+            odoo: {{url: "{target.url}", database: {target.database}, user: {target.login},
+                    password_file: secrets/odoo}}
             listen:
               milter: unix:{self.base}/milter.sock
               lookup: unix:{self.base}/lookup.sock
@@ -181,6 +203,13 @@ class LabGateway:
             secret_file: {self.secret_file}
             """).replace("{extra_servers}", self.extra_servers(self, ca_file) if self.extra_servers else "")
             + self.extra_config)
+
+    def _aliases_yaml(self) -> str:
+        lines = []
+        for name, target in self.aliases.items():
+            local = ", incoming_local: true" if name == INCOMING_LOCAL_ALIAS else ""
+            lines.append(f'  {name}: {{target: "{target}"{local}}}')
+        return "\n            ".join(lines)
 
     def start_mailgate(self) -> None:
         """Start `mailgate serve` and wait until both sockets accept connections."""

@@ -5,6 +5,33 @@ from __future__ import annotations
 from mailgate.commands.importodoo.model import MASS_PORT, SUBMISSION_PORT, Odoo, oneline
 from mailgate.commands.importodoo.servers import mass_server
 
+WRITES_DEFAULT_FROM_ITSELF = 19  # the first Odoo series that sends every notification from the default From
+
+
+def major_version(odoo: Odoo) -> int | None:
+    """The series' major number from base's installed version ("18.0.1.3" -> 18), or None."""
+    head = (odoo.version or "").split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _default_from_step(odoo: Odoo) -> str:
+    """Step 3. Up to 18.0 an empty default From makes Odoo pass each author's From through, for
+    mailgate to rewrite where no upstream server may send it. 19.0 writes the default From into
+    every notification itself and cannot send one without it: there it stays, and mailgate keeps
+    it (it is on the alias domain)."""
+    major = major_version(odoo)
+    names = ", ".join(str(d["name"]) for d in odoo.domains)
+    if major is not None and major >= WRITES_DEFAULT_FROM_ITSELF and odoo.domains:
+        return (f"  3. Keep 'Default From' of each domain ({names}; Settings > Technical > Email Domains): "
+                f"Odoo {major} sends every notification from it and fails to send one without it; "
+                "delete mail.default.from_filter if set.")
+    if odoo.domains:
+        default_from = f"Settings > Technical > Email Domains: clear 'Default From' of each domain ({names})"
+    else:
+        default_from = "Settings > Technical > System Parameters: delete mail.default.from"
+    return (f"  3. Leave Odoo's default From empty, so that Odoo passes each author's From through and "
+            f"mailgate rewrites it where needed: {default_from}; delete mail.default.from_filter if set.")
+
 
 def odoo_changes(odoo: Odoo, slugs: dict[int, str], deactivated: set[str]) -> str:
     """What the administrator changes in Odoo so that its mail goes through mailgate."""
@@ -23,13 +50,7 @@ def odoo_changes(odoo: Odoo, slugs: dict[int, str], deactivated: set[str]) -> st
                          f"{slug}{later}")
     else:
         lines.append("  2. No active outgoing server to archive.")
-    if odoo.domains:
-        names = ", ".join(str(d["name"]) for d in odoo.domains)
-        default_from = f"Settings > Technical > Email Domains: clear 'Default From' of each domain ({names})"
-    else:
-        default_from = "Settings > Technical > System Parameters: delete mail.default.from"
-    lines.append(f"  3. Leave Odoo's default From empty, so that Odoo passes each author's From through and "
-                 f"mailgate rewrites it where needed: {default_from}; delete mail.default.from_filter if set.")
+    lines.append(_default_from_step(odoo))
     mass, _ = mass_server(odoo, slugs)
     if mass:
         lines.append(f"  4. Email Marketing settings, Dedicated Server: create a second server 127.0.0.1:{MASS_PORT} "
