@@ -57,8 +57,9 @@ def test_import_writes_a_configuration_check_config_accepts(odoo, tmp_path):
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     config = load_config(path).config
-    assert config.alias_domain == "mycompany.com" and config.default_from == "notifications"
-    assert config.bounce_alias == "bounce" and config.catchall_alias == "catchall"
+    [main] = config.alias_domains
+    assert (main.name, main.default_from, main.bounce_alias, main.catchall_alias) == (
+        "mycompany.com", "notifications", "bounce", "catchall")
     domains = {domain for server in config.servers if server.active for domain in server.from_filter.domains}
     assert {"mycompany.com", "partner.example"} <= domains
     assert any(a.name == "partners" and a.target == "odoo:res.partner" for a in config.aliases)
@@ -75,8 +76,8 @@ def test_import_writes_a_configuration_check_config_accepts(odoo, tmp_path):
     [domain] = rpc.call("mail.alias.domain", "search_read", [("name", "=", "mycompany.com")],
                         fields=["default_from"])
     if odoo.source.major >= 19:
-        assert "Keep 'Default From' of mycompany.com" in result.odoo_changes
+        assert "Keep 'Default From' of each domain (mycompany.com" in result.odoo_changes
         assert domain["default_from"] == "notifications"
     else:
-        assert "clear 'Default From' of mycompany.com" in result.odoo_changes
+        assert "clear 'Default From' of each domain (mycompany.com)" in result.odoo_changes
         assert not domain["default_from"]
