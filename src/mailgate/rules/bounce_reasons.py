@@ -32,7 +32,7 @@ SMTP_CODE_RE = re.compile(r"(?<![\w.#/-])([245][0-5]\d)(?=[\s:-]|$)")
 DECISIVE: dict[str, Reason] = {
     "1.1": "userunknown", "1.2": "hostunknown", "1.3": "userunknown", "1.4": "userunknown",
     "1.6": "hasmoved", "1.7": "rejected", "1.8": "rejected",
-    "2.2": "mailboxfull", "2.3": "mesgtoobig", "3.1": "systemfull", "3.4": "mesgtoobig",
+    "2.2": "mailboxfull", "2.3": "exceedlimit", "3.1": "systemfull", "3.4": "mesgtoobig",
     "4.7": "expired", "5.3": "toomanyconn", "7.13": "suspend", "7.23": "authfailure", "7.24": "authfailure",
     "7.25": "requireptr", "7.26": "authfailure", "7.27": "notaccept", "7.28": "spamdetected",
     "7.29": "authfailure", "7.30": "failedstarttls", "7.10": "failedstarttls", "7.11": "failedstarttls",
@@ -40,7 +40,8 @@ DECISIVE: dict[str, Reason] = {
 # What a status means when no word of the text is known: first by subject and detail (a
 # disabled mailbox, a weak authentication), then by subject alone (`5.7.x` security...).
 BY_STATUS: dict[str, Reason] = {
-    "1.10": "notaccept", "2.1": "suspend", "6.0": "contenterror", "6.1": "contenterror", "7.7": "contenterror",
+    "1.10": "notaccept", "2.1": "suspend", "3.2": "notaccept",
+    "6.0": "contenterror", "6.1": "contenterror", "7.7": "contenterror",
     "7.8": "securityerror", "7.9": "securityerror", "7.14": "securityerror",
 
     "1": "userunknown", "2": "filtered", "3": "systemerror", "4": "networkerror", "5": "syntaxerror",
@@ -67,6 +68,14 @@ _COMMAND_RE = re.compile(
     r"helo|ehlo|starttls|auth|mail(?:\s+from)?|rcpt(?:\s+to)?|data|initial\s+connection|connect(?:ion)?)\b", re.I)
 # The last client line of a session transcript (">>> DATA", "<<< 550 ..." after it).
 _TRANSCRIPT_RE = re.compile(r"(?:^|\s)>>>\s*(helo|ehlo|starttls|auth|mail|rcpt|data)\b", re.I)
+# Other MTAs' words for the command a refusal answered: qmail's "does not like recipient" and
+# "most progress was RCPT TO response", "SMTP:RCPT host ...", Yahoo's "[RCPT_TO]", qmail's
+# "sender was rejected" (MAIL FROM) and "my name was rejected" (HELO).
+_NAMED_COMMAND_RES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"does not like recipient|most progress was rcpt|smtp:rcpt\b|\[rcpt_to\]", re.I), "RCPT"),
+    (re.compile(r"does not like sender|but sender was rejected|most progress was mail from", re.I), "MAIL"),
+    (re.compile(r"but my name was rejected", re.I), "HELO"),
+)
 # Postfix's words for a server that refused us in its greeting.
 _REFUSED_GREETING_RE = re.compile(r"refused to talk to me", re.I)
 _END_OF_DATA_RE = re.compile(r"end\s+of\s+data|after\s+data|message\s+body", re.I)
@@ -92,6 +101,9 @@ def smtp_command(text: str | None) -> str | None:
     if _REFUSED_GREETING_RE.search(text or ""):
         return "CONN"
     found = _COMMAND_RE.search(text or "")
+    named = next((command for pattern, command in _NAMED_COMMAND_RES if pattern.search(text or "")), None)
+    if named and not found:
+        return named
     if not found:
         said = _TRANSCRIPT_RE.findall(text or "")
         return said[-1].upper() if said else None
