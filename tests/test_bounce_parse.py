@@ -469,3 +469,21 @@ def test_a_local_programs_failure_is_a_mailer_error(diagnostic, reason):
               f"Action: failed\nStatus: 5.0.0\nDiagnostic-Code: {diagnostic}\n")
     [recipient] = parse_bounce(_dsn(groups)).recipients
     assert (recipient.reason, recipient.hard) == (reason, False)
+
+
+def test_a_postmaster_the_returned_message_was_sent_to_is_a_failed_recipient():
+    """A daemon's address is no failed recipient (it is the report's sender, or a quoted one),
+    unless the returned message was addressed to it: mail to a postmaster bounces too."""
+    report = (b"From: Mail Administrator <postmaster@mx.example.jp>\nTo: bounce+tok@mycompany.example.com\n"
+              b"Subject: Mail Delivery Failed\nMIME-Version: 1.0\n"
+              b"Content-Type: multipart/mixed; boundary=\"b1\"\n\n--b1\nContent-Type: text/plain\n\n"
+              b"   ----- The following addresses had delivery problems -----\nRECIPIENT\n\n"
+              b"   ----- Non-delivered information -----\nThe mailbox of the recipient is full.\n\n"
+              b"--b1\nContent-Type: message/rfc822\n\nFrom: Lee <lee@mycompany.example.com>\nTo: <ADDRESSED>\n"
+              b"Subject: hello\n\nhi\n--b1--\n")
+    sent_to_it = parse_bounce(report.replace(b"RECIPIENT", b"postmaster@example.jp")
+                              .replace(b"ADDRESSED", b"postmaster@example.jp"))
+    assert [r.address for r in sent_to_it.recipients] == ["postmaster@example.jp"]
+    quoted_only = parse_bounce(report.replace(b"RECIPIENT", b"postmaster@example.jp")
+                               .replace(b"ADDRESSED", b"lee@example.jp"))
+    assert all(r.address != "postmaster@example.jp" for r in quoted_only.recipients)
