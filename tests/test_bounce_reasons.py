@@ -76,9 +76,18 @@ def test_order_of_trust(status, code, command, text, reason):
     assert classify(status, code, command, text) == reason
 
 
-def test_a_delayed_recipient_is_not_expired():
-    assert classify("4.4.1", None, None, None, failed=False) == "networkerror"
-    assert classify("4.4.1", None, None, "Connection timed out", failed=False) == "networkerror"
+def test_a_delayed_recipient_is_expired_unless_its_words_say_why():
+    assert classify("4.4.1", None, None, None, delayed=True) == "expired"
+    assert classify(None, None, None, "Message will be retried for 2 more day(s)", delayed=True) == "expired"
+    assert classify("4.4.1", None, None, "Connection timed out", delayed=True) == "expired"
+    assert classify("4.2.2", "452", None, "Mailbox full", delayed=True) == "mailboxfull"
+
+
+def test_a_server_that_never_answered_is_expired():
+    """Given up with only network trouble and no code from anyone: nothing was refused."""
+    assert classify(None, None, None, "The recipient server did not accept our requests to connect") == "expired"
+    assert classify(None, None, None, "Connection timed out") == "expired"
+    assert classify("5.4.6", None, None, "Too many hops") == "networkerror"       # a status: something answered
 
 
 @pytest.mark.parametrize("reason, permanent, hard", [

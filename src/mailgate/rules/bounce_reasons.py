@@ -88,10 +88,10 @@ def reply_code(text: str | None) -> str | None:
 
 
 def reason_and_hard(status: str | None, permanent: bool | None, diagnostic: str | None,
-                    *, failed: bool = True) -> tuple[Reason, bool]:
+                    *, delayed: bool = False) -> tuple[Reason, bool]:
     """The reason and the recipient's-fault flag of a failure known only by its status and
     text (a Postfix log line, a row recorded before reasons existed)."""
-    reason = classify(status, reply_code(diagnostic), smtp_command(diagnostic), diagnostic, failed=failed)
+    reason = classify(status, reply_code(diagnostic), smtp_command(diagnostic), diagnostic, delayed=delayed)
     return reason, is_hard(reason, permanent)
 
 
@@ -114,9 +114,10 @@ def smtp_command(text: str | None) -> str | None:
 
 
 def classify(status: str | None, smtp_code: str | None, command: str | None, diagnostic: str | None,
-             *, failed: bool = True) -> Reason:
-    """The reason for one recipient: the order of trust of the module docstring. `failed` is
-    false for a recipient only delayed (its 4.x.x is then not a give-up)."""
+             *, delayed: bool = False) -> Reason:
+    """The reason for one recipient: the order of trust of the module docstring. `delayed`: the
+    recipient of a delay notice, whose delivery time is running out (`expired`) unless its
+    words say why."""
     detail = status.split(".", 1)[1] if status and status.count(".") == 2 else None
     if status and status[0] == "2":
         return "delivered"
@@ -132,13 +133,19 @@ def classify(status: str | None, smtp_code: str | None, command: str | None, dia
         return "blocked"
     if said == "userunknown" and command == "DATA":
         return "filtered"
-    if failed and _temporary(status, code=smtp_code) and said in (None, "networkerror"):
+    if said in (None, "networkerror") and (delayed or _temporary(status, code=smtp_code)
+                                           or _unanswered(status, smtp_code, said)):
         return "expired"           # given up after retries: the last attempt's network trouble is no more
     if said is not None:
         return said
     if detail and detail not in _CLASS_ONLY:
         return BY_STATUS.get(detail) or BY_STATUS.get(detail.split(".")[0], "undefined")
     return _by_reply(smtp_code, command)
+
+
+def _unanswered(status: str | None, code: str | None, said: Reason | None) -> bool:
+    """Given up on a server that never answered: only network trouble, no code from anyone."""
+    return said == "networkerror" and not status and not code
 
 
 def _temporary(status: str | None, *, code: str | None) -> bool:
