@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mailgate.bounceparse import BounceReport, find_token, parse_bounce, phrases as bouncetext, report_json
+from mailgate.bounceparse.mime import header_text
 from mailgate.rules.reason_vocabulary import REASONS
 from thoroughness import examples
 
@@ -442,7 +443,6 @@ def test_a_line_longer_than_998_bytes_is_split_not_cut():
 def test_eight_bit_text_under_a_seven_bit_label_is_read_as_utf8():
     report = parse_bounce((SAMPLES / "kddi-au.eml").read_bytes())
     assert report.recipients[0].reason == "mailboxfull"
-    from mailgate.bounceparse.mime import header_text
     msg = email.message_from_bytes((SAMPLES / "kddi-au.eml").read_bytes())
     assert header_text(msg.get("subject")) == "メールエラー通知"
 
@@ -487,3 +487,8 @@ def test_a_postmaster_the_returned_message_was_sent_to_is_a_failed_recipient():
     quoted_only = parse_bounce(report.replace(b"RECIPIENT", b"postmaster@example.jp")
                                .replace(b"ADDRESSED", b"lee@example.jp"))
     assert all(r.address != "postmaster@example.jp" for r in quoted_only.recipients)
+
+
+def test_iso_2022_jp_written_raw_into_a_field_is_decoded():
+    assert header_text("\x1b$B8+$D$+$j$^$;$s\x1b(B (lee@example.jp)") == "見つかりません (lee@example.jp)"
+    assert header_text("plain $B text") == "plain $B text"

@@ -38,7 +38,8 @@ def test_the_documented_sample_gives_its_reason(reason, sample):
 @pytest.mark.parametrize("status, code, command, text, reason", [
     ("5.1.1", "550", "RCPT", "Mailbox unavailable or access denied", "userunknown"),  # a specific status decides
     ("5.1.1", "550", "RCPT", "rejected: your IP is listed at bl.example.net", "blocked"),  # ...but never over a
-    ("5.1.3", "553", "RCPT", "http://www.spamhaus.org/query/bl?ip=192.0.2.7", "spamdetected"),  # block list
+    ("5.1.3", "553", "RCPT", "http://www.spamhaus.org/query/bl?ip=192.0.2.7", "blocked"),  # block list
+    ("5.1.1", "552", None, "sorry, mailbox lee@example.org is over quota temporarily", "mailboxfull"),  # it exists
     ("5.1.0", "553", "MAIL", "neko.example.com does not exist", "rejected"),   # MAIL FROM: our sender refused
     ("4.0.0", "421", "CONN", "server refused to talk to me: 421 Service not available", "blocked"),
     ("4.0.0", None, None, "DNS type 'mx' lookup of example.jp responded with code NXDOMAIN", "networkerror"),
@@ -176,6 +177,7 @@ def test_text_without_known_words():
     ("Si tienes preguntas, visita https://groups.google.com/support/", "rejected"),
     ("Received: from mx; Content-Type: text/plain; charset=utf-8 Host not found", "hostunknown"),  # quoted headers
     ("554 5.6.0 Invalid MIME structure", "contenterror"),
+    ("550 5.7.0 <lee@example.jp>... Please use the SMTP server of your ISP", "blocked"),   # our IP, not a mail server
 ])
 def test_wording(text, reason):
     """Phrases beyond the table's one sample each: every one is a general wording, written here."""

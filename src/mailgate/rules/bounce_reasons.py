@@ -54,6 +54,8 @@ _BEFORE_MAIL = ("CONN", "HELO", "EHLO")
 # A status blaming the address, beside words naming a block list, a spam verdict or our relay:
 # MTAs reuse 5.1.x for policy refusals, and believing the status would blacklist a good address.
 _RECIPIENT_SIDE = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
+# ...and beside words saying the mailbox is full: a full mailbox exists.
+_OUTRANK_THE_ADDRESS = SENDER_SIDE | {"mailboxfull"}
 _CLASS_ONLY = {"0.0"}
 # Reply code (and, where it matters, the command it answered) when there is no status.
 _BY_REPLY: dict[str, Reason] = {
@@ -126,7 +128,7 @@ def classify(status: str | None, smtp_code: str | None, command: str | None, dia
         return "rejected"          # MAIL FROM names no recipient: the refusal is of our sender
     if detail in DECISIVE:
         decided = DECISIVE[detail]
-        return said if decided in _RECIPIENT_SIDE and said in SENDER_SIDE else decided
+        return said if decided in _RECIPIENT_SIDE and said in _OUTRANK_THE_ADDRESS else decided
     if said == "hostunknown" and _temporary(status, code=smtp_code):
         return "networkerror"
     if said in ("rejected", "userunknown", "systemerror") and command in _BEFORE_MAIL:
