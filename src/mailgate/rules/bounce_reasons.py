@@ -6,7 +6,8 @@ Four things say why a recipient failed, in this order of trust:
    mailbox full, `5.7.26` authentication failed) it decides on its own, in `DECISIVE`;
 2. the diagnostic text, read with the phrase tables of `reason_phrases`, where the status is
    generic (`5.0.0`, `5.7.1`, `5.2.0`) or missing. A failure given up on after retries with a
-   `4.x.x` status whose words tell nothing, or only of network trouble, is `expired`. The SMTP
+   `4.x.x` status whose words tell nothing, or only of network trouble, is `expired`, as is
+   one given up on a server that never answered and a delay notice's recipient. The SMTP
    command refines the words (before MAIL FROM: `blocked`; an unknown user after DATA:
    `filtered`), and words blaming our side outrank a status blaming the address;
 3. the status code, in `BY_STATUS` (`5.2.1` disabled, `5.7.x` security, `5.4.x` network...),
