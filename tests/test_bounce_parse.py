@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mailgate.bounceparse import BounceReport, find_token, parse_bounce, phrases as bouncetext, report_json
+from mailgate.bounceparse.mime import header_text
 from mailgate.rules.reason_vocabulary import REASONS
 from thoroughness import examples
 
@@ -442,7 +443,6 @@ def test_a_line_longer_than_998_bytes_is_split_not_cut():
 def test_eight_bit_text_under_a_seven_bit_label_is_read_as_utf8():
     report = parse_bounce((SAMPLES / "kddi-au.eml").read_bytes())
     assert report.recipients[0].reason == "mailboxfull"
-    from mailgate.bounceparse.mime import header_text
     msg = email.message_from_bytes((SAMPLES / "kddi-au.eml").read_bytes())
     assert header_text(msg.get("subject")) == "メールエラー通知"
 
@@ -469,3 +469,26 @@ def test_a_local_programs_failure_is_a_mailer_error(diagnostic, reason):
               f"Action: failed\nStatus: 5.0.0\nDiagnostic-Code: {diagnostic}\n")
     [recipient] = parse_bounce(_dsn(groups)).recipients
     assert (recipient.reason, recipient.hard) == (reason, False)
+
+
+def test_a_postmaster_the_returned_message_was_sent_to_is_a_failed_recipient():
+    """A daemon's address is no failed recipient (it is the report's sender, or a quoted one),
+    unless the returned message was addressed to it: mail to a postmaster bounces too."""
+    report = (b"From: Mail Administrator <postmaster@mx.example.jp>\nTo: bounce+tok@mycompany.example.com\n"
+              b"Subject: Mail Delivery Failed\nMIME-Version: 1.0\n"
+              b"Content-Type: multipart/mixed; boundary=\"b1\"\n\n--b1\nContent-Type: text/plain\n\n"
+              b"   ----- The following addresses had delivery problems -----\nRECIPIENT\n\n"
+              b"   ----- Non-delivered information -----\nThe mailbox of the recipient is full.\n\n"
+              b"--b1\nContent-Type: message/rfc822\n\nFrom: Lee <lee@mycompany.example.com>\nTo: <ADDRESSED>\n"
+              b"Subject: hello\n\nhi\n--b1--\n")
+    sent_to_it = parse_bounce(report.replace(b"RECIPIENT", b"postmaster@example.jp")
+                              .replace(b"ADDRESSED", b"postmaster@example.jp"))
+    assert [r.address for r in sent_to_it.recipients] == ["postmaster@example.jp"]
+    quoted_only = parse_bounce(report.replace(b"RECIPIENT", b"postmaster@example.jp")
+                               .replace(b"ADDRESSED", b"lee@example.jp"))
+    assert all(r.address != "postmaster@example.jp" for r in quoted_only.recipients)
+
+
+def test_iso_2022_jp_written_raw_into_a_field_is_decoded():
+    assert header_text("\x1b$B8+$D$+$j$^$;$s\x1b(B (lee@example.jp)") == "見つかりません (lee@example.jp)"
+    assert header_text("plain $B text") == "plain $B text"

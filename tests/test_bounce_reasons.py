@@ -38,7 +38,8 @@ def test_the_documented_sample_gives_its_reason(reason, sample):
 @pytest.mark.parametrize("status, code, command, text, reason", [
     ("5.1.1", "550", "RCPT", "Mailbox unavailable or access denied", "userunknown"),  # a specific status decides
     ("5.1.1", "550", "RCPT", "rejected: your IP is listed at bl.example.net", "blocked"),  # ...but never over a
-    ("5.1.3", "553", "RCPT", "http://www.spamhaus.org/query/bl?ip=192.0.2.7", "spamdetected"),  # block list
+    ("5.1.3", "553", "RCPT", "http://www.spamhaus.org/query/bl?ip=192.0.2.7", "blocked"),  # block list
+    ("5.1.1", "552", None, "sorry, mailbox lee@example.org is over quota temporarily", "mailboxfull"),  # it exists
     ("5.1.0", "553", "MAIL", "neko.example.com does not exist", "rejected"),   # MAIL FROM: our sender refused
     ("4.0.0", "421", "CONN", "server refused to talk to me: 421 Service not available", "blocked"),
     ("4.0.0", None, None, "DNS type 'mx' lookup of example.jp responded with code NXDOMAIN", "networkerror"),
@@ -63,6 +64,12 @@ def test_the_documented_sample_gives_its_reason(reason, sample):
     ("5.2.1", "550", "RCPT", None, "suspend"),
     ("5.2.1", "550", "RCPT", "User Unknown", "userunknown"),        # the text refines 5.2.1
     ("5.4.4", None, None, "Host or domain name not found", "hostunknown"),
+    ("5.6.0", "550", "RCPT", "<lee@example.org>: Recipient address rejected: Media error", "contenterror"),
+    ("5.7.1", "551", "RCPT", "<lee@example.org>: Recipient address rejected: Delivery not authorized",
+     "securityerror"),                                              # the prefix says nothing, the status does
+    ("5.3.2", "521", "RCPT", "Recipient address rejected: System not accepting network messages", "notaccept"),
+    ("5.2.3", "552", None, "Message length exceeds administrative limit", "exceedlimit"),  # the mailbox's limit
+    ("5.3.4", "552", None, "Message length exceeds administrative limit", "mesgtoobig"),   # the system's
     ("2.0.0", "250", None, "ok", "delivered"),
     (None, None, None, None, "undefined"),
 ])
@@ -70,9 +77,18 @@ def test_order_of_trust(status, code, command, text, reason):
     assert classify(status, code, command, text) == reason
 
 
-def test_a_delayed_recipient_is_not_expired():
-    assert classify("4.4.1", None, None, None, failed=False) == "networkerror"
-    assert classify("4.4.1", None, None, "Connection timed out", failed=False) == "networkerror"
+def test_a_delayed_recipient_is_expired_unless_its_words_say_why():
+    assert classify("4.4.1", None, None, None, delayed=True) == "expired"
+    assert classify(None, None, None, "Message will be retried for 2 more day(s)", delayed=True) == "expired"
+    assert classify("4.4.1", None, None, "Connection timed out", delayed=True) == "expired"
+    assert classify("4.2.2", "452", None, "Mailbox full", delayed=True) == "mailboxfull"
+
+
+def test_a_server_that_never_answered_is_expired():
+    """Given up with only network trouble and no code from anyone: nothing was refused."""
+    assert classify(None, None, None, "The recipient server did not accept our requests to connect") == "expired"
+    assert classify(None, None, None, "Connection timed out") == "expired"
+    assert classify("5.4.6", None, None, "Too many hops") == "networkerror"       # a status: something answered
 
 
 @pytest.mark.parametrize("reason, permanent, hard", [
@@ -97,6 +113,12 @@ def test_the_vocabulary():
     ("did not like our MAIL FROM: 553 sender refused", "MAIL"),
     (">>> RCPT To:<a@example.org> <<< 250 ok >>> DATA <<< 554 content rejected", "DATA"),
     ("connect to mx.example.org[192.0.2.1]: server refused to talk to me: 554 go away", "CONN"),
+    ("192.0.2.1 does not like recipient. Remote host said: 550 <a@example.org>... User Unknown", "RCPT"),
+    ("Sorry, no SMTP connection got far enough; most progress was RCPT TO response", "RCPT"),
+    ("Connected to 192.0.2.1 but sender was rejected. Remote host said: 553 go away", "MAIL"),
+    ("Connected to 192.0.2.1 but my name was rejected. Remote host said: 501 bad name", "HELO"),
+    ("Technical details: SMTP:RCPT host 192.0.2.1: 553 5.3.0 <a@example.org>... No such user", "RCPT"),
+    ("Remote host said: 550 5.2.1 <a@example.org>... User Unknown [RCPT_TO]", "RCPT"),
     ("550 User unknown", None),
 ])
 def test_smtp_command(text, command):
@@ -135,7 +157,16 @@ def test_text_without_known_words():
     ("The email address wasn’t found at the destination domain", "userunknown"),
     ("Error: No valid recipients for this MM", "userunknown"),
     ("550 User lee@example.org temporary locked. Please try again later", "suspend"),
-    ("Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)", "hostunknown"),
+    ("Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)", "notaccept"),   # exists, no mail server
+    ("No MX record found for domain example.net", "notaccept"),
+    ("421 4.7.0 Deferred: too many user complaints about mail from 192.0.2.7", "badreputation"),
+    ("552-5.7.0 This message was blocked because its content presents a potential", "policyviolation"),  # cut
+    ("550 : User unknown", "filtered"),                              # the address hidden: the recipient's filter
+    ("550 <>: User unknown", "filtered"),
+    ("550 <lee@example.jp>: User unknown", "userunknown"),
+    ("550 <filtered@example.org>: Recipient address rejected: User unknown", "userunknown"),  # a name, not a word
+    ("550 <spam-trap@example.org>... Mailbox unavailable", "userunknown"),
+    ("550 5.4.1 Recipient address rejected: Access denied. AS(201806281)", "userunknown"),
     ("an MX or SRV record indicated no SMTP service", "notaccept"),
     ("lee@example.org: Envelope expired", "expired"),
     ("Delivery failed 12 attempts: lee@example.org", "expired"),
@@ -146,6 +177,7 @@ def test_text_without_known_words():
     ("Si tienes preguntas, visita https://groups.google.com/support/", "rejected"),
     ("Received: from mx; Content-Type: text/plain; charset=utf-8 Host not found", "hostunknown"),  # quoted headers
     ("554 5.6.0 Invalid MIME structure", "contenterror"),
+    ("550 5.7.0 <lee@example.jp>... Please use the SMTP server of your ISP", "blocked"),   # our IP, not a mail server
 ])
 def test_wording(text, reason):
     """Phrases beyond the table's one sample each: every one is a general wording, written here."""

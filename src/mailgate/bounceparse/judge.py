@@ -29,9 +29,9 @@ def judged(address: str, status: str | None, action: str | None, diagnostic: str
     remote = bt.find_status(diagnostic)
     # The remote server's own code, where the reporting MTA wrote another of the same class.
     said = remote if remote and status and remote[0] == status[0] else status
-    reason = classify(said, code, command, diagnostic, failed=action == "failed")
+    reason = classify(said, code, command, diagnostic, delayed=action == "delayed")
     if reason == "undefined" and context:
-        reason = classify(said, code, command, context, failed=action == "failed")
+        reason = classify(said, code, command, context, delayed=action == "delayed")
     if program and reason != "mailboxfull":
         reason = "mailererror"
     return BouncedRecipient(address, permanent, status, action, clean(diagnostic), clean(remote_mta),

@@ -225,7 +225,15 @@ def header_text(value: object) -> str:
             text = str(make_header(decode_header(text)))
         except Exception:  # malformed encoded words: keep them as they are
             pass
-    return text
+    return _iso_2022_jp_decoded(text)
+
+
+def _iso_2022_jp_decoded(text: str) -> str:
+    """ISO-2022-JP written raw into a field (a Japanese Domino's Diagnostic-Code): its escape
+    sequences switch to Japanese, which the words of a reason are read in."""
+    if "\x1b$" not in text or not text.isascii():
+        return text
+    return text.encode("ascii").decode("iso-2022-jp", "replace")
 
 
 def _eight_bit_header(value: Header) -> str:

@@ -59,10 +59,11 @@ def from_text(msg: Message, original_id: str | None, bounce_alias: str) -> Bounc
     if not (msg.get("x-failed-recipients") or _looks_like_report(msg, text)):
         return BounceReport(False, "none", (), None, original_id)
     exclude = _not_recipients(msg)
-    failed = [a for a in _usable(sorted(permanent), bounce_alias) if a not in exclude]
-    delayed = [a for a in _usable(sorted(temporary), bounce_alias) if a not in failed and a not in exclude]
+    addressed = returned_recipient(msg)
+    failed = [a for a in _usable(sorted(permanent), bounce_alias, addressed) if a not in exclude]
+    delayed = [a for a in _usable(sorted(temporary), bounce_alias, addressed) if a not in failed and a not in exclude]
     if not failed and not delayed and _says_failed(msg, text):
-        failed = [a for a in _usable(_named_in_text(text), bounce_alias) if a not in exclude]
+        failed = [a for a in _usable(_named_in_text(text), bounce_alias, addressed) if a not in exclude]
     if not failed and not delayed and _says_failed(msg, text):
         named = _header_named(msg) or [returned_recipient(msg) or ""]
         failed = _usable([a.encode() for a in named], bounce_alias)
@@ -154,15 +155,18 @@ def _not_recipients(msg: Message) -> set[str]:
     return excluded | (header_only - elsewhere)
 
 
-def _usable(found: list[bytes], bounce_alias: str) -> list[str]:
-    """Candidate addresses that are plain addresses, not ours, not a daemon's; first seen first."""
+def _usable(found: list[bytes], bounce_alias: str, addressed: str | None = None) -> list[str]:
+    """Candidate addresses that are plain addresses, not ours, not a daemon's unless the
+    returned message was sent to it (`addressed`: mail to a postmaster bounces too); first
+    seen first."""
     addresses = []
     for item in found:
         text = item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
         address = clean_address(text)
         if address is None or address != text.strip().strip("<>").strip().lower():
             continue  # flufl's looser detectors return whole phrases, not addresses
-        if not is_ours(address, bounce_alias) and not bt.is_daemon_address(address) and address not in addresses:
+        daemon = bt.is_daemon_address(address) and address != addressed
+        if not is_ours(address, bounce_alias) and not daemon and address not in addresses:
             addresses.append(address)
     return addresses
 

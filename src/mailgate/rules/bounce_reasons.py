@@ -6,7 +6,8 @@ Four things say why a recipient failed, in this order of trust:
    mailbox full, `5.7.26` authentication failed) it decides on its own, in `DECISIVE`;
 2. the diagnostic text, read with the phrase tables of `reason_phrases`, where the status is
    generic (`5.0.0`, `5.7.1`, `5.2.0`) or missing. A failure given up on after retries with a
-   `4.x.x` status whose words tell nothing, or only of network trouble, is `expired`. The SMTP
+   `4.x.x` status whose words tell nothing, or only of network trouble, is `expired`, as is
+   one given up on a server that never answered and a delay notice's recipient. The SMTP
    command refines the words (before MAIL FROM: `blocked`; an unknown user after DATA:
    `filtered`), and words blaming our side outrank a status blaming the address;
 3. the status code, in `BY_STATUS` (`5.2.1` disabled, `5.7.x` security, `5.4.x` network...),
@@ -32,7 +33,7 @@ SMTP_CODE_RE = re.compile(r"(?<![\w.#/-])([245][0-5]\d)(?=[\s:-]|$)")
 DECISIVE: dict[str, Reason] = {
     "1.1": "userunknown", "1.2": "hostunknown", "1.3": "userunknown", "1.4": "userunknown",
     "1.6": "hasmoved", "1.7": "rejected", "1.8": "rejected",
-    "2.2": "mailboxfull", "2.3": "mesgtoobig", "3.1": "systemfull", "3.4": "mesgtoobig",
+    "2.2": "mailboxfull", "2.3": "exceedlimit", "3.1": "systemfull", "3.4": "mesgtoobig",
     "4.7": "expired", "5.3": "toomanyconn", "7.13": "suspend", "7.23": "authfailure", "7.24": "authfailure",
     "7.25": "requireptr", "7.26": "authfailure", "7.27": "notaccept", "7.28": "spamdetected",
     "7.29": "authfailure", "7.30": "failedstarttls", "7.10": "failedstarttls", "7.11": "failedstarttls",
@@ -40,7 +41,8 @@ DECISIVE: dict[str, Reason] = {
 # What a status means when no word of the text is known: first by subject and detail (a
 # disabled mailbox, a weak authentication), then by subject alone (`5.7.x` security...).
 BY_STATUS: dict[str, Reason] = {
-    "1.10": "notaccept", "2.1": "suspend", "6.0": "contenterror", "6.1": "contenterror", "7.7": "contenterror",
+    "1.10": "notaccept", "2.1": "suspend", "3.2": "notaccept",
+    "6.0": "contenterror", "6.1": "contenterror", "7.7": "contenterror",
     "7.8": "securityerror", "7.9": "securityerror", "7.14": "securityerror",
 
     "1": "userunknown", "2": "filtered", "3": "systemerror", "4": "networkerror", "5": "syntaxerror",
@@ -53,6 +55,8 @@ _BEFORE_MAIL = ("CONN", "HELO", "EHLO")
 # A status blaming the address, beside words naming a block list, a spam verdict or our relay:
 # MTAs reuse 5.1.x for policy refusals, and believing the status would blacklist a good address.
 _RECIPIENT_SIDE = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
+# ...and beside words saying the mailbox is full: a full mailbox exists.
+_OUTRANK_THE_ADDRESS = SENDER_SIDE | {"mailboxfull"}
 _CLASS_ONLY = {"0.0"}
 # Reply code (and, where it matters, the command it answered) when there is no status.
 _BY_REPLY: dict[str, Reason] = {
@@ -67,6 +71,14 @@ _COMMAND_RE = re.compile(
     r"helo|ehlo|starttls|auth|mail(?:\s+from)?|rcpt(?:\s+to)?|data|initial\s+connection|connect(?:ion)?)\b", re.I)
 # The last client line of a session transcript (">>> DATA", "<<< 550 ..." after it).
 _TRANSCRIPT_RE = re.compile(r"(?:^|\s)>>>\s*(helo|ehlo|starttls|auth|mail|rcpt|data)\b", re.I)
+# Other MTAs' words for the command a refusal answered: qmail's "does not like recipient" and
+# "most progress was RCPT TO response", "SMTP:RCPT host ...", Yahoo's "[RCPT_TO]", qmail's
+# "sender was rejected" (MAIL FROM) and "my name was rejected" (HELO).
+_NAMED_COMMAND_RES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"does not like recipient|most progress was rcpt|smtp:rcpt\b|\[rcpt_to\]", re.I), "RCPT"),
+    (re.compile(r"does not like sender|but sender was rejected|most progress was mail from", re.I), "MAIL"),
+    (re.compile(r"but my name was rejected", re.I), "HELO"),
+)
 # Postfix's words for a server that refused us in its greeting.
 _REFUSED_GREETING_RE = re.compile(r"refused to talk to me", re.I)
 _END_OF_DATA_RE = re.compile(r"end\s+of\s+data|after\s+data|message\s+body", re.I)
@@ -79,10 +91,10 @@ def reply_code(text: str | None) -> str | None:
 
 
 def reason_and_hard(status: str | None, permanent: bool | None, diagnostic: str | None,
-                    *, failed: bool = True) -> tuple[Reason, bool]:
+                    *, delayed: bool = False) -> tuple[Reason, bool]:
     """The reason and the recipient's-fault flag of a failure known only by its status and
     text (a Postfix log line, a row recorded before reasons existed)."""
-    reason = classify(status, reply_code(diagnostic), smtp_command(diagnostic), diagnostic, failed=failed)
+    reason = classify(status, reply_code(diagnostic), smtp_command(diagnostic), diagnostic, delayed=delayed)
     return reason, is_hard(reason, permanent)
 
 
@@ -92,6 +104,9 @@ def smtp_command(text: str | None) -> str | None:
     if _REFUSED_GREETING_RE.search(text or ""):
         return "CONN"
     found = _COMMAND_RE.search(text or "")
+    named = next((command for pattern, command in _NAMED_COMMAND_RES if pattern.search(text or "")), None)
+    if named and not found:
+        return named
     if not found:
         said = _TRANSCRIPT_RE.findall(text or "")
         return said[-1].upper() if said else None
@@ -102,9 +117,10 @@ def smtp_command(text: str | None) -> str | None:
 
 
 def classify(status: str | None, smtp_code: str | None, command: str | None, diagnostic: str | None,
-             *, failed: bool = True) -> Reason:
-    """The reason for one recipient: the order of trust of the module docstring. `failed` is
-    false for a recipient only delayed (its 4.x.x is then not a give-up)."""
+             *, delayed: bool = False) -> Reason:
+    """The reason for one recipient: the order of trust of the module docstring. `delayed`: the
+    recipient of a delay notice, whose delivery time is running out (`expired`) unless its
+    words say why."""
     detail = status.split(".", 1)[1] if status and status.count(".") == 2 else None
     if status and status[0] == "2":
         return "delivered"
@@ -113,20 +129,26 @@ def classify(status: str | None, smtp_code: str | None, command: str | None, dia
         return "rejected"          # MAIL FROM names no recipient: the refusal is of our sender
     if detail in DECISIVE:
         decided = DECISIVE[detail]
-        return said if decided in _RECIPIENT_SIDE and said in SENDER_SIDE else decided
+        return said if decided in _RECIPIENT_SIDE and said in _OUTRANK_THE_ADDRESS else decided
     if said == "hostunknown" and _temporary(status, code=smtp_code):
         return "networkerror"
     if said in ("rejected", "userunknown", "systemerror") and command in _BEFORE_MAIL:
         return "blocked"
     if said == "userunknown" and command == "DATA":
         return "filtered"
-    if failed and _temporary(status, code=smtp_code) and said in (None, "networkerror"):
+    if said in (None, "networkerror") and (delayed or _temporary(status, code=smtp_code)
+                                           or _unanswered(status, smtp_code, said)):
         return "expired"           # given up after retries: the last attempt's network trouble is no more
     if said is not None:
         return said
     if detail and detail not in _CLASS_ONLY:
         return BY_STATUS.get(detail) or BY_STATUS.get(detail.split(".")[0], "undefined")
     return _by_reply(smtp_code, command)
+
+
+def _unanswered(status: str | None, code: str | None, said: Reason | None) -> bool:
+    """Given up on a server that never answered: only network trouble, no code from anyone."""
+    return said == "networkerror" and not status and not code
 
 
 def _temporary(status: str | None, *, code: str | None) -> bool:

@@ -15,6 +15,9 @@ import re
 
 from mailgate.rules.reason_vocabulary import Reason
 
+# "550 : User unknown" and "<>: User unknown" leave the address out on purpose (`filtered`
+# below): the unknown-user phrases read only a reply that names whom it refused.
+_NAMED = r"(?<![245]\d\d : )(?<![245]\d\d: : )(?<!<>: )"
 PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
     ("norelaying", (
         r"not configured to relay",
@@ -74,6 +77,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
     )),
     ("badreputation", (
         r"reputation",
+        r"(?:user|recipient|spam) complaints",
         r"sender score",
         r"low (?:sender )?score",
         r"(?:ip|domain) (?:has a )?poor",
@@ -104,7 +108,6 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"junk mail",
         r"spamassassin",
         r"spam ?score",
-        r"spamhaus\.org/query",
         r"classified as (?:spam|junk)",
         r"\bube\b",
         r"\buce\b",
@@ -119,6 +122,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"\brbl\b",
         r"(?<!not )listed (?:at|on|in|by) (?!(?:the )?(?:[\w-]+ )?directory)",
         r"blocked using",
+        r"spamhaus\.org/query",
+        r"smtp server of your (?:isp|provider)",
         r"ip (?:address )?(?:is |has been )?(?:blocked|banned|blacklisted|rejected)",
         r"client host (?:\[[^\]]*\] )?(?:is )?(?:blocked|rejected)",
         r"access denied.{0,40}(?:ip|network|host)",
@@ -155,7 +160,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"exceeded (?:the )?(?:hourly|daily|sending) (?:rate|limit|quota)",
     )),
     ("policyviolation", (
-        r"content presents a potential security issue",
+        r"content presents a potential",
         r"polic(?:y|ies)",
         r"prohibited",
         r"not accepted for policy",
@@ -204,12 +209,10 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"temporarily unavailable",
     )),
     ("hostunknown", (
-        r"(?:couldn'?t|could not|cannot|unable to) find (?:a|any) mail exchanger",
         r"host (?:or domain name )?not found",
         r"domain not found",
         r"unknown host",
         r"host unknown",
-        r"no mx (?:records? )?(?:found|for)",
         r"unrout(?:e)?able (?:address|domain)",
         r"domain (?:does not|doesn'?t) exist",
         r"name (?:or service )?not known",
@@ -222,6 +225,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"dns lookup failed",
     )),
     ("notaccept", (
+        r"(?:couldn'?t|could not|cannot|unable to) find (?:a|any) mail exchanger",
+        r"no mx (?:records? )?(?:found|for)",
         r"(?:record )?indicated no smtp service",
         r"does not accept (?:e-?)?mail",
         r"not accept(?:ing)? (?:any )?(?:e-?)?mail",
@@ -230,10 +235,10 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"no mail (?:service|accepted)",
     )),
     ("userunknown", (
-        r"user unknown",
+        _NAMED + r"user unknown",
         r"unknown user",
         r"no such (?:user|recipient|mailbox|address|account|person)",
-        r"(?:user|recipient|mailbox|address|account)(?: name)? (?:was |is )?"
+        _NAMED + r"(?:user|recipient|mailbox|address|account)(?: name)? (?:was |is )?"
         r"(?:not (?:found|known|listed|valid|exist)|unknown|invalid)",
         r"unknown (?:recipient|mailbox|address|local.?part)",
         r"recipientnotfound",
@@ -249,8 +254,9 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"not listed in (?:the )?(?:[\w-]+ ){0,3}directory",
         r"mailbox (?:is )?unavailable",
         r"unknown or illegal alias",
-        r"address rejected",
-        r"recipient (?:address )?rejected",
+        r"recipient address rejected: access denied",
+        r"address rejected(?!:\s*\w)",
+        r"recipient (?:address )?rejected(?!:\s*\w)",
         r"undeliverable address",
         r"invalid (?:final delivery )?user ?id\b",
         r"no such local user",
@@ -266,6 +272,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"宛先不明",
     )),
     ("filtered", (
+        r"(?<![\w>])[245]\d\d:?\s+:\s+user unknown",
+        r"<>:?\s+user unknown",
         r"filter",
         r"refused by (?:the )?recipient",
         r"blocked by (?:the )?recipient",
@@ -351,7 +359,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"sender verify",
         r"sender domain",
         r"envelope sender",
-        r"rejected",
+        r"(?<!recipient address )rejected",
         r"refused",
         r"denied",
         r"not allowed",
@@ -368,11 +376,17 @@ _REPLY_CODE_RE = re.compile(r"(?<!\S)[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}\s+)
 _REPEATED_CODE_RE = re.compile(r"(?<=\S)\s+[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}\s+)?(?=\S)")
 
 
+# An address's words are a name, not a diagnosis: "<filtered@example.org>: User unknown" says
+# nothing about a filter, "spam-trap@" nothing about spam.
+_ADDRESS_RE = re.compile(r"[^\s<>\"'(),;:\[\]@]+@[\w-]+(?:\.[\w-]+)+")
+
+
 def reason_of_text(text: str | None) -> Reason | None:
     """The first reason whose phrases the diagnostic contains, or None."""
     if not text:
         return None
     text = text.replace("\u2019", "'")      # a typographic apostrophe ("wasn’t") reads as a plain one
+    text = _ADDRESS_RE.sub("@", text)
     first = _REPLY_CODE_RE.search(text)
     if first:
         text = text[:first.end()] + _REPEATED_CODE_RE.sub(" ", text[first.end():])
