@@ -421,3 +421,13 @@ def test_o7_same_server_as_the_milter_chose():
 def test_o7_no_servers_is_postfix_default_route():
     route = route_for_sender(cfg(**BASE), SIGNER, "a@mycompany.com")
     assert route.server is None and route.reason == "no-servers"
+
+
+def test_o5_an_underscore_in_the_authors_domain_is_no_malformed_from():
+    """Odoo stores and sends `jane@my_company.com` as written: a server whose filter lists that
+    domain sends it unchanged, as Odoo would (docs/rules.md O5)."""
+    config = cfg(servers(("s", "my_company.com", 1)), alias_domain="mycompany.com")
+    decision = decide_outbound(config, OutboundRequest("Jane <jane@my_company.com>", None))
+    assert decision.malformed is None and not decision.rewritten and decision.server_name == "s"
+    hostile = decide_outbound(config, OutboundRequest("=?utf-8?q?evil@my_company.com=0D=0A?=", None))
+    assert hostile.malformed is not None

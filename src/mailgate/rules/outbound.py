@@ -100,11 +100,14 @@ def read_from(header_from: str | None, more_froms: tuple[str, ...] = ()) -> From
 
 def _well_formed(boxes: list[Mailbox] | None) -> list[Mailbox] | None:
     """The mailboxes when every domain is a host name or a literal: the lenient fallback parser
-    takes `=?utf-8?q?evil@example.com=0D=0A?=` for an address, domain `example.com=0D=0A?=`."""
+    takes `=?utf-8?q?evil@example.com=0D=0A?=` for an address, domain `example.com=0D=0A?=`. An
+    underscore counts as a letter (`jane@my_company.com`): DNS refuses it, but Odoo stores and
+    sends such an author as written, and it cannot smuggle a header."""
     if boxes is None:
         return None
     for box in boxes:
-        if not (is_valid_domain(box.domain) or (box.domain.startswith("[") and box.domain.endswith("]"))):
+        host = box.domain.replace("_", "u")
+        if not (is_valid_domain(host) or (box.domain.startswith("[") and box.domain.endswith("]"))):
             return None
     return boxes
 
