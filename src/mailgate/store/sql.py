@@ -66,6 +66,12 @@ def _columns(record_type: type) -> str:
     return ", ".join(field.name for field in fields(record_type))
 
 
+def _row(record: object) -> dict[str, Any]:
+    """A record's fields as a column -> value dict, one level deep: `dataclasses.asdict` copies
+    every value recursively, a tenth of a message's Python time for fields that are strings."""
+    return {field.name: getattr(record, field.name) for field in fields(record)}  # type: ignore[arg-type]
+
+
 def _flag(value: int | None) -> bool | None:
     """A 0/1 column as a bool (NULL stays None: a row from before the column existed)."""
     return None if value is None else bool(value)
@@ -176,7 +182,7 @@ class SQLStore:
     def record_outbound(self, record: OutboundRecord) -> int:
         """The message row and its recipients' digests (one batch), in one transaction: the
         caller's when one is open, else its own (one commit, as the row alone took)."""
-        row = asdict(record)
+        row = _row(record)
         digests = list(dict.fromkeys(row.pop("recipient_digests")))
         row.update(mass=int(record.mass), tokenised=int(record.tokenised), direction="outbound",
                    recipient_count=len(digests))
@@ -233,7 +239,7 @@ class SQLStore:
                             "and created_at >= ?", [sender, key, since])
 
     def record_inbound(self, record: InboundRecord, route_keys: list[str]) -> int:
-        row_id = self._insert("inbound_messages", asdict(record))
+        row_id = self._insert("inbound_messages", _row(record))
         for key in route_keys:
             self._execute("insert into inbound_routes (message, sender, route_key, created_at) values (?, ?, ?, ?)",
                           [row_id, record.sender, key, record.created_at])
