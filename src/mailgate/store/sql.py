@@ -412,10 +412,32 @@ class SQLStore:
                             "and minute >= ?", [key, stream, int(since // 60)])
 
     def quota_take(self, key: str, stream: str, at: float, count: int = 1) -> None:
-        """Take `count` recipients at `at` (the policy service takes a batch's in one write)."""
-        self._execute("insert into quota_counters (key, stream, minute, count) values (?, ?, ?, ?) "
-                      "on conflict (key, stream, minute) do update set count = quota_counters.count + excluded.count",
-                      [key, stream, int(at // 60), count])
+        """Take `count` recipients at `at`."""
+        self.quota_take_many([(key, stream, at, count)])
+
+    def quota_counts(self, counters: Sequence[tuple[str, str]], since: float) -> dict[tuple[str, str], int]:
+        """`quota_count` of each (key, stream), in one statement per `LOOKUP_BATCH` counters: the
+        policy service counts a batch's counters in one round trip (PostgreSQL's cost is the trip)."""
+        unique = list(dict.fromkeys(counters))
+        found = dict.fromkeys(unique, 0)
+        for start in range(0, len(unique), LOOKUP_BATCH):
+            chunk = unique[start:start + LOOKUP_BATCH]
+            pairs = " or ".join(["(key = ? and stream = ?)"] * len(chunk))
+            rows = self._execute(f"select key, stream, coalesce(sum(count), 0) from quota_counters "
+                                 f"where minute >= ? and ({pairs}) group by key, stream",
+                                 [int(since // 60), *(value for counter in chunk for value in counter)]).fetchall()
+            for key, stream, total in rows:
+                found[(key, stream)] = int(total)
+        return found
+
+    def quota_take_many(self, takes: Sequence[tuple[str, str, float, int]]) -> None:
+        """Take (key, stream, at, count) each, as one batch (the policy service takes a turn's
+        requests together; psycopg sends the batch in one pipeline)."""
+        if takes:
+            self._execute_many("insert into quota_counters (key, stream, minute, count) values (?, ?, ?, ?) "
+                               "on conflict (key, stream, minute) do update "
+                               "set count = quota_counters.count + excluded.count",
+                               [(key, stream, int(at // 60), count) for key, stream, at, count in takes])
 
     def quota_give_back(self, key: str, stream: str, at: float, count: int) -> None:
         """Give back `count` recipients taken at `at` that were never sent (their transaction ended
