@@ -8,7 +8,8 @@ serving process with exact per-call times and a cProfile breakdown.
 Measured: LookupService (socketmap `transport`, tokenised and plain senders), GatewayPolicy (RCPT
 from the submission listener: quota transaction, alone and in the policy server's batches),
 process_outbound (the milter's end-of-message
-work without libmilter, its store calls timed as in `serve`), and the pieces they spend on
+work without libmilter, its store calls timed as in `serve`; alone, and ten at once in threads of
+their own with and without the group-commit writer), and the pieces they spend on
 (parse_mailboxes, TokenSigner.verify, the metrics of one message, ...).
 """
 
@@ -38,6 +39,7 @@ from mailgate.rules.addresses import parse_mailboxes
 from mailgate.rules.outbound import OutboundRequest, decide_outbound
 from mailgate.rules.routing import route_for_sender
 from mailgate.store import OutboundRecord
+from mailgate.store.groupcommit import OutboundWriter
 
 
 def per_call(fn, n: int) -> float:
@@ -98,6 +100,19 @@ def main() -> int:
             thread.start()
             thread.join()
 
+        writer = OutboundWriter(runtime.store)
+
+        def ten_sessions(i: int, use_writer: bool) -> None:
+            """Every tenth call: ten messages at once, each in a thread of its own, as libmilter's
+            threads (one per SMTP connection) end their messages under load; per message."""
+            if i % 10 == 0:
+                threads = [threading.Thread(target=process_outbound, args=(
+                    runtime, facts(i + k), f"Q{i + k:010X}", writer if use_writer else None)) for k in range(10)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+
         cases = [
             ("lookup transport <token>", lambda i: lookup("transport", tokens[i % 1000])),
             ("lookup transport <plain>", lambda i: lookup("transport", plain[i % 1000])),
@@ -113,6 +128,8 @@ def main() -> int:
              lambda i: policy.answer_all(outs[i % 125 * 8:i % 125 * 8 + 8]) if i % 8 == 0 else None),
             ("policy RCPT inbound alias", lambda i: policy(ins[i % 1000])),
             ("milter process_outbound", lambda i: process_outbound(runtime, facts(i), f"Q{i:010X}")),
+            ("milter 10 sessions, a transaction each (per message)", lambda i: ten_sessions(i, False)),
+            ("milter 10 sessions, group commit (per message)", lambda i: ten_sessions(i, True)),
             ("  metrics of one message (decision, end of message)", lambda i: count_message()),
             ("  decide_outbound", lambda i: decide_outbound(config, OutboundRequest("<odoo@mycompany.com>",
                                                                                     "odoo@mycompany.com", False))),
@@ -139,6 +156,7 @@ def main() -> int:
                 out = io.StringIO()
                 pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
                 print("\n".join(out.getvalue().splitlines()[:30]))
+        writer.stop()
         runtime.store.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)
