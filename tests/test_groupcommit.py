@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,31 @@ def test_a_stopped_writer_refuses_instead_of_accepting_unrecorded(store):
     writer.stop()
     with pytest.raises(WriterStopped):
         writer.record(record(1), [])
+
+
+def wal_bytes(store: SQLiteStore) -> int:
+    """The WAL file's size: it grows until a checkpoint lets the next writer start it again from
+    its beginning (the file keeps its size)."""
+    wal = Path(store.path + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_background_checkpoints_keep_checkpoints_out_of_commits(tmp_path):
+    """With `background_checkpoints` no commit checkpoints (the WAL only grows, past SQLite's
+    1,000-page default); `checkpoint()` copies it into the file, and the next writer starts the
+    WAL again from its beginning."""
+    store = SQLiteStore(tmp_path / "store.db", background_checkpoints=True)
+    writer = OutboundWriter(store)
+    for n in range(1500):
+        writer.record(record(n), [])
+    grown = wal_bytes(store)
+    assert grown > 1000 * 4096  # the default would have checkpointed and restarted the WAL
+    store.checkpoint()
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("select count(*) from messages").fetchone()[0] == 1500
+        busy, frames, done = conn.execute("pragma wal_checkpoint(passive)").fetchone()
+    assert busy == 0 and frames == done
+    writer.record(record(2000), [])
+    assert wal_bytes(store) == grown  # the WAL is rewritten from its start, not extended
+    writer.stop()
+    store.close()

@@ -229,6 +229,9 @@ class PostgresStore(SQLStore):
             self._noted(False, exc)
             raise
 
+    def checkpoint(self) -> None:
+        """Nothing to do: the server checkpoints its own WAL."""
+
     def close(self) -> None:
         self._pool.close()
 

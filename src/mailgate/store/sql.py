@@ -128,6 +128,10 @@ class SQLStore:
     def close(self) -> None:
         raise NotImplementedError
 
+    def checkpoint(self) -> None:
+        """Move the backend's log into its files where the backend leaves that to the caller."""
+        raise NotImplementedError
+
     @property
     def schema_version(self) -> int:
         """The schema version the store stands at (each backend keeps it its own way)."""
