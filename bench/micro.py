@@ -8,7 +8,8 @@ serving process with exact per-call times and a cProfile breakdown.
 Measured: LookupService (socketmap `transport`, tokenised and plain senders), GatewayPolicy (RCPT
 from the submission listener: quota transaction, alone and in the policy server's batches),
 process_outbound (the milter's end-of-message
-work without libmilter, its store calls timed as in `serve`), and the pieces they spend on
+work without libmilter, its store calls timed as in `serve`; alone, and ten at once in threads of
+their own with and without the group-commit writer), and the pieces they spend on
 (parse_mailboxes, TokenSigner.verify, the metrics of one message, ...).
 """
 
@@ -38,6 +39,8 @@ from mailgate.rules.addresses import parse_mailboxes
 from mailgate.rules.outbound import OutboundRequest, decide_outbound
 from mailgate.rules.routing import route_for_sender
 from mailgate.store import OutboundRecord
+from mailgate.store.groupcommit import OutboundWriter
+from mailgate.store.sqlite import SQLiteStore
 
 
 def per_call(fn, n: int) -> float:
@@ -98,6 +101,22 @@ def main() -> int:
             thread.start()
             thread.join()
 
+        writer = OutboundWriter(runtime.store)
+        # serve's store checkpoints in the background (Runtime.from_config); SQLite's default
+        # checkpoints inside the commit that takes the WAL past 1,000 pages
+        checkpointing = SQLiteStore(base / "checkpointing.sqlite3")
+
+        def ten_sessions(i: int, use_writer: bool) -> None:
+            """Every tenth call: ten messages at once, each in a thread of its own, as libmilter's
+            threads (one per SMTP connection) end their messages under load; per message."""
+            if i % 10 == 0:
+                threads = [threading.Thread(target=process_outbound, args=(
+                    runtime, facts(i + k), f"Q{i + k:010X}", writer if use_writer else None)) for k in range(10)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+
         cases = [
             ("lookup transport <token>", lambda i: lookup("transport", tokens[i % 1000])),
             ("lookup transport <plain>", lambda i: lookup("transport", plain[i % 1000])),
@@ -113,12 +132,15 @@ def main() -> int:
              lambda i: policy.answer_all(outs[i % 125 * 8:i % 125 * 8 + 8]) if i % 8 == 0 else None),
             ("policy RCPT inbound alias", lambda i: policy(ins[i % 1000])),
             ("milter process_outbound", lambda i: process_outbound(runtime, facts(i), f"Q{i:010X}")),
+            ("milter 10 sessions, a transaction each (per message)", lambda i: ten_sessions(i, False)),
+            ("milter 10 sessions, group commit (per message)", lambda i: ten_sessions(i, True)),
             ("  metrics of one message (decision, end of message)", lambda i: count_message()),
             ("  decide_outbound", lambda i: decide_outbound(config, OutboundRequest("<odoo@mycompany.com>",
                                                                                     "odoo@mycompany.com", False))),
             ("  parse_mailboxes", lambda i: parse_mailboxes("<odoo@mycompany.com>")),
             ("  parse_mailboxes (display name)", lambda i: parse_mailboxes('"Admin" <admin@example.com>')),
             ("store.record_outbound (kept connection)", lambda i: runtime.store.record_outbound(record)),
+            ("store.record_outbound, checkpoints in commits", lambda i: checkpointing.record_outbound(record)),
             ("thread start+join (libmilter: one per connection)", lambda i: in_thread(lambda: None)),
             ("record_outbound in a new thread (new connection)", lambda i: in_thread(
                 lambda: runtime.store.record_outbound(record))),
@@ -139,6 +161,8 @@ def main() -> int:
                 out = io.StringIO()
                 pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
                 print("\n".join(out.getvalue().splitlines()[:30]))
+        writer.stop()
+        checkpointing.close()
         runtime.store.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)

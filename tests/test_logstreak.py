@@ -54,18 +54,18 @@ def test_policy_store_failures_log_one_traceback_per_streak(successes_between: i
     policy = GatewayPolicy(Runtime(config, store, TokenSigner(b"0123456789abcdef0123456789abcdef")))
     request = PolicyRequest({"request": "smtpd_access_policy", "protocol_state": "RCPT",
                              "sender": "odoo@a.example", "recipient": "r@customer.example"})
-    real_take = store.quota_take
+    real_take = store.quota_take_many
 
     def full(*args: object, **kwargs: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     with caplog.at_level(logging.INFO):
-        monkeypatch.setattr(store, "quota_take", full)
+        monkeypatch.setattr(store, "quota_take_many", full)
         policy(request), policy(request)
         if successes_between:
-            monkeypatch.setattr(store, "quota_take", real_take)
+            monkeypatch.setattr(store, "quota_take_many", real_take)
             policy(request)
-            monkeypatch.setattr(store, "quota_take", full)
+            monkeypatch.setattr(store, "quota_take_many", full)
         policy(request)
     errors = [r for r in caplog.records if "role=error" in r.getMessage()]
     assert len(errors) == 3

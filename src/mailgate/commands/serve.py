@@ -24,7 +24,7 @@ from pathlib import Path
 from mailgate.commands.servemetrics import ServeMetrics
 from mailgate.config import Config
 from mailgate.configfile import ConfigError, load_config
-from mailgate.infra.logfmt import kv_line
+from mailgate.infra.logfmt import TracebackStreak, kv_line
 from mailgate.infra.runtime import Runtime, read_passwords
 from mailgate.infra.sockets import SocketInUseError, blocked_directory, socket_is_listening
 from mailgate.infra.socketspec import SocketSpec
@@ -165,6 +165,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
         return EXIT["failure"]
     reevaluate_once(runtime, logger)
     retention = RetentionPass(runtime, logger)
+    checkpoints = Checkpoints(runtime, logger)
     milter = MilterProcess(runtime.config, metrics.files)
     restarts = RestartBudget()
     status = EXIT["ok"]
@@ -175,6 +176,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
         metrics.milter = milter
         notify_systemd("READY=1")
         retention.start()
+        checkpoints.start()
         while True:
             taken = signal.sigtimedwait(CONTROL_SIGNALS, 1.0)
             # Python 3.11 hands back a meaningless siginfo when the wait is interrupted (a
@@ -208,6 +210,7 @@ def serve(runtime: Runtime, config_path: Path | None = None) -> int:
         milter.stop()
         metrics.stop()
         retention.stop()
+        checkpoints.stop()
         tokens.stop()
         policy.stop_thread()
         lookup.stop_thread()
@@ -236,6 +239,33 @@ class RetentionPass(threading.Thread):
                 self.logger.error(kv_line(None, event="retention", error=type(exc).__name__, detail=str(exc)))
                 continue
             self.logger.info(kv_line(None, event="retention", **deleted))
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.is_alive():
+            self.join(30)
+
+
+class Checkpoints(threading.Thread):
+    """The SQLite WAL checkpointed every second, off every commit's path (`SQLiteStore`'s
+    `background_checkpoints`): the milter's and the policy service's commits never wait for a
+    disk flush. A failure is logged at the start of a streak; the next pass tries again."""
+
+    def __init__(self, runtime: Runtime, logger: logging.Logger, every: float = 1.0):
+        super().__init__(name="checkpoints", daemon=True)
+        self.runtime, self.logger, self.every = runtime, logger, every
+        self.stopped = threading.Event()
+        self.failures = TracebackStreak()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                self.runtime.store.checkpoint()
+            except Exception as exc:
+                if self.failures.first(exc):
+                    self.logger.error(kv_line(None, event="checkpoint", error=type(exc).__name__, detail=str(exc)))
+                continue
+            self.failures.succeeded()
 
     def stop(self) -> None:
         self.stopped.set()

@@ -79,7 +79,8 @@ class Runtime:
                 read_password_file(Path(config.database_password_file))
             except UnusableFile as exc:
                 raise unusable_setting(config, "database_password_file", exc) from None
-        store = metered(open_store(config.database, config.database_password_file))
+        # serve's checkpointer thread checkpoints the SQLite WAL: never a commit of the milter or the policy
+        store = metered(open_store(config.database, config.database_password_file, background_checkpoints=True))
         return cls(config, store, TokenSigner(secret, store.store_id()), passwords, clock=gateway_clock())
 
 

@@ -28,6 +28,7 @@ from mailgate.rules.addresses import clean_text
 from mailgate.rules.classify import takes_inbound_role
 from mailgate.rules.inbound import InboundDecision
 from mailgate.rules.replies import HOLD_REASONS, SMTP
+from mailgate.store.groupcommit import OutboundWriter
 
 # Headers a rule reads; the rest are never kept.
 READ_HEADERS = {"from", "sender", "reply-to", "message-id", "precedence", "list-unsubscribe",
@@ -49,6 +50,7 @@ class GatewayMilter(Milter.Base):
     """One instance per SMTP connection (libmilter threads call it one at a time)."""
 
     runtime: Runtime  # set on the class by `serve_milter`
+    writer: OutboundWriter | None = None  # the outbound rows' group-commit writer, set by `serve_milter`
 
     def __init__(self) -> None:
         self.listener: str | None = None
@@ -153,7 +155,7 @@ class GatewayMilter(Milter.Base):
             bound(END_OF_MESSAGE_SECONDS, role).observe(time.perf_counter() - start)
 
     def _outbound(self, runtime: Runtime, config: Config, queue_id: str) -> int:
-        effects = process_outbound(runtime, self.facts, queue_id)
+        effects = process_outbound(runtime, self.facts, queue_id, self.writer)
         runtime.logger.info(effects.log_line)
         _count_outbound(effects, config.dry_run)
         for line in effects.blacklist_lines:
@@ -295,9 +297,12 @@ def serve_milter(runtime: Runtime, spec: SocketSpec, *, group: str | None, timeo
     if on_ready:
         on_ready()
     logging.getLogger("mailgate").info(kv_line(None, event="listening", service="milter", socket=str(spec)))
+    GatewayMilter.writer = OutboundWriter(runtime.store)
     try:
         milter.main()
     finally:
+        GatewayMilter.writer.stop()
+        GatewayMilter.writer = None
         remove_socket_file(spec, identity)
 
 

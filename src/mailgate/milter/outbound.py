@@ -21,6 +21,7 @@ from mailgate.rules.outbound import (
 )
 from mailgate.rules.replies import SmtpReply
 from mailgate.store import OutboundRecord
+from mailgate.store.groupcommit import OutboundWriter
 
 STREAM_HEADER = "X-Mailgate-Stream"
 
@@ -45,7 +46,10 @@ class OutboundEffects:
         return self.decision.reply
 
 
-def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> OutboundEffects:
+def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str,
+                     writer: OutboundWriter | None = None) -> OutboundEffects:
+    """`writer`: the milter's group-commit writer (`mailgate.store.groupcommit`); without one
+    (tests, tools) the row is written and the blacklist read here, in a transaction of their own."""
     config = facts.config_for(runtime.config)
     mass = is_mass_mail(config, facts.listener, facts.sasl_user, facts.headers)
     froms = facts.header_values("From")
@@ -54,13 +58,19 @@ def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Ou
     if decision.reply is not None:
         return _refused(facts, queue_id, decision, mass, config.dry_run)
     now = runtime.clock()
-    row_id = runtime.store.record_outbound(OutboundRecord(
+    record = OutboundRecord(
         queue_id=queue_id, message_id=facts.first_header("Message-ID"),
         envelope_from_original=facts.envelope_sender, envelope_from=decision.envelope_from,
         header_from_before=decision.original_from, header_from_after=decision.header_from,
         server=decision.server_name, mass=mass, listener=facts.listener, sasl_user=facts.sasl_user,
         created_at=now, tokenised=decision.envelope_is_bounce and bool(facts.envelope_sender),
-        recipient_digests=runtime.signer.recipient_digests(facts.recipients)))
+        recipient_digests=runtime.signer.recipient_digests(facts.recipients))
+    normalized = [normalize(r) for r in facts.recipients]
+    if writer is not None:
+        row_id, blocked = writer.record(record, normalized)
+    else:
+        row_id = runtime.store.record_outbound(record)
+        blocked = runtime.store.blacklisted(normalized)
     if decision.envelope_is_bounce:
         token = runtime.signer.make(row_id, decision.server_name, now)
         wire = to_wire(tokenised_address(config, decision.envelope_from, token))
@@ -76,7 +86,7 @@ def process_outbound(runtime: Runtime, facts: MessageFacts, queue_id: str) -> Ou
                    listener=facts.listener, row=row_id,
                    domain=decision.alias_domain.name if decision.alias_domain else None,
                    domain_by=decision.domain_reason if decision.alias_domain else None, dry_run=config.dry_run)
-    removed, blacklist_lines = _blacklisted(runtime, facts, queue_id, mass)
+    removed, blacklist_lines = _blacklisted(blocked, facts, queue_id, mass)
     new_from = decision.new_from
     return OutboundEffects(decision, folded_mailbox(new_from.name, new_from.address) if new_from else None,
                            new_envelope, len(facts.header_values(STREAM_HEADER)), row_id, line, removed,
@@ -104,10 +114,9 @@ def _refused(facts: MessageFacts, queue_id: str, decision: OutboundDecision, mas
     return OutboundEffects(decision, None, None, 0, None, line, mass=mass)
 
 
-def _blacklisted(runtime: Runtime, facts: MessageFacts, queue_id: str,
+def _blacklisted(blocked: set[str], facts: MessageFacts, queue_id: str,
                  mass: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Mass mail loses its blacklisted recipients; transactional mail is never blocked, only logged."""
-    blocked = runtime.store.blacklisted([normalize(r) for r in facts.recipients])
     if not blocked:
         return (), ()
     hits = tuple(r for r in facts.recipients if normalize(r) in blocked)

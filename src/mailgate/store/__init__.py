@@ -39,15 +39,18 @@ def is_postgres(database: str) -> bool:
     return database.startswith(POSTGRES_SCHEMES)
 
 
-def open_store(database: str, password_file: Path | None = None, *, read_only: bool = False) -> Store:
+def open_store(database: str, password_file: Path | None = None, *, read_only: bool = False,
+               background_checkpoints: bool = False) -> Store:
     """The store named by the configuration's `database` (password from a file or PG* variables).
 
     `read_only` opens an existing SQLite file without migrating or writing it (`explain`, the
-    source of `migrate-store`). It does not apply to PostgreSQL, which is opened as the gateways
-    open it: shared, its schema is kept current by whichever gateway starts."""
+    source of `migrate-store`); `background_checkpoints`: SQLite's WAL is checkpointed only by
+    `checkpoint()`, never inside a commit (`mailgate.store.sqlite`). Neither applies to
+    PostgreSQL, which is opened as the gateways open it: shared, its schema is kept current by
+    whichever gateway starts."""
     if is_postgres(database):
         from mailgate.store.postgres import PostgresStore
         password = Path(password_file).read_text().strip() if password_file else None
         return PostgresStore(database, password=password)
     from mailgate.store.sqlite import SQLiteStore
-    return SQLiteStore(database, read_only=read_only)
+    return SQLiteStore(database, read_only=read_only, background_checkpoints=background_checkpoints)

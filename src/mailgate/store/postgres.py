@@ -237,11 +237,13 @@ class PostgresStore(SQLStore):
     @contextmanager
     def transaction(self, *lock_keys: str) -> Iterator[None]:
         """One transaction on one pooled connection, holding an advisory lock per key (in a fixed
-        order, so that two gateways never wait for each other's locks in a circle)."""
+        order, so that two gateways never wait for each other's locks in a circle), all taken by
+        one statement."""
         try:
             with self._pool.connection() as conn, conn.transaction():
-                for key in sorted(set(lock_keys)):
-                    conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 0))", [key])
+                if lock_keys:  # one statement: unnest yields the sorted keys in order, locked as they come
+                    conn.execute("select pg_advisory_xact_lock(hashtextextended(key, 0)) "
+                                 "from unnest(%s::text[]) as key", [sorted(set(lock_keys))])
                 self._local.conn = conn
                 try:
                     yield
@@ -250,6 +252,9 @@ class PostgresStore(SQLStore):
         except (psycopg.OperationalError, PoolTimeout) as exc:
             self._noted(False, exc)
             raise
+
+    def checkpoint(self) -> None:
+        """Nothing to do: the server checkpoints its own WAL."""
 
     def close(self) -> None:
         self._pool.close()

@@ -1,0 +1,169 @@
+"""The outbound rows' group-commit writer: committed before the answer, many to a commit, one
+bad row failing only its own message."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mailgate.store import OutboundRecord
+from mailgate.store.groupcommit import OutboundWriter, WriterStopped
+from mailgate.store.sqlite import SQLiteStore
+
+
+def record(n: int, queue_id: str | None = None) -> OutboundRecord:
+    return OutboundRecord(queue_id=queue_id or f"Q{n}", message_id=f"<{n}@x>", envelope_from_original="a@x",
+                          envelope_from="bounce@x", header_from_before="a@x", header_from_after="a@x",
+                          server="trans", mass=False, listener="ORIGINATING", sasl_user=None,
+                          created_at=time.time(), tokenised=True, recipient_digests=(f"d{n}",))
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = SQLiteStore(tmp_path / "store.db")
+    yield store
+    store.close()
+
+
+def run_together(work, arguments) -> None:
+    """`work(argument)` for each argument, in threads released at once (so that they queue together)."""
+    go = threading.Event()
+
+    def run(argument) -> None:
+        go.wait()
+        work(argument)
+
+    threads = [threading.Thread(target=run, args=(argument,)) for argument in arguments]
+    for thread in threads:
+        thread.start()
+    go.set()
+    for thread in threads:
+        thread.join()
+
+
+def committed_ids(store: SQLiteStore) -> set[int]:
+    """Read on a connection of its own: what any other reader (the bounce path) sees."""
+    with sqlite3.connect(store.path) as conn:
+        return {row[0] for row in conn.execute("select id from messages")}
+
+
+def test_a_row_is_committed_before_record_returns_and_blacklist_is_read(store):
+    store.blacklist_add("x@customer.example", time.time(), "test", "operator", [])
+    writer = OutboundWriter(store)
+    try:
+        row_id, blocked = writer.record(record(1), ["x@customer.example", "y@customer.example"])
+        assert row_id in committed_ids(store)
+        assert blocked == {"x@customer.example"}
+        assert store.outbound_message(row_id).queue_id == "Q1"
+    finally:
+        writer.stop()
+
+
+def test_concurrent_messages_share_commits_and_each_gets_its_own_row(store):
+    writer = OutboundWriter(store)
+    results: dict[int, int] = {}
+
+    def send(n: int) -> None:
+        results[n] = writer.record(record(n), [])[0]
+
+    run_together(send, range(40))
+    writer.stop()
+    assert len(set(results.values())) == 40
+    assert set(results.values()) <= committed_ids(store)
+    for n, row_id in results.items():
+        assert store.outbound_message(row_id).queue_id == f"Q{n}"
+    assert writer.batches <= 40
+
+
+class OneBadRow:
+    """A store whose record_outbound fails for one queue id: the batch fails, then each row alone."""
+
+    def __init__(self, store: SQLiteStore, bad: str) -> None:
+        self.inner, self.bad = store, bad
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def record_outbound(self, rec: OutboundRecord) -> int:
+        if rec.queue_id == self.bad:
+            raise sqlite3.IntegrityError("bad row")
+        return self.inner.record_outbound(rec)
+
+
+def test_one_bad_row_fails_only_its_own_message(store):
+    writer = OutboundWriter(OneBadRow(store, "BAD"))  # type: ignore[arg-type]
+    outcomes: dict[str, object] = {}
+
+    def send(queue_id: str) -> None:
+        try:
+            outcomes[queue_id] = writer.record(record(hash(queue_id) % 1000, queue_id), [])[0]
+        except sqlite3.IntegrityError as exc:
+            outcomes[queue_id] = exc
+
+    run_together(send, [f"Q{n}" for n in range(10)] + ["BAD"])
+    writer.stop()
+    assert isinstance(outcomes.pop("BAD"), sqlite3.IntegrityError)
+    assert set(outcomes.values()) <= committed_ids(store) and len(outcomes) == 10
+    assert len(committed_ids(store)) == 10
+
+
+def test_a_failed_commit_answers_every_waiter_and_nothing_is_left_half_written(store):
+    writer = OutboundWriter(store)
+    blocker = sqlite3.connect(store.path, timeout=30, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        store.close()
+        import mailgate.store.sqlite as sqlite_module
+        original = sqlite_module.BUSY_TIMEOUT_MS
+        sqlite_module.BUSY_TIMEOUT_MS = 50
+        try:
+            with pytest.raises(sqlite3.OperationalError):
+                writer.record(record(1), [])
+        finally:
+            sqlite_module.BUSY_TIMEOUT_MS = original
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert committed_ids(store) == set()
+    row_id, _ = writer.record(record(2), [])
+    assert committed_ids(store) == {row_id}
+    writer.stop()
+
+
+def test_a_stopped_writer_refuses_instead_of_accepting_unrecorded(store):
+    writer = OutboundWriter(store)
+    writer.stop()
+    with pytest.raises(WriterStopped):
+        writer.record(record(1), [])
+
+
+def wal_bytes(store: SQLiteStore) -> int:
+    """The WAL file's size: it grows until a checkpoint lets the next writer start it again from
+    its beginning (the file keeps its size)."""
+    wal = Path(store.path + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_background_checkpoints_keep_checkpoints_out_of_commits(tmp_path):
+    """With `background_checkpoints` no commit checkpoints (the WAL only grows, past SQLite's
+    1,000-page default); `checkpoint()` copies it into the file, and the next writer starts the
+    WAL again from its beginning."""
+    store = SQLiteStore(tmp_path / "store.db", background_checkpoints=True)
+    writer = OutboundWriter(store)
+    for n in range(1500):
+        writer.record(record(n), [])
+    grown = wal_bytes(store)
+    assert grown > 1000 * 4096  # the default would have checkpointed and restarted the WAL
+    store.checkpoint()
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("select count(*) from messages").fetchone()[0] == 1500
+        busy, frames, done = conn.execute("pragma wal_checkpoint(passive)").fetchone()
+    assert busy == 0 and frames == done
+    writer.record(record(2000), [])
+    assert wal_bytes(store) == grown  # the WAL is rewritten from its start, not extended
+    writer.stop()
+    store.close()
