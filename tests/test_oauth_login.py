@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from faultlab import wait_until
 from mailgate.configfile import parse_config
 from mailgate.lab.oauth_provider import OAuthProvider
 from mailgate.oauth.login import LoginFailed, login
@@ -53,13 +53,6 @@ def stored(tmp_path: Path, provider: OAuthProvider) -> str:
     return token
 
 
-def wait_for(check, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.mark.e2e
 def test_device_flow_through_the_command_line(tmp_path, provider):
     path = tmp_path / "mailgate.yaml"
@@ -68,7 +61,7 @@ def test_device_flow_through_the_command_line(tmp_path, provider):
     run = subprocess.Popen([sys.executable, "-m", "mailgate", "oauth", "login", "m365", "--config", str(path)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        wait_for(lambda: provider.state.device_codes)
+        wait_until(lambda: provider.state.device_codes, 10, 0.05, "the device code request")
         provider.approve_device_codes()
         out, err = run.communicate(timeout=30)
     finally:
@@ -85,7 +78,7 @@ def test_loopback_redirect_with_pkce(tmp_path, provider):
     worker = threading.Thread(target=lambda: result.update(path=login(
         server_of(tmp_path, provider, "loopback"), said.append, wait=20)))
     worker.start()
-    wait_for(lambda: said)
+    wait_until(lambda: said, 10, 0.05, "the login's answer")
     url = re.search(r"(http://\S+/authorize\?\S+)", said[0]).group(1)
     assert "code_challenge_method=S256" in url and "redirect_uri=http%3A%2F%2F127.0.0.1%3A" in url
     with urllib.request.urlopen(url, timeout=10) as page:  # the browser: consent, then the redirect
@@ -108,7 +101,7 @@ def test_a_forged_redirect_is_refused(tmp_path, provider):
             failure.append(exc)
     worker = threading.Thread(target=run)
     worker.start()
-    wait_for(lambda: said)
+    wait_until(lambda: said, 10, 0.05, "the login's answer")
     port = re.search(r"redirect_uri=http%3A%2F%2F127.0.0.1%3A(\d+)", said[0]).group(1)
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/?code=stolen&state=wrong", timeout=10)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from mailgate.config import Config, Server
-from mailgate.rules.addresses import domain_spellings
 from mailgate.rules.outbound import route_sender
 from mailgate.rules.tokens import TokenSigner, server_tag, split_tokenised
 
@@ -77,9 +76,6 @@ class RoutingView:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        # the bounce alias of each alias domain, by lower-cased domain in both spellings
-        self.bounce_aliases = {spelling: d.bounce_alias.lower() for d in config.alias_domains
-                               for spelling in domain_spellings(d.name)}
         # Tags are 32-bit hashes: on the (unlikely) collision of two active servers the first
         # in Odoo's order wins, as the old linear search did.
         self.token_routes: dict[int, Route] = {}
@@ -107,8 +103,8 @@ def route_for_sender(config: Config, signer: TokenSigner, sender: str) -> Route:
     if address.startswith("@") or "@" not in address:
         return DOMAIN_KEY
     _, _, domain = address.rpartition("@")
-    bounce_alias = view.bounce_aliases.get(domain.lower())
-    tokenised = split_tokenised(address, bounce_alias) if bounce_alias else None
+    alias_domain = config.domain_named(domain)
+    tokenised = split_tokenised(address, alias_domain.bounce_alias) if alias_domain else None
     if tokenised is None:
         # No token: the answer depends on the configuration alone, and the same few senders
         # come back all day.
