@@ -8,10 +8,13 @@ case runs in a savepoint that is rolled back, and the shell rolls its transactio
 end, so the database is left as it was. All cases go through one shell (starting Odoo costs
 seconds, a case milliseconds).
 
-Inbound, Odoo's `mail.thread.message_route` is asked for the routes of generated new messages
-(aliases of every kind, catchall, bounce, foreign domains), after `message_parse`, as
-`message_process` calls them, with the aliases and the allowed alias domains of the case set up
-in the same rolled-back transaction.
+Inbound, Odoo's `mail.thread.message_route` is asked for the routes of generated messages
+(aliases of every kind, catchall, bounce, foreign domains, replies), after `message_parse`, as
+`message_process` calls them, with the aliases, the allowed alias domains and the threads of the
+case set up in the same rolled-back transaction. A thread is a record (of `res.partner`, or of
+another model, `mail.blacklist`, so that a reply can also be a forward to another model's alias)
+holding a message with a given Message-ID; a route to it is answered as `reply:<Message-ID>`,
+as mailgate labels a reply.
 
 The scripts below are ours: it only calls Odoo's methods. 19.0 renamed `build_email` and
 `_prepare_email_message` to `_build_email__` and `_prepare_email_message__`; both names are tried.
@@ -82,6 +85,13 @@ for alias in setup["aliases"]:
     env["mail.alias"].create({"alias_name": alias["name"], "alias_model_id": model, "alias_domain_id": domain.id,
                               "alias_contact": "everyone", "alias_incoming_local": alias["incoming_local"]})
 env["ir.config_parameter"].set_param("mail.catchall.domain.allowed", setup["allowed"] or False)
+threads = {}
+for number, thread in enumerate(setup.get("threads", [])):
+    partner = thread["model"] == "res.partner"
+    record = env[thread["model"]].create({"name": f"Thread {number}"} if partner else {"email": f"t{number}@x.example"})
+    env["mail.message"].create({"model": thread["model"], "res_id": record.id, "message_id": thread["message_id"],
+                                "message_type": "email", "body": "thread"})
+    threads[(thread["model"], record.id)] = thread["message_id"]
 env.flush_all()
 
 
@@ -96,7 +106,13 @@ def answer(raw):
         return {"routes": []}
     if not found:
         return {"routes": ["catchall"]}
-    return {"routes": sorted("alias:" + r[4].alias_name for r in found if r[4])}
+    labels = []
+    for model, thread_id, _values, _user, alias in found:
+        if thread_id and (model, thread_id) in threads:
+            labels.append("reply:" + threads[(model, thread_id)])
+        elif alias:
+            labels.append("alias:" + alias.alias_name)
+    return {"routes": sorted(labels)}
 
 '''
 
@@ -147,10 +163,12 @@ def ask_odoo_outbound(odoo: LabOdoo, cases: list[OutboundCase], timeout: float =
 
 def ask_odoo_inbound(odoo: LabOdoo, setup: dict[str, Any], messages: list[str],
                      timeout: float = 600.0) -> list[dict[str, Any]]:
-    """Odoo's routes for every message: {"routes": ["bounce"] | ["catchall"] | ["alias:NAME", ...] | []}.
+    """Odoo's routes for every message: {"routes": ["bounce"] | ["catchall"] | ["reply:MESSAGE-ID"] |
+    ["alias:NAME", ...] | []}.
 
-    `setup` holds `alias_domain`, `aliases` ([{"name", "incoming_local"}], on res.partner) and
-    `allowed` (mail.catchall.domain.allowed, "" for unset)."""
+    `setup` holds `alias_domain`, `aliases` ([{"name", "incoming_local"}], on res.partner),
+    `allowed` (mail.catchall.domain.allowed, "" for unset) and `threads` ([{"model", "message_id"}],
+    created in that order, so the last is the most recent)."""
     return _run_in_shell(odoo, _INBOUND_SCRIPT, messages, setup, timeout)
 
 
