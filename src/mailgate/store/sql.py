@@ -448,13 +448,17 @@ class SQLStore:
     def delivery_stats(self, since: float) -> list[DeliveryCount]:
         """Attempts per day, server, status and the domain the message left with (from its
         outbound row, the latest with that queue id)."""
-        day = self.day_of.format("at")
-        domain = (f"coalesce((select lower({self.domain_of('m.envelope_from')}) from messages m "
-                  "where m.queue_id = d.queue_id and m.direction = 'outbound' order by m.id desc limit 1), '-')")
+        day = self.day_of.format("d.at")
+        # The latest outbound row is found by id in the join, so that its domain is computed once
+        # per attempt: a scalar subquery for the domain itself is evaluated again by the GROUP BY.
+        latest = ("m.id = (select max(o.id) from messages o where o.queue_id = d.queue_id "
+                  "and o.direction = 'outbound')")
         return self._records(lambda row: DeliveryCount(**row),
                              f"select day, server, status, domain, count(*) as count from (select {day} as day, "
-                             f"coalesce(server, '-') as server, status, {domain} as domain from deliveries d "
-                             "where at >= ?) as attempts group by day, server, status, domain "
+                             f"coalesce(d.server, '-') as server, d.status, "
+                             f"coalesce(lower({self.domain_of('m.envelope_from')}), '-') as domain "
+                             f"from deliveries d left join messages m on {latest} "
+                             "where d.at >= ?) as attempts group by day, server, status, domain "
                              "order by day, server, status, domain", [since])
 
     def delivery_totals(self) -> list[DeliveryTotal]:
