@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from faultlab import wait_until
 from mailgate.config import Config
 from mailgate.infra.sockets import socket_is_listening
 from mailgate.infra.socketspec import parse_socket_spec
@@ -45,10 +45,7 @@ def lookup(base: Path, key: str) -> str:
 
 
 def wait_for(predicate, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+    wait_until(predicate, timeout, interval=0.05)
 
 
 @pytest.mark.e2e
