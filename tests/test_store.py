@@ -122,17 +122,30 @@ def test_an_unconfirmed_inbound_row_is_no_duplicate_until_confirmed(store):
     assert store.already_received("<u@x>")
 
 
-def test_migration_from_v6_keeps_inbound_rows_received(open_same, monkeypatch):
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:6])
-    monkeypatch.setattr(postgres_backend, "MIGRATIONS", postgres_backend.MIGRATIONS[:6])
+def open_at_version(open_same, monkeypatch, version: int):
+    """The store as an older release made it: both backends' migrations cut to `version`."""
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:version])
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", postgres_backend.MIGRATIONS[:version])
     old = open_same()
-    assert old.schema_version == 6
+    assert old.schema_version == version
+    return old
+
+
+def reopen_migrated(open_same, monkeypatch):
+    """The same store opened by this release, which migrates it to the current version."""
+    monkeypatch.undo()
+    new = open_same()
+    assert new.schema_version == len(sqlite_backend.MIGRATIONS)
+    return new
+
+
+def test_migration_from_v6_keeps_inbound_rows_received(open_same, monkeypatch):
+    old = open_at_version(open_same, monkeypatch, 6)
     old._execute("insert into inbound_messages (queue_id, message_id, sender, routes, action, created_at) "
                  "values (?, ?, ?, ?, ?, ?)", ["Q", "<old@x>", "s@x", "alias:sales", "deliver", NOW])
     old.close()
-    monkeypatch.undo()
-    new = open_same()
-    assert new.schema_version == len(sqlite_backend.MIGRATIONS) and new.already_received("<old@x>")
+    new = reopen_migrated(open_same, monkeypatch)
+    assert new.already_received("<old@x>")
 
 
 def test_transaction_rolls_back(store):
@@ -322,17 +335,13 @@ def test_store_identity_is_random_per_store_and_kept(open_same):
 
 
 def test_migration_from_v5_keeps_the_rows_and_adds_identity_and_indexes(open_same, monkeypatch):
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:5])
-    monkeypatch.setattr(postgres_backend, "MIGRATIONS", postgres_backend.MIGRATIONS[:5])
-    old = open_same()
-    assert old.schema_version == 5
+    old = open_at_version(open_same, monkeypatch, 5)
     row = _old_outbound_row(old)
     _old_bounce_row(old, "5.1.1", "550 5.1.1 no such user", 1, message=row)
     old.record_delivery(DeliveryRecord(NOW, "Q1", "a@y", None, "bounced", "5.1.1", 1.0, "no", row, "trans"))
     old.close()
-    monkeypatch.undo()
-    new = open_same()
-    assert new.schema_version == len(sqlite_backend.MIGRATIONS) and len(new.store_id()) == 32
+    new = reopen_migrated(open_same, monkeypatch)
+    assert len(new.store_id()) == 32
     assert new.outbound_message(row).queue_id == "Q1"
     assert new.bounce_kind_totals() == [KindBounces("hard", 1)]
     assert new.delivery_totals() == [DeliveryTotal("trans", "bounced", 1)]
@@ -589,15 +598,10 @@ def test_a_failure_is_recorded_once_per_message_and_recipient(store):
 
 
 def test_migration_from_v7_leaves_older_messages_with_unknown_recipients(open_same, monkeypatch):
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", sqlite_backend.MIGRATIONS[:7])
-    monkeypatch.setattr(postgres_backend, "MIGRATIONS", postgres_backend.MIGRATIONS[:7])
-    old = open_same()
-    assert old.schema_version == 7
+    old = open_at_version(open_same, monkeypatch, 7)
     row = _old_outbound_row(old)
     old.close()
-    monkeypatch.undo()
-    new = open_same()
-    assert new.schema_version == len(sqlite_backend.MIGRATIONS)
+    new = reopen_migrated(open_same, monkeypatch)
     assert new.outbound_message(row).recipient_count is None, "a row from before: its recipients are unknown"
     assert new.sent_to(row, ["d1"]) == set()
     later = new.record_outbound(replace(outbound("Q2", "<m2@x>"), recipient_digests=("d1",)))
