@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -107,13 +108,18 @@ def gw(request) -> Iterator[LabGateway]:
     with `gateway_options(request, base)`."""
     base = make_basedir()
     options = getattr(request.module, "gateway_options", lambda request, base: {})(request, base)
-    gateway = LabGateway(base, getattr(request.module, "GATEWAY_EXTRA_CONFIG", ""), **options)
+    yield from running(LabGateway(base, getattr(request.module, "GATEWAY_EXTRA_CONFIG", ""), **options), base)
+
+
+def running(server, base: Path) -> Iterator:
+    """A lab server started for the tests, then stopped and its directory removed, whatever the
+    tests did (the shape of every daemon fixture here)."""
     try:
-        gateway.start()
-        yield gateway
+        server.start()
+        yield server
     finally:
-        gateway.stop()
-    shutil.rmtree(base, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -121,11 +127,7 @@ def postgres_server():
     """One private PostgreSQL (loopback, own data directory) for the whole run; tests create
     their own databases in it. Tests ask for `postgres`, which checks the e2e marker."""
     base = make_basedir("mgpg")
-    server = PrivatePostgres(base)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from running(PrivatePostgres(base), base)
 
 
 @pytest.fixture
@@ -191,13 +193,8 @@ def _lab_odoo(request, series: str, module: str) -> Iterator[lab_odoo.LabOdoo]:
             pytest.fail(f"MAILGATE_REQUIRE_ODOO=1 but {reason}", pytrace=False)
         pytest.skip(reason)
     base = make_basedir("mgodoo")
-    server = lab_odoo.LabOdoo(base, ODOO_SOURCES[series], request.getfixturevalue("postgres_server"), module=module)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    yield from running(lab_odoo.LabOdoo(base, ODOO_SOURCES[series], request.getfixturevalue("postgres_server"),
+                                        module=module), base)
 
 
 @pytest.fixture(scope="session")
