@@ -44,10 +44,6 @@ def lookup(base: Path, key: str) -> str:
                 return replies[0].decode()
 
 
-def wait_for(predicate, timeout: float = 20) -> None:
-    wait_until(predicate, timeout, interval=0.05)
-
-
 @pytest.mark.e2e
 def test_ready_reload_and_stop():
     base = make_basedir()
@@ -61,8 +57,8 @@ def test_ready_reload_and_stop():
                                stdout=log, stderr=log, env={**os.environ, "NOTIFY_SOCKET": str(base / "notify.sock")})
     try:
         assert notify.recv(100) == b"READY=1"
-        wait_for(lambda: all(socket_is_listening(parse_socket_spec(f"unix:{base}/{n}.sock"))
-                             for n in ("milter", "lookup", "policy")))
+        wait_until(lambda: all(socket_is_listening(parse_socket_spec(f"unix:{base}/{n}.sock"))
+                               for n in ("milter", "lookup", "policy")), 20, 0.05, "the three sockets")
         assert lookup(base, "a@other.example").startswith("OK mg-first:")
 
         config.write_text(CONFIG.format(base=base, extra="  - {name: brand, host: b.example.net, "
@@ -113,8 +109,8 @@ def serving(base: Path | None = None) -> Iterator[tuple[Path, subprocess.Popen]]
         process = subprocess.Popen([sys.executable, "-m", "mailgate", "serve", "--config", str(config)],
                                    stdout=log, stderr=log)
     try:
-        wait_for(lambda: socket_is_listening(parse_socket_spec(f"unix:{base}/milter.sock"))
-                 and milter_children(process.pid))
+        wait_until(lambda: socket_is_listening(parse_socket_spec(f"unix:{base}/milter.sock"))
+                   and milter_children(process.pid), 20, 0.05, "the milter child and its socket")
         yield base, process
     finally:
         if process.poll() is None:
@@ -128,7 +124,8 @@ def test_the_milter_process_is_restarted_when_it_dies_and_stops_with_serve():
         milter_spec = parse_socket_spec(f"unix:{base}/milter.sock")
         [first] = milter_children(process.pid)
         os.kill(first, signal.SIGKILL)
-        wait_for(lambda: milter_children(process.pid) not in ([], [first]) and socket_is_listening(milter_spec))
+        wait_until(lambda: milter_children(process.pid) not in ([], [first]) and socket_is_listening(milter_spec),
+                   20, 0.05, "a new milter child")
         [second] = milter_children(process.pid)
         text = (base / "serve.log").read_text()
         assert "event=milter error=exited status=-9" in text and "event=milter result=restarted" in text
@@ -145,7 +142,7 @@ def test_a_killed_serve_takes_its_milter_process_with_it():
         [child] = milter_children(process.pid)
         process.kill()
         process.wait(10)
-        wait_for(lambda: gone(child), 10)
+        wait_until(lambda: gone(child), 10, 0.05, "the milter child to exit")
 
 
 def test_configuration_frames_survive_the_pipe_and_restarts_are_budgeted():
@@ -180,7 +177,7 @@ def test_serve_purges_rows_past_their_retention_soon_after_start():
     recent = store.record_bounce(replace(bounce("new@customer.example"), created_at=now - 86400))
     store.close()
     with serving(base) as (_, process):
-        wait_for(lambda: "event=retention" in (base / "serve.log").read_text(), 30)
+        wait_until(lambda: "event=retention" in (base / "serve.log").read_text(), 30, 0.05, "the retention line")
         line = next(entry for entry in (base / "serve.log").read_text().splitlines() if "event=retention" in entry)
         assert "bounces=1" in line, line
     store = SQLiteStore(base / "state.sqlite3")
@@ -216,7 +213,7 @@ def test_serve_on_a_store_from_before_reasons_judges_the_blacklist_once(monkeypa
     logs = []
     for _ in range(2):     # each start writes a fresh serve.log
         with serving(base):
-            wait_for(lambda: "event=retention" in (base / "serve.log").read_text(), 30)
+            wait_until(lambda: "event=retention" in (base / "serve.log").read_text(), 30, 0.05, "the retention line")
         logs.append((base / "serve.log").read_text())
     assert [log.count("event=blacklist-reevaluation count=recipient removed=1") for log in logs] == [1, 0], logs
     assert "rcpt=<good@big.example> action=remove reason=re-evaluated" in logs[0]
