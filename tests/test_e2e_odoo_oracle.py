@@ -199,13 +199,13 @@ def without_tokens(headers, envelope):
 
 
 def documented_difference(config, headers, envelope, odoo_routes: list[str], ours: list[str]) -> str | None:
-    """docs/rules.md I2.1 ("Differs from Odoo"): a token address in "to" makes the message a bounce
+    """docs/rules.md I2, "Differs from Odoo": a token address in "to" makes the message a bounce
     (or, forged, a refusal) for mailgate; Odoo 17 and later know only the plain bounce address and
     route the same message as ordinary mail. The difference is that, and only that, when mailgate
     routes the message like Odoo once the token addresses are replaced by a neutral address."""
     if ours not in (["bounce"], ["refused:forged_bounce"]):
         return None
-    return "I2.1 token" if mailgate_routes(config, *without_tokens(headers, envelope)) == odoo_routes else None
+    return "I2 token address" if mailgate_routes(config, *without_tokens(headers, envelope)) == odoo_routes else None
 
 
 @pytest.mark.parametrize("allowed", ["", "othercompany.example"])
