@@ -489,6 +489,18 @@ def test_a_postmaster_the_returned_message_was_sent_to_is_a_failed_recipient():
     assert all(r.address != "postmaster@example.jp" for r in quoted_only.recipients)
 
 
+def test_a_postmaster_named_in_a_text_report_with_headers_quoted_after_a_full_stop():
+    """A small MTA's report ("Message headers follow.", the headers quoted as text): the
+    quoted To names the postmaster the message was sent to, so it is the failed recipient."""
+    report = (b"From: MAILER-DAEMON <>\r\nTo: lee@mycompany.example.com\r\nSubject: Mail delivery failed\r\n\r\n"
+              b"This is the mail agent at mycompany.example.com.\r\n\r\n"
+              b"There was an error delivering your mail to <postmaster@shop.example.net>.\r\n\r\n"
+              b"DNS lookup failure: host shop.example.net not found\r\n\r\nMessage headers follow.\r\n\r\n"
+              b"Subject: order\r\nTo: <postmaster@shop.example.net>\r\nFrom: <lee@mycompany.example.com>\r\n\r\n")
+    [recipient] = parse_bounce(report).recipients
+    assert (recipient.address, recipient.reason, recipient.hard) == ("postmaster@shop.example.net", "hostunknown", True)
+
+
 def test_iso_2022_jp_written_raw_into_a_field_is_decoded():
     assert header_text("\x1b$B8+$D$+$j$^$;$s\x1b(B (lee@example.jp)") == "見つかりません (lee@example.jp)"
     assert header_text("plain $B text") == "plain $B text"

@@ -72,9 +72,36 @@ def test_the_documented_sample_gives_its_reason(reason, sample):
     ("5.3.4", "552", None, "Message length exceeds administrative limit", "mesgtoobig"),   # the system's
     ("2.0.0", "250", None, "ok", "delivered"),
     (None, None, None, None, "undefined"),
+    (None, None, None, "Something odd happened on the way", "onhold"),   # words, none we can place
+    ("4.4.3", None, None, "Unable to contact LDAP server. (#4.4.3)", "systemerror"),  # a directory server
+    ("4.4.6", None, None, None, "networkerror"),                                   # a routing loop
+    ("4.4.7", None, None, "Deferred: Name server: example.net.: host name lookup failure", "networkerror"),
+    ("4.4.7", None, None, "Deferred: Connection refused by mx.example.net. Message could not be delivered "
+     "for 5 days", "expired"),                                                    # refused: time ran out
+    ("4.4.1", None, None, "connect to mx.example.net[192.0.2.9]:25: No route to host", "networkerror"),
+    ("4.4.2", None, None, "lost connection with mx.example.net[192.0.2.9] while sending RCPT TO", "networkerror"),
+    ("5.4.312", "550", None, "550 5.4.312 Message expired, DNS query failed", "networkerror"),
+    ("5.4.316", "550", None, "550 5.4.316 Message expired, connection refused", "expired"),
+    (None, None, None, "Name service error for name=example.net type=MX: Host not found, try again",
+     "networkerror"),                                                             # DNS did not answer this time
+    (None, "501", "HELO", "501 5.0.0 Invalid domain name", "blocked"),            # our HELO name, not a recipient
+    ("5.7.9", "550", None, "550 5.7.9 Rejected", "securityerror"),                # the status says more
+    ("5.7.9", "550", "MAIL", "550 5.7.9 Rejected", "rejected"),                   # ...except of our sender
+    ("5.7.1", "550", None, "550 5.7.1 Message refused", "rejected"),              # 5.7.1 says no more
+    ("5.0.0", "554", "DATA", "554 delivery error: dd This user doesn't have a example.com account", "userunknown"),
+    ("5.5.0", "550", "DATA", "550 5.5.0 Invalid recipient", "userunknown"),       # checked at end of DATA
 ])
 def test_order_of_trust(status, code, command, text, reason):
     assert classify(status, code, command, text) == reason
+
+
+def test_a_broken_path_is_a_network_error_even_in_a_delay():
+    assert classify(None, None, None, "connect to mx.example.net[192.0.2.9]:25: No route to host",
+                    delayed=True) == "networkerror"
+    assert classify(None, None, None, "lee@example.net: Network error on destination MXs",
+                    delayed=True) == "networkerror"
+    assert classify("4.4.1", None, None, "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)",
+                    delayed=True) == "networkerror"
 
 
 def test_a_delayed_recipient_is_expired_unless_its_words_say_why():
@@ -87,6 +114,7 @@ def test_a_delayed_recipient_is_expired_unless_its_words_say_why():
 def test_a_server_that_never_answered_is_expired():
     """Given up with only network trouble and no code from anyone: nothing was refused."""
     assert classify(None, None, None, "The recipient server did not accept our requests to connect") == "expired"
+    assert classify(None, "220", None, "220 mx.example.net ESMTP; did not accept our requests to connect") == "expired"
     assert classify(None, None, None, "Connection timed out") == "expired"
     assert classify("5.4.6", None, None, "Too many hops") == "networkerror"       # a status: something answered
 
@@ -178,6 +206,23 @@ def test_text_without_known_words():
     ("Received: from mx; Content-Type: text/plain; charset=utf-8 Host not found", "hostunknown"),  # quoted headers
     ("554 5.6.0 Invalid MIME structure", "contenterror"),
     ("550 5.7.0 <lee@example.jp>... Please use the SMTP server of your ISP", "blocked"),   # our IP, not a mail server
+    ("554 5.7.0 Header error", "policyviolation"),
+    ("500 5.3.0 Line limit exceeded", "mesgtoobig"),
+    ("451 4.3.0 Error: queue file write error", "systemerror"),
+    ("Remote host is not responding", "networkerror"),
+    ("Your message was not delivered within 3 days and 2 hours", "expired"),
+    ("this message has been in the queue too long", "expired"),
+    ("Maximum hop count exceeded. Message probably in a routing loop", "networkerror"),
+    ("DNS lookup failure: host mx.example.invalid not found", "hostunknown"),
+    ("550 domain [example.com] mismatches client ip 192.0.2.7", "requireptr"),
+    ("550-REJECTED - Blacklisted URL in message (example.com)", "spamdetected"),
+    ("550 Sorry, you are sending from an address that has been blacklisted", "rejected"),  # an address, not an IP
+    ("550 5.7.1 IP address blacklisted by recipient", "blocked"),
+    ("550 From: Domain is invalid. Please provide a valid From:", "rejected"),
+    ("550 5.2.1 The user is receiving mail at a rate that prevents additional messages", "speeding"),
+    ("Resources temporarily unavailable, please try again later", "systemerror"),   # not a suspended mailbox
+    ("550 Mailbox temporarily unavailable", "suspend"),
+    ("Final-Recipient: rfc822; lee@example.org ... |exec /usr/bin/procmail", "mailererror"),  # "rfc822;" is no RFC
 ])
 def test_wording(text, reason):
     """Phrases beyond the table's one sample each: every one is a general wording, written here."""

@@ -8,7 +8,7 @@ from mailgate.bounceparse import phrases as bt
 from mailgate.bounceparse.mime import clean
 from mailgate.bounceparse.report import BouncedRecipient
 from mailgate.rules.bounce_reasons import classify, smtp_command
-from mailgate.rules.reason_vocabulary import is_hard
+from mailgate.rules.reason_vocabulary import UNDECIDED, is_hard
 
 
 def judged(address: str, status: str | None, action: str | None, diagnostic: str | None,
@@ -30,8 +30,9 @@ def judged(address: str, status: str | None, action: str | None, diagnostic: str
     # The remote server's own code, where the reporting MTA wrote another of the same class.
     said = remote if remote and status and remote[0] == status[0] else status
     reason = classify(said, code, command, diagnostic, delayed=action == "delayed")
-    if reason == "undefined" and context:
-        reason = classify(said, code, command, context, delayed=action == "delayed")
+    if reason in UNDECIDED and context:
+        from_context = classify(said, code, command, context, delayed=action == "delayed")
+        reason = reason if from_context in UNDECIDED else from_context
     if program and reason != "mailboxfull":
         reason = "mailererror"
     return BouncedRecipient(address, permanent, status, action, clean(diagnostic), clean(remote_mta),

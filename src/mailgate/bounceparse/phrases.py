@@ -94,7 +94,8 @@ AUTO_REPLIED_RE = re.compile(r"^\s*auto-replied", re.I)
 ORIGINAL_MARKER_RE = re.compile(
     r"^[ \t]*[-=*]*[ \t]*(?:below this line is a copy of the message|this is a copy of the message"
     r"|original message follows|start of returned message|returned mail follows"
-    r"|undelivered message follows|unsent message follows|message text follows|original message:)"
+    r"|undelivered message follows|unsent message follows|message text follows|original message:"
+    r"|message headers follow)"
     r"|^[ \t]*[-=]{2,}[ \t]*(?:original message|forwarded message|the header of the original message"
     r"|copy of the original message)", re.I | re.M)
 # Report wording that says "still trying": a warning, not a failure.

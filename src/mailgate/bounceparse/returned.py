@@ -42,7 +42,7 @@ def _quoted(text: str) -> list[str] | None:
     marker = bt.ORIGINAL_MARKER_RE.search(text)
     if not marker:
         return []
-    block = re.split(r"\n[ \t]*\n", text[marker.end():].lstrip("\r\n-= \t"), maxsplit=1)[0]
+    block = re.split(r"\n[ \t]*\n", text[marker.end():].lstrip("\r\n-= \t.:"), maxsplit=1)[0]
     if _QUOTED_LIST_RE.search(block):
         return None
     return [a for line in _QUOTED_TO_RE.findall(block) for a in _addresses(line)]

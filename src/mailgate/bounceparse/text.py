@@ -66,7 +66,7 @@ def from_text(msg: Message, original_id: str | None, bounce_alias: str) -> Bounc
         failed = [a for a in _usable(_named_in_text(text), bounce_alias, addressed) if a not in exclude]
     if not failed and not delayed and _says_failed(msg, text):
         named = _header_named(msg) or [returned_recipient(msg) or ""]
-        failed = _usable([a.encode() for a in named], bounce_alias)
+        failed = _usable([a.encode() for a in named], bounce_alias, addressed)
     if not failed and not delayed:
         return _unnamed(msg, text, original_id)
     intro = _intro(text, failed + delayed)

@@ -5,25 +5,28 @@ Four things say why a recipient failed, in this order of trust:
 1. the enhanced status code (RFC 3463). Where it is specific (`5.1.1` bad mailbox, `5.2.2`
    mailbox full, `5.7.26` authentication failed) it decides on its own, in `DECISIVE`;
 2. the diagnostic text, read with the phrase tables of `reason_phrases`, where the status is
-   generic (`5.0.0`, `5.7.1`, `5.2.0`) or missing. A failure given up on after retries with a
-   `4.x.x` status whose words tell nothing, or only of network trouble, is `expired`, as is
-   one given up on a server that never answered and a delay notice's recipient. The SMTP
-   command refines the words (before MAIL FROM: `blocked`; an unknown user after DATA:
-   `filtered`), and words blaming our side outrank a status blaming the address;
+   generic (`5.0.0`, `5.7.1`, `5.2.0`) or missing. Words of a broken path (no route, a lost
+   connection, a loop, a failing DNS) are `networkerror` however long it was tried; a failure
+   given up on after retries with a `4.x.x` status whose words tell nothing, or only of
+   timeouts, is `expired`, as is one given up on a server that never answered and a delay
+   notice's recipient. The SMTP command refines the words (before MAIL FROM: `blocked`; an
+   unknown user after DATA: `filtered`, unless the words say the account does not exist), and
+   words blaming our side outrank a status blaming the address;
 3. the status code, in `BY_STATUS` (`5.2.1` disabled, `5.7.x` security, `5.4.x` network...),
    for a status whose text says nothing we know;
 4. the SMTP reply code and the command it answered (`552` to DATA: too big; `5xx` to MAIL FROM:
    our sender refused). A bare `550` says nothing: `rejected`, never an unknown user, because an
    unknown user counts toward the blacklist and a guess must not.
 
-Nothing at all: `undefined`. Pure: text in, a reason out.
+Words that none of this places: `onhold` (read, undecided); nothing at all: `undefined`.
+Pure: text in, a reason out.
 """
 
 from __future__ import annotations
 
 import re
 
-from mailgate.rules.reason_phrases import reason_of_text
+from mailgate.rules.reason_phrases import BROKEN_PATH, NO_SUCH_ACCOUNT, only_refused, reason_of_text
 from mailgate.rules.reason_vocabulary import SENDER_SIDE, Reason, is_hard
 
 # Basic reply code (RFC 5321), as an MTA writes it before its text: "550 ", "550-", "554:".
@@ -34,7 +37,8 @@ DECISIVE: dict[str, Reason] = {
     "1.1": "userunknown", "1.2": "hostunknown", "1.3": "userunknown", "1.4": "userunknown",
     "1.6": "hasmoved", "1.7": "rejected", "1.8": "rejected",
     "2.2": "mailboxfull", "2.3": "exceedlimit", "3.1": "systemfull", "3.4": "mesgtoobig",
-    "4.7": "expired", "5.3": "toomanyconn", "7.13": "suspend", "7.23": "authfailure", "7.24": "authfailure",
+    "4.3": "systemerror", "4.6": "networkerror", "4.7": "expired", "5.3": "toomanyconn",
+    "7.13": "suspend", "7.23": "authfailure", "7.24": "authfailure",
     "7.25": "requireptr", "7.26": "authfailure", "7.27": "notaccept", "7.28": "spamdetected",
     "7.29": "authfailure", "7.30": "failedstarttls", "7.10": "failedstarttls", "7.11": "failedstarttls",
 }
@@ -81,6 +85,9 @@ _NAMED_COMMAND_RES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 # Postfix's words for a server that refused us in its greeting.
 _REFUSED_GREETING_RE = re.compile(r"refused to talk to me", re.I)
+# A name server that did not answer this time ("Host not found, try again": Postfix's words for
+# DNS's TRY_AGAIN), not a domain found not to exist.
+_TRY_AGAIN_RE = re.compile(r"not found, try again", re.I)
 _END_OF_DATA_RE = re.compile(r"end\s+of\s+data|after\s+data|message\s+body", re.I)
 
 
@@ -129,26 +136,33 @@ def classify(status: str | None, smtp_code: str | None, command: str | None, dia
         return "rejected"          # MAIL FROM names no recipient: the refusal is of our sender
     if detail in DECISIVE:
         decided = DECISIVE[detail]
+        if decided == "expired" and BROKEN_PATH.search(diagnostic or ""):
+            return "networkerror"  # the time ran out because the path is broken: the words say why
         return said if decided in _RECIPIENT_SIDE and said in _OUTRANK_THE_ADDRESS else decided
-    if said == "hostunknown" and _temporary(status, code=smtp_code):
+    if said == "hostunknown" and (_temporary(status, code=smtp_code) or _TRY_AGAIN_RE.search(diagnostic or "")):
         return "networkerror"
-    if said in ("rejected", "userunknown", "systemerror") and command in _BEFORE_MAIL:
+    if said in ("rejected", "userunknown", "hostunknown", "systemerror") and command in _BEFORE_MAIL:
         return "blocked"
-    if said == "userunknown" and command == "DATA":
+    if said == "userunknown" and command == "DATA" and not NO_SUCH_ACCOUNT.search(diagnostic or ""):
         return "filtered"
+    if said in (None, "networkerror", "expired") and BROKEN_PATH.search(diagnostic or ""):
+        return "networkerror"      # the path is broken: more time would not have delivered it
     if said in (None, "networkerror") and (delayed or _temporary(status, code=smtp_code)
                                            or _unanswered(status, smtp_code, said)):
         return "expired"           # given up after retries: the last attempt's network trouble is no more
+    if said == "rejected" and detail in BY_STATUS and command != "MAIL" and only_refused(diagnostic):
+        return BY_STATUS[detail]   # "5.7.9 Rejected": the status's detail says more than the words
     if said is not None:
         return said
     if detail and detail not in _CLASS_ONLY:
         return BY_STATUS.get(detail) or BY_STATUS.get(detail.split(".")[0], "undefined")
-    return _by_reply(smtp_code, command)
+    reason = _by_reply(smtp_code, command)
+    return "onhold" if reason == "undefined" and (diagnostic or "").strip() else reason
 
 
 def _unanswered(status: str | None, code: str | None, said: Reason | None) -> bool:
     """Given up on a server that never answered: only network trouble, no code from anyone."""
-    return said == "networkerror" and not status and not code
+    return said == "networkerror" and not status and (code or "2")[0] == "2"  # a greeting's 220 refuses nothing
 
 
 def _temporary(status: str | None, *, code: str | None) -> bool:

@@ -19,6 +19,26 @@ from mailgate.rules.reason_vocabulary import Reason
 # below): the unknown-user phrases read only a reply that names whom it refused.
 _NAMED = r"(?<![245]\d\d : )(?<![245]\d\d: : )(?<!<>: )"
 PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
+    # A list or group refusing our sender, and a receiver refusing our From's domain: about the
+    # sender, whatever they say of addresses that do not exist ("the group may not exist").
+    ("rejected", (
+        r"(?:don'?t|not) have permission to post",
+        r"group you tried to contact",
+        r"groups\.google\.com/support",               # the same refusal in any language links its help
+        r"(?:sender|from:?) (?:address )?domain (?:is )?(?:invalid|not found|unknown|does not exist)",
+        r"provide a valid from",
+        r"(?<!ip )(?<!ip)address (?:that |which )?(?:has been |is )?(?:black|block) ?listed",
+    )),
+    # A relay that refuses us only for want of authentication asks for it: not a relay refusal.
+    ("securityerror", (
+        r"turn on (?:smtp )?authentication",
+        r"relay (?:[\w.]+ ){0,3}without authentication",
+    )),
+    # A spam verdict said as the reason outranks advice about authentication around it.
+    ("spamdetected", (
+        r"(?:rejected|refused|blocked) (?:\w+ ){0,2}(?:due to|because of|as) (?:a )?spam\b",
+        r"due to spam classification",
+    )),
     ("norelaying", (
         r"not configured to relay",
         r"relay(?:ing)? (?:access )?(?:denied|not permitted|not allowed|prohibited)",
@@ -49,6 +69,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"client host rejected: cannot find",
         r"hostname (?:does not|doesn'?t) resolve",
         r"not resolve to the ip",
+        r"mismatch(?:es)? (?:the )?(?:client|connecting) ip",
     )),
     ("authfailure", (
         r"fails? to pass (?:\w+ ){0,3}authentication",
@@ -84,7 +105,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
     )),
     ("notcompliantrfc", (
         r"(?:multiple|duplicate) (?:[\w-]+ ){0,3}(?:in )?(?:from|to|date|subject|message-id)\b",
-        r"rfc ?(?:2822|5322|822|5321|1123)",
+        r"rfc ?(?:2822|5322|822|5321|1123)(?!\s*;)",  # not "rfc822;", a DSN's address type
         r"not (?:rfc[- ]?)?compliant",
         r"malformed (?:header|message)",
         r"(?:multiple|duplicate|missing|invalid) (?:[\w-]+ )?(?:header|message-id|from|date)\b",
@@ -101,7 +122,15 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"phishing",
         r"malicious",
     )),
+    # Our host named as the one refused outranks the words saying why (spam, usually).
+    ("blocked", (
+        r"ip (?:address )?(?:is |has been )?(?:blocked|banned|blacklisted)",
+        r"client host (?:\[[^\]]*\] )?(?:is )?blocked",
+    )),
     ("spamdetected", (
+        r"(?:black|block) ?listed (?:url|uri|link|domain in (?:the )?(?:message|body))",
+        r"\bur[ib]bl\b",
+        r"\bsurbl\b",
         r"\bspam\b",
         r"unsolicited",
         r"bulk mail",
@@ -156,6 +185,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"slow down",
         r"temporarily deferred due to (?:unexpected volume|user complaints)",
         r"unexpected volume",
+        r"receiving mail (?:at a rate|too fast)",
         r"too fast",
         r"exceeded (?:the )?(?:hourly|daily|sending) (?:rate|limit|quota)",
     )),
@@ -165,6 +195,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"prohibited",
         r"not accepted for policy",
         r"violat",
+        r"header error",
     )),
     ("mesgtoobig", (
         r"message (?:is )?too (?:big|large)",
@@ -172,6 +203,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"exceeds? (?:the )?(?:maximum|max|fixed|size) (?:message )?(?:size|length)",
         r"size limit",
         r"message length exceeds",
+        r"line (?:length )?limit exceeded",
+        r"line too long",
         r"too large",
         r"file too big",
     )),
@@ -206,10 +239,11 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"(?:disabled|suspended|inactive|deactivated|locked|expired|frozen|blocked|on hold)",
         r"(?:disabled|suspended|inactive|deactivated) (?:account|mailbox|user)",
         r"not (?:an )?active",
-        r"temporarily unavailable",
+        r"(?:mailbox|account|user|recipient) (?:is )?temporarily unavailable",
     )),
     ("hostunknown", (
         r"host (?:or domain name )?not found",
+        r"host [\w-]+(?:\.[\w-]+)+ not found",
         r"domain not found",
         r"unknown host",
         r"host unknown",
@@ -311,6 +345,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"failing for a long time",
         r"message expired",
         r"too long in (?:the )?queue",
+        r"in (?:the )?queue too long",
+        r"not (?:been )?delivered with(?:in)? \d+ (?:days?|hours?)",
         r"delivery time expired",
         r"gave up",
         r"giving up",
@@ -318,6 +354,8 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
     )),
     ("networkerror", (
         r"(?:did not|didn'?t) accept our requests to connect",
+        r"(?:host|server) (?:is not|isn'?t) responding",
+        r"(?:host|server) (?:did not|didn'?t) respond",
         r"(?:host|server|destination) (?:is )?not reachable",
         r"too many hops",
         r"connection (?:timed out|refused|reset|lost|closed|dropped)",
@@ -331,6 +369,11 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"conversation with [^ ]+ timed out",
         r"mail (?:for \S+ )?loops? back",
         r"mail loop",
+        r"host name lookup failure",
+        r"\bdns (?:error|query failed|lookup failed|failure)",
+        r"network error",
+        r"hop count exceeded",
+        r"routing loop",
     )),
     ("systemerror", (
         r"local configuration error",
@@ -342,7 +385,7 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"try again later",
         r"resources? (?:temporarily )?unavailable",
         r"loop detected",
-        r"routing loop",
+        r"queue file write error",
     )),
     ("syntaxerror", (
         r"syntax error",
@@ -351,14 +394,14 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"unrecognized command",
     )),
     ("rejected", (
-        r"(?:don'?t|not) have permission to post",       # a list or group refusing the sender (Google Groups)
-        r"group you tried to contact",
-        r"groups\.google\.com/support",               # the same refusal in any language links its help
         r"sender (?:address )?(?:rejected|refused|denied|unknown)",
         r"domain of sender",
         r"sender verify",
         r"sender domain",
         r"envelope sender",
+    )),
+    # Last: a refusal that says no more than that it refuses; the status may say more (B4).
+    ("rejected", (
         r"(?<!recipient address )rejected",
         r"refused",
         r"denied",
@@ -366,6 +409,18 @@ PHRASES: tuple[tuple[Reason, tuple[str, ...]], ...] = (
         r"administrative prohibition",
     )),
 )
+# Words that say the mailbox does not exist, not only that the receiver will not take it: Yahoo
+# and Orange check their recipients at the end of DATA and answer with these.
+NO_SUCH_ACCOUNT = re.compile(r"(?:doesn'?t|does not) have an? [\w.-]+ account|invalid recipient", re.I)
+# Network trouble that waiting does not mend: no route, a lost connection, a loop, a failing DNS.
+# A recipient given up on with these words failed on the path (`networkerror`), where one given
+# up on after timeouts or refused connections only ran out of time (`expired`).
+BROKEN_PATH = re.compile("|".join((
+    r"no route to host", r"network (?:is )?unreachable", r"host (?:is )?unreachable", r"lost connection",
+    r"too many hops", r"mail (?:for \S+ )?loops? back", r"mail loop", r"routing loop",
+    r"host name lookup failure", r"\bdns (?:error|query failed|lookup failed|failure)", r"network error",
+    r"hop count exceeded", r"(?:wasn'?t|was not|not) able to establish",
+)), re.I)
 COMPILED: tuple[tuple[Reason, re.Pattern[str]], ...] = tuple(
     (reason, re.compile("|".join(phrases), re.I)) for reason, phrases in PHRASES)
 
@@ -383,6 +438,16 @@ _ADDRESS_RE = re.compile(r"[^\s<>\"'(),;:\[\]@]+@[\w-]+(?:\.[\w-]+)+")
 
 def reason_of_text(text: str | None) -> Reason | None:
     """The first reason whose phrases the diagnostic contains, or None."""
+    entry = _first_entry(text)
+    return None if entry is None else PHRASES[entry][0]
+
+
+def only_refused(text: str | None) -> bool:
+    """The diagnostic's words say it was refused and nothing more ("550 5.7.9 Rejected")."""
+    return _first_entry(text) == len(PHRASES) - 1
+
+
+def _first_entry(text: str | None) -> int | None:
     if not text:
         return None
     text = text.replace("\u2019", "'")      # a typographic apostrophe ("wasn’t") reads as a plain one
@@ -390,4 +455,4 @@ def reason_of_text(text: str | None) -> Reason | None:
     first = _REPLY_CODE_RE.search(text)
     if first:
         text = text[:first.end()] + _REPEATED_CODE_RE.sub(" ", text[first.end():])
-    return next((reason for reason, pattern in COMPILED if pattern.search(text)), None)
+    return next((index for index, (_, pattern) in enumerate(COMPILED) if pattern.search(text)), None)

@@ -24,6 +24,8 @@ REASONS: tuple[str, ...] = get_args(Reason)
 RECIPIENT_FAULT: frozenset[str] = frozenset({"userunknown", "hostunknown", "hasmoved"})
 # The refusal is about us (our IP, our domain's authentication, our relay, our sending rate),
 # not about the recipient: counted per upstream server and domain for the reputation alert.
+# No reason found: words read but placed nowhere (`onhold`), or nothing to read (`undefined`).
+UNDECIDED: frozenset[str] = frozenset({"onhold", "undefined"})
 SENDER_SIDE: frozenset[str] = frozenset({
     "blocked", "spamdetected", "badreputation", "authfailure", "requireptr", "norelaying", "securityerror",
     "policyviolation", "toomanyconn", "speeding", "failedstarttls", "notcompliantrfc"})

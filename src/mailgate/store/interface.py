@@ -14,6 +14,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from mailgate.rules.reason_vocabulary import UNDECIDED
+
 # A task a migration leaves for `serve` (Store.take_pending_task): schema v9 gave every bounce
 # its reason, so the blacklist is judged once more under the counting of the configuration.
 PENDING_REEVALUATION = "blacklist-reevaluation"
@@ -68,7 +70,7 @@ def bounce_kind(hard: bool, permanent: bool | None, reason: str | None) -> str:
     neither a status nor words we know): the `BOUNCE_KIND` of the SQL views."""
     if hard:
         return "hard"
-    return "unknown" if permanent is None and reason in (None, "undefined") else "soft"
+    return "unknown" if permanent is None and (reason is None or reason in UNDECIDED) else "soft"
 
 
 @dataclass(frozen=True)

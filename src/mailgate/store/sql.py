@@ -44,8 +44,8 @@ from mailgate.store.interface import (
 QUOTA_COUNTERS = ("create table quota_counters (key text not null, stream text not null, minute bigint not null, "
                   "count integer not null, primary key (key, stream, minute))")
 # StoredBounce.kind in SQL: hard (the recipient's fault), soft, unknown (neither a status nor words).
-BOUNCE_KIND = ("case when hard = 1 then 'hard' when permanent is null and coalesce(reason, 'undefined') = 'undefined' "
-               "then 'unknown' else 'soft' end")
+BOUNCE_KIND = ("case when hard = 1 then 'hard' when permanent is null and coalesce(reason, 'undefined') "
+               "in ('undefined', 'onhold') then 'unknown' else 'soft' end")
 PURGE_BATCH = 1000   # rows per purge transaction: the write lock is held for one batch, never a whole purge
 # What retention may delete: table -> (its key, its time column). Never the blacklist, nor
 # log_positions (where watch-log stands).
