@@ -31,9 +31,15 @@ message is read from /proc for the whole `mailgate serve` tree and split into th
 and the parent (the services); for d, f, g it is the trivial milter's process.
 
     bench/throughput.py [--quick] [--messages N] [--rounds R] [--modes abc…] [--count-lookups]
-                        [--profile DIR [--profile-flags FLAGS]]
+                        [--latency N] [--profile DIR [--profile-flags FLAGS]]
 
-The last lines are the figures: msgs/s per configuration, the ratio to the baseline, CPU per message.
+After each round's throughput runs, every configuration also gets the latency phase
+(bench/smtp_latency.py): one client, one message per connection, one after another, each timed
+from MAIL FROM to the final 250; p50 and p99 per configuration over all rounds, and how much each
+adds to the baseline's p50 (`--latency N` messages a configuration and round; 0 skips it).
+
+The last lines are the figures: msgs/s per configuration, the ratio to the baseline, CPU per
+message, the transaction times.
 Exit status: 0 ok; 1 broken (mail not delivered, a process died); 2 a target missed (full run only).
 """
 
@@ -59,10 +65,12 @@ from _common import (
     cpu_seconds,
     machine,
     median,
+    percentile,
     process_tree,
     smtp_source,
     system_cpu,
 )
+from smtp_latency import transaction_times
 
 from mailgate.commands.postfixconf import main_settings, transport_service
 from mailgate.configfile import load_config
@@ -73,6 +81,7 @@ TARGET_OF_BASELINE = 0.75     # c / a, per round, median
 TARGET_OF_FLOOR = 0.90        # c / h: the trivial milter asking for what mailgate asks
 TARGET_SERVE_CPU_MS = 1.1     # mailgate serve's CPU per message in c (milter child + services)
 TARGET_SERVICES_CPU_MS = 0.25  # of which the lookup and policy services
+TARGET_ADDED_P50_MS = 1.0     # SMTP transaction time (MAIL FROM to the final 250) c minus a, p50
 POLICY_KEYS = ("smtpd_recipient_restrictions", "smtpd_policy_service_default_action")
 
 LABELS = {
@@ -292,6 +301,38 @@ class Bench:
         return result
 
 
+    def latency(self, mode: str, round_no: int, count: int) -> list[float]:
+        """The latency phase of one configuration: `count` transactions one at a time, then the
+        queue left empty for the next measurement."""
+        assert self.pf is not None
+        self.configure(mode)
+        time.sleep(0.5)
+        times = transaction_times(self.pf.port("submission"), count, SENDER,
+                                  f"l{round_no}-{mode}-{{n}}@customer.example")
+        self.pf.wait_queue_empty(60)
+        return times
+
+
+def latency_lines(latencies: dict[str, list[float]]) -> tuple[list[str], tuple[str, bool] | None]:
+    """RESULT lines of the transaction times per configuration (p50, p99, and the p50 added to
+    the baseline's), and the target line for the full path when both a and c ran."""
+    lines = []
+    p50 = {mode: percentile(sorted(times), 0.5) * 1000 for mode, times in latencies.items() if times}
+    for mode, times in latencies.items():
+        if not times:
+            continue
+        ordered = sorted(times)
+        added = f"  added_p50={p50[mode] - p50['a']:+.2f}ms" if mode != "a" and "a" in p50 else ""
+        lines.append(f"RESULT latency {mode} {LABELS[mode]:<38} p50={p50[mode]:.2f}ms "
+                     f"p99={percentile(ordered, 0.99) * 1000:.2f}ms  (n={len(times)}){added}")
+    if "a" not in p50 or "c" not in p50:
+        return lines, None
+    added = p50["c"] - p50["a"]
+    met = added < TARGET_ADDED_P50_MS
+    return lines, (f"TARGET latency added by the full path (c - a) at p50 < {TARGET_ADDED_P50_MS:.2f} ms: "
+                   f"{'MET' if met else 'MISSED'} ({added:.2f} ms)", met)
+
+
 def cpu_text(mode: str, cpu: dict | None) -> str:
     """CPU per message: mailgate serve's whole tree, split into its milter child and itself (the
     lookup and policy services); the trivial milter's one process."""
@@ -340,6 +381,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="rounds (full: 3)")
     parser.add_argument("--modes", help=f"configurations to run, baseline first (default, also with --quick: "
                         f"all, {ALL_MODES})")
+    parser.add_argument("--latency", type=int, help="latency phase: messages per configuration and round, "
+                        "sent one at a time (full: 200, quick: 30; 0 skips it)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--profile-flags", default="--gil",
                         help="py-spy record flags (default --gil; e.g. '--native --threads' for C frames)")
@@ -358,6 +401,7 @@ def main() -> int:
         args.profile.mkdir(parents=True, exist_ok=True)
     count = args.messages or (200 if args.quick else 2000)
     rounds = args.rounds or (1 if args.quick else 3)
+    latency_count = args.latency if args.latency is not None else (30 if args.quick else 200)
     modes = "a" + (args.modes or ALL_MODES).replace("a", "")
     info = machine()
     print(f"# throughput: {count} messages x {rounds} round(s), configurations {modes}; "
@@ -367,6 +411,7 @@ def main() -> int:
     bench = Bench(base, modes, args.count_lookups)
     bench.profile_flags = args.profile_flags.split()
     results: list[dict] = []
+    latencies: dict[str, list[float]] = {mode: [] for mode in modes}
     broken = False
     try:
         bench.start()
@@ -383,6 +428,13 @@ def main() -> int:
                     broken = True
                     print(f"  BROKEN: {result['sent']}/{count} delivered, {result['failed']} failures; "
                           + " | ".join(result["samples"]), flush=True)
+            for mode in modes if latency_count else ():
+                times = bench.latency(mode, round_no, latency_count)
+                latencies[mode] += times
+                ordered = sorted(times)
+                print(f"round {round_no} {mode} latency: p50 {percentile(ordered, 0.5) * 1000:.2f} ms, "
+                      f"p99 {percentile(ordered, 0.99) * 1000:.2f} ms ({len(times)} messages one at a time)",
+                      flush=True)
     except Exception as exc:  # report, then clean up
         broken = True
         print(f"BROKEN: {type(exc).__name__}: {exc}", flush=True)
@@ -416,6 +468,11 @@ def main() -> int:
         print(f"RESULT {mode} {LABELS[mode]:<38} msgs/s={rate:7.1f}  ratio={ratio:5.2f}  (rounds: {each})"
               + (f"  {cpu}" if cpu else ""))
     targets = full_path_targets(summary, by_mode)
+    lines, latency_target = latency_lines(latencies)
+    for line in lines:
+        print(line)
+    if latency_target is not None:
+        targets.append(latency_target)
     for line, _ in targets:
         print(line + (" [not enforced: --quick]" if args.quick else ""))
     missed = any(not met for _, met in targets)
