@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 
 from _common import (
+    CLK_TCK,
     SENDER,
     SUBMISSION_ROLE,
     LogFollower,
@@ -283,6 +284,7 @@ class Bench:
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
+        sys_after = system_cpu()
         elapsed = last - start
         cpu = None
         # the split needs the same milter process throughout (a restarted child took its CPU along)
@@ -294,7 +296,8 @@ class Bench:
             "seconds": elapsed, "rate": sent / elapsed if elapsed > 0 else 0.0,
             "accept_seconds": source_done - start,
             "cpu_ms_per_msg": cpu,
-            "busy": busy_fraction(sys_before, system_cpu()),
+            "busy": busy_fraction(sys_before, sys_after),
+            "machine_ms_per_msg": (sys_after[0] - sys_before[0]) * 1000 / CLK_TCK / max(sent, 1),
         }
         if not self.pf.wait_queue_empty(60):
             result["failed"] += len(self.pf.queue_files())
@@ -422,7 +425,8 @@ def main() -> int:
                 cpu = cpu_text(mode, result["cpu_ms_per_msg"])
                 print(f"round {round_no} {mode} {LABELS[mode]:<38} {result['rate']:7.1f} msgs/s  "
                       f"({result['sent']}/{count} sent in {result['seconds']:.2f}s, smtp-source done "
-                      f"{result['accept_seconds']:.2f}s, machine busy {result['busy']:.0%}"
+                      f"{result['accept_seconds']:.2f}s, machine busy {result['busy']:.0%}, "
+                      f"machine CPU {result['machine_ms_per_msg']:.2f}ms/msg"
                       + (f", {cpu}" if cpu else "") + ")", flush=True)
                 if result["sent"] < count or result["failed"]:
                     broken = True
@@ -455,18 +459,19 @@ def main() -> int:
         rates = [r["rate"] for r in by_mode[mode]]
         ratios = [r["rate"] / baseline_of_round[r["round"]] for r in by_mode[mode]
                   if baseline_of_round.get(r["round"])]
+        machine_cpu = median([r["machine_ms_per_msg"] for r in by_mode[mode]])
         cpus = [r["cpu_ms_per_msg"] for r in by_mode[mode] if r["cpu_ms_per_msg"] is not None]
         cpu = {key: median([c[key] for c in cpus]) for key in cpus[0]} if cpus else None
-        summary[mode] = (median(rates), median(ratios), cpu, rates)
+        summary[mode] = (median(rates), median(ratios), cpu, rates, machine_cpu)
 
     print()
     print(f"# medians over {rounds} round(s) of {count} messages; ratio = rate / baseline of the same round")
     for mode in modes:
-        rate, ratio, cpu, rates = summary[mode]
+        rate, ratio, cpu, rates, machine_cpu = summary[mode]
         each = " ".join(f"{r:.0f}" for r in rates)
         cpu = cpu_text(mode, cpu)
         print(f"RESULT {mode} {LABELS[mode]:<38} msgs/s={rate:7.1f}  ratio={ratio:5.2f}  (rounds: {each})"
-              + (f"  {cpu}" if cpu else ""))
+              + (f"  {cpu}" if cpu else "") + f"  machine_cpu={machine_cpu:.2f}ms/msg")
     targets = full_path_targets(summary, by_mode)
     lines, latency_target = latency_lines(latencies)
     for line in lines:
