@@ -167,3 +167,61 @@ def test_background_checkpoints_keep_checkpoints_out_of_commits(tmp_path):
     assert wal_bytes(store) == grown  # the WAL is rewritten from its start, not extended
     writer.stop()
     store.close()
+
+
+class StuckStore:
+    """A store whose record_outbound blocks until released: a leader stuck in its batch."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.inner = store
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def record_outbound(self, rec: OutboundRecord) -> int:
+        if rec.queue_id == "STUCK":
+            self.entered.set()
+            self.release.wait(30)
+        return self.inner.record_outbound(rec)
+
+
+def test_a_message_waiting_too_long_is_refused_and_the_writer_goes_on(store, monkeypatch):
+    import mailgate.store.groupcommit as groupcommit
+    monkeypatch.setattr(groupcommit, "ANSWER_TIMEOUT", 0.3)
+    stuck = StuckStore(store)
+    writer = OutboundWriter(stuck)  # type: ignore[arg-type]
+    outcomes: dict[str, object] = {}
+
+    def send(queue_id: str) -> None:
+        try:
+            outcomes[queue_id] = writer.record(record(len(outcomes) + 100, queue_id), [])[0]
+        except WriterStopped as exc:
+            outcomes[queue_id] = exc
+
+    leader = threading.Thread(target=send, args=("STUCK",))
+    leader.start()
+    assert stuck.entered.wait(10)
+    follower = threading.Thread(target=send, args=("LATE",))
+    follower.start()
+    follower.join(10)
+    assert isinstance(outcomes["LATE"], WriterStopped)   # tempfailed, never accepted unrecorded
+    stuck.release.set()
+    leader.join(10)
+    assert outcomes["STUCK"] in committed_ids(store)
+    row_id, _ = writer.record(record(7, "AFTER"), [])    # the lead was not lost with the late message
+    assert row_id in committed_ids(store)
+    assert "LATE" not in {store.outbound_message(i).queue_id for i in committed_ids(store)}
+
+
+def test_the_lead_passes_on_and_every_message_of_a_long_burst_is_committed(store):
+    writer = OutboundWriter(store, max_batch=3)
+    results: dict[int, int] = {}
+
+    def send(n: int) -> None:
+        results[n] = writer.record(record(n), [])[0]
+
+    run_together(send, range(60))
+    assert len(results) == 60 and set(results.values()) <= committed_ids(store)
+    assert writer.batches >= 20   # never more than max_batch a commit
