@@ -169,6 +169,37 @@ def test_background_checkpoints_keep_checkpoints_out_of_commits(tmp_path):
     store.close()
 
 
+def test_a_long_wal_is_started_again_even_with_a_reader_always_on_it(tmp_path, monkeypatch):
+    """A reader that began before the last commits keeps a PASSIVE checkpoint from finishing, and
+    then the next writer cannot start the WAL again: under steady load it only grows. Past
+    WAL_RESTART_PAGES the checkpoint waits for such a reader (RESTART), briefly, and the next
+    commit writes from the WAL's start."""
+    import mailgate.store.sqlite as sqlite_module
+    monkeypatch.setattr(sqlite_module, "WAL_RESTART_PAGES", 50)
+    store = SQLiteStore(tmp_path / "store.db", background_checkpoints=True)
+    for n in range(200):
+        store.record_outbound(record(n))
+    store.checkpoint()
+    reader = sqlite3.connect(store.path, check_same_thread=False, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("select count(*) from messages").fetchone()   # its snapshot: before what follows
+    for n in range(200, 400):
+        store.record_outbound(record(n))
+    started = time.monotonic()
+    store.checkpoint()              # the reader stays: the checkpoint gives up after its short wait
+    assert time.monotonic() - started < 2
+    assert store._execute("PRAGMA busy_timeout").fetchone()[0] == sqlite_module.BUSY_TIMEOUT_MS
+    grown = wal_bytes(store)
+    threading.Timer(0.03, lambda: reader.execute("COMMIT")).start()  # the reader ends during the wait
+    store.checkpoint()
+    store.record_outbound(record(400))
+    assert wal_bytes(store) == grown   # written from the WAL's start, not appended
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("select count(*) from messages").fetchone()[0] == 401
+    reader.close()
+    store.close()
+
+
 class StuckStore:
     """A store whose record_outbound blocks until released: a leader stuck in its batch."""
 

@@ -29,6 +29,11 @@ from mailgate.store.sql import (
 )
 
 BUSY_TIMEOUT_MS = 5000
+WAL_RESTART_PAGES = 4096
+"""A WAL this long (16 MiB of 4 KiB pages) is started again from its beginning by the next
+checkpoint (see `SQLiteStore.checkpoint`)."""
+RESTART_WAIT_MS = 100
+"""How long that checkpoint may hold back the writers while readers finish with the WAL."""
 IDLE_CONNECTIONS = 16      # connections of ended threads kept for the next ones; more are closed
 
 
@@ -343,8 +348,26 @@ class SQLiteStore(SQLStore):
 
     def checkpoint(self) -> None:
         """Copy the WAL's committed pages into the file without waiting for anyone (PASSIVE: the
-        writers of every process go on; what a reader still needs waits for the next pass)."""
-        self._execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        writers of every process go on; what a reader still needs waits for the next pass).
+
+        A PASSIVE checkpoint never starts the WAL again from its beginning; the next writer does
+        that, but only at a moment when no other connection is reading from the WAL, which under
+        steady load from the milter's threads and the policy service may never come: the WAL then
+        grows by every commit (22 KB a message, 245 MB after 11,000 messages in bench/memory.py).
+        So once it is `WAL_RESTART_PAGES` long, a RESTART checkpoint waits up to
+        `RESTART_WAIT_MS` for the readers to finish with it, holding new writers back meanwhile,
+        and the next commit writes from the WAL's start; if the readers take longer it gives up
+        and the next pass tries again. The wait is the price of a bounded file: at most one
+        in every few hundred messages waits that long, and never for a disk flush of the whole WAL,
+        which the PASSIVE passes have already copied."""
+        _busy, wal_pages, _copied = self._execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if wal_pages < WAL_RESTART_PAGES:
+            return
+        self._execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+        try:
+            self._execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        finally:
+            self._execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def close(self) -> None:
         """Close this thread's connection and the idle ones (threads still running keep theirs
