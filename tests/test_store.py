@@ -462,6 +462,30 @@ def test_postgres_has_the_covering_indexes(postgres):
     assert not {"bounces_created_at", "deliveries_at", "deliveries_server"} & set(definitions), "prefixes dropped"
 
 
+@pytest.mark.e2e
+def test_postgres_replaces_a_connection_the_server_ended_before_a_call_uses_it(postgres):
+    """The pool checks an idle connection with a round trip only when its socket is readable: a
+    session the server ended (restart, pg_terminate_backend) is, and is replaced before the next
+    call, which succeeds."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    postgres.create_database(name)
+    store = open_store(postgres.dsn(name))
+    try:
+        backend = store._scalar("select pg_backend_pid()")
+        assert postgres.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s",
+                                [name]) == [(True,)]
+        deadline = time.monotonic() + 10
+        while postgres.execute("select 1 from pg_stat_activity where pid = %s", [backend]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert store._scalar("select pg_backend_pid()") != backend
+        assert store.quota_batch(QuotaBatch(("quota:gateway:transactional",),
+                                            claims=(("gateway", "transactional", 1, 5),), at=NOW,
+                                            since=NOW - WINDOW)) == {("gateway", "transactional"): 0}
+    finally:
+        store.close()
+
+
 # -- SQLite: proven writable at start --------------------------------------------------------------
 
 
