@@ -5,7 +5,8 @@ hosts do not each let through their own 20 loop messages or their own 200 a day.
 the row it leads to run in one transaction holding an advisory lock per key (the sender, the
 quota key, the bounced address): concurrent gateways queue on the same key, never both count
 19 and both insert. Outside a transaction every statement borrows a pooled connection in
-autocommit mode.
+autocommit mode. The policy service's quota batch is one statement, a function of the schema
+(`mailgate_quota_batch`), so that the event loop waits for one round trip per batch.
 
 An outage is logged once when it starts and once when it ends; in between every store call
 raises, so the milter tempfails, the policy service defers and Postfix keeps the mail.
