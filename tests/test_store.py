@@ -486,6 +486,26 @@ def test_postgres_replaces_a_connection_the_server_ended_before_a_call_uses_it(p
         store.close()
 
 
+@pytest.mark.e2e
+def test_postgres_quota_batch_commits_synchronously_on_a_server_that_does_not(postgres):
+    """The lab's server runs with synchronous_commit off; a quota batch's transaction commits
+    synchronously all the same (a crash must not lose takes: the quota would overshoot), and only
+    that transaction."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    postgres.create_database(name)
+    store = open_store(postgres.dsn(name))
+    try:
+        assert store._scalar("show synchronous_commit") == "off"
+        with store.transaction():
+            store.quota_batch(QuotaBatch(("quota:gateway:transactional",), claims=(("gateway", "transactional", 1, 5),),
+                                         at=NOW, since=NOW - WINDOW))
+            assert store._scalar("show synchronous_commit") == "on"
+        with store.transaction():
+            assert store._scalar("show synchronous_commit") == "off"
+    finally:
+        store.close()
+
+
 # -- SQLite: proven writable at start --------------------------------------------------------------
 
 

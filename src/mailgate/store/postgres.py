@@ -48,12 +48,21 @@ def _classify_bounces(conn: psycopg.Connection) -> None:
 
 
 # `QuotaBatch` in one statement, so that a policy batch costs one round trip (and one commit)
-# instead of one per statement: the locks first, each counter's lock in the order given (sorted,
-# as `transaction` takes them, so that the two never wait for each other in a circle); then each
-# later statement takes a new snapshot (a volatile function's statements do, in READ COMMITTED),
-# which sees everything committed by whoever held a lock before: the count is exact across
-# gateways. The give-backs and takes again are summed per minute first (one row may be changed
-# once per statement); the claims' takes are `rules.quota.recipients_within`, in SQL.
+# instead of one per statement. Its argument is one jsonb (psycopg adapts a dozen Python lists as
+# arrays at twice the client's CPU). The locks first, each counter's lock in the order given
+# (sorted, as `transaction` takes them, so that the two never wait for each other in a circle);
+# then each later statement takes a new snapshot (a volatile function's statements do, in READ
+# COMMITTED), which sees everything committed by whoever held a lock before: the count is exact
+# across gateways. The give-backs and takes again are summed per minute first (a statement may
+# change a row once); the claims' takes are `rules.quota.recipients_within`, in SQL. Generic plans
+# (a custom plan per call was planned anew every call) without hash or merge joins (a generic plan
+# would join the give-backs to the whole of quota_counters instead of looking each up by its key).
+# Its commit is synchronous whatever the server's default (SET LOCAL: until the transaction's end,
+# its commit included): with `synchronous_commit = off` a server that crashes loses the takes of
+# its last moments (up to three `wal_writer_delay`s), recipients that were sent and are no longer
+# counted, and the quota could overshoot by as many; `on` (PostgreSQL's default, which then waits
+# for synchronous standbys too) loses none. The lab's server runs with fsync off, so there the
+# commit only writes the WAL, which costs less than waking the WAL writer for an asynchronous one.
 QUOTA_BATCH_FUNCTION = """
 create function mailgate_quota_batch(batch jsonb)
 returns table (quota_key text, quota_stream text, quota_count bigint)
@@ -61,6 +70,7 @@ language plpgsql volatile
 set plan_cache_mode = force_generic_plan set enable_hashjoin = off set enable_mergejoin = off
 as $$
 begin
+    set local synchronous_commit = on;
     perform pg_advisory_xact_lock(hashtextextended(lock_key, 0))
         from jsonb_array_elements_text(batch->'locks') as lock_key;
     if jsonb_array_length(batch->'back') > 0 then
