@@ -8,19 +8,27 @@ the `policy-out` requests of bench/services.py (RCPT from the submission listene
 counted and taken in a transaction; the requests of one event-loop turn share it, the group
 commit of `GatewayPolicy.answer_all`). The order of the backends alternates per client count.
 
-    bench/policy_load.py [--quick] [--seconds S] [--clients 8,64]
+    bench/policy_load.py [--quick] [--seconds S] [--clients 8,64] [--profile DIR [--idle]]
 
 Last lines: a RESULT line per backend and client count (req/s, p50, p99, CPU per request of
 `mailgate serve` and, for PostgreSQL, of its server processes too), the ratio PostgreSQL/SQLite,
 and the targets: PostgreSQL >= 5,000 req/s at 8 clients with p99 < 5 ms. Exit: 0 ok, 1 broken,
 2 target missed (full run only).
+
+--profile DIR samples `mailgate serve` with py-spy during each measurement (DIR/BACKEND-CLIENTS.txt,
+raw stacks for bench/pyspy_summary.py), with --nonblocking as bench/throughput.py does (ptrace
+stops break serve's sigtimedwait); --idle keeps the samples of threads waiting (the event loop
+waiting on PostgreSQL's answers: where its wall time goes, not only its CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 from _common import Serve, bench_config, cpu_seconds, machine
 from services import drive, policy_out_requests
@@ -41,6 +49,26 @@ def postgres_config(base, dsn: str):
     return path
 
 
+def start_profile(pid: int, path: Path, idle: bool) -> subprocess.Popen:
+    """py-spy on `mailgate serve` (see the module docstring for its flags), given a second to attach."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    flags = ["--nonblocking", *(["--idle"] if idle else [])]
+    spy = subprocess.Popen([pyspy, "record", "-p", str(pid), "-r", "250", *flags, "-f", "raw", "-o", str(path)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return spy
+
+
+def stop_profile(spy: subprocess.Popen) -> None:
+    """Stop py-spy the way its Ctrl-C does, so that it writes its file."""
+    spy.send_signal(2)
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
 def failed(result: dict) -> bool:
     """Whether a measurement broke (errors, or no request answered); says so when it did."""
     if result["errors"] or not result["requests"]:
@@ -54,7 +82,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 s per measurement, no targets")
     parser.add_argument("--seconds", type=float, help="seconds per measurement (full: 5)")
     parser.add_argument("--clients", default="8,64", help="client counts, comma separated (default 8,64)")
+    parser.add_argument("--profile", type=Path, help="py-spy each measurement's serve into this directory")
+    parser.add_argument("--idle", action="store_true", help="with --profile: keep the waiting threads' samples")
     args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
     levels = [int(c) for c in args.clients.split(",")]
     info = machine()
@@ -79,8 +111,14 @@ def main() -> int:
                 name = "lite" if backend == "sqlite" else "pg"
                 postmaster = pg.postmaster_pid() if backend == "postgresql" else None
                 database_before = cpu_seconds(postmaster) if postmaster else 0.0
-                result = drive(str(base / f"{name}-policy.sock"), "policy", requests, clients, seconds,
-                               serves[backend].pid)
+                spy = (start_profile(serves[backend].pid, args.profile / f"{backend}-{clients}.txt", args.idle)
+                       if args.profile else None)
+                try:
+                    result = drive(str(base / f"{name}-policy.sock"), "policy", requests, clients, seconds,
+                                   serves[backend].pid)
+                finally:
+                    if spy is not None:
+                        stop_profile(spy)
                 database_cpu = cpu_seconds(postmaster) - database_before if postmaster else 0.0
                 result["database_us"] = database_cpu * 1e6 / max(result["requests"], 1) if postmaster else None
                 rows.append((backend, clients, result))

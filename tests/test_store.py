@@ -16,6 +16,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
+from mailgate.rules.quota import WINDOW, recipients_within
 from mailgate.store import (
     BlacklistEntry,
     BounceRecord,
@@ -34,7 +35,7 @@ from mailgate.store import (
     sql as sql_backend,
     sqlite as sqlite_backend,
 )
-from mailgate.store.interface import PENDING_REEVALUATION, ReputationAlert, Store, StoreUnavailable
+from mailgate.store.interface import PENDING_REEVALUATION, QuotaBatch, ReputationAlert, Store, StoreUnavailable
 from mailgate.store.postgres import PostgresStore
 from mailgate.store.sql import SQLStore
 from mailgate.store.sqlite import SQLiteStore
@@ -85,7 +86,7 @@ def bounce(recipient: str, days_ago: float = 0, permanent: bool | None = True, *
 
 
 def test_schema_is_current(store):
-    assert store.schema_version == 9
+    assert store.schema_version == 10
 
 
 def test_outbound_rows(store):
@@ -240,6 +241,85 @@ def test_counting_is_exact_under_concurrency(store):
     assert taken.count(True) == 20 and store.quota_count("gateway", "transactional", 0) == 20
 
 
+def test_quota_batch_gives_back_takes_again_then_counts_and_takes_within_the_limit(store):
+    """One batch: the give-back lowers its minute (never below zero), the take again adds, then
+    each claimed counter is counted and takes what its limit leaves room for."""
+    minute = NOW // 60 * 60
+    store.quota_take_many([("domain:a", "transactional", minute - 60, 3), ("domain:b", "transactional", minute, 1)])
+    counts = store.quota_batch(QuotaBatch(
+        ("quota:domain:a:transactional", "quota:domain:b:transactional", "quota:domain:c:mass"),
+        give_backs=(("domain:a", "transactional", minute - 60, 2), ("domain:b", "transactional", minute, 5)),
+        retakes=(("domain:b", "transactional", minute - 60, 4),),
+        claims=(("domain:a", "transactional", 5, 4), ("domain:b", "transactional", 2, 10), ("domain:c", "mass", 1, 0)),
+        at=NOW, since=NOW - WINDOW))
+    assert counts == {("domain:a", "transactional"): 1, ("domain:b", "transactional"): 4, ("domain:c", "mass"): 0}
+    assert store.quota_count("domain:a", "transactional", NOW - WINDOW) == 4      # 1 + the 3 of 5 within 4
+    assert store.quota_count("domain:b", "transactional", NOW - WINDOW) == 6      # 0 + 4 again + 2
+    assert store.quota_count("domain:c", "mass", NOW - WINDOW) == 0               # a limit of 0 takes nothing
+    # wanted 0 (a dry run): counted, nothing taken; a batch of give-backs alone counts nothing
+    a_lock = ("quota:domain:a:transactional",)
+    assert store.quota_batch(QuotaBatch(a_lock, claims=(("domain:a", "transactional", 0, 9),), at=NOW,
+                                        since=NOW - WINDOW)) == {("domain:a", "transactional"): 4}
+    assert store.quota_batch(QuotaBatch(("quota:domain:a:transactional",),
+                                        give_backs=(("domain:a", "transactional", NOW, 1),))) == {}
+    assert store.quota_count("domain:a", "transactional", NOW - WINDOW) == 3
+    # the same counter and minute twice among the give-backs, and a minute with no row
+    twice = ("domain:b", "transactional", minute, 1)
+    store.quota_batch(QuotaBatch(("quota:domain:b:transactional",),
+                                 give_backs=(twice, twice, ("domain:b", "transactional", minute - 3600, 1))))
+    assert store.quota_count("domain:b", "transactional", NOW - WINDOW) == 4
+
+
+def test_quota_batch_waits_for_the_counters_lock_and_counts_what_its_holder_took(open_same):
+    """A batch on another store (another gateway) waits while the counter's lock is held, then
+    counts what the holder committed: 29 of 30 taken, a batch wanting 2 gets 1."""
+    first, second = open_same("shared"), open_same("shared")
+    told: dict[str, dict] = {}
+
+    def claim() -> None:
+        told["counts"] = second.quota_batch(QuotaBatch(("quota:gateway:transactional",),
+                                                       claims=(("gateway", "transactional", 2, 30),),
+                                                       at=NOW, since=NOW - WINDOW))
+
+    with first.transaction("quota:gateway:transactional"):
+        first.quota_take("gateway", "transactional", NOW, 29)
+        waiting = threading.Thread(target=claim)
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()
+    waiting.join(10)
+    assert told["counts"] == {("gateway", "transactional"): 29}
+    assert first.quota_count("gateway", "transactional", NOW - WINDOW) == 30
+
+
+def test_quota_batches_over_two_stores_never_overshoot(open_same):
+    """Two stores on the same data (two gateways on PostgreSQL), four threads each, batches
+    claiming 1 to 3 recipients of one counter of 30, 240 wanted in all: exactly 30 are taken, no
+    batch ever counts more, and the counts the batches were told let through exactly 30."""
+    stores = [open_same("shared"), open_same("shared")]
+    seen: list[tuple[int, int]] = []
+    record = threading.Lock()
+
+    def worker(store, seed: int) -> None:
+        for round_no in range(20):
+            wanted = 1 + (seed + round_no) % 3
+            counts = store.quota_batch(QuotaBatch(("quota:gateway:transactional",),
+                                                  claims=(("gateway", "transactional", wanted, 30),),
+                                                  at=NOW, since=NOW - WINDOW))
+            with record:
+                seen.append((counts[("gateway", "transactional")], wanted))
+
+    threads = [threading.Thread(target=worker, args=(stores[k % 2], k)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert max(count for count, _ in seen) == 30
+    assert sum(recipients_within(count, wanted, 30) for count, wanted in seen) == 30
+    assert stores[0].quota_count("gateway", "transactional", NOW - WINDOW) == 30
+    assert stores[1].quota_count("gateway", "transactional", NOW - WINDOW) == 30
+
+
 @pytest.mark.e2e
 def test_migrate_store_copies_everything(tmp_path, postgres):
     import subprocess
@@ -380,6 +460,50 @@ def test_postgres_has_the_covering_indexes(postgres):
     assert "(at, server, status)" in definitions["deliveries_stats"]
     assert "(server, status)" in definitions["deliveries_totals"]
     assert not {"bounces_created_at", "deliveries_at", "deliveries_server"} & set(definitions), "prefixes dropped"
+
+
+@pytest.mark.e2e
+def test_postgres_replaces_a_connection_the_server_ended_before_a_call_uses_it(postgres):
+    """The pool checks an idle connection with a round trip only when its socket is readable: a
+    session the server ended (restart, pg_terminate_backend) is, and is replaced before the next
+    call, which succeeds."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    postgres.create_database(name)
+    store = open_store(postgres.dsn(name))
+    try:
+        backend = store._scalar("select pg_backend_pid()")
+        assert postgres.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s",
+                                [name]) == [(True,)]
+        deadline = time.monotonic() + 10
+        while postgres.execute("select 1 from pg_stat_activity where pid = %s", [backend]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert store._scalar("select pg_backend_pid()") != backend
+        assert store.quota_batch(QuotaBatch(("quota:gateway:transactional",),
+                                            claims=(("gateway", "transactional", 1, 5),), at=NOW,
+                                            since=NOW - WINDOW)) == {("gateway", "transactional"): 0}
+    finally:
+        store.close()
+
+
+@pytest.mark.e2e
+def test_postgres_quota_batch_commits_synchronously_on_a_server_that_does_not(postgres):
+    """The lab's server runs with synchronous_commit off; a quota batch's transaction commits
+    synchronously all the same (a crash must not lose takes: the quota would overshoot), and only
+    that transaction."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    postgres.create_database(name)
+    store = open_store(postgres.dsn(name))
+    try:
+        assert store._scalar("show synchronous_commit") == "off"
+        with store.transaction():
+            store.quota_batch(QuotaBatch(("quota:gateway:transactional",), claims=(("gateway", "transactional", 1, 5),),
+                                         at=NOW, since=NOW - WINDOW))
+            assert store._scalar("show synchronous_commit") == "on"
+        with store.transaction():
+            assert store._scalar("show synchronous_commit") == "off"
+    finally:
+        store.close()
 
 
 # -- SQLite: proven writable at start --------------------------------------------------------------

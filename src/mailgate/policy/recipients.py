@@ -45,6 +45,7 @@ from mailgate.rules.quota import (
     recipients_to_give_back,
 )
 from mailgate.rules.replies import POLICY
+from mailgate.store.interface import QuotaBatch, QuotaTake
 
 DUNNO = POLICY["outside"]
 POLICY_TIMER = POLICY_SECONDS.child()
@@ -67,6 +68,16 @@ class _Transaction:
     def __init__(self, instance: str) -> None:
         self.instance = instance
         self.taken: Taken = Counter()
+
+
+def _locks(taken: Taken) -> tuple[str, ...]:
+    """The lock keys of the counters in `taken`."""
+    return tuple({quota_lock_key(key, stream) for key, stream, _ in taken})
+
+
+def _takes(taken: Taken) -> tuple[QuotaTake, ...]:
+    """`taken` as the store's (key, stream, at, recipients) rows."""
+    return tuple((key, stream, minute, count) for (key, stream, minute), count in taken.items())
 
 
 class GatewayPolicy:
@@ -136,8 +147,7 @@ class GatewayPolicy:
             self._closed.popitem(last=False)
         self._log_returned(transaction.instance, transaction.taken, "connection_closed")
         try:
-            with self.runtime.store.transaction(*{quota_lock_key(key, stream) for key, stream, _ in transaction.taken}):
-                self._give_back(transaction.taken)
+            self.runtime.store.quota_batch(QuotaBatch(_locks(transaction.taken), give_backs=_takes(transaction.taken)))
         except Exception as exc:
             self._log_give_back_failure(exc, transaction.taken)
 
@@ -171,11 +181,6 @@ class GatewayPolicy:
                 self._log_returned(instance, refused, "refused_after_rcpt")
             transaction.taken = Counter()
         return transaction
-
-    def _give_back(self, taken: Taken) -> None:
-        store = self.runtime.store
-        for (key, stream, minute), count in taken.items():
-            store.quota_give_back(key, stream, minute, count)
 
     def _log_returned(self, instance: str, taken: Taken, reason: str) -> None:
         """One line per counter a transaction gives back: what the operator sees of a retry."""
@@ -225,30 +230,29 @@ class GatewayPolicy:
 
     def _take_quota(self, config: Config, claims: list[QuotaClaim], now: float,
                     give_back: Taken, retake: Taken) -> list[bool]:
-        """Whether each claim is within its limit; those that are, are taken. One transaction
-        holding every claim's lock: what ended transactions give back goes first (a client's
-        retry then finds the room its aborted attempt took), each counter is read once and
-        followed in process for the claims after it, and written once with what the batch took
-        from it; the counts are one statement and the takes one batch, whatever the number of
-        counters (on PostgreSQL each statement is a round trip the event loop waits for)."""
-        store = self.runtime.store
-        taken: Counter[tuple[str, str]] = Counter()
+        """Whether each claim is within its limit; those that are, are taken. One store call, one
+        transaction holding every counter's lock (`QuotaBatch`): what ended transactions give back
+        goes first (a client's retry then finds the room its aborted attempt took), each counter is
+        counted once and taken once with what its claims take; here each claim is judged in turn
+        from its counter's count, the claims before it taken (on PostgreSQL the whole batch is one
+        round trip the event loop waits for)."""
+        wanted: Counter[tuple[str, str]] = Counter()
+        limits: dict[tuple[str, str], int] = {}
+        for claim in claims:
+            wanted[(claim.key, claim.stream)] += 0 if config.dry_run else 1
+            limits[(claim.key, claim.stream)] = claim.limit
+        locks = _locks(give_back) + _locks(retake) + tuple(quota_lock_key(key, stream) for key, stream in limits)
+        counts = self.runtime.store.quota_batch(QuotaBatch(
+            locks, give_backs=_takes(give_back), retakes=_takes(retake),
+            claims=tuple((key, stream, wanted[(key, stream)], limit) for (key, stream), limit in limits.items()),
+            at=now, since=now - WINDOW))
         granted: list[bool] = []
-        locks = {claim.lock_key for claim in claims}
-        locks.update(quota_lock_key(key, stream) for key, stream, _ in (*give_back, *retake))
-        with store.transaction(*locks):
-            self._give_back(give_back)
-            # accepted by Postfix: no limit to check
-            store.quota_take_many([(key, stream, minute, count) for (key, stream, minute), count in retake.items()])
-            counts = store.quota_counts([(claim.key, claim.stream) for claim in claims], now - WINDOW) if claims else {}
-            for claim in claims:
-                counter = (claim.key, claim.stream)
-                allowed = quota_allows(counts[counter], claim.limit)
-                if allowed and not config.dry_run:
-                    counts[counter] += 1
-                    taken[counter] += 1
-                granted.append(allowed)
-            store.quota_take_many([(key, stream, now, count) for (key, stream), count in taken.items()])
+        for claim in claims:
+            counter = (claim.key, claim.stream)
+            allowed = quota_allows(counts[counter], claim.limit)
+            if allowed and not config.dry_run:
+                counts[counter] += 1
+            granted.append(allowed)
         return granted
 
     def _refuse(self, request: PolicyRequest, verdict: str, **extra: object) -> str:

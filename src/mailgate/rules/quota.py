@@ -69,6 +69,15 @@ def quota_allows(count: int, limit: int | None) -> bool:
     return limit is None or count < limit
 
 
+def recipients_within(count: int, wanted: int, limit: int | None) -> int:
+    """How many of `wanted` claims on one counter, counted in turn from `count` taken, the limit
+    lets through (`quota_allows` for each, the ones before it taken): the store's take for a
+    batch's claims on that counter (PostgreSQL's `mailgate_quota_batch` computes the same)."""
+    if limit is None:
+        return wanted
+    return max(min(wanted, limit - count), 0)
+
+
 def recipients_to_give_back(taken: int, accepted: int) -> int:
     """At the end of a message, how many of the `taken` recipients its transaction took to give
     back, Postfix having accepted `accepted` recipients for it (`recipient_count`).

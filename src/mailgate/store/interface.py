@@ -313,6 +313,29 @@ class DeliveryTotal:
     count: int
 
 
+QuotaTake = tuple[str, str, float, int]
+"""(key, stream, at, recipients): recipients taken from, or given back to, the minute of one
+counter that `at` falls in."""
+
+
+@dataclass(frozen=True)
+class QuotaBatch:
+    """A policy batch's quota work (docs/rules.md Q) for `Store.quota_batch`, done in one
+    transaction holding every lock of `locks` (`rules.quota.quota_lock_key` of each counter
+    touched), in this order: the give-backs (a minute's counter lowered, never below zero), the
+    takes again of what a closed connection gave back, then, per claimed counter, its count over
+    the window since `since` and a take at `at` of as many of its `wanted` recipients as its limit
+    leaves room for (`rules.quota.recipients_within`; a counter's claims share one limit, the
+    stream's). `claims` names each counter once, as (key, stream, wanted, limit)."""
+
+    locks: tuple[str, ...]
+    give_backs: tuple[QuotaTake, ...] = ()
+    retakes: tuple[QuotaTake, ...] = ()
+    claims: tuple[tuple[str, str, int, int], ...] = ()
+    at: float = 0.0
+    since: float = 0.0
+
+
 @dataclass(frozen=True)
 class TableBatch:
     """Rows of one table as stored, ids included (what `migrate-store` copies)."""
@@ -376,6 +399,7 @@ class Store(Protocol):
     def quota_counts(self, counters: Sequence[tuple[str, str]], since: float) -> dict[tuple[str, str], int]: ...
     def quota_take_many(self, takes: Sequence[tuple[str, str, float, int]]) -> None: ...
     def quota_give_back(self, key: str, stream: str, at: float, count: int) -> None: ...
+    def quota_batch(self, batch: QuotaBatch) -> dict[tuple[str, str], int]: ...
     def purge_quota(self, before: float) -> int: ...
     # retention
     def purge(self, cutoffs: Mapping[str, float]) -> dict[str, int]: ...

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from mailgate.rules.bounce_reasons import reason_and_hard
+from mailgate.rules.quota import recipients_within
 from mailgate.store.interface import (
     BlacklistEntry,
     BounceDay,
@@ -30,6 +31,7 @@ from mailgate.store.interface import (
     InboundRecord,
     KindBounces,
     OutboundRecord,
+    QuotaBatch,
     ReasonBounces,
     ReputationAlert,
     SenderSideCount,
@@ -519,6 +521,22 @@ class SQLStore:
         without the message): the same minute's counter goes down, never below zero."""
         self._execute("update quota_counters set count = case when count > ? then count - ? else 0 end "
                       "where key = ? and stream = ? and minute = ?", [count, count, key, stream, int(at // 60)])
+
+    def quota_batch(self, batch: QuotaBatch) -> dict[tuple[str, str], int]:
+        """A policy batch's give-backs, takes again, counts and takes (`QuotaBatch`) in one
+        transaction holding its locks; returns each claimed counter's count before the batch's
+        takes. Here statement by statement (SQLite's are calls into the library, not round trips);
+        PostgreSQL does it in one."""
+        with self.transaction(*batch.locks):
+            for key, stream, at, count in batch.give_backs:
+                self.quota_give_back(key, stream, at, count)
+            self.quota_take_many(batch.retakes)
+            if not batch.claims:
+                return {}
+            counts = self.quota_counts([(key, stream) for key, stream, _, _ in batch.claims], batch.since)
+            self.quota_take_many([(key, stream, batch.at, taken) for key, stream, wanted, limit in batch.claims
+                                  if (taken := recipients_within(counts[(key, stream)], wanted, limit))])
+        return counts
 
     def purge_quota(self, before: float) -> int:
         """Forget the minutes before `before`; returns how many recipients that was."""

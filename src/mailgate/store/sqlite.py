@@ -160,8 +160,15 @@ def _v9(db: sqlite_utils.Database) -> None:
     db.execute("insert into pending_tasks (name) values (?)", [PENDING_REEVALUATION])
 
 
+def _v10(db: sqlite_utils.Database) -> None:
+    """Nothing for SQLite: v10 gives PostgreSQL its quota batch function (`mailgate_quota_batch`),
+    while SQLite runs `SQLStore.quota_batch` statement by statement; the versions stay the same on
+    both backends, as `migrate-store` requires."""
+
+
 # Each entry moves the schema one version up; `PRAGMA user_version` says where a file stands.
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9,
+                                                                   _v10)
 
 
 def _close(db: sqlite_utils.Database) -> None:
