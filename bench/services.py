@@ -17,7 +17,9 @@ Workloads:
                  the 24 h window (how the quota count scales)
   message        what Postfix asks per outbound message in bench/throughput.py's full path (c), in
                  its order: policy RCPT (quota taken), policy END-OF-MESSAGE (kept), socketmap
-                 `transport <token>` and `delivery <recipient>`; figures per message, not per request
+                 `transport <token>`; figures per message, not per request. (No `delivery` lookup:
+                 postfix-config's transport_maps settle outside recipients in Postfix; `--only
+                 message-delivery` adds it, as Postfix asked before.)
 
     bench/services.py [--quick] [--seconds S] [--clients 1,8,64] [--only socketmap,policy-out,...]
                       [--event-loop asyncio]
@@ -125,9 +127,9 @@ def policy_in_requests() -> list[bytes]:
                            context="INBOUND", instance=f"{i:x}.6563a1b2.{i % 89:x}.0") for i in range(1000)]
 
 
-def message_requests(signer: TokenSigner, now: float) -> list[tuple[bytes, ...]]:
-    """Per message, the four requests of the full path: (policy RCPT, policy END-OF-MESSAGE,
-    socketmap transport, socketmap delivery), the first two on the policy connection."""
+def message_requests(signer: TokenSigner, now: float, delivery: bool = False) -> list[tuple[bytes, ...]]:
+    """Per message, the requests of the full path: (policy RCPT, policy END-OF-MESSAGE, socketmap
+    transport[, socketmap delivery]), the first two on the policy connection."""
     messages = []
     for i in range(1000):
         instance = f"{i:x}.6563a1b2.{i % 97:x}.0"
@@ -137,8 +139,10 @@ def message_requests(signer: TokenSigner, now: float) -> list[tuple[bytes, ...]]
         end = policy_request(sender="odoo@mycompany.com", recipient="", context="ORIGINATING", instance=instance,
                              state="END-OF-MESSAGE", recipient_count=1, queue_id=f"4Q{i:08X}")
         token = signer.make(1000 + i, "transactional", now)
-        messages.append((rcpt, end, encode(f"transport bounce+{token}@mycompany.com".encode()),
-                         encode(f"delivery {recipient}".encode())))
+        lookups = [encode(f"transport bounce+{token}@mycompany.com".encode())]
+        if delivery:
+            lookups.append(encode(f"delivery {recipient}".encode()))
+        messages.append((rcpt, end, *lookups))
     return messages
 
 
@@ -185,16 +189,15 @@ Exchange = Callable[[Any], None]
 
 
 def message_exchange(policy_path: str, lookup_path: str) -> tuple[list[socket.socket], Exchange]:
-    """A `message` client's two connections and the exchange of one message's four requests."""
+    """A `message` client's two connections and the exchange of one message's requests."""
     policy, lookup = _connect(policy_path), _connect(lookup_path)
     policy_buf, lookup_buf = bytearray(), bytearray()
 
     def exchange(message: tuple[bytes, ...]) -> None:
-        rcpt, end, transport, delivery = message
-        for request in (rcpt, end):
+        for request in message[:2]:
             policy.sendall(request)
             _read_policy(policy, policy_buf)
-        for request in (transport, delivery):
+        for request in message[2:]:
             lookup.sendall(request)
             _read_netstring(lookup, lookup_buf)
     return [policy, lookup], exchange
@@ -346,6 +349,8 @@ def main() -> int:
             ("policy-in", "policy", policy_path, policy_in_requests(), serve.pid),
             ("echo-policy", "policy", str(echo_policy), policy_in_requests(), echo_proc.pid),
             ("message", "message", f"{policy_path}|{lookup_path}", message_requests(signer, now), serve.pid),
+            ("message-delivery", "message", f"{policy_path}|{lookup_path}", message_requests(signer, now, True),
+             serve.pid),
         ]
         if echo_uv_proc is not None:
             workloads += [
@@ -388,7 +393,7 @@ def main() -> int:
     table = {(name, clients): result for name, clients, result in rows}
     print()
     print(f"# {seconds:g} s per measurement; each client one connection in lock step; server CPU = CPU time of "
-          "the serving process / requests (`message`: per message of four requests)")
+          "the serving process / requests (`message*`: per message)")
     for name, clients, r in rows:
         cpu = f"{r['server_us']:.1f}" if r["server_us"] is not None else "-"
         print(f"RESULT {name:<18} clients={clients:<3} req/s={r['rate']:8.0f}  p50_ms={r['p50_ms']:.3f}  "
