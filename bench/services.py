@@ -15,6 +15,11 @@ Workloads:
   policy-in      RCPT on the inbound listener to a business alias: alias check only, no database
   policy-quota-N one client, policy-out for one sender domain that already has N quota events in
                  the 24 h window (how the quota count scales)
+  message        what Postfix asks per outbound message in bench/throughput.py's full path (c), in
+                 its order: policy RCPT (quota taken), policy END-OF-MESSAGE (kept), socketmap
+                 `transport <token>`; figures per message, not per request. (No `delivery` lookup:
+                 postfix-config's transport_maps settle outside recipients in Postfix; `--only
+                 message-delivery` adds it, as Postfix asked before.)
 
     bench/services.py [--quick] [--seconds S] [--clients 1,8,64] [--only socketmap,policy-out,...]
                       [--event-loop asyncio]
@@ -40,7 +45,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from _common import BENCH_DIR, PYTHON, Serve, bench_config, cpu_seconds, machine, percentile, stop_process
 
@@ -91,14 +98,16 @@ def socketmap_requests(signer: TokenSigner, now: float) -> list[bytes]:
     return [encode(f"transport {key}".encode()) for key in order]
 
 
-def policy_request(*, sender: str, recipient: str, context: str, instance: str) -> bytes:
-    """A Postfix 3.7 RCPT-time request, with every attribute Postfix sends."""
+def policy_request(*, sender: str, recipient: str, context: str, instance: str, state: str = "RCPT",
+                   recipient_count: int = 0, queue_id: str = "") -> bytes:
+    """A Postfix 3.7 request (RCPT time unless `state` says otherwise), with every attribute Postfix sends."""
     attrs = {
-        "request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
+        "request": "smtpd_access_policy", "protocol_state": state, "protocol_name": "ESMTP",
         "client_address": "127.0.0.1", "client_name": "localhost", "client_port": "41234",
         "reverse_client_name": "localhost", "server_address": "127.0.0.1", "server_port": "10025",
-        "helo_name": "odoo.mycompany.com", "sender": sender, "recipient": recipient, "recipient_count": "0",
-        "queue_id": "", "instance": instance, "size": "2000", "etrn_domain": "", "stress": "",
+        "helo_name": "odoo.mycompany.com", "sender": sender, "recipient": recipient,
+        "recipient_count": str(recipient_count), "queue_id": queue_id, "instance": instance, "size": "2000",
+        "etrn_domain": "", "stress": "",
         "sasl_method": "", "sasl_username": "", "sasl_sender": "", "ccert_subject": "", "ccert_issuer": "",
         "ccert_fingerprint": "", "ccert_pubkey_fingerprint": "", "encryption_protocol": "",
         "encryption_cipher": "", "encryption_keysize": "0", "policy_context": context,
@@ -116,6 +125,25 @@ def policy_in_requests() -> list[bytes]:
     aliases = ["sales@mycompany.com", "support@mycompany.com", "catchall@mycompany.com", "sales@othercompany.example"]
     return [policy_request(sender=f"client{i}@customer.example", recipient=aliases[i % len(aliases)],
                            context="INBOUND", instance=f"{i:x}.6563a1b2.{i % 89:x}.0") for i in range(1000)]
+
+
+def message_requests(signer: TokenSigner, now: float, delivery: bool = False) -> list[tuple[bytes, ...]]:
+    """Per message, the requests of the full path: (policy RCPT, policy END-OF-MESSAGE, socketmap
+    transport[, socketmap delivery]), the first two on the policy connection."""
+    messages = []
+    for i in range(1000):
+        instance = f"{i:x}.6563a1b2.{i % 97:x}.0"
+        recipient = f"customer{i}@customer.example"
+        rcpt = policy_request(sender="odoo@mycompany.com", recipient=recipient, context="ORIGINATING",
+                              instance=instance)
+        end = policy_request(sender="odoo@mycompany.com", recipient="", context="ORIGINATING", instance=instance,
+                             state="END-OF-MESSAGE", recipient_count=1, queue_id=f"4Q{i:08X}")
+        token = signer.make(1000 + i, "transactional", now)
+        lookups = [encode(f"transport bounce+{token}@mycompany.com".encode())]
+        if delivery:
+            lookups.append(encode(f"delivery {recipient}".encode()))
+        messages.append((rcpt, end, *lookups))
+    return messages
 
 
 def policy_quota_requests(domain: str) -> list[bytes]:
@@ -151,17 +179,53 @@ def _read_policy(sock: socket.socket, buf: bytearray) -> None:
         buf += chunk
 
 
-def client(path: str, protocol: str, requests: list[bytes], offset: int, barrier, seconds: float, results) -> None:
-    """One connection, request -> reply in lock step until the time is up."""
+def _connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    return sock
+
+
+Exchange = Callable[[Any], None]
+
+
+def message_exchange(policy_path: str, lookup_path: str) -> tuple[list[socket.socket], Exchange]:
+    """A `message` client's two connections and the exchange of one message's requests."""
+    policy, lookup = _connect(policy_path), _connect(lookup_path)
+    policy_buf, lookup_buf = bytearray(), bytearray()
+
+    def exchange(message: tuple[bytes, ...]) -> None:
+        for request in message[:2]:
+            policy.sendall(request)
+            _read_policy(policy, policy_buf)
+        for request in message[2:]:
+            lookup.sendall(request)
+            _read_netstring(lookup, lookup_buf)
+    return [policy, lookup], exchange
+
+
+def request_exchange(path: str, protocol: str) -> tuple[list[socket.socket], Exchange]:
+    """One connection and the exchange of one request for it."""
+    read = _read_netstring if protocol == "socketmap" else _read_policy
+    sock = _connect(path)
+    buf = bytearray()
+
+    def exchange(request: bytes) -> None:
+        sock.sendall(request)
+        read(sock, buf)
+    return [sock], exchange
+
+
+def client(path: str, protocol: str, requests: list, offset: int, barrier, seconds: float, results) -> None:
+    """One connection (two for `message`: policy and lookup), request -> reply in lock step
+    until the time is up."""
     try:
-        read = _read_netstring if protocol == "socketmap" else _read_policy
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        buf = bytearray()
+        if protocol == "message":
+            socks, exchange = message_exchange(*path.split("|"))
+        else:
+            socks, exchange = request_exchange(path, protocol)
         n = len(requests)
         for i in range(20):  # warm the connection
-            sock.sendall(requests[(offset + i) % n])
-            read(sock, buf)
+            exchange(requests[(offset + i) % n])
         latencies = []
         append = latencies.append
         clock = time.perf_counter_ns
@@ -171,19 +235,19 @@ def client(path: str, protocol: str, requests: list[bytes], offset: int, barrier
         i = offset
         now = start
         while now < deadline:
-            sock.sendall(requests[i % n])
-            read(sock, buf)
+            exchange(requests[i % n])
             after = clock()
             append(after - now)
             now = after
             i += 1
-        sock.close()
+        for sock in socks:
+            sock.close()
         results.put((len(latencies), (now - start) / 1e9, latencies, None))
     except BaseException as exc:  # reported by the parent
         results.put((0, 0.0, [], f"{type(exc).__name__}: {exc}"))
 
 
-def drive(path: str, protocol: str, requests: list[bytes], clients: int, seconds: float,
+def drive(path: str, protocol: str, requests: list, clients: int, seconds: float,
           server_pid: int | None) -> dict:
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(clients + 1)
@@ -284,6 +348,9 @@ def main() -> int:
             ("policy-out", "policy", policy_path, policy_out_requests(), serve.pid),
             ("policy-in", "policy", policy_path, policy_in_requests(), serve.pid),
             ("echo-policy", "policy", str(echo_policy), policy_in_requests(), echo_proc.pid),
+            ("message", "message", f"{policy_path}|{lookup_path}", message_requests(signer, now), serve.pid),
+            ("message-delivery", "message", f"{policy_path}|{lookup_path}", message_requests(signer, now, True),
+             serve.pid),
         ]
         if echo_uv_proc is not None:
             workloads += [
@@ -326,7 +393,7 @@ def main() -> int:
     table = {(name, clients): result for name, clients, result in rows}
     print()
     print(f"# {seconds:g} s per measurement; each client one connection in lock step; server CPU = CPU time of "
-          "the serving process / requests")
+          "the serving process / requests (`message*`: per message)")
     for name, clients, r in rows:
         cpu = f"{r['server_us']:.1f}" if r["server_us"] is not None else "-"
         print(f"RESULT {name:<18} clients={clients:<3} req/s={r['rate']:8.0f}  p50_ms={r['p50_ms']:.3f}  "

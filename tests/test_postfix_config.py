@@ -112,3 +112,56 @@ listen: {lookup: "inet:10027@127.0.0.1"}
     assert not any("mechanism_filter" in o for o in found["mg-submission"])
     assert "scripts/install-sasl-xoauth2" in text and "# gmail: XOAUTH2 needs" in text
     assert "install-sasl-xoauth2" not in render(CONFIG, "master")
+
+
+OUTSIDE_CONFIG = parse_config("""
+alias_domains:
+  - {name: mycompany.com}
+  - {name: shop.mycompany.example}
+allowed_alias_domains: [mycompany.com, shop.mycompany.example, other-company.example]
+fallback_target: odoo
+servers: [{name: a, host: h.example.net}]
+""", check_files=False).config
+
+ADDRESSES = [
+    "someone@customer.example", "sales@mycompany.com", "SALES@MyCompany.COM", "x@shop.mycompany.example",
+    "x@other-company.example", "bounce+abc@mycompany.com", "a@mycompany.com.evil.example", "a@xmycompany.com",
+    "a@sub.mycompany.com", "a@b@mycompany.com", "a@mycompany.com@customer.example", "sales@mycompany.com ",
+    "ü@mycompany.com", "x@kelvin\u212aompany.example", "user", "*", "@mycompany.com", "a@mycompany_com",
+]
+
+
+def postmap_query(config_dir, table: str, key: str) -> str | None:
+    """Postfix's own answer of `table` for `key` (None: not found)."""
+    result = subprocess.run(["postmap", "-c", str(config_dir), "-q", key, table], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode in (0, 1), result.stderr
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+@pytest.mark.e2e
+def test_the_outside_domains_table_settles_only_what_the_delivery_map_would_not_find(tmp_path):
+    """Postfix answers `:` (no change, as NOTFOUND) only where the `delivery` map answers NOTFOUND,
+    and leaves every alias-domain address (any case, any spelling the map accepts) to the map."""
+    from mailgate.commands.postfixconf import delivery_maps, outside_domains_table
+    from mailgate.rules.delivery import delivery_transport
+    (tmp_path / "main.cf").write_text("")
+    maps = delivery_maps(OUTSIDE_CONFIG)
+    table = outside_domains_table(OUTSIDE_CONFIG.accepted_domain_set)
+    assert table is not None and maps == f"{table}, socketmap:unix:/run/mailgate/lookup.sock:delivery"
+    expanded = table.replace("$$", "$")  # as Postfix reads it from main.cf
+    settled = {address: postmap_query(tmp_path, expanded, address) for address in ADDRESSES}
+    for address, answer in settled.items():
+        assert answer in (None, ":"), address
+        if answer == ":":
+            assert delivery_transport(OUTSIDE_CONFIG, address) is None, address
+        elif address.isascii():
+            assert delivery_transport(OUTSIDE_CONFIG, address) is not None, address
+    assert settled["someone@customer.example"] == ":" and settled["sales@mycompany.com"] is None
+
+
+def test_a_non_ascii_alias_domain_leaves_every_address_to_the_delivery_map():
+    from mailgate.commands.postfixconf import delivery_maps
+    config = parse_config("alias_domain: bücher.example\nservers: [{name: a, host: h.example.net}]\n",
+                          check_files=False).config
+    assert delivery_maps(config) == "socketmap:unix:/run/mailgate/lookup.sock:delivery"

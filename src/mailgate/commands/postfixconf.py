@@ -11,6 +11,8 @@ it (docs/rules.md Q).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mailgate.config import DEFAULT_CONFIG_PATH, Config, Server
@@ -44,6 +46,35 @@ def postfix_map(spec: SocketSpec, mapname: str) -> str:
     return f"socketmap:{spec.postfix_address()}:{mapname}"
 
 
+_PLAIN_DOMAIN = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+
+
+def outside_domains_table(domains: Iterable[str]) -> str | None:
+    """An inline regexp table (Postfix 3.7) that answers `:` for every address the `delivery` map
+    would answer NOTFOUND for, so that trivial-rewrite asks mailgate only about the alias domains:
+    outbound mail then costs one lookup round trip less per recipient.
+
+    `:` in transport(5) is "change nothing", the same as no entry; the lookup stops there instead
+    of reaching the socketmap. What is left to the socketmap, as before: an address whose domain
+    (after its last `@`, trailing spaces aside) is one of `domains` (`accepted_domain_set`: every
+    spelling, lower-cased; the table ignores case as `normalize` does), and any address with a
+    byte outside printable ASCII, whose case folding only Python gets right. None when a domain
+    is not plain ASCII: the socketmap alone then decides, as before. `$$` is main.cf's `$`."""
+    names = sorted(set(domains))
+    if not names or not all(_PLAIN_DOMAIN.fullmatch(name) for name in names):
+        return None
+    alternatives = "|".join(name.replace(".", "\\.") for name in names)
+    return f"regexp:{{{{!/@({alternatives}) *$$|[^ -~]/ :}}}}"
+
+
+def delivery_maps(config: Config) -> str:
+    """transport_maps: the alias domains' recipients through the `delivery` socketmap, every other
+    recipient settled by Postfix without asking (`outside_domains_table`)."""
+    socketmap = postfix_map(config.listen.lookup, "delivery")
+    outside = outside_domains_table(config.accepted_domain_set)
+    return socketmap if outside is None else f"{outside}, {socketmap}"
+
+
 def milter_address(spec: SocketSpec) -> str:
     """Postfix's milter address syntax: `unix:/path` or `inet:host:port`."""
     return spec.postfix_address()
@@ -66,7 +97,7 @@ def main_settings(config: Config) -> list[tuple[str, str]]:
     if domains:
         settings += [
             ("relay_domains", " ".join(domains)),
-            ("transport_maps", postfix_map(config.listen.lookup, "delivery")),
+            ("transport_maps", delivery_maps(config)),
             ("smtpd_recipient_restrictions",
              f"check_policy_service {config.listen.policy.postfix_address()}"),
             # the end of each message, so that the daily quota is paid only for mail accepted

@@ -33,6 +33,34 @@ _RECIPIENT_DIGEST_BYTES = 16
 # `<mail.mail id>-<model>-<res_id>` for a message posted on a record. At most 18 digits and
 # always a `-` or digits only: never 32 base32 characters, so it cannot be taken for our token.
 _ODOO_SUFFIX = re.compile(r"\d{1,18}(?:-[a-z0-9_.]+-\d{1,18})?", re.IGNORECASE)
+_SHA256_BLOCK = 64
+_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
+_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
+
+
+class Sha256Mac:
+    """HMAC-SHA256 (RFC 2104) under one key, the same bytes as `hmac.digest(key, message, "sha256")`.
+
+    The padded key's inner and outer hash states are computed once; a MAC is then two copies and
+    two updates. `hmac.digest` has OpenSSL 3 fetch the digest and build an HMAC context on every
+    call: about three times the time (2.1 vs 0.6 us), and the lookup service verifies a token
+    per message. Copying a shared state is safe from several threads (hashlib locks it)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _SHA256_BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_SHA256_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(_INNER_PAD))
+        self._outer = hashlib.sha256(key.translate(_OUTER_PAD))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 @dataclass(frozen=True)
@@ -64,10 +92,11 @@ class TokenSigner:
     def __init__(self, secret: bytes, store_id: str = ""):
         if len(secret) < 16:
             raise ValueError("the bounce-token secret must hold at least 16 bytes")
-        self._legacy_key = secret
-        self._key = hmac.digest(secret, b"mailgate store " + store_id.encode("ascii"), "sha256") if store_id else secret
+        self._legacy_mac = Sha256Mac(secret)
+        self._store_mac = Sha256Mac(self._legacy_mac.digest(b"mailgate store " + store_id.encode("ascii"))) \
+            if store_id else self._legacy_mac
         self._version = _VERSION if store_id else _LEGACY_VERSION
-        self._recipient_key = hmac.digest(secret, b"mailgate recipients", "sha256")
+        self._recipient_mac = Sha256Mac(self._legacy_mac.digest(b"mailgate recipients"))
 
     def recipient_digest(self, address: str) -> str:
         """The keyed hash a message's recipient is kept as (docs/rules.md B1): enough to know that
@@ -75,20 +104,18 @@ class TokenSigner:
         key comes from the secret alone (not the store's identity), so that gateways sharing a
         store, and a store copied by `migrate-store`, compute the same digests. The address is
         normalised first, as every address is compared."""
-        return hmac.digest(self._recipient_key, normalize(address).encode("utf-8", "surrogateescape"),
-                           "sha256")[:_RECIPIENT_DIGEST_BYTES].hex()
+        return self._recipient_mac.digest(
+            normalize(address).encode("utf-8", "surrogateescape"))[:_RECIPIENT_DIGEST_BYTES].hex()
 
     def recipient_digests(self, addresses: Iterable[str]) -> tuple[str, ...]:
         """The digests of a message's recipients, each once, in order."""
         return tuple(dict.fromkeys(self.recipient_digest(address) for address in addresses))
 
-    def _mac(self, payload: bytes, key: bytes) -> bytes:
-        return hmac.digest(key, payload, "sha256")[:_MAC_BYTES]
 
     def make(self, row_id: int, server_name: str | None, now: float) -> str:
         day = max(0, int((now - _EPOCH) // 86400)) & 0xFFFF
         payload = _LAYOUT.pack(self._version, row_id.to_bytes(_ROW_BYTES, "big"), day, server_tag(server_name))
-        raw = payload + self._mac(payload, self._key)
+        raw = payload + self._store_mac.digest(payload)[:_MAC_BYTES]
         return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
     def verify(self, token: str) -> BounceToken | None:
@@ -102,12 +129,12 @@ class TokenSigner:
         payload, mac = raw[:_LAYOUT.size], raw[_LAYOUT.size:]
         version, row, day, tag = _LAYOUT.unpack(payload)
         if version == _VERSION:
-            key = self._key
+            signer = self._store_mac
         elif version == _LEGACY_VERSION:
-            key = self._legacy_key
+            signer = self._legacy_mac
         else:
             return None
-        if not hmac.compare_digest(mac, self._mac(payload, key)):
+        if not hmac.compare_digest(mac, signer.digest(payload)[:_MAC_BYTES]):
             return None
         return BounceToken(int.from_bytes(row, "big"), tag, day)
 
