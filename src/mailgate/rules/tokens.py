@@ -33,34 +33,24 @@ _RECIPIENT_DIGEST_BYTES = 16
 # `<mail.mail id>-<model>-<res_id>` for a message posted on a record. At most 18 digits and
 # always a `-` or digits only: never 32 base32 characters, so it cannot be taken for our token.
 _ODOO_SUFFIX = re.compile(r"\d{1,18}(?:-[a-z0-9_.]+-\d{1,18})?", re.IGNORECASE)
-_SHA256_BLOCK = 64
-_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
-_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
 
 
 class Sha256Mac:
-    """HMAC-SHA256 (RFC 2104) under one key, the same bytes as `hmac.digest(key, message, "sha256")`.
+    """HMAC-SHA256 under one key, keyed once: the same bytes as `hmac.digest(key, message, "sha256")`.
 
-    The padded key's inner and outer hash states are computed once; a MAC is then two copies and
-    two updates. `hmac.digest` has OpenSSL 3 fetch the digest and build an HMAC context on every
-    call: about three times the time (2.1 vs 0.6 us), and the lookup service verifies a token
-    per message. Copying a shared state is safe from several threads (hashlib locks it)."""
+    `hmac.digest` has OpenSSL 3 fetch the digest and key a new context on every call; a copy of an
+    HMAC object keyed once costs 0.94 µs against 1.57, and the lookup service verifies a token per
+    message. Copying the shared keyed object is safe from several threads (hashlib locks it)."""
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_keyed",)
 
     def __init__(self, key: bytes) -> None:
-        if len(key) > _SHA256_BLOCK:
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(_SHA256_BLOCK, b"\0")
-        self._inner = hashlib.sha256(key.translate(_INNER_PAD))
-        self._outer = hashlib.sha256(key.translate(_OUTER_PAD))
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
 
     def digest(self, message: bytes) -> bytes:
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
+        mac = self._keyed.copy()
+        mac.update(message)
+        return mac.digest()
 
 
 @dataclass(frozen=True)
