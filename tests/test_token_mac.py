@@ -1,4 +1,4 @@
-"""The bounce tokens' MAC (docs/rules.md T1) computed from precomputed HMAC states: the same bytes as
+"""The bounce tokens' MAC (docs/rules.md T1) from an HMAC object keyed once and copied: the same bytes as
 the standard library's HMAC, so every token and recipient digest issued before still verifies."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def test_the_mac_is_hmac_sha256(key_length):
     mac = Sha256Mac(key)
     for message in (b"", b"x", b"\x02" * 12, b"mailgate store " + STORE_ID.encode(), b"m" * 1000):
         assert mac.digest(message) == hmac.digest(key, message, "sha256")
-        assert mac.digest(message) == mac.digest(message)  # the precomputed states are left as they were
+        assert mac.digest(message) == mac.digest(message)  # the keyed object is left as it was
 
 
 def hmac_token(key: bytes, version: int, row_id: int, day: int, tag: int) -> str:
