@@ -451,10 +451,14 @@ def main() -> int:
 
     if args.count_lookups:
         for file in sorted(base.glob("lookups-*.txt")):
-            sent = sum(r["sent"] for r in results if SERVE_OF[r["mode"]] == file.stem.split("-", 1)[1])
+            serve_name = file.stem.split("-", 1)[1]
+            # every message that serve saw: the throughput runs', the latency phases' and their warm-ups
+            sent = sum(r["sent"] for r in results if SERVE_OF[r["mode"]] == serve_name) \
+                + sum(len(times) + LATENCY_WARM_UP * rounds for mode, times in latencies.items()
+                      if SERVE_OF[mode] == serve_name and times)
             for line in file.read_text().splitlines():
                 what, number = line.rsplit(" ", 1)
-                print(f"LOOKUPS {file.stem.split('-', 1)[1]} {what}: {number} "
+                print(f"LOOKUPS {serve_name} {what}: {number} "
                       f"({int(number) / max(sent, 1):.2f} per message)")
     by_mode: dict[str, list[dict]] = {m: [r for r in results if r["mode"] == m] for m in modes}
     baseline_of_round = {r["round"]: r["rate"] for r in by_mode.get("a", [])}
