@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import shutil
 import sys
@@ -27,9 +28,11 @@ import time
 from _common import bench_config, machine
 
 from mailgate.configfile import load_config
+from mailgate.infra.logfmt import setup_logging
 from mailgate.infra.metrics import DECISIONS, END_OF_MESSAGE_SECONDS, bound
 from mailgate.infra.runtime import Runtime
 from mailgate.lab.postfix import make_basedir
+from mailgate.milter.app import GatewayMilter
 from mailgate.milter.facts import MessageFacts
 from mailgate.milter.outbound import process_outbound
 from mailgate.policy.attributes import PolicyRequest, parse_request
@@ -41,6 +44,53 @@ from mailgate.rules.routing import route_for_sender
 from mailgate.store import OutboundRecord
 from mailgate.store.groupcommit import OutboundWriter
 from mailgate.store.sqlite import SQLiteStore
+
+
+class StubContext:
+    """What a GatewayMilter asks of libmilter's context for an outbound message: the listener's
+    and the queue id's macros; its changes go nowhere."""
+
+    def __init__(self, number: int) -> None:
+        self.macros = {"{daemon_name}": "ORIGINATING", "i": f"Q{number:010X}"}
+
+    def getsymval(self, name: str) -> str | None:
+        return self.macros.get(name)
+
+    def chgfrom(self, *args) -> None: ...
+    def chgheader(self, *args) -> None: ...
+    def addheader(self, *args) -> None: ...
+    def setreply(self, *args) -> None: ...
+    def delrcpt(self, *args) -> None: ...
+    def setpriv(self, *args) -> None: ...
+
+
+class RowsNotWritten:
+    """A group-commit writer that writes nothing: the milter's own Python alone."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def record(self, record, recipients) -> tuple[int, set[str]]:
+        self.rows += 1
+        return self.rows, set()
+
+
+def one_message_callbacks(number: int) -> None:
+    """Every callback libmilter makes for one outbound message like smtp-source's, in order."""
+    milter = GatewayMilter()
+    milter._setctx(StubContext(number))
+    milter.connect("localhost", 1, ("127.0.0.1", 1234))
+    milter.envfrom_bytes(b"<odoo@mycompany.com>")
+    milter.envrcpt_bytes(f"<r{number}@customer.example>".encode())
+    for name, value in ((b"From", b"<odoo@mycompany.com>"), (b"To", f"<r{number}@customer.example>".encode()),
+                        (b"Date", b"Sun, 6 Dec 2026 00:00:00 +0000"),
+                        (b"Message-Id", f"<{number:06x}.0001@lab>".encode()), (b"X-Mailer", b"smtp-source")):
+        milter.header_bytes(name, value)
+    milter.eoh()
+    milter.body(b"La la la la la la la la la la la la la la la la.\r\n" * 40)
+    milter.eom()
+    milter.abort()
+    milter.close()
 
 
 def per_call(fn, n: int) -> float:
@@ -96,12 +146,25 @@ def main() -> int:
             decided.inc()
             end_of_message.observe(time.perf_counter() - start)
 
+        def rows_in_batches(i: int, size: int) -> None:
+            """Every size-th call, `size` rows in one transaction with their blacklist reads (what a
+            group-commit leader writes); per message."""
+            if i % size == 0:
+                with runtime.store.transaction():
+                    for _ in range(size):
+                        runtime.store.record_outbound(record)
+                        runtime.store.blacklisted([f"r{i}@customer.example"])
+
         def in_thread(work) -> None:
             thread = threading.Thread(target=work)
             thread.start()
             thread.join()
 
         writer = OutboundWriter(runtime.store)
+        GatewayMilter.runtime = runtime
+        discarded = open(os.devnull, "w")  # the milter's log line is formatted and written, as in serve
+        setup_logging().handlers[0].setStream(discarded)  # type: ignore[attr-defined]
+        GatewayMilter.writer = RowsNotWritten()  # type: ignore[assignment]
         # serve's store checkpoints in the background (Runtime.from_config); SQLite's default
         # checkpoints inside the commit that takes the WAL past 1,000 pages
         checkpointing = SQLiteStore(base / "checkpointing.sqlite3")
@@ -132,6 +195,10 @@ def main() -> int:
              lambda i: policy.answer_all(outs[i % 125 * 8:i % 125 * 8 + 8]) if i % 8 == 0 else None),
             ("policy RCPT inbound alias", lambda i: policy(ins[i % 1000])),
             ("milter process_outbound", lambda i: process_outbound(runtime, facts(i), f"Q{i:010X}")),
+            ("milter callbacks of one message, no row written", lambda i: one_message_callbacks(i)),
+            ("rows in batches of 1 (per message)", lambda i: rows_in_batches(i, 1)),
+            ("rows in batches of 5 (per message)", lambda i: rows_in_batches(i, 5)),
+            ("rows in batches of 10 (per message)", lambda i: rows_in_batches(i, 10)),
             ("milter 10 sessions, a transaction each (per message)", lambda i: ten_sessions(i, False)),
             ("milter 10 sessions, group commit (per message)", lambda i: ten_sessions(i, True)),
             ("  metrics of one message (decision, end of message)", lambda i: count_message()),
@@ -162,6 +229,7 @@ def main() -> int:
                 pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
                 print("\n".join(out.getvalue().splitlines()[:30]))
         writer.stop()
+        discarded.close()
         checkpointing.close()
         runtime.store.close()
     finally:
