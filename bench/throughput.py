@@ -304,7 +304,6 @@ class Bench:
             result["failed"] += len(self.pf.queue_files())
         return result
 
-
     def latency(self, mode: str, round_no: int, count: int) -> list[float]:
         """The latency phase of one configuration: `count` transactions one at a time, then the
         queue left empty for the next measurement. A few unmeasured ones go first: after the
@@ -320,18 +319,22 @@ class Bench:
         return times
 
 
+def p50_p99_ms(times: list[float]) -> tuple[float, float]:
+    """The median and the 99th percentile of transaction times (seconds), in milliseconds."""
+    ordered = sorted(times)
+    return percentile(ordered, 0.5) * 1000, percentile(ordered, 0.99) * 1000
+
+
 def latency_lines(latencies: dict[str, list[float]]) -> tuple[list[str], tuple[str, bool] | None]:
     """RESULT lines of the transaction times per configuration (p50, p99, and the p50 added to
     the baseline's), and the target line for the full path when both a and c ran."""
     lines = []
-    p50 = {mode: percentile(sorted(times), 0.5) * 1000 for mode, times in latencies.items() if times}
-    for mode, times in latencies.items():
-        if not times:
-            continue
-        ordered = sorted(times)
-        added = f"  added_p50={p50[mode] - p50['a']:+.2f}ms" if mode != "a" and "a" in p50 else ""
-        lines.append(f"RESULT latency {mode} {LABELS[mode]:<38} p50={p50[mode]:.2f}ms "
-                     f"p99={percentile(ordered, 0.99) * 1000:.2f}ms  (n={len(times)}){added}")
+    quantiles = {mode: p50_p99_ms(times) for mode, times in latencies.items() if times}
+    p50 = {mode: median_ms for mode, (median_ms, _) in quantiles.items()}
+    for mode, (median_ms, p99) in quantiles.items():
+        added = f"  added_p50={median_ms - p50['a']:+.2f}ms" if mode != "a" and "a" in p50 else ""
+        lines.append(f"RESULT latency {mode} {LABELS[mode]:<38} p50={median_ms:.2f}ms "
+                     f"p99={p99:.2f}ms  (n={len(latencies[mode])}){added}")
     if "a" not in p50 or "c" not in p50:
         return lines, None
     added = p50["c"] - p50["a"]
@@ -439,10 +442,9 @@ def main() -> int:
             for mode in modes if latency_count else ():
                 times = bench.latency(mode, round_no, latency_count)
                 latencies[mode] += times
-                ordered = sorted(times)
-                print(f"round {round_no} {mode} latency: p50 {percentile(ordered, 0.5) * 1000:.2f} ms, "
-                      f"p99 {percentile(ordered, 0.99) * 1000:.2f} ms ({len(times)} messages one at a time)",
-                      flush=True)
+                median_ms, p99 = p50_p99_ms(times)
+                print(f"round {round_no} {mode} latency: p50 {median_ms:.2f} ms, p99 {p99:.2f} ms "
+                      f"({len(times)} messages one at a time)", flush=True)
     except Exception as exc:  # report, then clean up
         broken = True
         print(f"BROKEN: {type(exc).__name__}: {exc}", flush=True)
