@@ -241,7 +241,7 @@ class GatewayPolicy:
         for claim in claims:
             wanted[(claim.key, claim.stream)] += 0 if config.dry_run else 1
             limits[(claim.key, claim.stream)] = claim.limit
-        locks = _locks(give_back) + _locks(retake) + tuple(quota_lock_key(key, stream) for key, stream in limits)
+        locks = _locks(give_back) + _locks(retake) + tuple({claim.lock_key for claim in claims})
         counts = self.runtime.store.quota_batch(QuotaBatch(
             locks, give_backs=_takes(give_back), retakes=_takes(retake),
             claims=tuple((key, stream, wanted[(key, stream)], limit) for (key, stream), limit in limits.items()),
