@@ -8,6 +8,7 @@ mailgate.lab.postfix.make_basedir), and every process started here is stopped by
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,3 +287,21 @@ def median(values: list[float]) -> float:
         return float("nan")
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def start_pyspy(pid: int, output: Path, flags: list[str]) -> subprocess.Popen:
+    """`py-spy record` of a process into `output` (raw stacks for pyspy_summary.py, 250 samples a
+    second, `flags` added). The caller gives it a second to attach before the load starts."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([pyspy, "record", "-p", str(pid), "-r", "250", *flags, "-f", "raw", "-o", str(output)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_pyspy(spy: subprocess.Popen) -> None:
+    """Stop py-spy the way its Ctrl-C does, so that it writes its file."""
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()

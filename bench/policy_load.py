@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import Serve, bench_config, cpu_seconds, machine
+from _common import Serve, bench_config, cpu_seconds, machine, start_pyspy, stop_pyspy
 from services import drive, policy_out_requests
 
 from mailgate.lab.postfix import make_basedir
@@ -51,22 +51,9 @@ def postgres_config(base, dsn: str):
 
 def start_profile(pid: int, path: Path, idle: bool) -> subprocess.Popen:
     """py-spy on `mailgate serve` (see the module docstring for its flags), given a second to attach."""
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    flags = ["--nonblocking", *(["--idle"] if idle else [])]
-    spy = subprocess.Popen([pyspy, "record", "-p", str(pid), "-r", "250", *flags, "-f", "raw", "-o", str(path)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = start_pyspy(pid, path, ["--nonblocking", *(["--idle"] if idle else [])])
     time.sleep(1.0)
     return spy
-
-
-def stop_profile(spy: subprocess.Popen) -> None:
-    """Stop py-spy the way its Ctrl-C does, so that it writes its file."""
-    spy.send_signal(2)
-    try:
-        spy.wait(30)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait()
 
 
 def failed(result: dict) -> bool:
@@ -118,7 +105,7 @@ def main() -> int:
                                    serves[backend].pid)
                 finally:
                     if spy is not None:
-                        stop_profile(spy)
+                        stop_pyspy(spy)
                 database_cpu = cpu_seconds(postmaster) - database_before if postmaster else 0.0
                 result["database_us"] = database_cpu * 1e6 / max(result["requests"], 1) if postmaster else None
                 rows.append((backend, clients, result))

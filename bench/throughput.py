@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -69,6 +68,8 @@ from _common import (
     percentile,
     process_tree,
     smtp_source,
+    start_pyspy,
+    stop_pyspy,
     system_cpu,
 )
 from smtp_latency import transaction_times
@@ -237,10 +238,7 @@ class Bench:
         targets = [(milter, f"{mode}-round{round_no}.txt", self.profile_flags)]
         if top != milter and "--native" not in self.profile_flags:
             targets.append((top, f"{mode}-round{round_no}-services.txt", [*self.profile_flags, "--nonblocking"]))
-        pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        spies = [subprocess.Popen([pyspy, "record", "-p", str(pid), "-r", "250", *flags, "-f", "raw",
-                                   "-o", str(profile / name)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for pid, name, flags in targets if pid]
+        spies = [start_pyspy(pid, profile / name, flags) for pid, name, flags in targets if pid]
         if spies:
             time.sleep(1.0)
         return spies
@@ -283,8 +281,7 @@ class Bench:
             time.sleep(0.02)
         source.wait(30)
         for spy in spies:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+            stop_pyspy(spy)
         sys_after = system_cpu()
         elapsed = last - start
         cpu = None
